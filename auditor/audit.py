@@ -1,0 +1,169 @@
+"""The audit, start to finish: config → model and data → batches → rules → gate → outputs."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import auditor.rules  # noqa: F401  (registers the rules)
+import auditor.methods  # noqa: F401  (registers the methods)
+from auditor.config import AuditConfig, ConfigError, check_files, import_object
+from auditor.data import discover, load_classes
+from auditor.engine import Context, run_local
+from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
+from auditor.model import build_model, file_sha256, pick_device, target_layer
+from auditor.registry import METHODS, RULES, UnknownName
+
+# Used when the config names none: cheap, and between them they see both coarse regions
+# (a layer's view) and fine ones (the input's own pixels).
+RECOMMENDED_METHODS = {"gradcam": {}, "occlusion": {}}
+RECOMMENDED_RULES = {"corner_border": {}}
+
+
+@dataclass
+class AuditResult:
+    cfg: AuditConfig
+    classes: list[str]
+    evidence: Evidence
+    findings: list[Finding]
+    class_findings: list[ClassFinding]
+    errors: list[dict]
+    skipped: list[dict]
+    warnings: list[str]
+    metrics: dict
+    run: dict
+    gate: dict
+
+
+def _check_names(cfg: AuditConfig, section: str, chosen: dict[str, dict], registry) -> None:
+    """Unknown names and unknown params fail before any work, naming the key."""
+    for name, params in chosen.items():
+        try:
+            entry = registry.get(name)
+        except UnknownName as e:
+            raise ConfigError(f"{cfg.source}: '{section}': {e}") from None
+        sig = inspect.signature(entry.fn)
+        allowed = [p for p in list(sig.parameters)[1 if section == "rules" else 3:]
+                   if sig.parameters[p].kind == inspect.Parameter.KEYWORD_ONLY
+                   or sig.parameters[p].default is not inspect.Parameter.empty]
+        if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            continue
+        for key in params:
+            if key not in allowed:
+                raise ConfigError(f"{cfg.source}: '{section}.{name}.{key}': unknown parameter; "
+                                  f"allowed: {', '.join(allowed) or 'none'}")
+
+
+def metrics_tables(y: np.ndarray, p: np.ndarray, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-class precision, recall, support, and the confusion matrix (rows: true, columns: predicted)."""
+    k = len(classes)
+    confusion = np.zeros((k, k), int)
+    np.add.at(confusion, (y, p), 1)
+    tp = np.diag(confusion)
+    predicted, support = confusion.sum(axis=0), confusion.sum(axis=1)
+    per_class = pd.DataFrame({
+        "class": classes,
+        "precision": np.divide(tp, predicted, out=np.full(k, np.nan), where=predicted > 0),
+        "recall": np.divide(tp, support, out=np.full(k, np.nan), where=support > 0),
+        "support": support,
+    })
+    return per_class, pd.DataFrame(confusion, index=pd.Index(classes, name="true"),
+                                   columns=pd.Index(classes, name="predicted"))
+
+
+def versions() -> dict:
+    import captum, PIL, skimage  # noqa: E401
+    return {"python": platform.python_version(), "torch": torch.__version__, "captum": captum.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "scikit-image": skimage.__version__,
+            "pillow": PIL.__version__, "auditor": _own_version()}
+
+
+def _own_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("auditor")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
+    started = datetime.now(timezone.utc)
+    if cfg.prepare:
+        import_object(cfg.prepare, cfg.folder, "prepare", cfg.source)(cfg.folder)
+    check_files(cfg)
+    methods = cfg.explain.methods if cfg.explain.methods is not None else RECOMMENDED_METHODS
+    rules = cfg.rules if cfg.rules is not None else RECOMMENDED_RULES
+    _check_names(cfg, "explain.methods", methods, METHODS)
+    _check_names(cfg, "rules", rules, RULES)
+
+    torch.manual_seed(cfg.run.seed)
+    classes = load_classes(cfg)
+    device = pick_device(cfg.run.device)
+    model = build_model(cfg, len(classes), device)
+    layer = target_layer(model, cfg.model.target_layer)
+    warnings: list[str] = []
+    if layer is None:
+        needs = [m for m in methods if METHODS.get(m).meta.get("needs_layer")]
+        if needs:
+            warnings.append(f"the model has no Conv2d, so {', '.join(needs)} cannot run; set model.target_layer")
+            methods = {m: p for m, p in methods.items() if m not in needs}
+    refs, data_warnings = discover(cfg, classes)
+    warnings += data_warnings
+    support = pd.Series([r.label for r in refs]).value_counts().to_dict()
+
+    ctx = Context(cfg, model, device, layer, methods, support, refs)
+    t0 = time.perf_counter()
+    rec = run_local(ctx, quiet=quiet)
+    seconds = time.perf_counter() - t0
+    warnings += rec.warnings
+    if not rec.rows:
+        raise ConfigError(f"{cfg.data.root or cfg.data.manifest}: none of the {len(refs)} images could be decoded")
+
+    samples = pd.DataFrame(rec.rows).set_index("id").sort_index()
+    samples.insert(0, "path", [refs[i].rel for i in samples.index])
+    ev = Evidence(classes, samples, {m: rec.heatmaps.get(m, {}) for m in methods if m not in ctx.disabled},
+                  {m: rec.contrast.get(m, {}) for m in methods if m not in ctx.disabled}, refs,
+                  model=model, input_spec=cfg.model.input, device=device)
+
+    findings, class_findings, errors = [], [], []
+    for name, params in rules.items():
+        try:
+            for f in RULES.get(name).fn(ev, **params):
+                (findings if isinstance(f, Finding) else class_findings).append(f)
+        except Exception as e:  # a broken rule is reported, the audit goes on
+            errors.append({"rule": name, "error": f"{type(e).__name__}: {e}"})
+            warnings.append(f"rule {name!r} failed: {type(e).__name__}: {e}")
+    order = lambda f: (-severity_rank(f.severity), -f.score)  # noqa: E731
+    findings.sort(key=order)
+    class_findings.sort(key=order)
+
+    y, p = samples["label"].to_numpy(), samples["prediction"].to_numpy()
+    per_class, confusion = metrics_tables(y, p, classes)
+    metrics = {"accuracy": float((y == p).mean()), "images": int(len(samples)),
+               "misclassified": int((y != p).sum()), "explained": int(samples["explained"].sum()),
+               "per_class": per_class, "confusion": confusion}
+
+    worst = max((f.severity for f in [*findings, *class_findings]), key=severity_rank, default=None)
+    fail_on = cfg.report.fail_on
+    gate = {"fail_on": fail_on, "worst": worst,
+            "passed": fail_on is None or severity_rank(worst) < severity_rank(fail_on)}
+
+    fingerprint = hashlib.sha256("".join(f"{r}\t{h}\n" for r, h in sorted(zip(samples["path"], samples["sha256"])))
+                                 .encode()).hexdigest()
+    run = {"started": started.isoformat(timespec="seconds"), "seconds_in_batches": round(seconds, 2),
+           "config": cfg.model_dump(mode="json"), "config_file": str(cfg.source),
+           "weights_sha256": file_sha256(cfg.model.weights) if cfg.model.weights else None,
+           "data_fingerprint": fingerprint, "versions": versions(), "device": str(device),
+           "seed": cfg.run.seed, "methods": methods, "rules": rules,
+           "methods_disabled": dict(ctx.disabled), "argv": sys.argv[1:]}
+    return AuditResult(cfg, classes, ev, findings, class_findings, errors, rec.skipped, warnings,
+                       metrics, run, gate)

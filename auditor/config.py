@@ -1,0 +1,255 @@
+"""The audit config (``audit.yaml``): pydantic models, validated before any work starts.
+
+Every error is one line that names the file, the key and what is allowed.
+Relative paths are resolved against the config file's folder.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+Severity = Literal["info", "low", "medium", "high", "critical"]
+
+
+class ConfigError(Exception):
+    """A config that cannot be run; the message is one line for the user."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(Strict):
+    size: tuple[int, int] = Field(description="model input [H, W]")
+    channels: Literal[1, 3] = 3
+    mean: list[float] = [0.0]
+    std: list[float] = [1.0]
+
+    @model_validator(mode="after")
+    def _stats_fit_channels(self):
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) not in (1, self.channels):
+                raise ValueError(f"{name} has {len(value)} values; give 1 or {self.channels} (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        if min(self.size) < 8:
+            raise ValueError("size must be at least [8, 8]")
+        return self
+
+
+class ModelSpec(Strict):
+    factory: str = Field(description="package.module:function or path/to/file.py:function")
+    kwargs: dict[str, Any] = {}
+    weights: Path | None = None
+    classes: list[str] | None = None
+    classes_file: Path | None = None
+    input: InputSpec
+    target_layer: str | None = None
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError("must be 'package.module:function' or 'path/to/file.py:function'")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_suffix(cls, v: Path | None) -> Path | None:
+        if v is not None and v.suffix not in (".safetensors", ".pt", ".pth"):
+            raise ValueError("must be a .safetensors file or a state-dict .pt/.pth file")
+        return v
+
+    @model_validator(mode="after")
+    def _one_class_source(self):
+        if (self.classes is None) == (self.classes_file is None):
+            raise ValueError("give exactly one of model.classes or model.classes_file")
+        return self
+
+
+class DataSpec(Strict):
+    root: Path | None = None
+    manifest: Path | None = None
+    limit: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.root is None) == (self.manifest is None):
+            raise ValueError("give exactly one of data.root (an ImageFolder tree) or data.manifest (a CSV)")
+        return self
+
+
+class ExplainSpec(Strict):
+    # name -> params; None means the recommended set
+    methods: dict[str, dict[str, Any]] | None = None
+    samples: Literal["misclassified", "all", "low_confidence"] = "misclassified"
+    threshold: float = Field(0.6, gt=0, le=1, description="confidence below which low_confidence explains")
+    # Class-level rules compare classes, so they need heatmaps of correctly classified images too.
+    per_class: int = Field(24, ge=0, description="correctly classified images explained per predicted class")
+    resolution: int = Field(64, ge=8, le=512, description="side of the heatmaps kept for rules and overlays")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _list_to_dict(cls, v):
+        return _names_to_params(v)
+
+
+class GateSpec(Strict):
+    severity: Severity = "high"
+
+
+class ReportSpec(Strict):
+    out: Path = Path("reports")
+    formats: list[Literal["html", "pdf", "json", "csv"]] = ["html", "pdf", "json", "csv"]
+    fail_on: Severity | None = "high"
+    gallery_limit: int = Field(100, ge=0)
+
+
+class RunSpec(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(64, gt=0)
+    seed: int = 0
+    workers: int = Field(0, ge=0, description="DataLoader worker processes for decoding")
+
+
+class AuditConfig(Strict):
+    prepare: str | None = Field(None, description="module:function called with the config folder first")
+    model: ModelSpec
+    data: DataSpec
+    explain: ExplainSpec = ExplainSpec()
+    rules: dict[str, dict[str, Any]] | None = None
+    report: ReportSpec = ReportSpec()
+    run: RunSpec = RunSpec()
+
+    # Set by load_config, not by the user.
+    source: Path = Field(Path("audit.yaml"), exclude=True)
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _list_to_dict(cls, v):
+        return _names_to_params(v)
+
+    @property
+    def folder(self) -> Path:
+        return self.source.parent
+
+
+def _names_to_params(v):
+    """Accept ``[a, {b: {k: 1}}]`` or ``{a: null, b: {k: 1}}``; give ``{name: params}``."""
+    if v is None or isinstance(v, dict):
+        return None if v is None else {k: dict(p or {}) for k, p in v.items()}
+    if isinstance(v, list):
+        out: dict[str, dict] = {}
+        for item in v:
+            if isinstance(item, str):
+                out[item] = {}
+            elif isinstance(item, dict) and len(item) == 1:
+                (name, params), = item.items()
+                out[name] = dict(params or {})
+            else:
+                raise ValueError(f"each entry must be a name or {{name: {{params}}}}, got {item!r}")
+        return out
+    raise ValueError("must be a list of names or a mapping of name to params")
+
+
+def _set_key(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def _describe(error: dict, model: type[BaseModel]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = model
+        for part in error["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            ann = field.annotation if field else None
+            parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        allowed = sorted(k for k, f in parent.model_fields.items() if not f.exclude) if parent else []
+        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key '{key}'{hint}"
+    if kind == "missing":
+        return f"missing key '{key}'"
+    return f"'{key}': {error['msg'].removeprefix('Value error, ')}"
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> AuditConfig:
+    """Read, override (``key.sub=value``, value parsed as YAML) and validate a config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.weights=x.safetensors")
+        _set_key(data, key.strip(), yaml.safe_load(raw))
+    try:
+        cfg = AuditConfig.model_validate({**data, "source": path.resolve()})
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_describe(e.errors()[0], AuditConfig)}") from None
+    return resolve_paths(cfg)
+
+
+def resolve_paths(cfg: AuditConfig) -> AuditConfig:
+    base = cfg.folder
+    fix = lambda p: None if p is None else (p if p.is_absolute() else base / p)  # noqa: E731
+    cfg.model.weights = fix(cfg.model.weights)
+    cfg.model.classes_file = fix(cfg.model.classes_file)
+    cfg.data.root = fix(cfg.data.root)
+    cfg.data.manifest = fix(cfg.data.manifest)
+    cfg.report.out = fix(cfg.report.out)
+    return cfg
+
+
+def check_files(cfg: AuditConfig) -> None:
+    """After ``prepare`` has run: every file the config names must exist."""
+    for key, p in [("model.weights", cfg.model.weights), ("model.classes_file", cfg.model.classes_file),
+                   ("data.manifest", cfg.data.manifest)]:
+        if p is not None and not p.is_file():
+            raise ConfigError(f"{cfg.source}: '{key}': file not found: {p}")
+    if cfg.data.root is not None and not cfg.data.root.is_dir():
+        raise ConfigError(f"{cfg.source}: 'data.root': folder not found: {cfg.data.root}")
+
+
+def import_object(spec: str, base: Path, key: str, source: Path) -> Any:
+    """``pkg.mod:name`` or ``path/to/file.py:name`` (relative to the config folder)."""
+    target, _, name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            file = Path(target) if Path(target).is_absolute() else base / target
+            if not file.is_file():
+                raise ConfigError(f"{source}: '{key}': file not found: {file}")
+            mod_name = f"_auditor_user_{file.stem}"
+            loader_spec = importlib.util.spec_from_file_location(mod_name, file)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's module failed to import: say which and why
+        raise ConfigError(f"{source}: '{key}': cannot import {target!r}: {type(e).__name__}: {e}") from None
+    if not hasattr(module, name):
+        raise ConfigError(f"{source}: '{key}': {target!r} has no attribute {name!r}")
+    return getattr(module, name)

@@ -1,0 +1,40 @@
+"""Small shared steps on heatmaps: normalising, region masses, named corner and border bands."""
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-12
+
+
+def normalise(maps: np.ndarray) -> np.ndarray:
+    """Each map [.., h, w] scaled to sum 1 (a map of zeros stays zeros)."""
+    maps = np.clip(np.asarray(maps, dtype=np.float32), 0, None)
+    total = maps.sum(axis=(-2, -1), keepdims=True)
+    return np.divide(maps, total, out=np.zeros_like(maps), where=total > EPS)
+
+
+def bands(width: float) -> dict[str, tuple[float, float, float, float]]:
+    """Corner squares and border strips as fractions [x0, y0, x1, y1] of the image."""
+    b, e = width, 1.0 - width
+    return {
+        "top-left corner": (0, 0, b, b), "top-right corner": (e, 0, 1, b),
+        "bottom-left corner": (0, e, b, 1), "bottom-right corner": (e, e, 1, 1),
+        "top border": (0, 0, 1, b), "bottom border": (0, e, 1, 1),
+        "left border": (0, 0, b, 1), "right border": (e, 0, 1, 1),
+    }
+
+
+def region_mask(shape: tuple[int, int], frac_box) -> np.ndarray:
+    """Boolean [h, w] mask of a fractional box, snapped to whole pixels."""
+    h, w = shape
+    x0, y0, x1, y1 = frac_box
+    mask = np.zeros((h, w), bool)
+    mask[int(round(y0 * h)):max(int(round(y1 * h)), int(round(y0 * h)) + 1),
+         int(round(x0 * w)):max(int(round(x1 * w)), int(round(x0 * w)) + 1)] = True
+    return mask
+
+
+def region_mass(maps: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Share of each normalised map's mass inside each mask: name -> [N]."""
+    maps = normalise(maps)
+    return {name: maps[..., m].sum(axis=-1) for name, m in masks.items()}

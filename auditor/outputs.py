@@ -1,0 +1,161 @@
+"""Write one run's folder: findings.json, samples.csv, pictures, report.html and report.pdf.
+
+Everything goes into a hidden temporary folder that is renamed to ``<out>/<run-id>`` only
+when complete: a crash leaves no half-written run that looks finished, and an earlier run is
+never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from auditor.audit import AuditResult
+from auditor.data import read_image
+from auditor.evidence import severity_rank
+from auditor.heatmap import normalise
+from auditor.overlay import heat_only, legend, overlay, side_by_side
+
+SCHEMA_VERSION = 1
+
+
+def claim_run_folder(started: str, out: Path) -> tuple[str, Path]:
+    """A run id no earlier run has, and its temporary folder (mkdir is the atomic claim)."""
+    stamp = datetime.fromisoformat(started).strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        rid = stamp if n == 1 else f"{stamp}-{n}"
+        if (out / rid).exists():
+            continue
+        try:
+            (out / f".{rid}.partial").mkdir()
+            return rid, out / f".{rid}.partial"
+        except FileExistsError:
+            continue  # another run, or an interrupted one, holds this id
+    raise RuntimeError(f"{out}: no free run id for {stamp}")
+
+
+def findings_document(res: AuditResult, rid: str, finished: str) -> dict:
+    c = res.classes
+    per_sample: dict[int, list] = {}
+    for f in res.findings:
+        per_sample.setdefault(f.sample, []).append(f.to_json())
+    samples = []
+    for i, row in res.evidence.samples.iterrows():
+        samples.append({"path": row["path"], "label": c[row["label"]], "prediction": c[row["prediction"]],
+                        "confidence": round(float(row["confidence"]), 6), "correct": bool(row["correct"]),
+                        "explained": bool(row["explained"]), "sha256": row["sha256"],
+                        "size": [int(row["width"]), int(row["height"])], "findings": per_sample.get(i, [])})
+    m = res.metrics
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": {"id": rid, **res.run, "finished": finished},
+        "gate": res.gate,
+        "metrics": {"accuracy": round(m["accuracy"], 6), "images": m["images"], "misclassified": m["misclassified"],
+                    "explained": m["explained"],
+                    "per_class": json.loads(m["per_class"].round(6).to_json(orient="records")),
+                    "confusion": {"classes": c, "matrix": m["confusion"].to_numpy().tolist()}},
+        "samples": samples,
+        "class_findings": [f.to_json() for f in res.class_findings],
+        "skipped": res.skipped,
+        "warnings": res.warnings,
+        "errors": res.errors,
+    }
+
+
+def samples_table(doc: dict) -> pd.DataFrame:
+    rows = []
+    for s in doc["samples"]:
+        worst = max((f["severity"] for f in s["findings"]), key=severity_rank, default="")
+        rows.append({k: s[k] for k in ("path", "label", "prediction", "confidence", "correct", "explained")}
+                    | {"findings": len(s["findings"]), "worst_severity": worst,
+                       "rules": ";".join(sorted({f["rule"] for f in s["findings"]})),
+                       "messages": " | ".join(f["message"] for f in s["findings"])})
+    for s in doc["skipped"]:
+        rows.append({"path": s["path"], "label": "", "prediction": "", "confidence": None, "correct": None,
+                     "explained": False, "findings": 0, "worst_severity": "", "rules": "",
+                     "messages": f"skipped: {s['reason']}"})
+    return pd.DataFrame(rows)
+
+
+def gallery_images(res: AuditResult, folder: Path, limit: int) -> dict:
+    """PNG per flagged image (original, then one overlay per method) and per class finding."""
+    pictures = {"samples": {}, "classes": {}}
+    (folder / "images").mkdir()
+    legend().save(folder / "images" / "legend.png")
+    ev = res.evidence
+    flagged = []
+    for f in res.findings:  # already ordered by severity
+        if f.sample not in flagged:
+            flagged.append(f.sample)
+    for n, i in enumerate(flagged[:limit]):
+        boxes = [f for f in res.findings if f.sample == i and f.bbox]
+        w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
+        frac = None
+        if boxes:
+            x0, y0, x1, y1 = boxes[0].bbox
+            frac = (x0 / w, y0 / h, x1 / w, y1 / h)
+        try:
+            img = read_image(ev.refs[i].path)
+        except (OSError, ValueError):
+            continue
+        panels = [overlay(img, np.zeros((2, 2)), box_frac=None)]
+        methods = [m for m in ev.heatmaps if i in ev.heatmaps[m]]
+        panels += [overlay(img, ev.heatmaps[m][i].astype(np.float32), box_frac=frac) for m in methods]
+        name = f"images/sample-{n:04d}.png"
+        side_by_side(panels).save(folder / name, optimize=True)
+        pictures["samples"][i] = {"file": name, "panels": ["original", *methods]}
+    for n, f in enumerate(res.class_findings):
+        ids, maps = ev.explained(f.method) if f.method in ev.heatmaps else ([], None)
+        cls = res.classes.index(f.cls)
+        keep = [k for k, i in enumerate(ids) if ev.samples.at[i, "prediction"] == cls]
+        if not keep:
+            continue
+        name = f"images/class-{n:03d}.png"
+        heat_only(normalise(maps[keep]).mean(axis=0), box_frac=f.region).save(folder / name, optimize=True)
+        pictures["classes"][n] = {"file": name}
+    return pictures
+
+
+def write_run(res: AuditResult, out: Path | None = None) -> Path:
+    from auditor.report import render_html, render_pdf  # report imports jinja2/weasyprint: only when writing
+
+    out = Path(out or res.cfg.report.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rid, tmp = claim_run_folder(res.run["started"], out)
+    try:
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        doc = findings_document(res, rid, finished)
+        formats = res.cfg.report.formats
+        # findings.json is the machine-readable record: always written, whatever formats say.
+        (tmp / "findings.json").write_text(json.dumps(doc, indent=1, default=_jsonable))
+        if "csv" in formats:
+            samples_table(doc).to_csv(tmp / "samples.csv", index=False)
+        if "html" in formats or "pdf" in formats:
+            pictures = gallery_images(res, tmp, res.cfg.report.gallery_limit)
+            html = render_html(res, doc, pictures)
+            (tmp / "report.html").write_text(html)
+            if "pdf" in formats:
+                render_pdf(tmp / "report.html", tmp / "report.pdf")
+            if "html" not in formats:
+                (tmp / "report.html").unlink()
+        final = out / rid
+        os.rename(tmp, final)  # atomic; refuses a non-empty target, so nothing is overwritten
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _jsonable(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
