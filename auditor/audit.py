@@ -19,14 +19,16 @@ import auditor.methods  # noqa: F401  (registers the methods)
 from auditor.config import AuditConfig, ConfigError, check_files, import_object
 from auditor.data import discover, load_classes
 from auditor.engine import Context, run_local
+from auditor.intervene import confirm
+from auditor.trust import trust_gate
 from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.model import build_model, file_sha256, pick_device, target_layer
 from auditor.registry import METHODS, RULES, UnknownName
 
-# Used when the config names none: cheap, and between them they see both coarse regions
-# (a layer's view) and fine ones (the input's own pixels).
-RECOMMENDED_METHODS = {"gradcam": {}, "occlusion": {}}
-RECOMMENDED_RULES = {"corner_border": {}}
+# Used when the config names none: each costs one forward and backward pass, and between them
+# they see coarse regions (a layer's view) and fine ones (the input's own pixels). On the demo
+# they flag as many planted cues as adding occlusion, IG or SmoothGrad does, at a third of the time.
+RECOMMENDED_METHODS = {"gradcam": {}, "saliency": {}}
 
 
 @dataclass
@@ -95,29 +97,32 @@ def _own_version() -> str:
         return "unknown"
 
 
+def ev_methods(ev: Evidence, methods: dict) -> dict:
+    return {m: p for m, p in methods.items() if m in ev.heatmaps}
+
+
 def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
     started = datetime.now(timezone.utc)
     if cfg.prepare:
         import_object(cfg.prepare, cfg.folder, "prepare", cfg.source)(cfg.folder)
     check_files(cfg)
     methods = cfg.explain.methods if cfg.explain.methods is not None else RECOMMENDED_METHODS
-    rules = cfg.rules if cfg.rules is not None else RECOMMENDED_RULES
+    # No rules named: every registered rule (each one stays quiet where it does not apply).
+    rules = cfg.rules if cfg.rules is not None else {name: {} for name in RULES.names()}
     _check_names(cfg, "explain.methods", methods, METHODS)
     _check_names(cfg, "rules", rules, RULES)
 
     torch.manual_seed(cfg.run.seed)
     classes = load_classes(cfg)
+    refs, warnings = discover(cfg, classes)
     device = pick_device(cfg.run.device)
     model = build_model(cfg, len(classes), device)
-    layer = target_layer(model, cfg.model.target_layer)
-    warnings: list[str] = []
+    layer = target_layer(model, cfg.model.target_layer, cfg.source)
     if layer is None:
         needs = [m for m in methods if METHODS.get(m).meta.get("needs_layer")]
         if needs:
             warnings.append(f"the model has no Conv2d, so {', '.join(needs)} cannot run; set model.target_layer")
             methods = {m: p for m, p in methods.items() if m not in needs}
-    refs, data_warnings = discover(cfg, classes)
-    warnings += data_warnings
     support = pd.Series([r.label for r in refs]).value_counts().to_dict()
 
     ctx = Context(cfg, model, device, layer, methods, support, refs)
@@ -134,6 +139,14 @@ def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
                   {m: rec.contrast.get(m, {}) for m in methods if m not in ctx.disabled}, refs,
                   model=model, input_spec=cfg.model.input, device=device)
 
+    trust = trust_gate(ev, ev_methods(ev, methods), layer, cfg.trust, cfg.run.seed) if cfg.trust.enabled else {}
+    ev.reliable = {m: t["reliable"] for m, t in trust.items()}
+    for m, t in trust.items():
+        if not t["reliable"]:
+            warnings.append(f"explanation method {m!r} failed the trust gate and was not used by the rules: {t['reason']}")
+    if ev.heatmaps and not ev.methods:
+        warnings.append("no explanation method passed the trust gate: the rules had no evidence to work with")
+
     findings, class_findings, errors = [], [], []
     for name, params in rules.items():
         try:
@@ -142,6 +155,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
         except Exception as e:  # a broken rule is reported, the audit goes on
             errors.append({"rule": name, "error": f"{type(e).__name__}: {e}"})
             warnings.append(f"rule {name!r} failed: {type(e).__name__}: {e}")
+    confirm(ev, findings, class_findings, cfg.intervention, cfg.run.seed)
     order = lambda f: (-severity_rank(f.severity), -f.score)  # noqa: E731
     findings.sort(key=order)
     class_findings.sort(key=order)
@@ -164,6 +178,6 @@ def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
            "weights_sha256": file_sha256(cfg.model.weights) if cfg.model.weights else None,
            "data_fingerprint": fingerprint, "versions": versions(), "device": str(device),
            "seed": cfg.run.seed, "methods": methods, "rules": rules,
-           "methods_disabled": dict(ctx.disabled), "argv": sys.argv[1:]}
+           "methods_disabled": dict(ctx.disabled), "trust": trust, "argv": sys.argv[1:]}
     return AuditResult(cfg, classes, ev, findings, class_findings, errors, rec.skipped, warnings,
                        metrics, run, gate)

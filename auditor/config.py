@@ -102,8 +102,23 @@ class ExplainSpec(Strict):
         return _names_to_params(v)
 
 
-class GateSpec(Strict):
-    severity: Severity = "high"
+class InterventionSpec(Strict):
+    enabled: bool = True
+    fill: str = Field("inpaint", pattern="^(inpaint|blur|mean)$")
+    transplant_images: int = Field(40, ge=0, description="images of other classes each region is pasted onto")
+    class_images: int = Field(40, ge=1, description="images of the class a class-level region is removed from")
+    remove_drop: float = Field(0.5, gt=0, le=1, description="share of images whose decision must change")
+    transplant_rate: float = Field(0.5, gt=0, le=1, description="share of pasted images that must turn")
+    critical_rate: float = Field(0.8, gt=0, le=1, description="transfer rate that makes a confirmed finding critical")
+    pad: float = Field(0.02, ge=0, le=0.2, description="margin added around a region, as a share of the image side")
+
+
+class TrustSpec(Strict):
+    enabled: bool = True
+    images: int = Field(16, ge=1, description="explained images each method is tested on")
+    steps: int = Field(10, ge=2, description="deletion curve steps")
+    max_spearman: float = Field(0.5, gt=0, le=1, description="rank correlation allowed after full randomisation")
+    max_deletion_ratio: float = Field(0.9, gt=0, description="deletion area must be below this share of random's")
 
 
 class ReportSpec(Strict):
@@ -126,6 +141,8 @@ class AuditConfig(Strict):
     data: DataSpec
     explain: ExplainSpec = ExplainSpec()
     rules: dict[str, dict[str, Any]] | None = None
+    intervention: InterventionSpec = InterventionSpec()
+    trust: TrustSpec = TrustSpec()
     report: ReportSpec = ReportSpec()
     run: RunSpec = RunSpec()
 

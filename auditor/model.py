@@ -50,7 +50,10 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{cfg.source}: 'model.factory': returned {type(model).__name__}, not an nn.Module")
     if cfg.model.weights is not None:
-        state = load_state_dict(cfg.model.weights)
+        try:
+            state = load_state_dict(cfg.model.weights)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.source}: {e}") from None
         own = model.state_dict()
         missing, unexpected = set(own) - set(state), set(state) - set(own)
         shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
@@ -63,7 +66,8 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
             if shape:
                 parts.append("shape differs: " + _names(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                        for k in shape))
-            raise ConfigError(f"model.weights: {cfg.model.weights.name} does not fit the model ({'; '.join(parts)})")
+            raise ConfigError(f"{cfg.source}: 'model.weights': {cfg.model.weights.name} does not fit the model "
+                              f"({'; '.join(parts)})")
         model.load_state_dict(state)
     model = model.to(device).eval()
     for p in model.parameters():
@@ -74,19 +78,19 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
         out = model(torch.zeros(1, c, h, w, device=device))
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != num_classes:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"model output has shape {got} for one image; expected (1, {num_classes}) "
+        raise ConfigError(f"{cfg.source}: model output has shape {got} for one image; expected (1, {num_classes}) "
                           f"= one logit per class in model.classes")
     return model
 
 
-def target_layer(model: nn.Module, path: str | None) -> nn.Module | None:
+def target_layer(model: nn.Module, path: str | None, source: Path = Path("audit.yaml")) -> nn.Module | None:
     """The configured module, or the last Conv2d; None when the model has no convolution."""
     if path:
         try:
             return model.get_submodule(path)
         except AttributeError:
             convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-            raise ConfigError(f"model.target_layer: no module {path!r} (convolutions: {_names(convs, 8)})") from None
+            raise ConfigError(f"{source}: 'model.target_layer': no module {path!r} (convolutions: {_names(convs, 8)})") from None
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     return convs[-1] if convs else None
 

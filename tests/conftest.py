@@ -60,6 +60,7 @@ def project(tmp_path: Path):
         "explain": {"methods": ["saliency"], "samples": "all", "resolution": 16},
         "report": {"out": "reports", "formats": ["json", "csv"], "fail_on": None},
         "run": {"batch_size": 5},
+        "trust": {"enabled": False},  # an untrained model: the gate would (rightly) distrust it
     }
 
     class Project:

@@ -14,3 +14,6 @@ Importing this package registers every method below.
 from auditor.registry import METHODS
 
 __all__ = ["METHODS"]
+
+# Importing the method modules registers them (one decorated function per method).
+from auditor.methods import cam, gradient, perturbation, surrogate  # noqa: E402,F401

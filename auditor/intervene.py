@@ -1,0 +1,157 @@
+"""Confirm suspicions by intervention, so a finding is evidence and not a picture.
+
+For every finding with a region: (a) remove the region (biharmonic inpainting, blur or mean
+fill) and re-predict; (b) transplant it onto correctly classified images of other classes, at
+the same place, and re-predict. A finding is ``confirmed`` when removal changes the decision
+or the region carries the decision to other images; its severity then rises, and a suspicion
+that fails both tests is capped at 'low'. The effect sizes go into the finding's details and
+its sentence.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from auditor.config import InterventionSpec
+from auditor.data import read_image, to_model_input
+from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
+from auditor.heatmap import region_mask
+
+
+def fill(x: torch.Tensor, mask: np.ndarray, how: str) -> torch.Tensor:
+    """Images [B, C, H, W] with the masked pixels [H, W] replaced by plausible surroundings."""
+    out = x.clone()
+    m = torch.from_numpy(mask).to(x.device)
+    if how == "mean":
+        keep = (~m).float()
+        mean = (x * keep).sum(dim=(2, 3), keepdim=True) / keep.sum().clamp_min(1)
+        return torch.where(m, mean.expand_as(x), x)
+    if how == "blur":
+        side = max(3, int(2 * round(max(mask.sum(0).max(), mask.sum(1).max()) / 2) + 1))
+        blurred = F.avg_pool2d(F.pad(x, [side // 2] * 4, mode="replicate"), side, stride=1)
+        return torch.where(m, blurred, x)
+    from skimage.restoration import inpaint_biharmonic
+    arr = x.detach().cpu().numpy().copy()  # numpy() shares memory with a CPU tensor
+    for b in range(len(arr)):
+        arr[b] = inpaint_biharmonic(arr[b], mask, channel_axis=0)
+    return torch.from_numpy(arr).to(x.device, x.dtype)
+
+
+def _pad(box, pad: float):
+    x0, y0, x1, y1 = box
+    return (max(0.0, x0 - pad), max(0.0, y0 - pad), min(1.0, x1 + pad), min(1.0, y1 + pad))
+
+
+class Intervener:
+    """Holds the model and a small pool of correctly classified images to paste onto."""
+
+    def __init__(self, ev: Evidence, spec: InterventionSpec, seed: int):
+        self.ev, self.spec = ev, spec
+        self.rng = np.random.default_rng(seed)
+        self._cache: dict[int, torch.Tensor] = {}
+        s = ev.samples
+        self.correct = s.index[s["correct"]].to_numpy()
+
+    def inputs(self, ids) -> torch.Tensor:
+        missing = [i for i in ids if i not in self._cache]
+        for i in missing:
+            self._cache[i] = to_model_input(read_image(self.ev.refs[i].path), self.ev.input_spec)
+        return torch.stack([self._cache[i] for i in ids]).to(self.ev.device)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.ev.model(chunk).float().softmax(1) for chunk in x.split(64)]).cpu()
+
+    def others(self, cls: int, n: int) -> list[int]:
+        """Up to n correctly classified images whose class is not ``cls``, spread over classes."""
+        pool = [i for i in self.correct if self.ev.samples.at[i, "label"] != cls]
+        if len(pool) > n:
+            pool = sorted(self.rng.choice(pool, n, replace=False).tolist())
+        return pool
+
+    def test(self, sources: list[int], cls: int, box) -> dict:
+        """Remove ``box`` from the source images and paste it onto other classes' images."""
+        h, w = self.ev.input_spec.size
+        mask = region_mask((h, w), _pad(box, self.spec.pad))
+        x = self.inputs(sources)
+        before = self.predict(x)
+        after = self.predict(fill(x, mask, self.spec.fill))
+        changed = (after.argmax(1) != cls) & (before.argmax(1) == cls)
+        result = {"removed_from": len(sources),
+                  "decision_changed": int(changed.sum()),
+                  "confidence_drop": round(float((before[:, cls] - after[:, cls]).mean()), 4),
+                  "new_predictions": [self.ev.classes[int(c)] for c in after.argmax(1)[changed].tolist()][:5]}
+        targets = self.others(cls, self.spec.transplant_images)
+        if targets:
+            y = self.inputs(targets)
+            m = torch.from_numpy(mask).to(y.device)
+            src = x[torch.arange(len(targets)) % len(x)]  # cycle through the sources' own regions
+            pasted = self.predict(torch.where(m, src, y))
+            result |= {"pasted_onto": len(targets), "turned": int((pasted.argmax(1) == cls).sum())}
+        else:
+            result |= {"pasted_onto": 0, "turned": 0}
+        result["transfer_rate"] = round(result["turned"] / max(result["pasted_onto"], 1), 4)
+        result["removal_rate"] = round(result["decision_changed"] / max(len(sources), 1), 4)
+        return result
+
+
+def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
+    parts = []
+    if effect["removed_from"] == 1:
+        if effect["decision_changed"]:
+            parts.append(f"hiding this region changed the prediction to '{effect['new_predictions'][0]}'")
+        else:
+            parts.append(f"hiding this region lowered the confidence in '{cls_name}' by "
+                         f"{100 * effect['confidence_drop']:.0f} points but did not change the prediction")
+    else:
+        parts.append(f"hiding this region in {effect['removed_from']} such images changed "
+                     f"{effect['decision_changed']} of the decisions")
+    if effect["pasted_onto"]:
+        parts.append(f"pasting it onto {effect['pasted_onto']} images of other classes turned "
+                     f"{effect['turned']} of them into '{cls_name}'")
+    verdict = "Confirmed by intervention" if confirmed else "Not confirmed by intervention"
+    return f" {verdict}: " + "; ".join(parts) + "."
+
+
+def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFinding],
+            spec: InterventionSpec, seed: int) -> None:
+    """Test every finding that names a region; update severity, details and message in place."""
+    if not spec.enabled or ev.model is None:
+        return
+    tester = Intervener(ev, spec, seed)
+    s = ev.samples
+    for f in findings:
+        if not f.bbox:
+            continue
+        w, h = s.at[f.sample, "width"], s.at[f.sample, "height"]
+        box = (f.bbox[0] / w, f.bbox[1] / h, f.bbox[2] / w, f.bbox[3] / h)
+        cls = int(s.at[f.sample, "prediction"])
+        effect = tester.test([f.sample], cls, box)
+        _apply(f, effect, ev.classes[cls], spec)
+    for f in class_findings:
+        if not f.region:
+            continue
+        cls = ev.classes.index(f.cls)
+        members = [i for i in tester.correct if s.at[i, "prediction"] == cls]
+        if len(members) > spec.class_images:
+            members = sorted(tester.rng.choice(members, spec.class_images, replace=False).tolist())
+        if not members:
+            continue
+        effect = tester.test(members, cls, tuple(f.region))
+        _apply(f, effect, f.cls, spec)
+
+
+def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec) -> None:
+    confirmed = effect["removal_rate"] >= spec.remove_drop or effect["transfer_rate"] >= spec.transplant_rate
+    f.details["intervention"] = effect | {"fill": spec.fill}
+    f.details["confirmed"] = confirmed
+    f.details["severity_before_intervention"] = f.severity
+    if confirmed:
+        strong = effect["transfer_rate"] >= spec.critical_rate and isinstance(f, ClassFinding)
+        floor = "critical" if strong else "high"
+        if severity_rank(f.severity) < severity_rank(floor):
+            f.severity = floor
+    elif severity_rank(f.severity) > severity_rank("low"):
+        f.severity = "low"
+    f.message += _sentence(effect, cls_name, confirmed)

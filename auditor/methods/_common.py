@@ -1,0 +1,188 @@
+"""Steps every method adapter shares: registration, checks, channel reduction, upsampling,
+per-image random generators and row chunking.
+
+Registration adds two entries to each method's metadata:
+  ``passes(params=None, hw=None) -> (n_forward, n_backward)``: model passes per image at
+      ``params`` (missing keys take the function's defaults); ``hw`` = (H, W) matters only
+      for occlusion, whose window count depends on the image size (default 224x224).
+  ``defaults``: the function's keyword defaults.
+
+``max_rows`` bounds the rows of one model call; on CPU the chunks are smaller still (see
+``rows_per_call``). Chunking never changes which random draws an image gets.
+
+Randomness: a stochastic method draws image i's numbers from its own generator, seeded by a
+hash of (seed, the bytes of x[i]). An image therefore gets the same draws alone or at any
+position in any batch (batch result == per-image result), and the global RNG is never used.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import warnings
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from auditor.registry import METHODS
+
+
+def register(name: str, passes: Callable[[dict, tuple[int, int] | None], tuple[int, int]],
+             **meta) -> Callable[[Callable], Callable]:
+    """``METHODS.register`` plus ``passes`` (filled with the function's defaults) and ``defaults``."""
+
+    def decorate(fn: Callable) -> Callable:
+        defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+
+        def passes_at(params: dict | None = None, hw: tuple[int, int] | None = None):
+            n_fwd, n_bwd = passes({**defaults, **(params or {})}, hw)
+            return int(n_fwd), int(n_bwd)
+
+        return METHODS.register(name, passes=passes_at, defaults=defaults, **meta)(fn)
+
+    return decorate
+
+
+def check_inputs(name: str, x: Tensor, target: Tensor) -> Tensor:
+    """Validate at the door; return ``target`` as a LongTensor [B] on x's device."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a float tensor [B, C, H, W], got "
+                         f"{getattr(x, 'shape', type(x))}")
+    target = torch.as_tensor(target, device=x.device)
+    if target.dim() != 1 or target.shape[0] != x.shape[0] or target.is_floating_point():
+        raise ValueError(f"{name}: target must be a LongTensor [B={x.shape[0]}], "
+                         f"got shape {tuple(target.shape)} dtype {target.dtype}")
+    return target.long()
+
+
+def finish(name: str, heat: Tensor) -> Tensor:
+    """Return float32 [B, H, W]; refuse non-finite values (NaN/inf in the model or gradients)."""
+    heat = heat.detach().float().contiguous()
+    if not torch.isfinite(heat).all():
+        raise ValueError(f"{name}: the heatmap has non-finite values (NaN or inf from the "
+                         f"model's output or gradients); the method cannot explain this input")
+    return heat
+
+
+def abs_max(attr: Tensor) -> Tensor:
+    """Gradient-magnitude reduction: |a| max over channels, [B, C, H, W] -> [B, H, W]."""
+    return attr.abs().amax(dim=1)
+
+
+def pos_sum(attr: Tensor) -> Tensor:
+    """Signed-attribution reduction: positive part of the channel sum (evidence FOR the class)."""
+    return attr.sum(dim=1).clamp_min(0)
+
+
+def upsample(maps: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling of [B, 1, h, w] (or [B, h, w]) layer maps to [B, H, W]."""
+    if maps.dim() == 3:
+        maps = maps.unsqueeze(1)
+    return F.interpolate(maps, size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
+
+
+def image_generators(x: Tensor, seed: int) -> list[torch.Generator]:
+    """One generator per image, seeded by blake2b(seed, bytes of x[i]), on x's device."""
+    host = x.detach().to("cpu", torch.float32).contiguous().numpy()
+    gens = []
+    for img in host:
+        h = hashlib.blake2b(int(seed).to_bytes(8, "little", signed=True), digest_size=8)
+        h.update(img.tobytes())
+        g = torch.Generator(device=x.device)
+        g.manual_seed(int.from_bytes(h.digest(), "little") & (2 ** 63 - 1))
+        gens.append(g)
+    return gens
+
+
+# On CPU, batches whose activations outgrow the cache (and fresh large allocations, which
+# glibc maps and unmaps per call) run 2-4x slower per row: measured on 2 cores, a small CNN ran
+# 4x slower at 256 rows than at 64 for 64x64 inputs, 2x slower at 64 rows than at 4 for 224x224.
+CPU_PIXELS_PER_CALL = 2 ** 18
+
+
+def rows_per_call(x: Tensor, max_rows: int) -> int:
+    """Rows per model call: ``max_rows``, and on CPU at most 2^18 pixels' worth (min 8 rows)."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if x.device.type == "cpu":
+        return min(max_rows, max(8, CPU_PIXELS_PER_CALL // (x.shape[-2] * x.shape[-1])))
+    return max_rows
+
+
+def row_chunks(n_images: int, n_per_image: int, max_rows: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) over the image-major expanded rows, at most ``max_rows`` per chunk."""
+    total = n_images * n_per_image
+    for start in range(0, total, max_rows):
+        yield start, min(start + max_rows, total)
+
+
+def chunked_draws(gens: list[torch.Generator], n: int, max_rows: int,
+                  draw: Callable[[torch.Generator, int], tuple[Tensor, ...]]
+                  ) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
+    """Walk the B*n expanded rows in chunks; yield (image index per row, draws per row).
+
+    ``draw(gen, n)`` makes all n draws of one image at once, so an image's draws never depend
+    on where the chunk boundaries fall. At most the images that span one chunk are held.
+    """
+    cache: dict[int, tuple[Tensor, ...]] = {}
+    for start, stop in row_chunks(len(gens), n, max_rows):
+        parts: list[tuple[Tensor, ...]] = []
+        for i in range(start // n, (stop - 1) // n + 1):
+            if i not in cache:
+                cache[i] = draw(gens[i], n)
+            lo, hi = max(start, i * n) - i * n, min(stop, (i + 1) * n) - i * n
+            parts.append(tuple(t[lo:hi] for t in cache[i]))
+        for i in [i for i in cache if (i + 1) * n <= stop]:
+            del cache[i]
+        img = torch.arange(start, stop) // n
+        yield img, tuple(torch.cat(ts) for ts in zip(*parts))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Captum's per-call notices (hooks set/removed, requires_grad set)."""
+    with warnings.catch_warnings():
+        for msg in (r"\s*Setting (forward, )?backward hooks", r"Input Tensor \d+ did not already",
+                    r"Internal batch size cannot"):
+            warnings.filterwarnings("ignore", message=msg, category=UserWarning)
+        yield
+
+
+@contextlib.contextmanager
+def single_use(name: str, model: nn.Module, types: tuple[type, ...], why: str) -> Iterator[None]:
+    """Refuse modules of ``types`` called more than once per model forward.
+
+    Counts calls with forward pre-hooks during the method's own forward passes (no extra
+    pass); hooks are removed on exit. Raises ValueError naming the method and the module.
+    """
+    calls: dict[str, int] = {}
+    forwards = [0]
+    handles = [model.register_forward_pre_hook(lambda m, i: forwards.__setitem__(0, forwards[0] + 1))]
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, types) and mod is not model:
+            calls[mod_name] = 0
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, i, k=mod_name: calls.__setitem__(k, calls[k] + 1)))
+
+    def check() -> None:
+        reused = {k: c for k, c in calls.items() if c > max(forwards[0], 1)}
+        if reused:
+            k, c = next(iter(reused.items()))
+            raise ValueError(
+                f"{name}: module {k!r} ({type(model.get_submodule(k)).__name__}) is called "
+                f"{c // max(forwards[0], 1)} times per forward pass; {why} Give each use its own "
+                f"module instance (e.g. a separate nn.ReLU per activation).")
+
+    try:
+        yield
+    except Exception:
+        check()  # a reused module is the likelier cause (Captum's own error is cryptic): say so
+        raise
+    else:
+        check()
+    finally:
+        for h in handles:
+            h.remove()

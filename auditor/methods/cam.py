@@ -1,0 +1,45 @@
+"""Class-activation methods on a layer, through Captum: Grad-CAM and guided Grad-CAM."""
+from __future__ import annotations
+
+from captum.attr import GuidedBackprop, LayerGradCam
+from torch import Tensor, nn
+
+from auditor.methods._common import abs_max, check_inputs, finish, quiet, register, upsample
+
+
+def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
+               target: Tensor) -> Tensor:
+    """ReLU(sum_k mean(dy/dA_k) A_k) at ``layer``, bilinearly upsampled to [B, H, W]."""
+    if not isinstance(layer, nn.Module):
+        raise ValueError(f"{name} needs layer= (an nn.Module of the model), got {type(layer).__name__}")
+    with quiet():
+        cam = LayerGradCam(model, layer).attribute(x.detach(), target=target,
+                                                   relu_attributions=True)
+    if isinstance(cam, tuple) or cam.dim() != 4 or cam.shape[1] != 1:
+        shape = [tuple(c.shape) for c in cam] if isinstance(cam, tuple) else tuple(cam.shape)
+        raise ValueError(f"{name}: layer {type(layer).__name__} must output one feature map "
+                         f"[B, C, h, w]; Grad-CAM there has shape {shape}")
+    return upsample(cam.detach(), x.shape[2:])
+
+
+@register("gradcam", needs_layer=True, passes=lambda p, hw: (1, 1))
+def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None = None) -> Tensor:
+    """Grad-CAM: feature maps weighted by their mean gradient, ReLU, bilinear upsampling (Selvaraju et al. 2017)."""
+    target = check_inputs("gradcam", x, target)
+    return finish("gradcam", _layer_cam("gradcam", model, layer, x, target))
+
+
+@register("guided_gradcam", needs_layer=True, passes=lambda p, hw: (2, 2))
+def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor,
+                   layer: nn.Module | None = None) -> Tensor:
+    """Guided Grad-CAM: guided backprop times upsampled Grad-CAM, |.| max over channels.
+
+    Captum's GuidedGradCam with bilinear (not nearest) upsampling, so the CAM matches gradcam.
+    Two passes: Grad-CAM needs the plain gradient at the layer, guided backprop the modified one.
+    """
+    target = check_inputs("guided_gradcam", x, target)
+    cam = _layer_cam("guided_gradcam", model, layer, x, target)
+    with quiet():
+        guided = GuidedBackprop(model).attribute(x.detach().clone().requires_grad_(True),
+                                                 target=target)
+    return finish("guided_gradcam", abs_max(guided) * cam)

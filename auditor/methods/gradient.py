@@ -1,0 +1,167 @@
+"""Gradient methods, all through Captum: saliency, SmoothGrad, Integrated Gradients, DeepLift,
+GradientSHAP, guided backprop, deconvolution.
+
+Gradient-magnitude methods reduce |attribution| max over channels; signed ones keep the
+positive part of the channel sum. Baselines are 0 = the dataset mean in normalised space.
+"""
+from __future__ import annotations
+
+import torch
+from captum.attr import DeepLift, Deconvolution, GuidedBackprop, IntegratedGradients, Saliency
+from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+from torch import Tensor, nn
+
+from auditor.methods._common import (abs_max, check_inputs, chunked_draws, finish, image_generators,
+                                     pos_sum, quiet, register, rows_per_call, single_use)
+
+
+def _grad_input(x: Tensor) -> Tensor:
+    """A leaf copy of the caller's x that requires grad (x itself is never modified)."""
+    return x.detach().clone().requires_grad_(True)
+
+
+@register("saliency", passes=lambda p, hw: (1, 1))
+def saliency(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Saliency: |d logit / d input|, max over channels (Simonyan et al. 2014)."""
+    target = check_inputs("saliency", x, target)
+    with quiet():
+        attr = Saliency(model).attribute(_grad_input(x), target=target, abs=True)
+    return finish("saliency", abs_max(attr))
+
+
+def _noisy_gradients(name: str, model: nn.Module, x: Tensor, target: Tensor, n: int,
+                     seed: int, max_rows: int, draw, points_of) -> Tensor:
+    """Mean over n seeded draws per image of the target logit's gradient at the points
+    ``points_of(x_rows, image_index, draws) -> (points, factor)``, times ``factor`` (|grad| if None)."""
+    if n < 1:
+        raise ValueError(f"{name}: n_samples must be >= 1, got {n}")
+    total = torch.zeros_like(x)
+    sal = Saliency(model)
+    rows_cap = rows_per_call(x, max_rows)
+    for img, draws in chunked_draws(image_generators(x, seed), n, rows_cap, draw):
+        img = img.to(x.device)
+        points, factor = points_of(x[img], img, draws)
+        with quiet():
+            grad = sal.attribute(points.detach().requires_grad_(True), target=target[img],
+                                 abs=factor is None)
+        total.index_add_(0, img, grad if factor is None else grad * factor)
+    return total / n
+
+
+@register("smoothgrad", stochastic=True, passes=lambda p, hw: (p["n_samples"], p["n_samples"]))
+def smoothgrad(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 32,
+               noise_level: float = 0.15, seed: int = 0, max_rows: int = 256) -> Tensor:
+    """SmoothGrad: saliency averaged over noisy copies, max over channels (Smilkov et al. 2017).
+
+    Same quantity as Captum's NoiseTunnel(Saliency) with nt_type="smoothgrad" (mean of |grad|
+    over samples), with seeded per-image noise: sigma = noise_level * (max - min) of each image.
+    """
+    target = check_inputs("smoothgrad", x, target)
+    flat = x.detach().flatten(1)
+    sigma = (noise_level * (flat.amax(1) - flat.amin(1))).view(-1, 1, 1, 1)
+    shape = x.shape[1:]
+
+    def draw(g, n):
+        return (torch.randn(n, *shape, generator=g, device=x.device, dtype=x.dtype),)
+
+    def points_of(xr, img, draws):
+        return xr + sigma[img] * draws[0], None
+
+    total = _noisy_gradients("smoothgrad", model, x, target, n_samples, seed, max_rows, draw,
+                             points_of)
+    return finish("smoothgrad", abs_max(total))
+
+
+@register("integrated_gradients", passes=lambda p, hw: (p["n_steps"], p["n_steps"]))
+def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: int = 32,
+                         method: str = "gausslegendre", max_rows: int = 256) -> Tensor:
+    """Integrated Gradients from the mean image (0), positive part of the channel sum."""
+    target = check_inputs("integrated_gradients", x, target)
+    ig, rows = IntegratedGradients(model), rows_per_call(x, max_rows)
+    out = []
+    for s in range(0, x.shape[0], rows):  # images per call <= rows, so rows per forward <= rows
+        xs = x[s:s + rows]
+        with quiet():
+            out.append(ig.attribute(_grad_input(xs), baselines=0.0, target=target[s:s + rows],
+                                    n_steps=n_steps, method=method,
+                                    internal_batch_size=rows).detach())
+    return finish("integrated_gradients", pos_sum(torch.cat(out)))
+
+
+_DEEPLIFT_WHY = ("Captum's DeepLift keeps one input/output per non-linear module, so a module "
+                 "used twice breaks its multipliers.")
+
+
+@register("deeplift", passes=lambda p, hw: (2, 2))
+def deeplift(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
+    """DeepLift (Rescale rule) from the mean image (0), positive part of the channel sum.
+
+    Captum runs each image and its baseline together (2 rows per image, chunked to max_rows).
+    Needs each non-linearity to be its own module used once per forward (nn.ReLU, not
+    F.relu: functional activations are silently treated as linear by Captum); in-place is fine.
+    """
+    target = check_inputs("deeplift", x, target)
+    step = max(1, rows_per_call(x, max_rows) // 2)
+    dl, out = DeepLift(model), []
+    with quiet(), single_use("deeplift", model, tuple(SUPPORTED_NON_LINEAR), _DEEPLIFT_WHY):
+        for s in range(0, x.shape[0], step):
+            out.append(dl.attribute(_grad_input(x[s:s + step]), baselines=0.0,
+                                    target=target[s:s + step]).detach())
+    return finish("deeplift", pos_sum(torch.cat(out)))
+
+
+@register("gradient_shap", stochastic=True,
+          passes=lambda p, hw: (p["n_samples"], p["n_samples"]))
+def gradient_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 32,
+                  baseline_std: float = 0.5, stdevs: float = 0.0, seed: int = 0,
+                  max_rows: int = 256) -> Tensor:
+    """GradientSHAP (expected gradients) from noisy mean-image baselines, positive channel sum.
+
+    Captum's GradientShap estimator with seeded per-image draws (Captum draws from the global
+    RNG): per sample, baseline b ~ N(0, baseline_std^2) per pixel, input x~ = x + N(0, stdevs^2),
+    alpha ~ U(0, 1); attribution = mean of grad(b + alpha (x~ - b)) * (x~ - b).
+    """
+    target = check_inputs("gradient_shap", x, target)
+    shape = x.shape[1:]
+
+    def draw(g, n):
+        kw = dict(generator=g, device=x.device, dtype=x.dtype)
+        base = torch.randn(n, *shape, **kw) * baseline_std
+        noise = (torch.randn(n, *shape, **kw) * stdevs if stdevs > 0
+                 else torch.zeros(n, 1, 1, 1, device=x.device, dtype=x.dtype))
+        return base, noise, torch.rand(n, 1, 1, 1, **kw)
+
+    def points_of(xr, img, draws):
+        base, noise, alpha = draws
+        delta = xr + noise - base
+        return base + alpha * delta, delta
+
+    total = _noisy_gradients("gradient_shap", model, x, target, n_samples, seed, max_rows, draw,
+                             points_of)
+    return finish("gradient_shap", pos_sum(total))
+
+
+@register("guided_backprop", passes=lambda p, hw: (1, 1))
+def guided_backprop(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Guided backpropagation: gradients with negative signals cut at each nn.ReLU, |.| max over channels.
+
+    Works with in-place and reused nn.ReLU modules (the guided rule uses only each call's own
+    input gradient); functional F.relu is not hooked and acts as a plain ReLU gradient.
+    """
+    target = check_inputs("guided_backprop", x, target)
+    with quiet():
+        attr = GuidedBackprop(model).attribute(_grad_input(x), target=target)
+    return finish("guided_backprop", abs_max(attr))
+
+
+@register("deconvolution", passes=lambda p, hw: (1, 1))
+def deconvolution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Deconvolution (Zeiler & Fergus): ReLU backward passes only positive gradients, |.| max over channels.
+
+    Refuses a reused nn.ReLU module: Captum keeps one output gradient per module.
+    """
+    target = check_inputs("deconvolution", x, target)
+    why = "Captum's Deconvolution keeps one output gradient per ReLU module, so reuse can mix them."
+    with quiet(), single_use("deconvolution", model, (nn.ReLU,), why):
+        attr = Deconvolution(model).attribute(_grad_input(x), target=target)
+    return finish("deconvolution", abs_max(attr))

@@ -1,0 +1,108 @@
+"""Trust gate for explanation methods: does a method explain the model, and is it faithful?
+
+- Cascading model-parameter randomisation (Adebayo et al. 2018): re-initialise the layers
+  from the top down; a method whose heatmaps keep their rank order (Spearman) once the whole
+  model is random explains the input's edges, not the model, and fails.
+- Deletion (Petsiuk et al. 2018): remove pixels from most to least relevant and follow the
+  class probability; the area under that curve must be clearly below that of a random order.
+A failing method is marked unreliable; rules then ignore its heatmaps.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from auditor.config import TrustSpec
+from auditor.data import read_image, to_model_input
+from auditor.registry import METHODS
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise Spearman rank correlation of [N, D] arrays."""
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    den = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+    return np.divide((ra * rb).sum(1), den, out=np.zeros(len(a)), where=den > 0)
+
+
+def _heat(name: str, params: dict, model, layer, x, target, seed: int) -> np.ndarray:
+    entry = METHODS.get(name)
+    p = dict(params)
+    if entry.meta.get("needs_layer"):
+        p["layer"] = layer
+    if entry.meta.get("stochastic"):
+        p.setdefault("seed", seed)
+    return entry.fn(model, x, target, **p).detach().float().cpu().numpy()
+
+
+def randomisation(name, params, model, layer, x, target, seed: int) -> list[float]:
+    """Mean Spearman correlation with the original heatmaps after each top-down layer reset."""
+    original = _heat(name, params, model, layer, x, target, seed).reshape(len(x), -1)
+    rand = copy.deepcopy(model)
+    layer_name = next((n for n, m in model.named_modules() if m is layer), None)
+    rand_layer = rand.get_submodule(layer_name) if layer_name is not None else None
+    with_params = [m for m in rand.modules() if any(True for _ in m.parameters(recurse=False))]
+    gen = torch.Generator().manual_seed(seed)
+    curve = []
+    for module in reversed(with_params):
+        with torch.no_grad():
+            for p in module.parameters(recurse=False):
+                p.copy_(torch.randn(p.shape, generator=gen) * (p.std() if p.numel() > 1 else 1.0) + p.mean())
+        heat = _heat(name, params, rand, rand_layer, x, target, seed).reshape(len(x), -1)
+        curve.append(round(float(np.abs(spearman(original, heat)).mean()), 4))
+    return curve
+
+
+@torch.no_grad()
+def deletion(model, x, target, heat: np.ndarray, steps: int, seed: int) -> tuple[float, float]:
+    """Area under the probability curve as pixels are removed by relevance, and in a random order."""
+    b, c, h, w = x.shape
+    order = np.argsort(-heat.reshape(b, -1), axis=1)
+    rng = np.random.default_rng(seed)
+    rand_order = np.stack([rng.permutation(h * w) for _ in range(b)])
+    aucs = []
+    for o in (order, rand_order):
+        curve = []
+        for k in np.linspace(0, h * w, steps + 1).astype(int):
+            keep = np.ones((b, h * w), np.float32)
+            np.put_along_axis(keep, o[:, :k], 0.0, axis=1)
+            m = torch.from_numpy(keep).view(b, 1, h, w).to(x.device)
+            p = model(x * m).float().softmax(1).gather(1, target[:, None])[:, 0]   # 0 = the mean in input space
+            curve.append(p.cpu().numpy())
+        curve = np.stack(curve, 1)
+        aucs.append(float(((curve[:, 1:] + curve[:, :-1]) / 2).mean()))
+    return aucs[0], aucs[1]
+
+
+def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) -> dict[str, dict]:
+    """Run both tests on a few explained images; return per-method results with ``reliable``."""
+    s = ev.samples
+    ids = [i for i in s.index[s["explained"]]][: spec.images]
+    if not ids:
+        return {}
+    x = torch.stack([to_model_input(read_image(ev.refs[i].path), ev.input_spec) for i in ids]).to(ev.device)
+    target = torch.tensor(s.loc[ids, "prediction"].to_numpy(), device=ev.device)
+    out = {}
+    for name, params in methods.items():
+        try:
+            heat = _heat(name, params, ev.model, layer, x, target, seed)
+            curve = randomisation(name, params, ev.model, layer, x, target, seed)
+            deleted, random = deletion(ev.model, x, target, heat, spec.steps, seed)
+        except Exception as e:
+            out[name] = {"reliable": False, "reason": f"could not be tested: {type(e).__name__}: {e}"}
+            continue
+        reasons = []
+        if curve and curve[-1] > spec.max_spearman:
+            reasons.append(f"its heatmaps barely change when the model's weights are randomised "
+                           f"(rank correlation {curve[-1]:.2f})")
+        if deleted > random * spec.max_deletion_ratio:
+            reasons.append(f"removing the pixels it marks hurts the prediction no more than removing random ones "
+                           f"(area {deleted:.2f} vs {random:.2f})")
+        out[name] = {"reliable": not reasons, "reason": "; ".join(reasons),
+                     "randomisation_spearman": curve, "deletion_auc": round(deleted, 4),
+                     "random_deletion_auc": round(random, 4), "images": len(ids)}
+    return out

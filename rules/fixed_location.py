@@ -1,0 +1,153 @@
+"""fixed_location: a group of a class's explanations that all point at one small, fixed place.
+
+SpRAy-style (Lapuschkin et al. 2019): per predicted class, normalise each heatmap to sum 1,
+downsample, build a k-nearest-neighbour affinity graph, embed with the leading eigenvectors of
+its normalised Laplacian, choose the number of groups by the eigengap, and group the embedding
+hierarchically. Where a person had to inspect SpRAy's clusters, this rule scores them: a tight
+group whose mean heatmap piles its mass into a small window that the other classes do not
+use is flagged, wherever in the image the window is (a watermark, a logo, a ruler).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from auditor.evidence import ClassFinding, Evidence, grade
+from auditor.heatmap import normalise
+from auditor.registry import RULES
+
+SEVERITY = {"low": 0.3, "medium": 0.4, "high": 0.55}
+GRID = 16
+
+
+def downsample(maps: np.ndarray, side: int = GRID) -> np.ndarray:
+    """[N, h, w] → [N, side, side] by summing blocks (keeps each map's total mass)."""
+    n, h, w = maps.shape
+    ys = np.linspace(0, h, side + 1).astype(int)
+    xs = np.linspace(0, w, side + 1).astype(int)
+    rows = np.add.reduceat(maps, ys[:-1], axis=1)
+    return np.add.reduceat(rows, xs[:-1], axis=2)
+
+
+def spectral_groups(x: np.ndarray, k_neighbours: int = 8, max_groups: int = 6) -> tuple[np.ndarray, int]:
+    """Group rows of x: kNN affinity → normalised Laplacian → eigengap → hierarchical grouping."""
+    n = len(x)
+    k = min(k_neighbours, n - 1)
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    sigma = np.median(np.sort(d, axis=1)[:, k]) + 1e-12
+    near = np.argsort(d, axis=1)[:, 1:k + 1]
+    a = np.zeros((n, n))
+    rows = np.repeat(np.arange(n), k)
+    a[rows, near.ravel()] = np.exp(-(d[rows, near.ravel()] / sigma) ** 2)
+    a = np.maximum(a, a.T)
+    deg = a.sum(1)
+    inv = 1 / np.sqrt(np.maximum(deg, 1e-12))
+    lap = np.eye(n) - inv[:, None] * a * inv[None]
+    vals, vecs = np.linalg.eigh(lap)
+    top = min(max_groups, n - 1)
+    groups = int(np.argmax(np.diff(vals[:top + 1]))) + 1 if top >= 1 else 1
+    if groups == 1:
+        return np.zeros(n, int), 1
+    emb = vecs[:, :groups]
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
+    labels = fcluster(linkage(emb, "average"), groups, criterion="maxclust") - 1
+    return labels, groups
+
+
+def best_window(mean_map: np.ndarray, sizes=(2, 3, 4)) -> tuple[float, tuple, float]:
+    """The small square window holding the most mass: (mass, fractional box, area share)."""
+    side = mean_map.shape[0]
+    best = (0.0, (0, 0, 1, 1), 1.0)
+    cum = np.pad(mean_map.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    for s in sizes:
+        sums = cum[s:, s:] - cum[:-s, s:] - cum[s:, :-s] + cum[:-s, :-s]
+        y, x = np.unravel_index(np.argmax(sums), sums.shape)
+        # Prefer the smallest window unless a larger one holds clearly more.
+        if sums[y, x] > best[0] * 1.15:
+            best = (float(sums[y, x]), (x / side, y / side, (x + s) / side, (y + s) / side), s * s / side**2)
+    return best
+
+
+def window_mass(maps: np.ndarray, box) -> np.ndarray:
+    side = maps.shape[-1]
+    x0, y0, x1, y1 = (int(round(v * side)) for v in box)
+    return maps[:, y0:y1, x0:x1].sum(axis=(1, 2))
+
+
+@RULES.register("fixed_location", level="class", needs="heatmaps", direction="higher is more suspicious")
+def fixed_location(ev: Evidence, min_images: int = 8, min_group: int = 3, min_lift: float = 5.0,
+                   z_min: float = 3.0, min_tightness: float = 0.5, severity: dict | None = None) -> list:
+    """A tight group of a class's explanations pointing at one small fixed spot (SpRAy-style)."""
+    severity = severity or SEVERITY
+    out: dict[tuple, ClassFinding] = {}
+    for method in ev.methods:
+        ids, maps = ev.explained(method)
+        if len(ids) < min_images:
+            continue
+        small = downsample(normalise(maps))
+        preds = ev.samples.loc[ids, "prediction"].to_numpy()
+        classes = np.unique(preds)
+        for c in classes:
+            members = np.flatnonzero(preds == c)
+            if len(members) < min_images:
+                continue
+            x = small[members].reshape(len(members), -1)
+            labels, groups = spectral_groups(x)
+            others = small[preds != c]
+            for g in np.unique(labels):
+                part = members[labels == g]
+                if len(part) < min_group:
+                    continue
+                mean = small[part].mean(0)
+                mass, box, area = best_window(mean)
+                if mass / area < min_lift:
+                    continue
+                own = window_mass(small[part], box)
+                other = window_mass(others, box) if len(others) else np.zeros(1)
+                z = (own.mean() - other.mean()) / max(other.std(), 0.02)
+                flat = small[part].reshape(len(part), -1)
+                cos = flat @ mean.ravel() / (np.linalg.norm(flat, axis=1) * np.linalg.norm(mean) + 1e-12)
+                tight = float(cos.mean())
+                sev = grade(mass, severity)
+                if z < z_min or tight < min_tightness or sev is None:
+                    continue
+                key = (int(c), tuple(np.round(box, 2)))
+                if key in out and out[key].score >= mass:
+                    out[key].details["methods_agreeing"].append(method)
+                    continue
+                agreeing = out[key].details["methods_agreeing"] + [method] if key in out else [method]
+                share = len(part) / len(members)
+                exemplars = [int(ids[j]) for j in part[np.argsort(-cos)][:6]]
+                out[key] = ClassFinding(
+                    cls=ev.classes[c], rule="fixed_location", method=method, severity=sev,
+                    score=round(mass, 4), share=round(share, 4), region=[round(float(v), 4) for v in box],
+                    message=(f"For {len(part)} of the {len(members)} images the model calls '{ev.classes[c]}', "
+                             f"the explanations agree on one small spot: {mass:.0%} of their evidence sits in a "
+                             f"window covering {area:.0%} of the image ({_where(box)}), a place other classes "
+                             f"hardly use ({other.mean():.0%}). Something printed or placed there may be "
+                             f"what the model recognises."),
+                    details={"region": _where(box), "group_size": len(part), "class_images": len(members), "groups": groups,
+                             "lift": round(mass / area, 2), "z": round(float(z), 2), "tightness": round(tight, 3),
+                             "exemplars": exemplars, "methods_agreeing": agreeing})
+    # One finding per class and place: overlapping windows from other groups or methods merge.
+    kept: list[ClassFinding] = []
+    for f in sorted(out.values(), key=lambda f: -f.score):
+        twin = next((k for k in kept if k.cls == f.cls and _overlap(k.region, f.region)), None)
+        if twin is None:
+            kept.append(f)
+        else:
+            twin.details["methods_agreeing"] += f.details["methods_agreeing"]
+    for f in kept:
+        f.details["methods_agreeing"] = sorted(set(f.details["methods_agreeing"]))
+    return kept
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _where(box) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
+    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "centre"
+    return "centre" if (v, h) == ("middle", "centre") else f"{v} {h}".replace("middle ", "").replace(" centre", "")

@@ -1,0 +1,93 @@
+"""off_object: when the data says where the object is (mask or box), is the evidence on it?
+
+Relevance mass accuracy (mask) and the energy-based pointing game (box) are the same number:
+the share of the positive attribution that lies on the object. A misclassified image whose
+evidence lies mostly off the object is flagged, with the box of the strongest evidence off it;
+a class whose images' evidence lies mostly off their objects is flagged at class level.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from auditor.evidence import ClassFinding, Evidence, Finding, grade
+from auditor.heatmap import normalise, region_mask
+from auditor.registry import RULES
+
+SAMPLE_SEVERITY = {"low": 0.0, "medium": 0.5}
+
+
+def object_mask(ev: Evidence, i: int, shape: tuple[int, int]) -> np.ndarray | None:
+    ref = ev.refs[i]
+    if ref.mask is not None:
+        try:
+            m = Image.open(ref.mask).convert("L").resize(shape[::-1], Image.NEAREST)
+        except (OSError, ValueError):
+            return None
+        return np.asarray(m) > 0
+    if ref.bbox is not None:
+        w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
+        x0, y0, x1, y1 = ref.bbox
+        return region_mask(shape, (x0 / w, y0 / h, x1 / w, y1 / h))
+    return None
+
+
+def strongest_off(heat: np.ndarray, mask: np.ndarray) -> list[float]:
+    """Fractional box of the strongest connected evidence outside the object."""
+    off = np.where(mask, 0, heat)
+    blobs, _ = ndimage.label(off >= 0.5 * off.max())
+    peak = blobs[np.unravel_index(np.argmax(off), off.shape)]
+    ys, xs = np.nonzero(blobs == peak)
+    h, w = heat.shape
+    return [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
+
+
+@RULES.register("off_object", level="sample+class", needs="masks or boxes", direction="lower is more suspicious")
+def off_object(ev: Evidence, min_on_object: float = 0.4, class_min_on_object: float = 0.5,
+               min_images: int = 5, sample_severity: dict | None = None) -> list:
+    """Evidence that lies off the annotated object (relevance mass accuracy, energy pointing game)."""
+    sample_severity = sample_severity or SAMPLE_SEVERITY
+    if not any(r.mask is not None or r.bbox is not None for r in ev.refs):
+        return []  # nothing to compare with: the rule does not apply to this data set
+    out: dict = {}
+    s = ev.samples
+    for method in ev.methods:
+        ids, maps = ev.explained(method)
+        maps = normalise(maps)
+        on = {}
+        for i, heat in zip(ids, maps):
+            mask = object_mask(ev, i, heat.shape)
+            if mask is None or not mask.any() or heat.sum() <= 0:
+                continue
+            on[i] = float(heat[mask].sum())
+            if s.at[i, "correct"] or on[i] >= min_on_object:
+                continue
+            score = round(1 - on[i], 4)  # share of evidence off the object
+            if i in out and out[i].score >= score:
+                continue
+            pred = ev.classes[s.at[i, "prediction"]]
+            out[i] = Finding(sample=i, rule="off_object", method=method, score=score,
+                             severity=grade(1 - on[i] / min_on_object, sample_severity) or "low",
+                             bbox=ev.to_file_bbox(i, strongest_off(heat, mask)),
+                             message=(f"Only {on[i]:.0%} of the evidence for '{pred}' lies on the annotated "
+                                      f"object ({mask.mean():.0%} of the image); the rest comes from around it."),
+                             details={"on_object": round(on[i], 4), "object_area": round(float(mask.mean()), 4)})
+        by_class: dict[int, list[float]] = {}
+        for i, v in on.items():
+            by_class.setdefault(int(s.at[i, "prediction"]), []).append(v)
+        for c, values in by_class.items():
+            mean = float(np.mean(values))
+            if len(values) < min_images or mean >= class_min_on_object:
+                continue
+            key = ("class", c)
+            if key in out and out[key].score >= 1 - mean:
+                continue
+            out[key] = ClassFinding(
+                cls=ev.classes[c], rule="off_object", method=method, score=round(1 - mean, 4),
+                share=round(float(np.mean(np.array(values) < min_on_object)), 4),
+                severity="medium" if mean < class_min_on_object / 2 else "low",
+                message=(f"When the model says '{ev.classes[c]}', on average only {mean:.0%} of its evidence lies "
+                         f"on the annotated object; it may be using the background or context instead."),
+                details={"on_object_mean": round(mean, 4), "images": len(values)})
+    return list(out.values())
