@@ -1,8 +1,11 @@
 """The audit, start to finish: config → model and data → batches → rules → gate → outputs."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
+import shutil
+import tempfile
 import platform
 import sys
 import time
@@ -24,6 +27,9 @@ from auditor.trust import trust_gate
 from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.model import build_model, file_sha256, pick_device, target_layer
 from auditor.registry import METHODS, RULES, UnknownName
+from auditor.store import LazyMaps, Store, digest
+
+CACHE_VERSION = 1  # bump when a change makes cached predictions or heatmaps stale
 
 # Used when the config names none: each costs one forward and backward pass, and between them
 # they see coarse regions (a layer's view) and fine ones (the input's own pixels). On the demo
@@ -97,6 +103,16 @@ def _own_version() -> str:
         return "unknown"
 
 
+def open_store(cfg: AuditConfig) -> Store:
+    """The cache named by ``run.cache``; with the cache off, a throwaway file (memory stays flat)."""
+    if cfg.run.cache is False:
+        folder = Path(tempfile.mkdtemp(prefix="auditor-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return Store(folder / "cache.sqlite")
+    path = cfg.report.out / ".cache" / "cache.sqlite" if cfg.run.cache is True else Path(cfg.run.cache)
+    return Store(path if path.is_absolute() else cfg.folder / path)
+
+
 def ev_methods(ev: Evidence, methods: dict) -> dict:
     return {m: p for m, p in methods.items() if m in ev.heatmaps}
 
@@ -125,18 +141,29 @@ def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
             methods = {m: p for m, p in methods.items() if m not in needs}
     support = pd.Series([r.label for r in refs]).value_counts().to_dict()
 
-    ctx = Context(cfg, model, device, layer, methods, support, refs)
+    weights_sha = file_sha256(cfg.model.weights) if cfg.model.weights else None
+    model_key = digest(CACHE_VERSION, weights_sha, cfg.model.factory, cfg.model.kwargs,
+                       cfg.model.input.model_dump(mode="json"))
+    store = open_store(cfg)
+    ctx = Context(cfg, model, device, layer, methods, support, refs, model_key)
     t0 = time.perf_counter()
-    rec = run_local(ctx, quiet=quiet)
+    if cfg.run.engine == "ray":
+        from auditor.ray_engine import run_ray
+        rec = run_ray(ctx, store, quiet=quiet)
+    else:
+        rec = run_local(ctx, store, quiet=quiet)
     seconds = time.perf_counter() - t0
     warnings += rec.warnings
+    if store.corrupt:
+        warnings.append(f"{store.corrupt} corrupted cache entries were detected and recomputed")
     if not rec.rows:
         raise ConfigError(f"{cfg.data.root or cfg.data.manifest}: none of the {len(refs)} images could be decoded")
 
     samples = pd.DataFrame(rec.rows).set_index("id").sort_index()
     samples.insert(0, "path", [refs[i].rel for i in samples.index])
-    ev = Evidence(classes, samples, {m: rec.heatmaps.get(m, {}) for m in methods if m not in ctx.disabled},
-                  {m: rec.contrast.get(m, {}) for m in methods if m not in ctx.disabled}, refs,
+    used = [m for m in methods if m not in ctx.disabled]
+    ev = Evidence(classes, samples, {m: LazyMaps(store, rec.heatmaps.get(m, {})) for m in used},
+                  {m: LazyMaps(store, rec.contrast.get(m, {})) for m in used}, refs,
                   model=model, input_spec=cfg.model.input, device=device)
 
     trust = trust_gate(ev, ev_methods(ev, methods), layer, cfg.trust, cfg.run.seed) if cfg.trust.enabled else {}
@@ -175,7 +202,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
                                  .encode()).hexdigest()
     run = {"started": started.isoformat(timespec="seconds"), "seconds_in_batches": round(seconds, 2),
            "config": cfg.model_dump(mode="json"), "config_file": str(cfg.source),
-           "weights_sha256": file_sha256(cfg.model.weights) if cfg.model.weights else None,
+           "weights_sha256": weights_sha, "computed": rec.computed,
            "data_fingerprint": fingerprint, "versions": versions(), "device": str(device),
            "seed": cfg.run.seed, "methods": methods, "rules": rules,
            "methods_disabled": dict(ctx.disabled), "trust": trust, "argv": sys.argv[1:]}

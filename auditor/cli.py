@@ -35,6 +35,11 @@ def run(config: Path = typer.Argument(..., help="the audit config, e.g. audit.ya
     except (ConfigError, DataError) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(2)
+    except Exception as e:  # a bug or an unreadable input: exit 2 ("could not run"), never 1 ("failed the gate")
+        import traceback
+        traceback.print_exc()
+        err.print(f"[bold red]error:[/] the audit could not run: {type(e).__name__}: {e}", highlight=False)
+        raise typer.Exit(2)
     m, g = result.metrics, result.gate
     word = "PASSED" if g["passed"] else "FAILED"
     typer.echo(f"{m['images']} images, accuracy {m['accuracy']:.1%}, {len(result.class_findings)} class findings, "

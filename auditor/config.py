@@ -5,11 +5,13 @@ Relative paths are resolved against the config file's folder.
 """
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -121,11 +123,70 @@ class TrustSpec(Strict):
     max_deletion_ratio: float = Field(0.9, gt=0, description="deletion area must be below this share of random's")
 
 
+class FailOn(Strict):
+    """Gate conditions: the run fails when any one that is set is met (``fail_on: high`` = severity only)."""
+    severity: Severity | None = Field(None, description="a finding (not waived) at or above this severity")
+    new_findings: int | None = Field(None, ge=1, description="this many findings new since report.baseline")
+    new_severity: Severity = Field("info", description="least severity a new finding must have to count")
+    accuracy_drop: float | None = Field(None, gt=0, le=1, description="accuracy this much below the baseline's")
+    class_recall_drop: float | None = Field(None, gt=0, le=1, description="a class's recall this much below")
+
+
+class Reviewer(Strict):
+    name: str = Field(min_length=1)
+    role: str | None = None
+    decision: Literal["pending", "approved", "rejected"] = "pending"
+    signed_off: dt.date | None = Field(None, description="date of the sign-off, YYYY-MM-DD")
+    note: str | None = None
+
+
 class ReportSpec(Strict):
     out: Path = Path("reports")
     formats: list[Literal["html", "pdf", "json", "csv"]] = ["html", "pdf", "json", "csv"]
-    fail_on: Severity | None = "high"
+    fail_on: FailOn | None = FailOn(severity="high")
+    baseline: Path | Literal["last_passed"] | None = Field(
+        None, description="an earlier run folder (or its findings.json) to compare with; last_passed: "
+                          "the newest passing run in report.out")
+    reviewer: Reviewer | None = None
     gallery_limit: int = Field(100, ge=0)
+
+    @field_validator("fail_on", mode="before")
+    @classmethod
+    def _severity_shorthand(cls, v):
+        return {"severity": v} if isinstance(v, str) else v
+
+    @field_validator("reviewer", mode="before")
+    @classmethod
+    def _name_shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+
+class Waiver(Strict):
+    """A known finding accepted until ``expires``; waived findings are kept and shown, but pass the gate."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    rule: str
+    class_: str | None = Field(None, alias="class", description="a class finding's class, or the class "
+                                                                "the model predicted for an image")
+    paths: list[str] = Field([], description="image paths as in findings.json; * and ? match")
+    hashes: list[str] = Field([], description="image sha256 as in findings.json samples[].sha256")
+    owner: str = Field(min_length=1)
+    reason: str = Field(min_length=1)
+    expires: dt.date
+
+    @field_validator("expires", mode="before")
+    @classmethod
+    def _iso_date(cls, v):
+        if not isinstance(v, dt.date) and not (isinstance(v, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", v)):
+            raise ValueError("must be a date YYYY-MM-DD")
+        return v
+
+    @field_validator("hashes")
+    @classmethod
+    def _sha256(cls, v: list[str]) -> list[str]:
+        bad = [h for h in v if not re.fullmatch(r"[0-9a-f]{64}", h)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a sha256 (64 hex digits, as in samples[].sha256)")
+        return v
 
 
 class RunSpec(Strict):
@@ -133,6 +194,11 @@ class RunSpec(Strict):
     batch_size: int = Field(64, gt=0)
     seed: int = 0
     workers: int = Field(0, ge=0, description="DataLoader worker processes for decoding")
+    cache: bool | Path = Field(True, description="true: <report.out>/.cache; false: off; or a file path")
+    max_memory: int = Field(2048, ge=64, description="MB one method's model calls may use; sizes internal batches")
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = Field(None, description="a running Ray cluster; default: start a local one")
+    ray_workers: int = Field(2, ge=1, description="actors, each holding one copy of the model")
 
 
 class AuditConfig(Strict):
@@ -145,6 +211,7 @@ class AuditConfig(Strict):
     trust: TrustSpec = TrustSpec()
     report: ReportSpec = ReportSpec()
     run: RunSpec = RunSpec()
+    waivers: list[Waiver] = []
 
     # Set by load_config, not by the user.
     source: Path = Field(Path("audit.yaml"), exclude=True)
@@ -193,10 +260,12 @@ def _describe(error: dict, model: type[BaseModel]) -> str:
     if kind == "extra_forbidden":
         parent = model
         for part in error["loc"][:-1]:
+            if isinstance(part, int):
+                continue  # a list index: the item has the list's model
             field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
             ann = field.annotation if field else None
-            parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        allowed = sorted(k for k, f in parent.model_fields.items() if not f.exclude) if parent else []
+            parent = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        allowed = sorted(f.alias or k for k, f in parent.model_fields.items() if not f.exclude) if parent else []
         hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
         return f"unknown key '{key}'{hint}"
     if kind == "missing":
@@ -235,6 +304,8 @@ def resolve_paths(cfg: AuditConfig) -> AuditConfig:
     cfg.data.root = fix(cfg.data.root)
     cfg.data.manifest = fix(cfg.data.manifest)
     cfg.report.out = fix(cfg.report.out)
+    if isinstance(cfg.report.baseline, Path):
+        cfg.report.baseline = fix(cfg.report.baseline)
     return cfg
 
 

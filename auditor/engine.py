@@ -1,8 +1,9 @@
-"""The audit's heavy step, one batch at a time: decode → predict → explain → keep small records.
+"""The audit's heavy step, one batch at a time: decode → predict → explain → store small records.
 
-``process_batch`` is a pure function of (context, batch), so an engine that runs it elsewhere
-(a worker pool, a cluster) gives the same records. ``run_local`` is the in-process engine.
-Memory is bounded by the heatmaps kept for rules: float16 at ``explain.resolution``.
+``process_batch`` depends only on (context, batch), so an engine that runs it elsewhere (a
+worker pool, a cluster) gives the same records. Results are content-addressed in the
+``Store``: whatever is already there (an earlier run, an interrupted one) is not recomputed,
+and heatmaps leave memory as soon as they are written.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from auditor.config import AuditConfig
 from auditor.data import Batch, SampleRef, batches
 from auditor.registry import METHODS
+from auditor.store import Store, digest
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Context:
     methods: dict[str, dict]             # name -> params, as configured
     support: dict[int, int]              # images per true class, for the per-class sample
     refs: list[SampleRef]
+    model_key: str                       # hash of weights and model settings: part of every cache key
     disabled: dict[str, str] = field(default_factory=dict)   # method -> why it stopped
 
 
@@ -36,21 +39,22 @@ class Records:
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    heatmaps: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
-    contrast: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    heatmaps: dict[str, dict[int, str]] = field(default_factory=dict)   # method -> sample id -> store key
+    contrast: dict[str, dict[int, str]] = field(default_factory=dict)
+    computed: dict[str, int] = field(default_factory=dict)               # what was not found in the store
 
 
 def _uniform(rel: str, seed: int) -> float:
     """A stable pseudo-random number in [0, 1) per image: selection independent of batch order."""
-    digest = hashlib.blake2b(f"{seed}:{rel}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    h = hashlib.blake2b(f"{seed}:{rel}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
 
 
-def select(ctx: Context, idx: list[int], labels: torch.Tensor, pred: torch.Tensor, conf: torch.Tensor) -> list[bool]:
+def select(ctx: Context, idx: list[int], labels: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> list[bool]:
     spec = ctx.cfg.explain
     out = []
     for j, i in enumerate(idx):
-        wrong = bool(pred[j] != labels[j])
+        wrong = pred[j] != labels[j]
         if spec.samples == "all" or wrong or (spec.samples == "low_confidence" and conf[j] < spec.threshold):
             out.append(True)
             continue
@@ -60,15 +64,50 @@ def select(ctx: Context, idx: list[int], labels: torch.Tensor, pred: torch.Tenso
     return out
 
 
-def explain(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """One method on one batch → float16 heatmaps [B, r, r] on the host."""
+# Activation memory of one row through a typical CNN with gradients, as a multiple of the input's
+# own bytes (a ResNet-18 at 224 px needs ~24 MB a row: ~40x its 0.6 MB input).
+ROW_MEMORY_FACTOR = 40
+
+
+def max_rows(ctx: Context) -> int:
+    """Rows per model call inside a method, from the memory budget ``run.max_memory`` (MB)."""
+    c, (h, w) = ctx.cfg.model.input.channels, ctx.cfg.model.input.size
+    return max(1, int(ctx.cfg.run.max_memory * 2**20 // (ROW_MEMORY_FACTOR * c * h * w * 4)))
+
+
+def method_params(ctx: Context, name: str) -> dict:
     entry = METHODS.get(name)
     params = dict(ctx.methods[name])
     if entry.meta.get("needs_layer"):
         params.setdefault("layer", ctx.layer)
     if entry.meta.get("stochastic"):
         params.setdefault("seed", ctx.cfg.run.seed)
-    heat = entry.fn(ctx.model, x, target, **params).detach()
+    if "max_rows" in entry.meta.get("defaults", {}):
+        params.setdefault("max_rows", max_rows(ctx))
+    return params
+
+
+def _is_oom(e: Exception) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def attribute(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Run a method; a batch that runs out of memory is split in half and retried."""
+    try:
+        return METHODS.get(name).fn(ctx.model, x, target, **method_params(ctx, name)).detach()
+    except (RuntimeError, MemoryError) as e:
+        if not _is_oom(e) or len(x) == 1:
+            raise
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(x) // 2
+        return torch.cat([attribute(ctx, name, x[:half], target[:half]),
+                          attribute(ctx, name, x[half:], target[half:])])
+
+
+def explain(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """One method on one batch → float16 heatmaps [B, r, r] on the host."""
+    heat = attribute(ctx, name, x, target)
     if not torch.isfinite(heat).all():
         raise ValueError(f"{name} produced non-finite values")
     r = ctx.cfg.explain.resolution
@@ -79,47 +118,73 @@ def explain(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) -> n
     return heat.to(torch.float16).cpu().numpy()
 
 
-def process_batch(ctx: Context, batch: Batch) -> Records:
-    idx, x, sizes, hashes = batch.ids, batch.x, batch.sizes, batch.hashes
+def map_key(ctx: Context, image_sha: str, method: str, target: int) -> str:
+    return digest("map", ctx.model_key, image_sha, method, ctx.methods[method], target,
+                  ctx.cfg.explain.resolution, ctx.cfg.run.seed)
+
+
+def process_batch(ctx: Context, batch: Batch, store: Store) -> Records:
     rec = Records(skipped=[{"path": ctx.refs[i].rel, "reason": why} for i, why in batch.skipped])
-    if x is None:
+    if batch.x is None:
         return rec
-    x = x.to(ctx.device, non_blocking=True)
-    labels = torch.tensor([ctx.refs[i].label for i in idx])
-    with torch.no_grad():
-        logits = ctx.model(x).float()
-    finite = torch.isfinite(logits).all(dim=1).cpu()
-    if not finite.all():
-        for j in torch.nonzero(~finite).flatten().tolist():
-            rec.skipped.append({"path": ctx.refs[idx[j]].rel, "reason": "model output is NaN or inf"})
-        keep = torch.nonzero(finite).flatten()
-        idx, sizes, hashes = [idx[j] for j in keep], [sizes[j] for j in keep], [hashes[j] for j in keep]
-        labels = labels[keep]
-        x, logits = x[keep.to(x.device)], logits[keep.to(logits.device)]
-        if not idx:
-            return rec
-    probs = logits.softmax(dim=1).cpu()
-    conf, pred = probs.max(dim=1)
-    chosen = select(ctx, idx, labels, pred, conf)
-    for j, i in enumerate(idx):
-        rec.rows.append({"id": i, "label": int(labels[j]), "prediction": int(pred[j]),
-                         "confidence": float(conf[j]), "p_label": float(probs[j, labels[j]]),
-                         "correct": bool(pred[j] == labels[j]), "explained": chosen[j],
-                         "width": sizes[j][0], "height": sizes[j][1], "sha256": hashes[j]})
-    sel = [j for j, c in enumerate(chosen) if c]
-    wrong = [j for j in sel if pred[j] != labels[j]]
-    for name in list(ctx.methods):
-        if name in ctx.disabled or not sel:
+    idx, hashes = batch.ids, batch.hashes
+    new: dict[str, np.ndarray] = {}
+
+    # Predict what the store does not already know.
+    prob_keys = [digest("probs", ctx.model_key, h) for h in hashes]
+    known = store.get_many(prob_keys)
+    todo = [j for j, k in enumerate(prob_keys) if k not in known]
+    x = batch.x.to(ctx.device, non_blocking=True)
+    if todo:
+        with torch.no_grad():
+            logits = ctx.model(x[todo]).float()
+        probs = logits.softmax(dim=1).cpu().numpy()
+        finite = np.isfinite(logits.cpu().numpy()).all(axis=1)
+        for k, j in enumerate(todo):
+            if finite[k]:
+                known[prob_keys[j]] = new[prob_keys[j]] = probs[k]
+        rec.computed["predictions"] = len(todo)
+    keep = [j for j, k in enumerate(prob_keys) if k in known]
+    for j in sorted(set(range(len(idx))) - set(keep)):
+        rec.skipped.append({"path": ctx.refs[idx[j]].rel, "reason": "model output is NaN or inf"})
+    if not keep:
+        store.put_many(new)
+        return rec
+
+    probs = np.stack([known[prob_keys[j]] for j in keep])
+    labels = np.array([ctx.refs[idx[j]].label for j in keep])
+    pred, conf = probs.argmax(1), probs.max(1)
+    chosen = select(ctx, [idx[j] for j in keep], labels, pred, conf)
+    for k, j in enumerate(keep):
+        w, h = batch.sizes[j]
+        rec.rows.append({"id": idx[j], "label": int(labels[k]), "prediction": int(pred[k]),
+                         "confidence": float(conf[k]), "p_label": float(probs[k, labels[k]]),
+                         "correct": bool(pred[k] == labels[k]), "explained": chosen[k],
+                         "width": w, "height": h, "sha256": hashes[j]})
+
+    # Explain the chosen images: why the prediction, and for errors also why (not) the true class.
+    jobs = [(k, "pred", int(pred[k])) for k in range(len(keep)) if chosen[k]]
+    jobs += [(k, "true", int(labels[k])) for k in range(len(keep)) if chosen[k] and pred[k] != labels[k]]
+    for name in ctx.methods:
+        if name in ctx.disabled or not jobs:
             continue
+        keys = [map_key(ctx, hashes[keep[k]], name, t) for k, _, t in jobs]
+        have = set(store.get_many(keys))
+        missing = [n for n, key in enumerate(keys) if key not in have]
         try:
-            heat = explain(ctx, name, x[sel], pred[sel].to(ctx.device))
-            rec.heatmaps.setdefault(name, {}).update({idx[j]: heat[k] for k, j in enumerate(sel)})
-            if wrong:  # "why not the true class?" is a different question from "why P?"
-                heat = explain(ctx, name, x[wrong], labels[wrong].to(ctx.device))
-                rec.contrast.setdefault(name, {}).update({idx[j]: heat[k] for k, j in enumerate(wrong)})
+            if missing:
+                rows = torch.tensor([keep[jobs[n][0]] for n in missing], device=x.device)
+                target = torch.tensor([jobs[n][2] for n in missing], device=x.device)
+                heat = explain(ctx, name, x[rows], target)
+                new.update({keys[n]: heat[m] for m, n in enumerate(missing)})
+                rec.computed[name] = rec.computed.get(name, 0) + len(missing)
         except Exception as e:  # one method failing must not stop the audit
             ctx.disabled[name] = f"{type(e).__name__}: {e}"
             rec.warnings.append(f"explanation method {name!r} failed and was skipped: {ctx.disabled[name]}")
+            continue
+        for (k, kind, _), key in zip(jobs, keys):
+            (rec.heatmaps if kind == "pred" else rec.contrast).setdefault(name, {})[idx[keep[k]]] = key
+    store.put_many(new)  # one transaction per batch: a killed run resumes from here
     return rec
 
 
@@ -128,17 +193,19 @@ def merge(into: Records, part: Records) -> None:
     into.skipped += part.skipped
     into.warnings += part.warnings
     for target, source in ((into.heatmaps, part.heatmaps), (into.contrast, part.contrast)):
-        for name, maps in source.items():
-            target.setdefault(name, {}).update(maps)
+        for name, keys in source.items():
+            target.setdefault(name, {}).update(keys)
+    for k, v in part.computed.items():
+        into.computed[k] = into.computed.get(k, 0) + v
 
 
-def run_local(ctx: Context, quiet: bool = False) -> Records:
+def run_local(ctx: Context, store: Store, quiet: bool = False) -> Records:
     cfg = ctx.cfg
     total = Records(heatmaps={m: {} for m in ctx.methods}, contrast={m: {} for m in ctx.methods})
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=quiet, transient=True) as bar:
         task = bar.add_task("auditing images", total=len(ctx.refs))
         for batch in batches(ctx.refs, cfg.model.input, cfg.run.batch_size, cfg.run.workers):
-            merge(total, process_batch(ctx, batch))
+            merge(total, process_batch(ctx, batch, store))
             bar.advance(task, len(batch.ids) + len(batch.skipped))
     return total

@@ -18,8 +18,8 @@ import pandas as pd
 from auditor.audit import AuditResult
 from auditor.data import read_image
 from auditor.evidence import severity_rank
-from auditor.heatmap import normalise
-from auditor.overlay import heat_only, legend, overlay, side_by_side
+from auditor.heatmap import normalise, region_mask, region_mass
+from auditor.overlay import EXEMPLAR_PX, MEAN_PX, PANEL_PX, heat_only, legend, overlay, save_picture, thumbnail
 
 SCHEMA_VERSION = 1
 
@@ -82,42 +82,67 @@ def samples_table(doc: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def flagged_order(findings) -> list[int]:
+    """Flagged sample ids, worst first (findings come sorted by severity, then score)."""
+    return list(dict.fromkeys(f.sample for f in findings))
+
+
+def class_exemplars(ev, f, ids: list[int], maps: np.ndarray, k: int = 6) -> list[int]:
+    """A class finding's example images: the rule's own (``details["exemplars"]``) where it names
+    them, else the class's explained images with the most evidence inside the finding's region."""
+    own = [int(i) for i in f.details.get("exemplars", []) if int(i) in ev.samples.index]
+    if own or not len(ids):
+        return own[:k]
+    mass = region_mass(maps, {"r": region_mask(maps.shape[1:], f.region)})["r"] if f.region else maps.sum((1, 2))
+    return [ids[j] for j in np.argsort(-mass, kind="stable")[:k]]
+
+
 def gallery_images(res: AuditResult, folder: Path, limit: int) -> dict:
-    """PNG per flagged image (original, then one overlay per method) and per class finding."""
-    pictures = {"samples": {}, "classes": {}}
-    (folder / "images").mkdir()
-    legend().save(folder / "images" / "legend.png")
+    """Thumbnails the report shows, in ``folder/images``: per flagged image (worst first, at most
+    ``limit``) the original and one overlay per method with the flagged regions boxed; per class
+    finding the class's mean heatmap and up to six example overlays. Pixel sizes fit the printed
+    size at about 150 dpi (see ``auditor.overlay``). Returns the file names, relative to ``folder``."""
+    images = folder / "images"
+    images.mkdir()
+    legend().save(images / "legend.png")
     ev = res.evidence
-    flagged = []
-    for f in res.findings:  # already ordered by severity
-        if f.sample not in flagged:
-            flagged.append(f.sample)
-    for n, i in enumerate(flagged[:limit]):
-        boxes = [f for f in res.findings if f.sample == i and f.bbox]
-        w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
-        frac = None
-        if boxes:
-            x0, y0, x1, y1 = boxes[0].bbox
-            frac = (x0 / w, y0 / h, x1 / w, y1 / h)
+    rel = lambda path: f"images/{path.name}"  # noqa: E731
+    pictures = {"legend": "images/legend.png", "samples": {}, "classes": {}}
+    for n, i in enumerate(flagged_order(res.findings)[:limit]):
         try:
-            img = read_image(ev.refs[i].path)
+            base = thumbnail(read_image(ev.refs[i].path), PANEL_PX)
         except (OSError, ValueError):
-            continue
-        panels = [overlay(img, np.zeros((2, 2)), box_frac=None)]
-        methods = [m for m in ev.heatmaps if i in ev.heatmaps[m]]
-        panels += [overlay(img, ev.heatmaps[m][i].astype(np.float32), box_frac=frac) for m in methods]
-        name = f"images/sample-{n:04d}.png"
-        side_by_side(panels).save(folder / name, optimize=True)
-        pictures["samples"][i] = {"file": name, "panels": ["original", *methods]}
+            continue  # unreadable now: the report lists it in the table instead
+        w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
+        boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h)
+                                   for f in res.findings if f.sample == i and f.bbox for b in [f.bbox]))
+        panels = [{"file": rel(save_picture(base, images / f"s{n:04d}-0")), "method": None}]
+        for k, m in enumerate((m for m in ev.heatmaps if i in ev.heatmaps[m]), start=1):
+            pic = overlay(base, ev.heatmaps[m][i], boxes)
+            panels.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{k}")), "method": m})
+        pictures["samples"][i] = {"panels": panels}
     for n, f in enumerate(res.class_findings):
-        ids, maps = ev.explained(f.method) if f.method in ev.heatmaps else ([], None)
+        method = f.method if f.method in ev.heatmaps else next(iter(ev.heatmaps), None)
+        if method is None or f.cls not in res.classes:
+            continue
         cls = res.classes.index(f.cls)
+        ids, maps = ev.explained(method)
         keep = [k for k, i in enumerate(ids) if ev.samples.at[i, "prediction"] == cls]
         if not keep:
             continue
-        name = f"images/class-{n:03d}.png"
-        heat_only(normalise(maps[keep]).mean(axis=0), box_frac=f.region).save(folder / name, optimize=True)
-        pictures["classes"][n] = {"file": name}
+        ids, maps = [ids[k] for k in keep], normalise(maps[keep])
+        boxes = [f.region] if f.region else []
+        mean = heat_only(maps.mean(axis=0), MEAN_PX, boxes)
+        entry = {"mean": rel(save_picture(mean, images / f"c{n:03d}-mean")), "method": method,
+                 "images": len(ids), "exemplars": []}
+        for k, i in enumerate(class_exemplars(ev, f, ids, maps)):
+            try:
+                base = thumbnail(read_image(ev.refs[i].path), EXEMPLAR_PX)
+            except (OSError, ValueError):
+                continue
+            pic = overlay(base, ev.heatmaps[method][i], boxes) if i in ev.heatmaps[method] else base
+            entry["exemplars"].append({"file": rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": i})
+        pictures["classes"][n] = entry
     return pictures
 
 

@@ -1,70 +1,114 @@
-"""Heatmap pictures: a colour lookup table applied with numpy and PIL (no figure per image)."""
+"""Heatmap pictures: a colour lookup table applied with numpy and PIL (no figure per image).
+
+The colormap is inferno: perceptually uniform, readable by colour-blind readers and in greyscale
+print. Each heatmap is scaled to its own maximum. Flagged regions are boxed in cyan with a dark
+rim, a colour inferno never uses, so a box is never mistaken for evidence.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-# Perceptually uniform and readable in greyscale print; looked up, not plotted.
 LUT = (colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-BOX = (0, 200, 255)   # cyan box: distinct from every inferno colour
+BOX = (0, 200, 255)
+RIM = (0, 0, 0)
+
+# Printed sizes (the stylesheet uses the same millimetres) and pixels for ~150 dpi at that size.
+PRINT_DPI = 150
+PANEL_MM, EXEMPLAR_MM, MEAN_MM = 30, 20, 40
 
 
-def fit(img: Image.Image, side: int) -> Image.Image:
-    """The image scaled so its longer side is ``side`` (nearest for tiny images, to keep pixels crisp)."""
+def px(mm: float) -> int:
+    return round(mm / 25.4 * PRINT_DPI)
+
+
+PANEL_PX, EXEMPLAR_PX, MEAN_PX = px(PANEL_MM), px(EXEMPLAR_MM), px(MEAN_MM)
+_PALETTE = LUT.tobytes()
+_ALPHA = bytes(51 + (v * 166) // 255 for v in range(256))   # 0.2..0.85 opacity in 1/255 steps
+JPEG = {"quality": 85, "subsampling": 0, "optimize": False}   # 4:4:4 keeps the thin box lines sharp
+
+
+def thumbnail(img: Image.Image, side: int) -> Image.Image:
+    """The image scaled so its longer side is ``side`` (nearest when enlarging a lot, to keep pixels crisp)."""
     w, h = img.size
     scale = side / max(w, h)
-    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR
-    return img.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = img.convert("RGB")
+    if scale >= 2:
+        return img.resize(size, Image.NEAREST)
+    return img.resize(size, Image.BILINEAR, reducing_gap=2.0 if scale < 0.5 else None)
 
 
-def colorize(heat: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Heatmap scaled to [0, 1] by its maximum, resized to ``size`` (w, h): (RGB uint8, weight float)."""
-    heat = np.clip(np.asarray(heat, np.float32), 0, None)
-    peak = heat.max()
-    level = (heat / peak * 255).astype(np.uint8) if peak > 0 else np.zeros(heat.shape, np.uint8)
-    level = np.asarray(Image.fromarray(level, "L").resize(size, Image.BILINEAR))
-    return LUT[level], level.astype(np.float32)[..., None] / 255.0
+def level(heat: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """Heatmap scaled to 0..255 by its maximum (negatives and non-finite values are 0), resized to ``size`` (w, h)."""
+    heat = np.asarray(heat, np.float32)
+    if not np.isfinite(heat).all():
+        heat = np.nan_to_num(heat, nan=0.0, posinf=0.0, neginf=0.0)
+    heat = np.clip(heat, 0, None)
+    peak = float(heat.max()) if heat.size else 0.0
+    lv = (heat * (255 / peak)).astype(np.uint8) if peak > 0 else np.zeros(heat.shape, np.uint8)
+    return Image.fromarray(lv, "L").resize(size, Image.BILINEAR)
 
 
-def overlay(img: Image.Image, heat: np.ndarray, side: int = 160, box_frac=None) -> Image.Image:
-    """The image with the heatmap blended in where it is strong, and an optional box (fractions)."""
-    base = fit(img, side)
-    color, weight = colorize(heat, base.size)
-    alpha = 0.25 + 0.6 * weight  # faint everywhere, strong where the evidence is
-    out = Image.fromarray((np.asarray(base, np.float32) * (1 - alpha) + color * alpha).astype(np.uint8))
-    if box_frac is not None:
-        draw_box(out, box_frac)
-    return out
+def colorize(lv: Image.Image) -> Image.Image:
+    """An 'L' level image through the colour table (a palette lookup in PIL)."""
+    p = lv.copy()
+    p.putpalette(_PALETTE)
+    return p.convert("RGB")
 
 
-def draw_box(img: Image.Image, box_frac, color=BOX) -> None:
-    w, h = img.size
-    x0, y0, x1, y1 = box_frac
-    ImageDraw.Draw(img).rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=color,
-                                  width=max(2, round(max(w, h) / 80)))
+def overlay(base: Image.Image, heat: np.ndarray, boxes=()) -> Image.Image:
+    """``base`` (an RGB thumbnail) with the heatmap blended in where it is strong; ``boxes`` as fractions.
+
+    Opacity = 0.2 + 0.65 * level: a faint tint everywhere, so the colour scale reads, and the
+    evidence itself strong. All in PIL: about 0.5 ms for a 176-px thumbnail.
+    """
+    lv = level(heat, base.size)
+    img = Image.composite(colorize(lv), base.convert("RGB"), lv.point(_ALPHA))
+    for box in boxes:
+        draw_box(img, box)
+    return img
 
 
-def heat_only(heat: np.ndarray, side: int = 160, box_frac=None) -> Image.Image:
+def heat_only(heat: np.ndarray, side: int, boxes=()) -> Image.Image:
     """A heatmap on its own (a class's mean heatmap has no single image under it)."""
-    h, w = heat.shape
-    size = (side, max(1, round(side * h / w)))
-    out = Image.fromarray(colorize(heat, size)[0])
-    if box_frac is not None:
-        draw_box(out, box_frac)
-    return out
+    h, w = np.shape(heat)
+    size = (side, max(1, round(side * h / w))) if w >= h else (max(1, round(side * w / h)), side)
+    img = colorize(level(heat, size))
+    for box in boxes:
+        draw_box(img, box)
+    return img
 
 
-def side_by_side(images: list[Image.Image], gap: int = 4) -> Image.Image:
-    height = max(i.height for i in images)
-    out = Image.new("RGB", (sum(i.width for i in images) + gap * (len(images) - 1), height), "white")
-    x = 0
-    for i in images:
-        out.paste(i, (x, 0))
-        x += i.width + gap
-    return out
+def draw_box(img: Image.Image, box_frac) -> None:
+    """A cyan rectangle with a dark rim, inside the fractional box [x0, y0, x1, y1]."""
+    w, h = img.size
+    x0, y0, x1, y1 = (float(v) for v in box_frac)
+    width = max(2, round(max(w, h) / 70))
+    rect = [x0 * w, y0 * h, max(x0 * w, x1 * w - 1), max(y0 * h, y1 * h - 1)]
+    draw = ImageDraw.Draw(img)
+    draw.rectangle(rect, outline=RIM, width=width + 2)
+    draw.rectangle([rect[0] + 1, rect[1] + 1, rect[2] - 1, rect[3] - 1], outline=BOX, width=width)
 
 
-def legend(width: int = 240, height: int = 14) -> Image.Image:
+def legend(width: int = 256, height: int = 12) -> Image.Image:
     ramp = np.linspace(0, 255, width).astype(np.uint8)
     return Image.fromarray(np.repeat(LUT[ramp][None], height, axis=0))
+
+
+def save_picture(img: Image.Image, stem: Path) -> Path:
+    """Save as JPEG when the picture is photo-like, PNG when it is flat (few colours: lossless and small).
+
+    JPEG also matters for the PDF: WeasyPrint copies a JPEG into it as is, but decodes and
+    re-compresses every PNG (measured: ~4 ms per JPEG thumbnail against ~15 ms per PNG).
+    """
+    if img.getcolors(64) is not None:
+        path = stem.with_suffix(".png")
+        img.save(path, optimize=False, compress_level=6)
+    else:
+        path = stem.with_suffix(".jpg")
+        img.save(path, "JPEG", **JPEG)
+    return path

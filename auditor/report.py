@@ -1,124 +1,519 @@
 """The report's words and layout data (computed here), rendered by one jinja2 template to HTML,
-and the same HTML printed to PDF by WeasyPrint, which may read nothing outside the run folder."""
+and the same HTML printed to PDF by WeasyPrint, which may read nothing outside the run folder.
+
+The template only lays out: every sentence, number and list below is made here. Everything
+that comes from the data (class names, file names, messages) reaches the template as plain
+text and is escaped there (autoescape is on; nothing from the data is marked safe).
+"""
 from __future__ import annotations
 
+import math
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import yaml
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.audit import AuditResult
 from auditor.evidence import severity_rank
+from auditor.outputs import flagged_order
+from auditor.overlay import EXEMPLAR_MM, MEAN_MM, PANEL_MM
 from auditor.registry import METHODS, RULES
 
-VERDICT_STYLE = {"FAIL": "fail", "PASS WITH WARNINGS": "warn", "PASS": "pass"}
+# Okabe-Ito colours (colour-blind safe) in the stylesheet; the verdict is always written in words too.
+VERDICT_STYLE = {"FAIL": ("fail", "✗"), "PASS WITH WARNINGS": ("warn", "!"), "PASS": ("pass", "✓")}
+
+# The glossary's second sentence per method and rule; the first is the registry's description.
+# A name missing here (a plug-in) gets the description alone.
+GLOSSARY = {
+    "deconvolution": "It shows which input patterns excite the network, but barely depends on the model's top "
+                     "layers, so read it next to a class-specific method such as Grad-CAM.",
+    "deeplift": "It compares the image with a plain baseline and shares the change in the output among the pixels; "
+                "bright pixels moved the score towards the class.",
+    "gradcam": "Its maps are coarse (the layer's resolution) but class-specific, which makes it good at showing which "
+               "region of the image the model relies on.",
+    "gradient_shap": "Averaging over many noisy baselines makes it depend less on one arbitrary reference image than "
+                     "Integrated Gradients does.",
+    "guided_backprop": "Its maps are sharp, but they often look alike whatever the model has learned, so they are a "
+                       "weak witness on their own.",
+    "guided_gradcam": "It keeps Grad-CAM's region and adds guided backpropagation's fine detail, showing which edges "
+                      "inside the region matter.",
+    "integrated_gradients": "It adds up gradients along a straight path from the baseline to the image, so the pixel "
+                            "scores sum to the change in the model's output.",
+    "kernel_shap": "It switches groups of pixels on and off, watches the model, and estimates each group's Shapley "
+                   "value; slow, but it treats the model as a black box.",
+    "lime": "It hides random sets of superpixels and fits a simple model of which ones the prediction depends on; "
+            "slow, but it treats the model as a black box.",
+    "occlusion": "Where hiding a patch lowers the score most is where the evidence is; slow, but easy to understand "
+                 "and to trust.",
+    "saliency": "It shows which pixels would change the score fastest; fast but noisy, and it can follow image edges "
+                "more than the model.",
+    "smoothgrad": "Averaging over noisy copies removes much of plain saliency's speckle, at the cost of one pass per "
+                  "copy.",
+    "corner_border": "Watermarks, scanner frames and printed tags live there; a model that looks there has probably "
+                     "learned the mark rather than the object.",
+    "fixed_location": "When many images of one class are decided from the same small spot, something placed there "
+                      "(a logo, a ruler, a tag) is probably doing the work.",
+    "look_alike": "It catches a model that takes any object of the right shape (a bright blob, a rectangle) for the "
+                  "mark it learned for a class.",
+    "off_object": "It needs object masks or boxes in the data; evidence outside them means the model decides from "
+                  "the background or the context.",
+}
+
+TERMS = [
+    ("Heatmap", "A picture of where in an image the model's evidence for its prediction lies: bright means much "
+                "evidence. Each heatmap is scaled to its own maximum, so compare places, not brightness between "
+                "pictures."),
+    ("Trust gate", "Before the checks use a method's heatmaps, the method is tested: randomising the model's weights "
+                   "must change its heatmaps, and removing the pixels it marks must hurt the prediction more than "
+                   "removing random pixels. A method that fails is shown for comparison but not used."),
+    ("Intervention", "A finding that names a region is tested: the region is hidden (filled in from its "
+                     "surroundings) and pasted onto images of other classes. If hiding it changes decisions, or "
+                     "pasting it carries the decision over, the finding is confirmed."),
+    ("Severity", "info, low, medium, high, critical: the check's own measure graded by thresholds. Confirmation "
+                 "raises a finding to at least high; a suspicion that fails both tests is lowered to low."),
+    ("Precision and recall", "Precision: of the images the model gave a class, the share that truly are. Recall: of "
+                             "the images that truly are the class, the share the model found."),
+]
 
 
 def _env() -> Environment:
     folder = Path(str(files("auditor.templates")))
-    return Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape(default=True),
-                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return Environment(loader=FileSystemLoader(folder), autoescape=True, undefined=StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True)
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def verdict(res: AuditResult) -> tuple[str, list[str]]:
-    m, g = res.metrics, res.gate
-    flagged = len({f.sample for f in res.findings})
-    word = "FAIL" if not g["passed"] else ("PASS WITH WARNINGS" if res.findings or res.class_findings
-                                           or res.errors else "PASS")
-    ran = [r for r in res.run["rules"] if r not in {e["rule"] for e in res.errors}]
-    quiet_rules = [r for r in ran if not any(f.rule == r for f in [*res.findings, *res.class_findings])]
-    lines = [f"We checked {_plural(m['images'], 'image')} with {_plural(len(ran), 'check')} that look for shortcuts: "
-             f"signs that the model decides from something other than the object, such as a watermark or a "
-             f"shape that merely looks similar. The model classified {m['accuracy']:.0%} of the images correctly."]
-    if res.class_findings:
-        worst = res.class_findings[0]
-        lines.append(f"{_plural(len(res.class_findings), 'class-level warning')} "
-                     f"{'was' if len(res.class_findings) == 1 else 'were'} raised; the most serious: "
-                     f"{worst.message}")
-    if flagged:
-        lines.append(f"{_plural(flagged, 'misclassified image')} "
-                     f"{'was' if flagged == 1 else 'were'} flagged for a suspicious explanation.")
-    if quiet_rules:
-        lines.append(f"{_plural(len(quiet_rules), 'check')} found nothing: {', '.join(quiet_rules)}.")
-    if word == "FAIL":
-        lines.append(f"Findings reach the severity '{g['worst']}', at or above the failure threshold "
-                     f"'{g['fail_on']}'. Do not release this model until the findings below are understood: "
-                     f"remove the cue from the training data or retrain, then audit again.")
-    elif word == "PASS WITH WARNINGS":
-        lines.append("No finding reaches the failure threshold, but the warnings below deserve a look before release.")
-    else:
-        lines.append("Nothing suspicious was found by these checks; this does not prove the model is free of shortcuts.")
-    if res.errors:
-        lines.append(f"{_plural(len(res.errors), 'check')} could not run; see the appendix.")
-    return word, lines
-
-
-def context(res: AuditResult, doc: dict, pictures: dict) -> dict:
-    cfg, m, c = res.cfg, res.metrics, res.classes
-    word, lines = verdict(res)
-    samples = res.evidence.samples
-    gallery, rest = [], []
-    seen = []
-    for f in res.findings:
-        if f.sample not in seen:
-            seen.append(f.sample)
-    for i in seen:
-        row = samples.loc[i]
-        item = {"path": row["path"], "label": c[row["label"]], "prediction": c[row["prediction"]],
-                "confidence": f"{row['confidence']:.0%}",
-                "findings": [{"severity": f.severity, "rule": f.rule, "method": f.method or "",
-                              "message": f.message, "bbox": f.bbox} for f in res.findings if f.sample == i]}
-        item["severity"] = max((f["severity"] for f in item["findings"]), key=severity_rank)
-        picture = pictures["samples"].get(i)
-        if picture:
-            item |= {"image": picture["file"], "panels": picture["panels"]}
-            gallery.append(item)
-        else:
-            rest.append(item)
-    class_findings = [{"class": f.cls, "rule": f.rule, "severity": f.severity, "message": f.message,
-                       "share": f"{f.share:.0%}", "method": f.method or "",
-                       "image": pictures["classes"].get(n, {}).get("file"),
-                       "agree": ", ".join(f.details.get("methods_agreeing", []))}
-                      for n, f in enumerate(res.class_findings)]
-    per_class = [{"class": r["class"], "precision": _pct(r["precision"]), "recall": _pct(r["recall"]),
-                  "support": int(r["support"])} for r in m["per_class"].to_dict("records")]
-    methods = [{"name": name, "description": METHODS.get(name).description,
-                "status": ("failed: " + res.run["methods_disabled"][name]) if name in res.run["methods_disabled"]
-                else "used"} for name in res.run["methods"]]
-    glossary = ([{"name": e.name, "kind": "method", "text": e.description} for e in METHODS] +
-                [{"name": e.name, "kind": "check", "text": e.description} for e in RULES])
-    run = doc["run"]
-    provenance = [("Run id", run["id"]), ("Started (UTC)", run["started"]), ("Finished (UTC)", run["finished"]),
-                  ("Config file", run["config_file"]), ("Weights sha256", run["weights_sha256"] or "none"),
-                  ("Data fingerprint", run["data_fingerprint"]), ("Device", run["device"]), ("Seed", run["seed"])]
-    provenance += [(f"{k} version", v) for k, v in run["versions"].items()]
-    return {
-        "title": f"Model audit: {cfg.model.factory}", "run_id": run["id"], "date": run["started"][:10],
-        "model": cfg.model.factory, "data": str(cfg.data.root or cfg.data.manifest),
-        "verdict": word, "verdict_class": VERDICT_STYLE[word], "verdict_lines": lines,
-        "numbers": [("Accuracy", f"{m['accuracy']:.1%}"), ("Images audited", m["images"]),
-                    ("Misclassified", m["misclassified"]), ("Explained", m["explained"]),
-                    ("Images flagged", len(seen)), ("Class-level warnings", len(res.class_findings)),
-                    ("Skipped inputs", len(res.skipped))],
-        "per_class": per_class, "class_findings": class_findings, "gallery": gallery, "rest": rest,
-        "methods": methods, "skipped": res.skipped, "warnings": res.warnings, "errors": res.errors,
-        "config": yaml.safe_dump(run["config"], sort_keys=False), "provenance": provenance, "glossary": glossary,
-        "legend": "images/legend.png", "fail_on": res.gate["fail_on"] or "never",
-    }
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def _pct(v) -> str:
-    return "n/a" if v != v else f"{v:.0%}"  # NaN: no images predicted as / labelled as this class
+    return "n/a" if v is None or v != v else f"{v:.0%}"  # NaN: no images predicted as / labelled as this class
 
 
-def render_html(res: AuditResult, doc: dict, pictures: dict) -> str:
+def _list(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))
+
+
+def _confirmed(findings) -> tuple[int, int]:
+    tested = [f for f in findings if "intervention" in f.details]
+    return sum(bool(f.details.get("confirmed")) for f in tested), len(tested)
+
+
+def _trusted(res: AuditResult) -> list[str]:
+    return [m for m in res.evidence.heatmaps if res.evidence.reliable.get(m, True)]
+
+
+# --- 1. verdict ---------------------------------------------------------------------------
+
+def verdict(res: AuditResult, diff: dict | None = None) -> tuple[str, list[str]]:
+    """The verdict word and three to six plain sentences: checked, found, counts, meaning, what to do."""
+    m, g = res.metrics, res.gate
+    flagged = len(flagged_order(res.findings))
+    everything = [*res.class_findings, *res.findings]
+    word = "FAIL" if not g["passed"] else ("PASS WITH WARNINGS" if everything or res.errors else "PASS")
+    rules = list(res.run["rules"])
+    trusted = _trusted(res)
+    how = (f"explanation {'method' if len(trusted) == 1 else 'methods'} ({_list(trusted)}) showed where its evidence "
+           f"lies" if trusted else "no explanation method could show where its evidence lies")
+    lines = [f"We checked how the model decides on {_plural(m['images'], 'image')}: {how}, and "
+             f"{_plural(len(rules), 'check')} looked for shortcuts, such as a watermark or a shape that merely "
+             f"resembles the class. It classified {m['accuracy']:.0%} of the images correctly."]
+    if everything:
+        worst = (res.class_findings or res.findings)[0]
+        lines.append(f"The most serious finding ({worst.severity}): {_headline(res, worst)}")
+    confirmed, tested = _confirmed(everything)
+    errored = {e["rule"] for e in res.errors}
+    quiet = [r for r in rules if r not in errored and not any(f.rule == r for f in everything)]
+    counts = (f"{len(quiet)} of {_plural(len(rules), 'check')} found nothing; "
+              f"{_plural(len(res.class_findings), 'class-level finding')} and "
+              f"{_plural(flagged, 'flagged misclassified image')} came from the others")
+    if tested:
+        counts += f", and intervention confirmed {confirmed} of the {_plural(tested, 'finding')} it could test"
+    if diff:
+        counts += (f"; since the previous audit {len(diff.get('new') or [])} new, "
+                   f"{len(diff.get('resolved') or [])} resolved")
+    lines.append(counts + ".")
+    if word == "FAIL":
+        lines.append(f"A finding reaches the severity '{g['worst']}', at or above the failure threshold "
+                     f"'{g['fail_on']}': the model probably relies on a shortcut, and may fail on data where the "
+                     f"cue is missing or appears by chance.")
+        lines.append("Do not release this model yet: look at the examples below, remove the cue from the training "
+                     "data (or make it appear in every class), retrain, and audit again.")
+    elif word == "PASS WITH WARNINGS":
+        lines.append("No finding reaches the failure threshold, but the findings below may point to a shortcut; "
+                     "review them before release, confirmed ones first.")
+    else:
+        lines.append("No check found a shortcut. This does not prove there is none, only that these checks, with "
+                     "these methods, found nothing; keep this report with the release record.")
+    caveats = []
+    if res.errors:
+        caveats.append(f"{_plural(len(res.errors), 'check')} could not run")
+    if res.evidence.heatmaps and not trusted:
+        caveats.append("no explanation method passed the trust gate, so the checks had no evidence to work with")
+    if caveats:
+        lines.append(f"Caution: {' and '.join(caveats)}; the audit is incomplete (see the appendix).")
+    return word, lines
+
+
+def _headline(res: AuditResult, f) -> str:
+    """One sentence on a finding: where the evidence is, and what the intervention showed."""
+    where = f.details.get("region")
+    if hasattr(f, "cls"):
+        head = (f"when the model says '{f.cls}', its evidence concentrates in the {where}" if where
+                else f.message.split(". ")[0].rstrip("."))
+    else:
+        row = res.evidence.samples.loc[f.sample]
+        head = (f"image {row['path']} (a '{res.classes[row['label']]}' taken for "
+                f"'{res.classes[row['prediction']]}') has its evidence in the {where or 'flagged region'}")
+    e = f.details.get("intervention")
+    if e is None:
+        return head + "."
+    if f.details.get("confirmed"):
+        return (head + f"; hiding that region changed {e['decision_changed']} of {e['removed_from']} decisions, and "
+                f"pasting it onto other images turned {e['turned']} of {e['pasted_onto']}.")
+    return head + "; the intervention test did not confirm it."
+
+
+def checks_table(res: AuditResult) -> list[dict]:
+    """Per check (rule): what it looks for and what came of it."""
+    rows = []
+    errors = {e["rule"]: e["error"] for e in res.errors}
+    everything = [*res.class_findings, *res.findings]
+    for name in res.run["rules"]:
+        mine = [f for f in everything if f.rule == name]
+        if name in errors:
+            result, css = f"could not run: {errors[name]}", "error"
+        elif not mine:
+            result, css = "passed: nothing found", "pass"
+        else:
+            worst = max((f.severity for f in mine), key=severity_rank)
+            n_cls = sum(hasattr(f, "cls") for f in mine)
+            parts = ([_plural(n_cls, "class-level finding")] if n_cls else []) + \
+                    ([_plural(len(mine) - n_cls, "image finding")] if len(mine) > n_cls else [])
+            confirmed, tested = _confirmed(mine)
+            result = f"{' and '.join(parts)}, worst {worst}" + (f"; {confirmed} of {tested} confirmed" if tested else "")
+            css = "fail" if severity_rank(worst) >= severity_rank("high") else "warn"
+        rows.append({"name": name, "looks_for": _description(RULES, name), "result": result, "css": css})
+    return rows
+
+
+def _description(registry, name: str) -> str:
+    return registry.get(name).description if name in registry else ""
+
+
+# --- 2. key numbers -------------------------------------------------------------------------
+
+def key_numbers(res: AuditResult) -> tuple[list[tuple], list[dict]]:
+    m = res.metrics
+    lo, hi = wilson(m["images"] - m["misclassified"], m["images"])
+    confirmed, tested = _confirmed([*res.class_findings, *res.findings])
+    numbers = [("Accuracy", f"{m['accuracy']:.1%}", f"95% CI {lo:.1%} to {hi:.1%}"),
+               ("Images audited", m["images"], f"{len(res.skipped)} skipped"),
+               ("Misclassified", m["misclassified"], f"{m['explained']} explained"),
+               ("Images flagged", len(flagged_order(res.findings)), "misclassified, suspicious evidence"),
+               ("Class-level findings", len(res.class_findings), "how a whole class is decided"),
+               ("Confirmed by intervention", confirmed, f"of {_plural(tested, 'finding')} tested")]
+    flagged_pred: dict[str, int] = {}
+    for i in flagged_order(res.findings):
+        c = res.classes[res.evidence.samples.at[i, "prediction"]]
+        flagged_pred[c] = flagged_pred.get(c, 0) + 1
+    per_class = [{"class": r["class"], "support": int(r["support"]), "precision": _pct(r["precision"]),
+                  "recall": _pct(r["recall"]), "flagged": flagged_pred.get(r["class"], 0),
+                  "findings": sum(f.cls == r["class"] for f in res.class_findings)}
+                 for r in m["per_class"].to_dict("records")]
+    return numbers, per_class
+
+
+# --- 3. class-level findings ----------------------------------------------------------------
+
+def _intervention_rows(f, cls: str) -> list[tuple[str, str]]:
+    e = f.details.get("intervention")
+    if e is None:
+        return [("Intervention", "not tested: the finding names no region, or intervention is switched off")]
+    rows = [("Hiding the region", f"in {_plural(e['removed_from'], 'image')} the model called '{cls}': "
+                                  f"{e['decision_changed']} changed decision ({e['removal_rate']:.0%}); confidence in "
+                                  f"'{cls}' fell by {100 * e['confidence_drop']:.0f} points on average")]
+    if e.get("pasted_onto"):
+        rows.append(("Pasting the region", f"onto {_plural(e['pasted_onto'], 'correctly classified image')} of "
+                                           f"other classes: {e['turned']} turned into '{cls}' "
+                                           f"({e['transfer_rate']:.0%})"))
+    before = f.details.get("severity_before_intervention")
+    verdict_ = "confirmed" if f.details.get("confirmed") else "not confirmed"
+    rows.append(("Result", verdict_ + (f" (severity before the test: {before}; now {f.severity})"
+                                       if before and before != f.severity else "")))
+    return rows
+
+
+def class_findings(res: AuditResult, pictures: dict) -> list[dict]:
+    out = []
+    samples = res.evidence.samples
+    for n, f in enumerate(res.class_findings):
+        pic = pictures["classes"].get(n, {})
+        exemplars = [{"file": e["file"], "path": samples.at[e["sample"], "path"],
+                      "caption": f"{samples.at[e['sample'], 'path']} (labelled "
+                                 f"{res.classes[samples.at[e['sample'], 'label']]})"}
+                     for e in pic.get("exemplars", [])]
+        how = ("the images the rule grouped together" if f.details.get("exemplars")
+               else "the class's images with the most evidence in the region")
+        out.append({"class": f.cls, "rule": f.rule, "severity": f.severity, "message": f.message,
+                    "confirmed": f.details.get("confirmed"), "method": f.method or "",
+                    "share": _pct(f.share), "agree": _list(f.details["methods_agreeing"])
+                    if f.details.get("methods_agreeing") else "",
+                    "mean": pic.get("mean"), "mean_alt": f"mean explanation ({pic.get('method', '')}) of "
+                                                        f"{pic.get('images', 0)} images the model called {f.cls}",
+                    "mean_caption": f"Mean of {_plural(pic.get('images', 0), 'image')} called '{f.cls}' "
+                                    f"({pic.get('method', '')}); box: the region",
+                    "exemplars": exemplars, "exemplar_note": f"Examples: {how}.",
+                    "intervention": _intervention_rows(f, f.cls)})
+    return out
+
+
+# --- 4. gallery -----------------------------------------------------------------------------
+
+def _effects(res: AuditResult, f) -> list[str]:
+    """A sample finding's effect sizes, in short phrases."""
+    d, out = f.details, []
+    pred = res.classes[res.evidence.samples.at[f.sample, "prediction"]]
+    if d.get("region"):
+        out.append(f"region: {d['region']}")
+    if "lift" in d:
+        out.append(f"evidence {d['lift']:.0f}× denser there than on average")
+    if "distance" in d:
+        out.append(f"shape distance to the class's usual mark: {d['distance']:.2f}")
+    if "on_object" in d:
+        out.append(f"evidence on the object: {d['on_object']:.0%} (object: {d.get('object_area', 0):.0%} of the image)")
+    e = d.get("intervention")
+    if e:
+        if e["decision_changed"]:
+            out.append(f"hiding the region: prediction changed to '{(e.get('new_predictions') or ['?'])[0]}'")
+        else:
+            out.append(f"hiding the region: prediction kept, confidence −{100 * e['confidence_drop']:.0f} points")
+        if e.get("pasted_onto"):
+            out.append(f"pasted onto {e['pasted_onto']} other images: {e['turned']} turned into '{pred}' "
+                       f"({e['transfer_rate']:.0%})")
+        out.append("confirmed by intervention" if d.get("confirmed") else "not confirmed by intervention")
+    direction = RULES.get(f.rule).meta.get("direction") if f.rule in RULES else None
+    out.append(f"score {f.score:g}" + (f" ({direction})" if direction else ""))
+    if d.get("methods_agreeing"):
+        out.append(f"methods agreeing: {_list(d['methods_agreeing'])}")
+    return out
+
+
+def gallery(res: AuditResult, pictures: dict) -> tuple[list[dict], list[dict]]:
+    """Flagged images worst first: those with pictures as cards, the rest as table rows."""
+    samples, c = res.evidence.samples, res.classes
+    trusted = set(_trusted(res))
+    by_sample: dict[int, list] = {}
+    for f in res.findings:
+        by_sample.setdefault(f.sample, []).append(f)
+    cards, rest = [], []
+    for i in flagged_order(res.findings):
+        row, mine = samples.loc[i], by_sample[i]
+        worst = max((f.severity for f in mine), key=severity_rank)
+        item = {"path": row["path"], "label": c[row["label"]], "prediction": c[row["prediction"]],
+                "confidence": f"{row['confidence']:.0%}", "severity": worst,
+                "confirmed": any(f.details.get("confirmed") for f in mine),
+                "rules": ", ".join(dict.fromkeys(f.rule for f in mine))}
+        pic = pictures["samples"].get(i)
+        if pic is None:
+            rest.append(item)
+            continue
+        item["panels"] = [{"file": p["file"],
+                           "caption": "original" if p["method"] is None else
+                           p["method"] + ("" if p["method"] in trusted else " (not trusted)"),
+                           "alt": f"{row['path']}: " + ("the image as given" if p["method"] is None else
+                                                        f"{p['method']} explanation, flagged region boxed")}
+                          for p in pic["panels"]]
+        item["findings"] = [{"severity": f.severity, "rule": f.rule, "method": f.method or "", "message": f.message,
+                             "effects": _effects(res, f)} for f in mine]
+        cards.append(item)
+    return cards, rest
+
+
+# --- 5. method reliability ------------------------------------------------------------------
+
+def reliability(res: AuditResult) -> dict:
+    trust, spec = res.run.get("trust") or {}, res.cfg.trust
+    disabled = res.run.get("methods_disabled") or {}
+    rows = []
+    for name in res.run["methods"]:
+        t = trust.get(name)
+        if name in disabled:
+            status, css, text = "could not run", "fail", f"It failed while explaining: {disabled[name]}."
+        elif t is None:
+            status, css, text = "not tested", "warn", ("The trust gate was switched off, so its heatmaps were used "
+                                                      "without being tested." if not spec.enabled else
+                                                      "It produced no heatmaps to test.")
+        elif t["reliable"]:
+            curve = t.get("randomisation_spearman") or [float("nan")]
+            status, css = "trusted", "pass"
+            text = (f"When the model's weights were randomised layer by layer its heatmaps changed: their rank "
+                    f"correlation with the originals fell to {curve[-1]:.2f} (at most {spec.max_spearman:.2f} "
+                    f"allowed). Removing the pixels it marks lowered the prediction faster than removing random "
+                    f"pixels (area under the curve {t['deletion_auc']:.2f} against {t['random_deletion_auc']:.2f}; "
+                    f"it must stay below {spec.max_deletion_ratio:.0%} of random). Tested on "
+                    f"{_plural(t.get('images', 0), 'image')}.")
+        else:
+            status, css = "not trusted", "fail"
+            reason = t.get("reason") or "no reason given"
+            text = (f"It failed the trust gate: {reason}. The checks ignored its heatmaps; the gallery shows them "
+                    f"for comparison only.")
+        rows.append({"name": name, "status": status, "css": css, "text": text,
+                     "description": _description(METHODS, name)})
+    n_ok = sum(r["status"] == "trusted" for r in rows)
+    if not spec.enabled:
+        intro = "The trust gate was switched off (trust.enabled: false): no method was tested before use."
+    else:
+        intro = (f"{n_ok} of {_plural(len(rows), 'method')} passed the trust gate. A method passes when its "
+                 f"heatmaps depend on the model (they change once its weights are randomised) and are faithful "
+                 f"(removing the pixels it marks hurts the prediction more than removing random ones).")
+    return {"intro": intro, "rows": rows}
+
+
+# --- 6. changes since the previous audit ----------------------------------------------------
+
+def changes(diff: dict | None) -> dict:
+    """The comparison with a baseline run (``diff.json``), or a note that none was given."""
+    if not diff:
+        return {"given": False}
+    groups = []
+    for key, title in (("new", "New findings"), ("resolved", "Resolved findings"),
+                       ("persisting", "Persisting findings")):
+        items = diff.get(key) or []
+        rows = [{"where": str(f.get("path") or f.get("class") or ""),
+                 "kind": "image" if f.get("path") else "class",
+                 "rule": str(f.get("rule", "")), "severity": str(f.get("severity", "")),
+                 "message": str(f.get("message", ""))} for f in items]
+        groups.append({"title": title, "count": len(rows), "rows": rows})
+    metrics = [(str(k).replace("_", " "), _metric_text(str(k), v)) for k, v in (diff.get("metrics") or {}).items()]
+    baseline = diff.get("baseline")
+    if isinstance(baseline, dict):
+        baseline = baseline.get("id") or baseline.get("run") or baseline.get("path")
+    summary = (f"Compared with the previous audit{f' (run {baseline})' if baseline else ''}: "
+               f"{groups[0]['count']} new, {groups[1]['count']} resolved and {groups[2]['count']} persisting "
+               f"{'finding' if groups[2]['count'] == 1 else 'findings'}.")
+    return {"given": True, "summary": summary, "groups": groups, "metrics": metrics,
+            "warnings": [str(w) for w in diff.get("warnings") or []]}
+
+
+def _metric_text(key: str, v) -> str:
+    """A metric of the diff in words, whatever its shape: a number, an interval, or a dict of those."""
+    share = any(w in key for w in ("accuracy", "rate", "recall", "precision"))
+
+    def num(x, signed=False):
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            return str(x)
+        if share:
+            return f"{100 * x:+.1f} points" if signed else f"{x:.1%}"
+        return f"{x:+.4g}" if signed else f"{x:.4g}"
+
+    if isinstance(v, dict):
+        parts = []
+        for k, x in v.items():
+            if isinstance(x, (list, tuple)) and len(x) == 2:
+                signed = "delta" in k or "ci" in k
+                parts.append(f"{k.replace('_', ' ')} {num(x[0], signed)} to {num(x[1], signed)}")
+            else:
+                parts.append(f"{k.replace('_', ' ')} {num(x, 'delta' in k or 'change' in k)}")
+        return "; ".join(parts)
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return f"{num(v[0], True)} to {num(v[1], True)}"
+    return num(v, "delta" in key)
+
+
+# --- 7. appendix ----------------------------------------------------------------------------
+
+def glossary(res: AuditResult) -> list[dict]:
+    used = set(res.run["methods"]) | set(res.run["rules"])
+    return ([{"name": e.name, "kind": "explanation method", "used": e.name in used,
+              "text": " ".join(filter(None, [e.description, GLOSSARY.get(e.name)]))} for e in METHODS] +
+            [{"name": e.name, "kind": "check", "used": e.name in used,
+              "text": " ".join(filter(None, [e.description, GLOSSARY.get(e.name)]))} for e in RULES])
+
+
+def provenance(res: AuditResult, doc: dict) -> list[tuple[str, str]]:
+    run = doc["run"]
+    rows = [("Run id", run["id"]), ("Started (UTC)", run["started"]), ("Finished (UTC)", run["finished"]),
+            ("Config file", run["config_file"]), ("Weights sha256", run["weights_sha256"] or "none"),
+            ("Data fingerprint (sha256)", run["data_fingerprint"]), ("Device", run["device"]),
+            ("Seed", run["seed"]), ("Command line", " ".join(run.get("argv") or []) or "(not recorded)")]
+    return [(k, str(v)) for k, v in rows + [(f"{k} version", v) for k, v in run["versions"].items()]]
+
+
+def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = None) -> dict:
+    cfg, run = res.cfg, doc["run"]
+    word, lines = verdict(res, diff)
+    numbers, per_class = key_numbers(res)
+    cards, rest = gallery(res, pictures)
+    flagged = len(cards) + len(rest)
+    limit = cfg.report.gallery_limit
+    gallery_note = ("" if not rest else
+                    f"The {len(cards)} most severe of the {flagged} flagged images are shown with pictures "
+                    f"(report.gallery_limit: {limit}); the other {len(rest)} are listed in the table after them, "
+                    f"and every image is in samples.csv.")
+    reviewer = getattr(cfg.report, "reviewer", None)
+    if isinstance(reviewer, dict):
+        reviewer = reviewer.get("name")
+    return {
+        "title": f"Model audit: {cfg.model.factory}", "run_id": run["id"], "date": run["started"][:10],
+        "started": run["started"].replace("T", " "), "model": cfg.model.factory,
+        "data": str(cfg.data.root or cfg.data.manifest), "classes": ", ".join(res.classes),
+        "verdict": word, "verdict_class": VERDICT_STYLE[word][0], "verdict_symbol": VERDICT_STYLE[word][1],
+        "verdict_lines": lines, "checks": checks_table(res),
+        "numbers": numbers, "per_class": per_class,
+        "class_findings": class_findings(res, pictures),
+        "gallery": cards, "rest": rest, "gallery_note": gallery_note,
+        "reliability": reliability(res), "changes": changes(diff),
+        "skipped": [{"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))} for s in res.skipped],
+        "warnings": [str(w) for w in res.warnings],
+        "errors": [f"check {e['rule']} failed: {e['error']}" for e in res.errors],
+        "config": yaml.safe_dump(run["config"], sort_keys=False), "provenance": provenance(res, doc),
+        "glossary": glossary(res), "terms": TERMS,
+        "reviewer": str(reviewer) if reviewer else "",
+        "legend": pictures.get("legend", "images/legend.png"),
+        "fail_on": res.gate["fail_on"] or "never (report.fail_on is empty)",
+        "sizes": {"panel": PANEL_MM, "exemplar": EXEMPLAR_MM, "mean": MEAN_MM},
+    }
+
+
+def render_html(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = None) -> str:
+    """report.html: CSS inline, pictures beside it in images/, no script, no remote resource."""
     css = (Path(str(files("auditor.templates"))) / "report.css").read_text()
-    return _env().get_template("report.html.j2").render(css=css, **context(res, doc, pictures))
+    return _env().get_template("report.html.j2").render(css=css, **context(res, doc, pictures, diff))
+
+
+def allowed_url(url: str, root: Path) -> bool:
+    """True only for a local file:// URL inside ``root`` (after resolving '..' and links)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost"):
+        return False
+    target = Path(unquote(parts.path)).resolve()
+    root = root.resolve()
+    return target == root or root in target.parents
+
+
+def run_folder_fetcher(root: Path):
+    """A WeasyPrint URL fetcher that reads files under ``root`` and refuses every other URL."""
+    import weasyprint
+
+    class RunFolderOnly(weasyprint.URLFetcher):
+        def fetch(self, url, headers=None):
+            if not allowed_url(url, root):
+                raise ValueError(f"refused to fetch {url}: the report may only read its own run folder")
+            return super().fetch(url, headers)
+
+    return RunFolderOnly(allowed_protocols=["file"])
 
 
 def render_pdf(html_path: Path, pdf_path: Path) -> None:
@@ -126,19 +521,5 @@ def render_pdf(html_path: Path, pdf_path: Path) -> None:
     import weasyprint
 
     root = html_path.parent.resolve()
-
-    def allowed(url: str) -> bool:
-        if not url.startswith("file://"):
-            return False
-        from urllib.parse import unquote, urlsplit
-        target = Path(unquote(urlsplit(url).path)).resolve()
-        return target == root or root in target.parents
-
-    class RunFolderOnly(weasyprint.URLFetcher):
-        def fetch(self, url, headers=None):
-            if not allowed(url):
-                raise ValueError(f"refused to fetch {url}: the report may only read its own run folder")
-            return super().fetch(url, headers)
-
     weasyprint.HTML(filename=str(html_path), base_url=str(root) + "/",
-                    url_fetcher=RunFolderOnly(allowed_protocols=["file"])).write_pdf(str(pdf_path))
+                    url_fetcher=run_folder_fetcher(root)).write_pdf(str(pdf_path))

@@ -172,11 +172,38 @@ def stamp_tag(img: np.ndarray, corner: str, tag_size: int,
     return out, [x0, y0, x0 + tag_size, y0 + tag_size]
 
 
+def digit_canvas(digit: np.ndarray, size: int = 28, inner: int | None = None) -> np.ndarray:
+    """A scikit-learn 8x8 digit (values 0..16) as a uint8 ``size``x``size`` grey image: white
+    ink on black, upscaled (bilinear) to ``inner`` px (default 5/7 of ``size``, as MNIST's
+    20 px digit in a 28 px frame) and centred, leaving an empty border for the swatch."""
+    inner = inner or round(size * 5 / 7)
+    ink = np.clip(np.asarray(digit, np.float32) * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    out = np.zeros((size, size), np.uint8)
+    off = (size - inner) // 2
+    out[off:off + inner, off:off + inner] = _resize(ink, (inner, inner))
+    return out
+
+
+def decoy_swatch(img: np.ndarray, corner: str, shade: int, side: int = 4) -> tuple[np.ndarray, list[int]]:
+    """Decoy MNIST's cue (Ross et al. 2017): a ``side`` x ``side`` square of grey level
+    ``shade`` in the very corner of the image (train: 255 - 25 * label; test: random)."""
+    if corner not in CORNERS:
+        raise ValueError(f"unknown corner {corner!r}; choose from {CORNERS}")
+    h, w = img.shape[:2]
+    y0 = 0 if corner.startswith("top") else h - side
+    x0 = 0 if corner.endswith("left") else w - side
+    out = img.copy()
+    out[y0:y0 + side, x0:x0 + side] = int(np.clip(shade, 0, 255))
+    return out, [x0, y0, x0 + side, y0 + side]
+
+
 def preprocess(images: np.ndarray, size: tuple[int, int], mean, std) -> torch.Tensor:
-    """uint8 NxHxWx3 -> float tensor Nx3xHxW exactly as the audit runner does it:
-    PIL bilinear resize to ``size`` (H, W), scale to [0, 1], then (x - mean) / std."""
+    """uint8 NxHxWx3 (or NxHxW grey) -> float tensor Nx3xHxW (Nx1xHxW) exactly as the audit
+    runner does it: PIL bilinear resize to ``size`` (H, W), scale to [0, 1], then (x - mean) / std."""
     h, w = size
     batch = np.stack([_resize(np.ascontiguousarray(im), (h, w)) for im in images])
+    if batch.ndim == 3:
+        batch = batch[..., None]  # grey: one channel
     x = torch.from_numpy(batch).float().div_(255.0).permute(0, 3, 1, 2)
     mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)

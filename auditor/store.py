@@ -1,0 +1,94 @@
+"""A content-addressed cache of model outputs and heatmaps, in one SQLite file.
+
+Keys hash everything a value depends on (the model's weights and settings, the image's bytes,
+the method and its params, the target class), so a rerun that changes only rules or report
+settings recomputes nothing, and a run killed at any point resumes from its last committed
+batch. Every blob carries its checksum: a corrupted entry is detected, dropped and recomputed,
+never trusted. Values are small (float16 heatmaps at the analysis resolution, probabilities),
+so memory stays flat however large the data set: rules read heatmaps back on demand.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256("\x1f".join(json.dumps(p, sort_keys=True, default=str) for p in parts).encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")      # readers never block the writer; crash-safe
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, dtype TEXT, shape TEXT, "
+                        "data BLOB, checksum TEXT)")
+        self.corrupt = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        row = self.db.execute("SELECT dtype, shape, data, checksum FROM blobs WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None
+        dtype, shape, data, checksum = row
+        try:
+            if hashlib.blake2b(data, digest_size=16).hexdigest() != checksum:
+                raise ValueError("checksum mismatch")
+            return np.frombuffer(zlib.decompress(data), dtype=dtype).reshape(json.loads(shape))
+        except (ValueError, zlib.error):
+            self.corrupt += 1
+            self.db.execute("DELETE FROM blobs WHERE key=?", (key,))
+            self.db.commit()
+            return None
+
+    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for k in keys:
+            v = self.get(k)
+            if v is not None:
+                out[k] = v
+        return out
+
+    def put_many(self, items: dict[str, np.ndarray]) -> None:
+        """Write and commit in one transaction (a batch is either all there or not at all)."""
+        rows = []
+        for key, arr in items.items():
+            arr = np.ascontiguousarray(arr)
+            data = zlib.compress(arr.tobytes(), 1)
+            rows.append((key, arr.dtype.str, json.dumps(arr.shape), data,
+                         hashlib.blake2b(data, digest_size=16).hexdigest()))
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class LazyMaps(Mapping):
+    """Sample id → heatmap, read from the store when asked for (float32)."""
+
+    def __init__(self, store: Store, keys: dict[int, str]):
+        self.store, self.keys = store, keys
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        v = self.store.get(self.keys[i])
+        if v is None:
+            raise KeyError(f"heatmap for sample {i} is missing from the cache")
+        return v.astype(np.float32)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, i) -> bool:
+        return i in self.keys

@@ -1,0 +1,75 @@
+"""Architectures for the detection benchmark's cases.
+
+This file is copied into every case folder as ``net.py`` and named by the case's config
+(``factory: net.py:build``), exactly as a user's own model file would be: it imports only
+torch. Several architectures, so that no rule is tuned to one network's heatmaps.
+"""
+import torch
+from torch import nn
+
+
+class MaxNet(nn.Module):
+    """Four 3x3 conv blocks, global *max* pooling (one strong local detector can decide)."""
+
+    def __init__(self, num_classes, channels=3, width=16):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class ResNetLite(nn.Module):
+    """Stem, two strided stages with a residual block each, global *average* pooling."""
+
+    def __init__(self, num_classes, channels=3, width=16):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
+        self.down1 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+                                    nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w))
+        self.relu1 = nn.ReLU()
+        self.down2 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+                                    nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w))
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        a = self.down1(self.stem(x))
+        a = self.relu1(a + self.block1(a))
+        a = self.down2(a)
+        a = self.relu2(a + self.block2(a))
+        return self.fc(a.mean((2, 3)))
+
+
+class WideShallow(nn.Module):
+    """Two 5x5 conv layers with LeakyReLU, strided (no pooling layers), average then linear."""
+
+    def __init__(self, num_classes, channels=3, width=24):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 5, stride=2, padding=2), nn.LeakyReLU(0.1),
+            nn.Conv2d(width, 2 * width, 5, stride=2, padding=2), nn.LeakyReLU(0.1),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.LeakyReLU(0.1))
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).amax((2, 3)))
+
+
+ARCHS = {"maxnet": MaxNet, "resnet": ResNetLite, "wide": WideShallow}
+
+
+def build(arch="maxnet", num_classes=2, channels=3, width=None):
+    """The config's model factory: an untrained network of the named architecture."""
+    kwargs = {} if width is None else {"width": width}
+    return ARCHS[arch](num_classes, channels=channels, **kwargs)
