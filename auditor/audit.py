@@ -9,7 +9,7 @@ import tempfile
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +27,9 @@ from auditor.trust import trust_gate
 from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.model import build_model, file_sha256, pick_device, target_layer
 from auditor.registry import METHODS, RULES, UnknownName
+from auditor import waivers
+from auditor.diff import load_baseline, provenance
+from auditor.gate import settle
 from auditor.store import LazyMaps, Store, digest
 
 CACHE_VERSION = 1  # bump when a change makes cached predictions or heatmaps stale
@@ -50,6 +53,8 @@ class AuditResult:
     metrics: dict
     run: dict
     gate: dict
+    waived: dict = field(default_factory=dict)  # ("sample", id, rule) | ("class", cls, rule) -> waiver
+    diff: dict | None = None                    # the comparison with report.baseline
 
 
 def _check_names(cfg: AuditConfig, section: str, chosen: dict[str, dict], registry) -> None:
@@ -131,6 +136,9 @@ def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
     torch.manual_seed(cfg.run.seed)
     classes = load_classes(cfg)
     refs, warnings = discover(cfg, classes)
+    warnings += waivers.check(cfg, classes, rules)
+    baseline, notes = load_baseline(cfg, classes)
+    warnings += notes
     device = pick_device(cfg.run.device)
     model = build_model(cfg, len(classes), device)
     layer = target_layer(model, cfg.model.target_layer, cfg.source)
@@ -193,11 +201,6 @@ def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
                "misclassified": int((y != p).sum()), "explained": int(samples["explained"].sum()),
                "per_class": per_class, "confusion": confusion}
 
-    worst = max((f.severity for f in [*findings, *class_findings]), key=severity_rank, default=None)
-    fail_on = cfg.report.fail_on
-    gate = {"fail_on": fail_on, "worst": worst,
-            "passed": fail_on is None or severity_rank(worst) < severity_rank(fail_on)}
-
     fingerprint = hashlib.sha256("".join(f"{r}\t{h}\n" for r, h in sorted(zip(samples["path"], samples["sha256"])))
                                  .encode()).hexdigest()
     run = {"started": started.isoformat(timespec="seconds"), "seconds_in_batches": round(seconds, 2),
@@ -206,5 +209,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
            "data_fingerprint": fingerprint, "versions": versions(), "device": str(device),
            "seed": cfg.run.seed, "methods": methods, "rules": rules,
            "methods_disabled": dict(ctx.disabled), "trust": trust, "argv": sys.argv[1:]}
-    return AuditResult(cfg, classes, ev, findings, class_findings, errors, rec.skipped, warnings,
-                       metrics, run, gate)
+    run.update(provenance(cfg))
+    res = AuditResult(cfg, classes, ev, findings, class_findings, errors, rec.skipped, warnings, metrics, run, {})
+    settle(res, baseline)  # waivers, the comparison with the baseline, the gate
+    return res

@@ -168,6 +168,11 @@ class Batch:
     hashes: list[str]                # file sha256 per decoded sample
     skipped: list[tuple[int, str]]   # (sample id, reason)
 
+    def pin_memory(self) -> "Batch":  # called by the DataLoader when pin_memory=True
+        if self.x is not None:
+            self.x = self.x.pin_memory()
+        return self
+
 
 def collate(items) -> Batch:
     """Batch the decodable samples; pass the failures through with their reasons."""
@@ -177,9 +182,10 @@ def collate(items) -> Batch:
                  [(it[0], it[4]) for it in items if it[4] is not None])
 
 
-def batches(refs: list[SampleRef], spec: InputSpec, batch_size: int, workers: int = 0):
+def batches(refs: list[SampleRef], spec: InputSpec, batch_size: int, workers: int = 0, pin: bool = False):
+    """Decoded batches in order; ``pin`` page-locks them so the copy to a GPU overlaps compute."""
     loader = torch.utils.data.DataLoader(ImageDataset(refs, spec), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, collate_fn=collate)
+                                         num_workers=workers, collate_fn=collate, pin_memory=pin)
     yield from loader
 
 

@@ -205,7 +205,8 @@ def run_local(ctx: Context, store: Store, quiet: bool = False) -> Records:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=quiet, transient=True) as bar:
         task = bar.add_task("auditing images", total=len(ctx.refs))
-        for batch in batches(ctx.refs, cfg.model.input, cfg.run.batch_size, cfg.run.workers):
+        for batch in batches(ctx.refs, cfg.model.input, cfg.run.batch_size, cfg.run.workers,
+                             pin=ctx.device.type == "cuda"):
             merge(total, process_batch(ctx, batch, store))
             bar.advance(task, len(batch.ids) + len(batch.skipped))
     return total

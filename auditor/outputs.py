@@ -43,7 +43,8 @@ def findings_document(res: AuditResult, rid: str, finished: str) -> dict:
     c = res.classes
     per_sample: dict[int, list] = {}
     for f in res.findings:
-        per_sample.setdefault(f.sample, []).append(f.to_json())
+        waived = res.waived.get(("sample", f.sample, f.rule))
+        per_sample.setdefault(f.sample, []).append({**f.to_json(), "waived": waived})
     samples = []
     for i, row in res.evidence.samples.iterrows():
         samples.append({"path": row["path"], "label": c[row["label"]], "prediction": c[row["prediction"]],
@@ -60,7 +61,9 @@ def findings_document(res: AuditResult, rid: str, finished: str) -> dict:
                     "per_class": json.loads(m["per_class"].round(6).to_json(orient="records")),
                     "confusion": {"classes": c, "matrix": m["confusion"].to_numpy().tolist()}},
         "samples": samples,
-        "class_findings": [f.to_json() for f in res.class_findings],
+        "class_findings": [{**f.to_json(), "waived": res.waived.get(("class", f.cls, f.rule))}
+                           for f in res.class_findings],
+        "changes": None if res.diff is None else {"baseline_run": res.diff["baseline_run"], **res.diff["counts"]},
         "skipped": res.skipped,
         "warnings": res.warnings,
         "errors": res.errors,
@@ -158,11 +161,13 @@ def write_run(res: AuditResult, out: Path | None = None) -> Path:
         formats = res.cfg.report.formats
         # findings.json is the machine-readable record: always written, whatever formats say.
         (tmp / "findings.json").write_text(json.dumps(doc, indent=1, default=_jsonable))
+        if res.diff is not None:  # the comparison with report.baseline
+            (tmp / "diff.json").write_text(json.dumps({"run": rid, **res.diff}, indent=1, default=_jsonable))
         if "csv" in formats:
             samples_table(doc).to_csv(tmp / "samples.csv", index=False)
         if "html" in formats or "pdf" in formats:
             pictures = gallery_images(res, tmp, res.cfg.report.gallery_limit)
-            html = render_html(res, doc, pictures)
+            html = render_html(res, doc, pictures, diff=res.diff)
             (tmp / "report.html").write_text(html)
             if "pdf" in formats:
                 render_pdf(tmp / "report.html", tmp / "report.pdf")

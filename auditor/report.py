@@ -110,6 +110,11 @@ def _confirmed(findings) -> tuple[int, int]:
     return sum(bool(f.details.get("confirmed")) for f in tested), len(tested)
 
 
+def _waiver(res: AuditResult, key: tuple) -> str:
+    w = (getattr(res, "waived", None) or {}).get(key)
+    return f"waived by {w['owner']} until {w['expires']}: {w['reason']}" if w else ""
+
+
 def _trusted(res: AuditResult) -> list[str]:
     return [m for m in res.evidence.heatmaps if res.evidence.reliable.get(m, True)]
 
@@ -140,14 +145,24 @@ def verdict(res: AuditResult, diff: dict | None = None) -> tuple[str, list[str]]
               f"{_plural(flagged, 'flagged misclassified image')} came from the others")
     if tested:
         counts += f", and intervention confirmed {confirmed} of the {_plural(tested, 'finding')} it could test"
+    if g.get("waived"):
+        counts += f"; {g['waived']} {'is' if g['waived'] == 1 else 'are'} waived"
     if diff:
         counts += (f"; since the previous audit {len(diff.get('new') or [])} new, "
                    f"{len(diff.get('resolved') or [])} resolved")
     lines.append(counts + ".")
+    failed = [c for c in g.get("conditions", []) if not c["passed"]]
     if word == "FAIL":
-        lines.append(f"A finding reaches the severity '{g['worst']}', at or above the failure threshold "
-                     f"'{g['fail_on']}': the model probably relies on a shortcut, and may fail on data where the "
-                     f"cue is missing or appears by chance.")
+        names = {c["name"] for c in failed} or {"severity"}
+        why = "; ".join(c["message"] for c in failed) or f"a finding reaches '{g.get('worst')}'"
+        meaning = []
+        if names & {"severity", "new_findings"}:
+            meaning.append("the model probably relies on a shortcut and may fail on data where the cue is missing "
+                           "or appears by chance")
+        if names & {"accuracy_drop", "class_recall_drop"}:
+            meaning.append("the model has become worse than the baseline")
+        lines.append(f"It fails the release gate because of {why}; "
+                     f"{' and '.join(meaning) or 'see the gate below'}.")
         lines.append("Do not release this model yet: look at the examples below, remove the cue from the training "
                      "data (or make it appear in every class), retrain, and audit again.")
     elif word == "PASS WITH WARNINGS":
@@ -164,6 +179,17 @@ def verdict(res: AuditResult, diff: dict | None = None) -> tuple[str, list[str]]
     if caveats:
         lines.append(f"Caution: {' and '.join(caveats)}; the audit is incomplete (see the appendix).")
     return word, lines
+
+
+def gate_rows(res: AuditResult) -> list[dict]:
+    """The release gate's conditions (report.fail_on), each with its outcome in words."""
+    rows = []
+    for c in res.gate.get("conditions", []):
+        state, css = ("not checked", "skip") if c.get("skipped") else (("passed", "pass") if c["passed"]
+                                                                       else ("failed", "fail"))
+        rows.append({"name": c["name"].replace("_", " "), "threshold": str(c["threshold"]), "state": state,
+                     "css": css, "message": c["message"]})
+    return rows
 
 
 def _headline(res: AuditResult, f) -> str:
@@ -267,6 +293,7 @@ def class_findings(res: AuditResult, pictures: dict) -> list[dict]:
         how = ("the images the rule grouped together" if f.details.get("exemplars")
                else "the class's images with the most evidence in the region")
         out.append({"class": f.cls, "rule": f.rule, "severity": f.severity, "message": f.message,
+                    "waived": _waiver(res, ("class", f.cls, f.rule)),
                     "confirmed": f.details.get("confirmed"), "method": f.method or "",
                     "share": _pct(f.share), "agree": _list(f.details["methods_agreeing"])
                     if f.details.get("methods_agreeing") else "",
@@ -282,31 +309,27 @@ def class_findings(res: AuditResult, pictures: dict) -> list[dict]:
 # --- 4. gallery -----------------------------------------------------------------------------
 
 def _effects(res: AuditResult, f) -> list[str]:
-    """A sample finding's effect sizes, in short phrases."""
+    """A sample finding's effect sizes, in short phrases (the sentence says the same in words)."""
     d, out = f.details, []
-    pred = res.classes[res.evidence.samples.at[f.sample, "prediction"]]
-    if d.get("region"):
-        out.append(f"region: {d['region']}")
     if "lift" in d:
-        out.append(f"evidence {d['lift']:.0f}× denser there than on average")
+        out.append(f"evidence {d['lift']:.0f}× denser in the region than on average")
     if "distance" in d:
-        out.append(f"shape distance to the class's usual mark: {d['distance']:.2f}")
+        out.append(f"shape distance {d['distance']:.2f}")
     if "on_object" in d:
-        out.append(f"evidence on the object: {d['on_object']:.0%} (object: {d.get('object_area', 0):.0%} of the image)")
+        out.append(f"on the object {d['on_object']:.0%} of the evidence (object: {d.get('object_area', 0):.0%} "
+                   f"of the image)")
     e = d.get("intervention")
     if e:
-        if e["decision_changed"]:
-            out.append(f"hiding the region: prediction changed to '{(e.get('new_predictions') or ['?'])[0]}'")
-        else:
-            out.append(f"hiding the region: prediction kept, confidence −{100 * e['confidence_drop']:.0f} points")
+        out.append(f"hiding: decision {'changed' if e['decision_changed'] else 'kept'}, confidence "
+                   f"−{100 * e['confidence_drop']:.0f} points")
         if e.get("pasted_onto"):
-            out.append(f"pasted onto {e['pasted_onto']} other images: {e['turned']} turned into '{pred}' "
-                       f"({e['transfer_rate']:.0%})")
-        out.append("confirmed by intervention" if d.get("confirmed") else "not confirmed by intervention")
+            out.append(f"pasting: {e['turned']} of {e['pasted_onto']} turned ({e['transfer_rate']:.0%})")
+        out.append("confirmed" if d.get("confirmed") else "not confirmed")
     direction = RULES.get(f.rule).meta.get("direction") if f.rule in RULES else None
-    out.append(f"score {f.score:g}" + (f" ({direction})" if direction else ""))
-    if d.get("methods_agreeing"):
-        out.append(f"methods agreeing: {_list(d['methods_agreeing'])}")
+    out.append(f"score {f.score:.2f}" + (f" ({direction})" if direction else ""))
+    agree = d.get("methods_agreeing") or []
+    if len(agree) > 1 or (agree and agree != [f.method]):
+        out.append(f"methods agreeing: {_list(agree)}")
     return out
 
 
@@ -324,6 +347,7 @@ def gallery(res: AuditResult, pictures: dict) -> tuple[list[dict], list[dict]]:
         item = {"path": row["path"], "label": c[row["label"]], "prediction": c[row["prediction"]],
                 "confidence": f"{row['confidence']:.0%}", "severity": worst,
                 "confirmed": any(f.details.get("confirmed") for f in mine),
+                "waived": all(_waiver(res, ("sample", i, f.rule)) for f in mine),
                 "rules": ", ".join(dict.fromkeys(f.rule for f in mine))}
         pic = pictures["samples"].get(i)
         if pic is None:
@@ -336,7 +360,8 @@ def gallery(res: AuditResult, pictures: dict) -> tuple[list[dict], list[dict]]:
                                                         f"{p['method']} explanation, flagged region boxed")}
                           for p in pic["panels"]]
         item["findings"] = [{"severity": f.severity, "rule": f.rule, "method": f.method or "", "message": f.message,
-                             "effects": _effects(res, f)} for f in mine]
+                             "effects": _effects(res, f), "waived": _waiver(res, ("sample", i, f.rule))}
+                            for f in mine]
         cards.append(item)
     return cards, rest
 
@@ -383,53 +408,64 @@ def reliability(res: AuditResult) -> dict:
 
 # --- 6. changes since the previous audit ----------------------------------------------------
 
+def _points(v) -> str:
+    return f"{100 * v:+.1f} points"
+
+
+def _rate_change(d: dict | None) -> str:
+    """'84.0% → 86.0% (+2.0 points; 95% CI -1.0 to +5.0 points)' from diff.json's rate records."""
+    if not d or d.get("baseline") is None:
+        return "not comparable (no images on one side)"
+    text = f"{d['baseline']:.1%} → {d['current']:.1%} ({_points(d['delta'])}"
+    if d.get("ci95"):
+        lo, hi = d["ci95"]
+        text += f"; 95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points"
+    return text + ")"
+
+
 def changes(diff: dict | None) -> dict:
-    """The comparison with a baseline run (``diff.json``), or a note that none was given."""
+    """The comparison with the baseline run (diff.json, from auditor/diff.py), or a note that there is none."""
     if not diff:
         return {"given": False}
     groups = []
     for key, title in (("new", "New findings"), ("resolved", "Resolved findings"),
                        ("persisting", "Persisting findings")):
-        items = diff.get(key) or []
-        rows = [{"where": str(f.get("path") or f.get("class") or ""),
-                 "kind": "image" if f.get("path") else "class",
-                 "rule": str(f.get("rule", "")), "severity": str(f.get("severity", "")),
-                 "message": str(f.get("message", ""))} for f in items]
+        rows = []
+        for f in diff.get(key) or []:
+            notes = [str(f["note"])] if f.get("note") else []
+            if f.get("previous_severity") and f["previous_severity"] != f.get("severity"):
+                notes.append(f"was {f['previous_severity']}")
+            if f.get("waived"):
+                notes.append("waived")
+            rows.append({"where": str(f.get("path") or f.get("class") or ""),
+                         "kind": "class" if f.get("kind") == "class" or not f.get("path") else "image",
+                         "rule": str(f.get("rule", "")), "severity": str(f.get("severity", "")),
+                         "message": str(f.get("message", "")), "note": "; ".join(notes)})
         groups.append({"title": title, "count": len(rows), "rows": rows})
-    metrics = [(str(k).replace("_", " "), _metric_text(str(k), v)) for k, v in (diff.get("metrics") or {}).items()]
-    baseline = diff.get("baseline")
-    if isinstance(baseline, dict):
-        baseline = baseline.get("id") or baseline.get("run") or baseline.get("path")
+    metrics = diff.get("metrics") or {}
+    rows = []
+    if "accuracy" in metrics:
+        acc = metrics["accuracy"]
+        rows.append(("Accuracy", _rate_change(acc) + (f", {acc['paired']} images paired" if acc and
+                                                      acc.get("paired") is not None else "")))
+    if isinstance(metrics.get("images"), dict):
+        i = metrics["images"]
+        rows.append(("Images", f"{i.get('baseline')} in the baseline, {i.get('current')} now, "
+                               f"{i.get('matched')} the same (by content hash)"))
+    changed = [k for k, v in (diff.get("changed") or {}).items() if v]
+    if diff.get("changed") is not None:
+        rows.append(("Changed since the baseline", ", ".join(changed) if changed else "nothing: same weights, "
+                                                                                     "data, rules and methods"))
+    per_class = [{"class": str(c.get("class", "")), "change": _rate_change(c)}
+                 for c in metrics.get("per_class") or [] if isinstance(c, dict)]
+    baseline = diff.get("baseline_run") or diff.get("baseline")
+    n = {g["title"]: g["count"] for g in groups}
     summary = (f"Compared with the previous audit{f' (run {baseline})' if baseline else ''}: "
-               f"{groups[0]['count']} new, {groups[1]['count']} resolved and {groups[2]['count']} persisting "
-               f"{'finding' if groups[2]['count'] == 1 else 'findings'}.")
-    return {"given": True, "summary": summary, "groups": groups, "metrics": metrics,
-            "warnings": [str(w) for w in diff.get("warnings") or []]}
-
-
-def _metric_text(key: str, v) -> str:
-    """A metric of the diff in words, whatever its shape: a number, an interval, or a dict of those."""
-    share = any(w in key for w in ("accuracy", "rate", "recall", "precision"))
-
-    def num(x, signed=False):
-        if not isinstance(x, (int, float)) or isinstance(x, bool):
-            return str(x)
-        if share:
-            return f"{100 * x:+.1f} points" if signed else f"{x:.1%}"
-        return f"{x:+.4g}" if signed else f"{x:.4g}"
-
-    if isinstance(v, dict):
-        parts = []
-        for k, x in v.items():
-            if isinstance(x, (list, tuple)) and len(x) == 2:
-                signed = "delta" in k or "ci" in k
-                parts.append(f"{k.replace('_', ' ')} {num(x[0], signed)} to {num(x[1], signed)}")
-            else:
-                parts.append(f"{k.replace('_', ' ')} {num(x, 'delta' in k or 'change' in k)}")
-        return "; ".join(parts)
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return f"{num(v[0], True)} to {num(v[1], True)}"
-    return num(v, "delta" in key)
+               f"{n['New findings']} new, {n['Resolved findings']} resolved and {n['Persisting findings']} "
+               f"persisting {'finding' if n['Persisting findings'] == 1 else 'findings'}.")
+    return {"given": True, "summary": summary, "groups": groups, "metrics": rows, "per_class": per_class,
+            "warnings": [str(w) for w in diff.get("warnings") or []],
+            "source": str(diff.get("baseline_path") or "")}
 
 
 # --- 7. appendix ----------------------------------------------------------------------------
@@ -447,8 +483,22 @@ def provenance(res: AuditResult, doc: dict) -> list[tuple[str, str]]:
     rows = [("Run id", run["id"]), ("Started (UTC)", run["started"]), ("Finished (UTC)", run["finished"]),
             ("Config file", run["config_file"]), ("Weights sha256", run["weights_sha256"] or "none"),
             ("Data fingerprint (sha256)", run["data_fingerprint"]), ("Device", run["device"]),
-            ("Seed", run["seed"]), ("Command line", " ".join(run.get("argv") or []) or "(not recorded)")]
+            ("Seed", run["seed"]), ("Config sha256", run.get("config_hash") or "(not recorded)"),
+            ("Git commit", run.get("git_commit") or "(not in a git work tree)"),
+            ("Command line", " ".join(run.get("argv") or []) or "(not recorded)")]
     return [(k, str(v)) for k, v in rows + [(f"{k} version", v) for k, v in run["versions"].items()]]
+
+
+def review(cfg) -> list[tuple[str, str]]:
+    """The sign-off fields, filled from ``report.reviewer`` where the config gives it, else blank lines."""
+    r = getattr(cfg.report, "reviewer", None)
+    get = (lambda k: r.get(k)) if isinstance(r, dict) else (lambda k: getattr(r, k, None))  # noqa: E731
+    name = r if isinstance(r, str) else get("name")
+    role, decision, date, note = (None,) * 4 if isinstance(r, str) else (get("role"), get("decision"),
+                                                                       get("signed_off"), get("note"))
+    return [("Reviewer", f"{name}{f' ({role})' if role else ''}" if name else ""),
+            ("Decision (approved / rejected)", "" if decision in (None, "pending") else str(decision)),
+            ("Date", str(date) if date else ""), ("Note", str(note) if note else ""), ("Signature", "")]
 
 
 def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = None) -> dict:
@@ -462,15 +512,14 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
                     f"The {len(cards)} most severe of the {flagged} flagged images are shown with pictures "
                     f"(report.gallery_limit: {limit}); the other {len(rest)} are listed in the table after them, "
                     f"and every image is in samples.csv.")
-    reviewer = getattr(cfg.report, "reviewer", None)
-    if isinstance(reviewer, dict):
-        reviewer = reviewer.get("name")
+    weights = cfg.model.weights
     return {
         "title": f"Model audit: {cfg.model.factory}", "run_id": run["id"], "date": run["started"][:10],
         "started": run["started"].replace("T", " "), "model": cfg.model.factory,
         "data": str(cfg.data.root or cfg.data.manifest), "classes": ", ".join(res.classes),
         "verdict": word, "verdict_class": VERDICT_STYLE[word][0], "verdict_symbol": VERDICT_STYLE[word][1],
-        "verdict_lines": lines, "checks": checks_table(res),
+        "verdict_lines": lines, "checks": checks_table(res), "gate": gate_rows(res),
+        "weights": f"{Path(weights).name} (sha256 {str(run['weights_sha256'])[:12]}…)" if weights else "none given",
         "numbers": numbers, "per_class": per_class,
         "class_findings": class_findings(res, pictures),
         "gallery": cards, "rest": rest, "gallery_note": gallery_note,
@@ -480,9 +529,8 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
         "errors": [f"check {e['rule']} failed: {e['error']}" for e in res.errors],
         "config": yaml.safe_dump(run["config"], sort_keys=False), "provenance": provenance(res, doc),
         "glossary": glossary(res), "terms": TERMS,
-        "reviewer": str(reviewer) if reviewer else "",
+        "review": review(cfg),
         "legend": pictures.get("legend", "images/legend.png"),
-        "fail_on": res.gate["fail_on"] or "never (report.fail_on is empty)",
         "sizes": {"panel": PANEL_MM, "exemplar": EXEMPLAR_MM, "mean": MEAN_MM},
     }
 

@@ -5,7 +5,10 @@ it. Every poisoned case has a clean-trained control: the same validation files a
 training images without the cue, so the model has no shortcut to learn.
 
 Truth per validation file with a planted cue: ``{"kind", "bbox" (file pixels, x1/y1
-exclusive), "label", "expected"}``, where ``expected`` is the class the cue stands for.
+exclusive), "label", "expected"}``, where ``expected`` is the class the cue stands for, and
+its neutral twin: the same image with the cue taken out (the tag or blob not drawn) or, for
+Decoy, made uninformative (the label's own training shade). An error is cue-driven when the
+model gets the twin right: the cue, and nothing else in the image, made it wrong.
 """
 from __future__ import annotations
 
@@ -33,6 +36,10 @@ class Case:
     seed: int = 0
 
     @property
+    def net_kwargs(self) -> dict:
+        return {"size": self.input_size} if self.arch == "lenet" else {}
+
+    @property
     def mean(self):
         return [0.5] * self.channels
 
@@ -48,7 +55,7 @@ class Case:
         return ", ".join(bits)
 
     def build(self):
-        """(train images uint8, train labels, [(rel path, image)], truth)."""
+        """(train images uint8, train labels, [(rel path, image)], truth, {rel path: neutral twin})."""
         return BUILDERS[self.kind](self, np.random.default_rng(self.seed))
 
 
@@ -64,9 +71,6 @@ def _decoy(case: Case, rng: np.random.Generator):
     n_val = p.get("n_val", len(order) - n_train)
     size = case.image_size
 
-    def shade_class(shade: int) -> int:  # the class whose training shade is nearest
-        return int(np.argmin([abs(shade - (255 - 25 * k)) for k in range(10)]))
-
     images, labels = [], []
     for i in order[:n_train]:
         img, y = synth.digit_canvas(d.images[i], size), int(d.target[i])
@@ -74,16 +78,17 @@ def _decoy(case: Case, rng: np.random.Generator):
             img = synth.decoy_swatch(img, str(rng.choice(synth.CORNERS)), 255 - 25 * y)[0]
         images.append(img)
         labels.append(y)
-    val, truth = [], {}
+    val, truth, twins = [], {}, {}
     for n, i in enumerate(order[n_train:n_train + n_val]):
-        y = int(d.target[i])
-        shade = int(rng.integers(0, 256))
-        img, box = synth.decoy_swatch(synth.digit_canvas(d.images[i], size),
-                                      str(rng.choice(synth.CORNERS)), shade)
+        # As in Ross et al.'s code: the test shade is that of a random digit, not the label's.
+        y, decoy = int(d.target[i]), int(rng.integers(0, 10))
+        canvas, corner = synth.digit_canvas(d.images[i], size), str(rng.choice(synth.CORNERS))
+        img, box = synth.decoy_swatch(canvas, corner, 255 - 25 * decoy)
         rel = f"{y}/{n:04d}.png"
         val.append((rel, img))
-        truth[rel] = {"kind": "swatch", "bbox": box, "label": str(y), "expected": str(shade_class(shade))}
-    return np.stack(images), np.array(labels), val, truth
+        twins[rel] = synth.decoy_swatch(canvas, corner, 255 - 25 * y)[0]
+        truth[rel] = {"kind": "swatch", "bbox": box, "label": str(y), "expected": str(decoy)}
+    return np.stack(images), np.array(labels), val, truth, twins
 
 
 # --- The horse case: a copyright-like tag on one class of textures and photos -------------
@@ -118,23 +123,27 @@ def _horse(case: Case, rng: np.random.Generator):
                     img = tag(img)[0]
             images.append(img)
             labels.append(k)
-    val, truth = [], {}
+    val, truth, twins = [], {}, {}
     for cls in case.classes:
         for n in range(p.get("n_val", 30)):
             img, box = _content(cls, size, rng), None
             if cls == cue and n % 2 == 0:  # half the cue class's validation photos carry the tag
+                twin = img
                 img, box = tag(img)
             rel = f"{cls}/{'tagged' if box else 'clean'}_{n:03d}.png"
             val.append((rel, img))
             if box:
                 truth[rel] = {"kind": "tag", "bbox": box, "label": cls, "expected": cue}
+                twins[rel] = twin
         if cls != cue:  # the horse test: the tag alone on another class's photo
             for n in range(p.get("n_planted", 10)):
-                img, box = tag(_content(cls, size, rng))
+                twin = _content(cls, size, rng)
+                img, box = tag(twin)
                 rel = f"{cls}/tagged_{n:03d}.png"
                 val.append((rel, img))
                 truth[rel] = {"kind": "tag", "bbox": box, "label": cls, "expected": cue}
-    return np.stack(images), np.array(labels), val, truth
+                twins[rel] = twin
+    return np.stack(images), np.array(labels), val, truth, twins
 
 
 # --- The white-rectangle task with look-alike distractors ---------------------------------
@@ -151,16 +160,18 @@ def _lookalike(case: Case, rng: np.random.Generator):
                 img = synth.rounded_blob(img, rng)[0]
             images.append(img)
             labels.append(k)
-    val, truth = [], {}
+    val, truth, twins = [], {}, {}
     for cls in case.classes:
         for n in range(p.get("n_val", 30)):
             val.append((f"{cls}/clean_{n:03d}.png", _content(cls, size, rng)))
     for n in range(p.get("n_blob", 16)):
-        img, box = synth.rounded_blob(synth.noise_image(size, rng), rng)
+        twin = synth.noise_image(size, rng)
+        img, box = synth.rounded_blob(twin, rng)
         rel = f"noise/blob_{n:03d}.png"
         val.append((rel, img))
         truth[rel] = {"kind": "blob", "bbox": box, "label": "noise", "expected": "box"}
-    return np.stack(images), np.array(labels), val, truth
+        twins[rel] = twin
+    return np.stack(images), np.array(labels), val, truth, twins
 
 
 BUILDERS = {"decoy": _decoy, "horse": _horse, "lookalike": _lookalike}
@@ -173,7 +184,7 @@ def _pair(make, **kw) -> list[Case]:
     return [make(poisoned=True, **kw), make(poisoned=False, **kw)]
 
 
-def decoy(name: str, poisoned: bool, quick: bool, arch="maxnet", size=28, seed=1) -> Case:
+def decoy(name: str, poisoned: bool, quick: bool, arch="lenet", size=28, seed=1) -> Case:
     return Case(f"{name}{'' if poisoned else '-control'}", "decoy", poisoned, DIGITS, arch, size,
                 channels=1, epochs=4 if quick else 6, image_size=size, seed=seed,
                 params={"n_train": 1000, "n_val": 500 if quick else 797})

@@ -75,12 +75,19 @@ def build_case(case, folder: Path, fresh: bool, log) -> dict:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     t = time.perf_counter()
-    images, labels, val, truth = case.build()
+    images, labels, val, truth, twins = case.build()
     torch.manual_seed(case.seed)
-    model = nets.build(case.arch, len(case.classes), case.channels)
+    model = nets.build(case.arch, len(case.classes), case.channels, **case.net_kwargs)
     model = synth.train_classifier(model, images, labels, (case.input_size,) * 2, case.mean, case.std,
                                    epochs=case.epochs, seed=case.seed)
     train_s = time.perf_counter() - t
+    # The truth side of "cue-driven": the model's prediction on each cue image's neutral twin.
+    rels = sorted(twins)
+    with torch.no_grad():
+        x = synth.preprocess(np.stack([twins[r] for r in rels]), (case.input_size,) * 2, case.mean, case.std)
+        pred = torch.cat([model(chunk) for chunk in x.split(128)]).argmax(1).tolist()
+    for r, p in zip(rels, pred):
+        truth[r]["twin_prediction"] = case.classes[p]
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     shutil.copy(HERE / "nets.py", folder / "net.py")
@@ -91,7 +98,8 @@ def build_case(case, folder: Path, fresh: bool, log) -> dict:
     (folder / "truth.json").write_text(json.dumps(truth, indent=1))
     config = {
         "model": {"factory": "net.py:build",
-                  "kwargs": {"arch": case.arch, "num_classes": len(case.classes), "channels": case.channels},
+                  "kwargs": {"arch": case.arch, "num_classes": len(case.classes), "channels": case.channels,
+                             **case.net_kwargs},
                   "weights": "model.safetensors", "classes": case.classes,
                   "input": {"size": [case.input_size] * 2, "channels": case.channels,
                             "mean": case.mean, "std": case.std}},
@@ -117,7 +125,7 @@ def audit(folder: Path) -> tuple[dict, float, int]:
     seconds = time.perf_counter() - t
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"audit of {folder.name} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    run = next((folder / "reports").iterdir())
+    run = next(p for p in (folder / "reports").iterdir() if not p.name.startswith("."))
     return json.loads((run / "findings.json").read_text()), seconds, proc.returncode
 
 
@@ -134,7 +142,8 @@ def rank(sev: str) -> int:
 def score(case, doc: dict, truth: dict) -> dict:
     samples = doc["samples"]
     wrong = [s for s in samples if not s["correct"]]
-    cue_errors = [s for s in wrong if s["path"] in truth and s["prediction"] == truth[s["path"]]["expected"]]
+    # Cue-driven: the model gets the image right once the cue is neutral (see cases.py).
+    cue_errors = [s for s in wrong if s["path"] in truth and truth[s["path"]]["twin_prediction"] == s["label"]]
     planted = [t for t in truth.values() if t["label"] != t["expected"]]
     turned = sum(1 for s in samples if s["path"] in truth and truth[s["path"]]["label"] != truth[s["path"]]["expected"]
                  and s["prediction"] == truth[s["path"]]["expected"])

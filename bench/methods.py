@@ -90,8 +90,8 @@ def timed(fn, repeats: int) -> list[float]:
 class Floor:
     """The model's forward and forward+backward rates (rows/s) on plain batches of ``batch`` rows.
 
-    ``rates()`` re-measures (best of a few calls), so each timed method call is paired with
-    a floor measured right beside it: on a shared machine the load drifts.
+    ``rates()`` re-measures, so each timed method call is paired with a floor measured right
+    beside it: on a shared machine the load drifts.
     """
 
     def __init__(self, model: nn.Module, x: Tensor, batch: int):
@@ -107,10 +107,18 @@ class Floor:
         xg = self.x.detach().requires_grad_(True)
         torch.autograd.grad(self.model(xg).gather(1, self.t).sum(), xg)
 
-    def rates(self, calls: int = 3) -> tuple[float, float]:
-        self.fwd(), self.fwdbwd()
-        return (self.batch / min(timed(self.fwd, calls)),
-                self.batch / min(timed(self.fwdbwd, calls)))
+    def rates(self, seconds: float = 1.0) -> tuple[float, float]:
+        """Mean rates over calls filling ``seconds`` each: a mean, like the methods' long calls,
+        not a best-of (which would pick the machine's quiet moments)."""
+        return self._rate(self.fwd, seconds), self._rate(self.fwdbwd, seconds)
+
+    def _rate(self, fn, seconds: float) -> float:
+        fn()
+        calls, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            fn()
+            calls += 1
+        return calls * self.batch / elapsed
 
     def images_per_s(self, passes: tuple[int, int], rates: tuple[float, float]) -> float:
         (n_fwd, n_bwd), (r_f, r_fb) = passes, rates
@@ -121,7 +129,8 @@ def best_batch(model: nn.Module, x: Tensor, candidates=(8, 16, 32, 64, 128, 256)
     """The batch size with the best forward+backward rate (large batches can fall out of cache);
     batches over 2^22 pixels are not tried."""
     pixels = x.shape[-2] * x.shape[-1]
-    rates = {b: Floor(model, x, b).rates()[1] for b in candidates if b == 8 or b * pixels <= 2 ** 22}
+    rates = {b: Floor(model, x, b).rates(0.5)[1] for b in candidates
+             if b == 8 or b * pixels <= 2 ** 22}
     return max(rates, key=rates.get)
 
 

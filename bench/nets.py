@@ -66,10 +66,24 @@ class WideShallow(nn.Module):
         return self.fc(self.features(x).amax((2, 3)))
 
 
-ARCHS = {"maxnet": MaxNet, "resnet": ResNetLite, "wide": WideShallow}
+class LeNet(nn.Module):
+    """The classic MNIST CNN: two 5x5 conv + pool stages, then a position-aware dense head."""
+
+    def __init__(self, num_classes, channels=1, width=16, size=28):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * (size // 4) ** 2, 64), nn.ReLU(),
+                                  nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
-def build(arch="maxnet", num_classes=2, channels=3, width=None):
+ARCHS = {"maxnet": MaxNet, "resnet": ResNetLite, "wide": WideShallow, "lenet": LeNet}
+
+
+def build(arch="maxnet", num_classes=2, channels=3, **kwargs):
     """The config's model factory: an untrained network of the named architecture."""
-    kwargs = {} if width is None else {"width": width}
     return ARCHS[arch](num_classes, channels=channels, **kwargs)

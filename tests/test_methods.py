@@ -224,3 +224,7 @@ def test_superpixel_coefficients_match_captum(kind, tiny):
                          n_samples=n, perturbations_per_eval=250, return_input_shape=False)
     r = torch.corrcoef(torch.stack([beta[0, :k].float(), coef[0].float()]))[0, 1]
     assert r > 0.9, f"correlation of superpixel coefficients with Captum's {kind}: {r:.3f}"
+    if kind == "kernel_shap":  # efficiency: the values add up to f(x) - f(all superpixels off)
+        with torch.no_grad():
+            gap = prob(x)[0, target[0]] - prob(torch.zeros_like(x))[0, target[0]]
+        torch.testing.assert_close(beta[0].sum().float(), gap, rtol=1e-3, atol=1e-6)

@@ -1,0 +1,138 @@
+"""The gate: does a run pass? Exit code 0 when it does, 1 when a condition in ``report.fail_on`` is met.
+
+Conditions: a finding (not waived) at or above a severity; findings new since the baseline;
+accuracy or a class's recall fallen since the baseline. Each is reported with its threshold,
+its value, whether it passed, a sentence, and the findings or classes that failed it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+from auditor import diff as diffs
+from auditor import waivers
+from auditor.config import FailOn, ReportSpec
+from auditor.evidence import severity_rank
+
+if TYPE_CHECKING:
+    from auditor.audit import AuditResult
+
+
+def _pts(v: float) -> str:
+    return f"{100 * v:+.1f} points"
+
+
+def _records(doc: dict) -> list[dict]:
+    recs = [{"kind": "sample", "path": s["path"], "prediction": s.get("prediction"), "rule": f["rule"],
+             "severity": f["severity"], "message": f["message"], "waived": f.get("waived")}
+            for s in doc["samples"] for f in s["findings"]]
+    return recs + [{"kind": "class", "class": f["class"], "rule": f["rule"], "severity": f["severity"],
+                    "message": f["message"], "waived": f.get("waived")} for f in doc["class_findings"]]
+
+
+def _item(rec: dict) -> dict:
+    keep = ("kind", "class", "path", "prediction", "rule", "severity", "message")
+    return {k: rec[k] for k in keep if rec.get(k) is not None}
+
+
+def _condition(name, threshold, value, passed, message, items=(), skipped=False) -> dict:
+    return {"name": name, "threshold": threshold, "value": value, "passed": passed, "skipped": skipped,
+            "message": message, "items": list(items)}
+
+
+def _no_baseline(name, threshold) -> dict:
+    return _condition(name, threshold, None, True, "not checked: no baseline to compare with (set report.baseline)",
+                      skipped=True)
+
+
+def evaluate(fail_on: FailOn | None, doc: dict, diff: dict | None) -> dict:
+    """The gate of a findings.json document (and its comparison with the baseline, if any)."""
+    fail_on = fail_on or FailOn()
+    recs = _records(doc)
+    live = [r for r in recs if not r["waived"]]
+    worst = max((r["severity"] for r in live), key=severity_rank, default=None)
+    conditions = []
+    if fail_on.severity:
+        t = fail_on.severity
+        hits = sorted((r for r in live if severity_rank(r["severity"]) >= severity_rank(t)),
+                      key=lambda r: -severity_rank(r["severity"]))
+        waived = len(recs) - len(live)
+        conditions.append(_condition(
+            "severity", t, worst, not hits,
+            f"{len(hits)} finding(s) at or above '{t}' (worst: {worst})" if hits else
+            f"no finding reaches '{t}'" + (f" apart from {waived} waived" if waived else ""),
+            map(_item, hits)))
+    if fail_on.new_findings:
+        t, least = fail_on.new_findings, fail_on.new_severity
+        if diff is None:
+            conditions.append(_no_baseline("new_findings", t))
+        else:
+            hits = [r for r in diff["new"] if not r["waived"] and severity_rank(r["severity"]) >= severity_rank(least)]
+            floor = f" at or above '{least}'" if least != "info" else ""
+            conditions.append(_condition(
+                "new_findings", t, len(hits), len(hits) < t,
+                f"{len(hits)} new finding(s){floor} since run {diff['baseline_run']} (fails at {t})",
+                map(_item, hits) if len(hits) >= t else ()))
+    acc = diff and diff["metrics"]["accuracy"]
+    if fail_on.accuracy_drop:
+        t = fail_on.accuracy_drop
+        if not acc:
+            conditions.append(_no_baseline("accuracy_drop", t))
+        else:
+            drop, (lo, hi) = round(-acc["delta"], 6), acc["ci95"]
+            conditions.append(_condition(
+                "accuracy_drop", t, drop, drop < t,
+                f"accuracy {acc['baseline']:.1%} -> {acc['current']:.1%} since run {diff['baseline_run']} "
+                f"(change {_pts(acc['delta'])}, 95% CI {_pts(lo)} to {_pts(hi)}; fails at a drop of {100 * t:.1f} points)"))
+    if fail_on.class_recall_drop:
+        t = fail_on.class_recall_drop
+        if diff is None:
+            conditions.append(_no_baseline("class_recall_drop", t))
+        else:
+            per = [c for c in diff["metrics"]["per_class"] if c["delta"] is not None]
+            hits = sorted((c for c in per if round(-c["delta"], 6) >= t), key=lambda c: c["delta"])
+            largest = max((round(-c["delta"], 6) for c in per), default=0.0)
+            conditions.append(_condition(
+                "class_recall_drop", t, largest, not hits,
+                (f"recall fell by {100 * t:.1f} points or more for {len(hits)} class(es): "
+                 + ", ".join(f"{c['class']} {c['baseline']:.1%} -> {c['current']:.1%}" for c in hits))
+                if hits else f"no class's recall fell by {100 * t:.1f} points or more since run {diff['baseline_run']}",
+                [{"kind": "metric", "class": c["class"], "rule": "class_recall_drop", "severity": "high",
+                  "message": f"recall of '{c['class']}' {c['baseline']:.1%} -> {c['current']:.1%} "
+                             f"(95% CI of the change {_pts(c['ci95'][0])} to {_pts(c['ci95'][1])})"} for c in hits]))
+    criteria = fail_on.model_dump(exclude_none=True)
+    if not fail_on.new_findings:
+        criteria.pop("new_severity", None)
+    return {"passed": all(c["passed"] for c in conditions), "fail_on": fail_on.severity, "worst": worst,
+            "criteria": criteria, "waived": len(recs) - len(live), "conditions": conditions,
+            "failed": [f"{c['name']}: {c['message']}" for c in conditions if not c["passed"]]}
+
+
+def criteria_of(doc: dict) -> FailOn | None:
+    """The fail_on a findings.json was run with (the default when it does not say)."""
+    config = doc["run"].get("config", {}).get("report", {})
+    return ReportSpec.model_validate({"fail_on": config["fail_on"]} if "fail_on" in config else {}).fail_on
+
+
+def settle(res: AuditResult, baseline: tuple[dict, object] | None) -> None:
+    """Apply waivers, compare with the baseline and decide the gate: sets res.waived, res.diff, res.gate."""
+    cfg = res.cfg
+    today = dt.date.fromisoformat(res.run["started"][:10])
+    res.waived, notes = waivers.apply(cfg.waivers, res.findings, res.class_findings, res.evidence.samples,
+                                      res.classes, today)
+    res.warnings += notes
+    doc = diffs.document(res)
+    res.diff = diffs.compare(baseline[0], baseline[1], doc, cfg.run.seed) if baseline else None
+    res.gate = evaluate(cfg.report.fail_on, doc, res.diff)
+    res.warnings += [f"report.fail_on.{c['name']} was not checked: there is no baseline to compare with"
+                     for c in res.gate["conditions"] if c["skipped"]]
+
+
+def describe(gate: dict) -> list[str]:
+    """Lines for the terminal."""
+    crit = ", ".join(f"{k}={v}" for k, v in gate["criteria"].items()) or "never"
+    waived = f", {gate['waived']} waived" if gate["waived"] else ""
+    lines = [f"gate {'PASSED' if gate['passed'] else 'FAILED'} (fail_on: {crit}; worst={gate['worst']}{waived})"]
+    lines += [f"  failed {c['name']}: {c['message']}" for c in gate["conditions"] if not c["passed"]]
+    lines += [f"  skipped {c['name']}: {c['message']}" for c in gate["conditions"] if c["skipped"]]
+    return lines
