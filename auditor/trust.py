@@ -5,6 +5,11 @@
   model is random explains the input's edges, not the model, and fails.
 - Deletion (Petsiuk et al. 2018): remove pixels from most to least relevant and follow the
   class probability; the area under that curve must be clearly below that of a random order.
+  The random order removes random *blobs* (a smoothed noise field, ranked), not scattered
+  pixels: scattered holes are a texture no image has, which breaks a CNN's prediction at
+  once and made every method look worse than chance (ROAD, Rong et al. 2022, on why the
+  shape of what is removed matters). Ties in a heatmap (Grad-CAM's zeros) go in the same
+  random-blob order.
 A failing method is marked unreliable; rules then ignore its heatmaps.
 """
 from __future__ import annotations
@@ -13,6 +18,7 @@ import copy
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
 from scipy.stats import rankdata
 
 from auditor.config import TrustSpec
@@ -57,13 +63,22 @@ def randomisation(name, params, model, layer, x, target, seed: int) -> list[floa
     return curve
 
 
+def random_blobs(b: int, h: int, w: int, seed: int) -> np.ndarray:
+    """[b, h*w] smooth random fields (Gaussian-filtered noise, blobs ~1/8 of the side)."""
+    rng = np.random.default_rng(seed)
+    sigma = max(h, w) / 16
+    return np.stack([gaussian_filter(rng.standard_normal((h, w)), sigma, mode="wrap").ravel() for _ in range(b)])
+
+
 @torch.no_grad()
 def deletion(model, x, target, heat: np.ndarray, steps: int, seed: int) -> tuple[float, float]:
     """Area under the probability curve as pixels are removed by relevance, and in a random order."""
     b, c, h, w = x.shape
-    order = np.argsort(-heat.reshape(b, -1), axis=1)
-    rng = np.random.default_rng(seed)
-    rand_order = np.stack([rng.permutation(h * w) for _ in range(b)])
+    field = random_blobs(b, h, w, seed)
+    flat = heat.reshape(b, -1)
+    # Most relevant first; equal relevance (e.g. Grad-CAM's zeros) in random-blob order.
+    order = np.stack([np.lexsort((-field[k], -flat[k])) for k in range(b)])
+    rand_order = np.argsort(-field, axis=1)
     aucs = []
     for o in (order, rand_order):
         curve = []
@@ -78,10 +93,28 @@ def deletion(model, x, target, heat: np.ndarray, steps: int, seed: int) -> tuple
     return aucs[0], aucs[1]
 
 
+def test_images(samples, n: int, seed: int) -> list[int]:
+    """Up to n explained images spread over the predicted classes, misclassified ones first in
+    each class (they are what the sample-level rules read), in a seeded order."""
+    rng = np.random.default_rng(seed)
+    pools = []
+    for _, rows in samples[samples["explained"]].groupby("prediction"):
+        ids = rows.index.to_numpy()
+        wrong = ids[~rows["correct"].to_numpy()]
+        right = ids[rows["correct"].to_numpy()]
+        pools.append([int(i) for i in (*rng.permutation(wrong), *rng.permutation(right))])
+    out = []
+    while len(out) < n and any(pools):  # round robin over the classes
+        for pool in pools:
+            if pool and len(out) < n:
+                out.append(pool.pop(0))
+    return sorted(out)
+
+
 def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) -> dict[str, dict]:
     """Run both tests on a few explained images; return per-method results with ``reliable``."""
     s = ev.samples
-    ids = [i for i in s.index[s["explained"]]][: spec.images]
+    ids = test_images(s, spec.images, seed)
     if not ids:
         return {}
     x = torch.stack([to_model_input(read_image(ev.refs[i].path), ev.input_spec) for i in ids]).to(ev.device)

@@ -145,7 +145,8 @@ def test_quadrant_sanity(entry):
     model = QuadrantNet().eval()
     x = torch.rand(2, 3, 32, 32) * 0.5 - 1.0
     x[..., :16, :16] += 2.0  # a bright quadrant (positive evidence; SLIC follows its edge)
-    params = fast_params(entry, **{"n_samples": 64} if "n_segments" in entry.meta["defaults"] else {})
+    surrogate = "n_segments" in entry.meta["defaults"]
+    params = fast_params(entry, **{"n_samples": 64} if surrogate else {})
     h = call(entry, model, x, torch.zeros(2, dtype=torch.long), model.gate, **params)
     inside = h[:, :16, :16].sum((1, 2)) / h.sum((1, 2))
     assert (inside > 0.8).all(), f"share of heatmap mass in the quadrant: {inside.tolist()}"

@@ -31,7 +31,7 @@ from auditor.registry import METHODS
 
 def register(name: str, passes: Callable[[dict, tuple[int, int] | None], tuple[int, int]],
              **meta) -> Callable[[Callable], Callable]:
-    """``METHODS.register`` plus ``passes`` (filled with the function's defaults) and ``defaults``."""
+    """``METHODS.register`` plus ``passes`` (filled with the function's defaults), ``defaults``."""
 
     def decorate(fn: Callable) -> Callable:
         defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
@@ -160,7 +160,11 @@ def single_use(name: str, model: nn.Module, types: tuple[type, ...], why: str) -
     """
     calls: dict[str, int] = {}
     forwards = [0]
-    handles = [model.register_forward_pre_hook(lambda m, i: forwards.__setitem__(0, forwards[0] + 1))]
+
+    def count_forward(module, inputs) -> None:
+        forwards[0] += 1
+
+    handles = [model.register_forward_pre_hook(count_forward)]
     for mod_name, mod in model.named_modules():
         if isinstance(mod, types) and mod is not model:
             calls[mod_name] = 0

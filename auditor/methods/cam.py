@@ -11,7 +11,8 @@ def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
                target: Tensor) -> Tensor:
     """ReLU(sum_k mean(dy/dA_k) A_k) at ``layer``, bilinearly upsampled to [B, H, W]."""
     if not isinstance(layer, nn.Module):
-        raise ValueError(f"{name} needs layer= (an nn.Module of the model), got {type(layer).__name__}")
+        raise ValueError(f"{name} needs layer= (an nn.Module of the model), "
+                         f"got {type(layer).__name__}")
     with quiet():
         cam = LayerGradCam(model, layer).attribute(x.detach(), target=target,
                                                    relu_attributions=True)
@@ -24,7 +25,10 @@ def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
 
 @register("gradcam", needs_layer=True, passes=lambda p, hw: (1, 1))
 def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None = None) -> Tensor:
-    """Grad-CAM: feature maps weighted by their mean gradient, ReLU, bilinear upsampling (Selvaraju et al. 2017)."""
+    """Grad-CAM: layer maps weighted by their mean gradient, ReLU, bilinear upsampling.
+
+    Selvaraju et al. 2017, through Captum's LayerGradCam on ``layer``.
+    """
     target = check_inputs("gradcam", x, target)
     return finish("gradcam", _layer_cam("gradcam", model, layer, x, target))
 

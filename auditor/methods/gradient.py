@@ -32,7 +32,8 @@ def saliency(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 def _noisy_gradients(name: str, model: nn.Module, x: Tensor, target: Tensor, n: int,
                      seed: int, max_rows: int, draw, points_of) -> Tensor:
     """Mean over n seeded draws per image of the target logit's gradient at the points
-    ``points_of(x_rows, image_index, draws) -> (points, factor)``, times ``factor`` (|grad| if None)."""
+    ``points_of(x_rows, image_index, draws) -> (points, factor)``, times ``factor``
+    (|grad| if factor is None)."""
     if n < 1:
         raise ValueError(f"{name}: n_samples must be >= 1, got {n}")
     total = torch.zeros_like(x)
@@ -143,7 +144,7 @@ def gradient_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 
 
 @register("guided_backprop", passes=lambda p, hw: (1, 1))
 def guided_backprop(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    """Guided backpropagation: gradients with negative signals cut at each nn.ReLU, |.| max over channels.
+    """Guided backprop: gradient with negative signals cut at each nn.ReLU, |.| max over channels.
 
     Works with in-place and reused nn.ReLU modules (the guided rule uses only each call's own
     input gradient); functional F.relu is not hooked and acts as a plain ReLU gradient.
@@ -156,7 +157,9 @@ def guided_backprop(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 @register("deconvolution", passes=lambda p, hw: (1, 1))
 def deconvolution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    """Deconvolution (Zeiler & Fergus): ReLU backward passes only positive gradients, |.| max over channels.
+    """Deconvolution: ReLUs pass back only positive gradients, |.| max over channels.
+
+    Zeiler & Fergus 2014.
 
     Refuses a reused nn.ReLU module: Captum keeps one output gradient per module.
     """

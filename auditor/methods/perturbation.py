@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from auditor.methods._common import check_inputs, finish, pos_sum, quiet, register, rows_per_call
 
 
-def _window(hw: tuple[int, int], window: float, stride: float) -> tuple[tuple[int, int], tuple[int, int]]:
+def _window(hw: tuple[int, int], window: float, stride: float) -> tuple[tuple, tuple]:
     """Window and stride in pixels from fractions of the image side and of the window."""
     win = tuple(min(s, max(1, round(s * window))) for s in hw)
     step = tuple(max(1, round(w * stride)) for w in win)
@@ -27,7 +27,7 @@ def _n_windows(hw: tuple[int, int], window: float, stride: float) -> int:
           passes=lambda p, hw: (1 + _n_windows(hw or (224, 224), p["window"], p["stride"]), 0))
 def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: float = 0.125,
               stride: float = 0.5, max_rows: int = 256) -> Tensor:
-    """Occlusion: drop of the target logit when a patch is set to the mean (0), positive channel sum.
+    """Occlusion: drop of the target logit when a patch is set to the mean (0), positive part.
 
     Window = ``window`` x the image side (1/8: 8 px at 64, 28 px at 224), stride = ``stride`` x
     the window; each pixel averages the windows covering it (Captum's Occlusion). Forwards

@@ -129,7 +129,8 @@ def superpixel_fit(kind: str, model: nn.Module, x: Tensor, target: Tensor, n_sam
             logits = model(x[img] * mask.to(x.dtype))
             score = logits.float().softmax(1) if output == "prob" else logits.float()
             y[start:stop] = score.gather(1, target[img, None])[:, 0].double()
-    valid = torch.arange(kmax, device=x.device)[None] < torch.tensor(counts, device=x.device)[:, None]
+    counts_t = torch.tensor(counts, device=x.device)
+    valid = torch.arange(kmax, device=x.device)[None] < counts_t[:, None]
     beta = _weighted_ridge(Z.double(), y.view(B, n), w, valid,
                            alpha if kind == "lime" else SHAP_RIDGE)
     return beta, seg
@@ -160,7 +161,9 @@ def lime(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 256,
 def kernel_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 256,
                 n_segments: int = 50, compactness: float = 20.0, segmentation: str = "slic",
                 output: str = "prob", seed: int = 0, max_rows: int = 256) -> Tensor:
-    """KernelSHAP on superpixels: Shapley-kernel regression over on/off superpixels (Lundberg & Lee 2017).
+    """KernelSHAP on superpixels: Shapley-kernel regression over on/off superpixels.
+
+    Lundberg & Lee 2017.
 
     Full and empty coalitions enter with weight 1e6 (as Captum), the rest are sampled by the
     Shapley kernel's size distribution in complementary pairs with weight 1; n_samples counts all.
