@@ -137,9 +137,21 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         if len(members) > spec.class_images:
             members = sorted(tester.rng.choice(members, spec.class_images, replace=False).tolist())
         if not members:
+            _untested(f, f"the model classifies no '{f.cls}' image correctly, so there is nothing to remove "
+                         f"the region from")
             continue
         effect = tester.test(members, cls, tuple(f.region))
         _apply(f, effect, f.cls, spec)
+
+
+def _untested(f, why: str) -> None:
+    """A suspicion with a region that could not be put to the test stays a suspicion: at most 'low'."""
+    f.details["intervention"] = {"skipped": why}
+    f.details["confirmed"] = None
+    f.details["severity_before_intervention"] = f.severity
+    if severity_rank(f.severity) > severity_rank("low"):
+        f.severity = "low"
+    f.message += f" Not tested by intervention: {why}."
 
 
 def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec) -> None:

@@ -135,12 +135,14 @@ def verdict(res: AuditResult, diff: dict | None = None) -> tuple[str, list[str]]
              f"{_plural(len(rules), 'check')} looked for shortcuts, such as a watermark or a shape that merely "
              f"resembles the class. It classified {m['accuracy']:.0%} of the images correctly."]
     if everything:
-        worst = (res.class_findings or res.findings)[0]
+        worst = max(everything, key=lambda f: (severity_rank(f.severity), hasattr(f, "cls")))  # class on ties
         lines.append(f"The most serious finding ({worst.severity}): {_headline(res, worst)}")
     confirmed, tested = _confirmed(everything)
     errored = {e["rule"] for e in res.errors}
     quiet = [r for r in rules if r not in errored and not any(f.rule == r for f in everything)]
-    counts = (f"{len(quiet)} of {_plural(len(rules), 'check')} found nothing; "
+    counts = ((f"All {_plural(len(rules), 'check')} found nothing" if len(quiet) == len(rules) else
+               f"{len(quiet)} of {_plural(len(rules), 'check')} found nothing") if not everything else
+              f"{len(quiet)} of {_plural(len(rules), 'check')} found nothing; "
               f"{_plural(len(res.class_findings), 'class-level finding')} and "
               f"{_plural(flagged, 'flagged misclassified image')} came from the others")
     if tested:
@@ -163,8 +165,12 @@ def verdict(res: AuditResult, diff: dict | None = None) -> tuple[str, list[str]]
             meaning.append("the model has become worse than the baseline")
         lines.append(f"It fails the release gate because of {why}; "
                      f"{' and '.join(meaning) or 'see the gate below'}.")
-        lines.append("Do not release this model yet: look at the examples below, remove the cue from the training "
-                     "data (or make it appear in every class), retrain, and audit again.")
+        if names & {"severity", "new_findings"}:
+            lines.append("Do not release this model yet: look at the examples below, remove the cue from the "
+                         "training data (or make it appear in every class), retrain, and audit again.")
+        else:
+            lines.append("Do not release this model yet: find out why it became worse than the baseline "
+                         "(section 6), fix it, and audit again.")
     elif word == "PASS WITH WARNINGS":
         lines.append("No finding reaches the failure threshold, but the findings below may point to a shortcut; "
                      "review them before release, confirmed ones first.")
@@ -174,10 +180,12 @@ def verdict(res: AuditResult, diff: dict | None = None) -> tuple[str, list[str]]
     caveats = []
     if res.errors:
         caveats.append(f"{_plural(len(res.errors), 'check')} could not run")
-    if res.evidence.heatmaps and not trusted:
+    if not res.cfg.trust.enabled:
+        caveats.append("the trust gate was switched off, so no explanation method was tested before use")
+    elif res.evidence.heatmaps and not trusted:
         caveats.append("no explanation method passed the trust gate, so the checks had no evidence to work with")
     if caveats:
-        lines.append(f"Caution: {' and '.join(caveats)}; the audit is incomplete (see the appendix).")
+        lines.append(f"Caution: {' and '.join(caveats)}; the audit is incomplete (see sections 5 and 7).")
     return word, lines
 
 
@@ -228,7 +236,8 @@ def checks_table(res: AuditResult) -> list[dict]:
             parts = ([_plural(n_cls, "class-level finding")] if n_cls else []) + \
                     ([_plural(len(mine) - n_cls, "image finding")] if len(mine) > n_cls else [])
             confirmed, tested = _confirmed(mine)
-            result = f"{' and '.join(parts)}, worst {worst}" + (f"; {confirmed} of {tested} confirmed" if tested else "")
+            result = f"{' and '.join(parts)}, worst {worst}"
+            result += f"; {confirmed} of {tested} confirmed" if tested else ""
             css = "fail" if severity_rank(worst) >= severity_rank("high") else "warn"
         rows.append({"name": name, "looks_for": _description(RULES, name), "result": result, "css": css})
     return rows
@@ -269,7 +278,8 @@ def _intervention_rows(f, cls: str) -> list[tuple[str, str]]:
         return [("Intervention", "not tested: the finding names no region, or intervention is switched off")]
     rows = [("Hiding the region", f"in {_plural(e['removed_from'], 'image')} the model called '{cls}': "
                                   f"{e['decision_changed']} changed decision ({e['removal_rate']:.0%}); confidence in "
-                                  f"'{cls}' fell by {100 * e['confidence_drop']:.0f} points on average")]
+                                  f"'{cls}' {'fell' if e['confidence_drop'] >= 0 else 'rose'} by "
+                                  f"{abs(100 * e['confidence_drop']):.0f} points on average")]
     if e.get("pasted_onto"):
         rows.append(("Pasting the region", f"onto {_plural(e['pasted_onto'], 'correctly classified image')} of "
                                            f"other classes: {e['turned']} turned into '{cls}' "
@@ -321,7 +331,7 @@ def _effects(res: AuditResult, f) -> list[str]:
     e = d.get("intervention")
     if e:
         out.append(f"hiding: decision {'changed' if e['decision_changed'] else 'kept'}, confidence "
-                   f"−{100 * e['confidence_drop']:.0f} points")
+                   f"{-100 * e['confidence_drop']:+.0f} points")
         if e.get("pasted_onto"):
             out.append(f"pasting: {e['turned']} of {e['pasted_onto']} turned ({e['transfer_rate']:.0%})")
         out.append("confirmed" if d.get("confirmed") else "not confirmed")

@@ -6,7 +6,8 @@ Each size is a synthetic AuditResult (``synthetic_result`` below: photo-like 96-
 disk, two methods' heatmaps, a corner finding with intervention effects on every flagged
 image, two class findings, trust results) rendered the way ``write_run`` renders a run:
 pictures (``gallery_images``), report.html (``render_html``), report.pdf (``render_pdf``).
-Times are medians over ``--repeats`` renders into fresh folders; sizes are report.html plus
+Times are medians over ``--repeats`` renders into fresh folders (wall clock, and the PDF's CPU
+time too, which a busy shared machine disturbs less); sizes are report.html plus
 images/, and report.pdf. The gallery holds at most ``--limit`` images (report.gallery_limit,
 default 100), the rest go to a table; ``--all`` adds a row with every flagged image in the
 gallery (limit = size), the worst case.
@@ -59,7 +60,8 @@ def _heat(rng: np.random.Generator, box, res: int = 64) -> np.ndarray:
 def _effect(rng, n_from: int, cls: str) -> dict:
     changed = int(rng.integers(max(1, n_from // 2), n_from + 1))
     turned = int(rng.integers(10, 40))
-    return {"removed_from": n_from, "decision_changed": changed, "confidence_drop": round(float(rng.uniform(.3, .99)), 4),
+    return {"removed_from": n_from, "decision_changed": changed,
+            "confidence_drop": round(float(rng.uniform(.3, .99)), 4),
             "new_predictions": ["grass"] * min(changed, 5), "pasted_onto": 40, "turned": turned,
             "transfer_rate": round(turned / 40, 4), "removal_rate": round(changed / n_from, 4), "fill": "inpaint"}
 
@@ -188,9 +190,10 @@ def render(res: AuditResult, out: Path, diff: dict | None = None) -> dict[str, f
     t1 = time.perf_counter()
     (out / "report.html").write_text(render_html(res, doc, pictures, diff))
     t2 = time.perf_counter()
+    c2 = time.process_time()
     render_pdf(out / "report.html", out / "report.pdf")
     t3 = time.perf_counter()
-    return {"images": t1 - t0, "html": t2 - t1, "pdf": t3 - t2}
+    return {"images": t1 - t0, "html": t2 - t1, "pdf": t3 - t2, "pdf_cpu": time.process_time() - c2}
 
 
 def _mb(path: Path) -> float:
@@ -211,36 +214,53 @@ def overlay_ms(n: int = 500) -> float:
     return 1000 * statistics.median(times)
 
 
+def _png_only(img: Image.Image, stem: Path) -> Path:
+    """What every picture would cost as PNG (for --png): WeasyPrint re-encodes each one."""
+    img.save(stem.with_suffix(".png"), compress_level=6)
+    return stem.with_suffix(".png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 200, 1000])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=100, help="report.gallery_limit")
     ap.add_argument("--all", action="store_true", help="also render the largest size with every image in the gallery")
+    ap.add_argument("--png", action="store_true", help="also render the 200 case with every picture saved as PNG")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(2)
     from pypdf import PdfReader
 
-    cases = [(n, min(n, args.limit)) for n in args.sizes]
+    from auditor import outputs
+    from auditor.overlay import save_picture
+
+    import weasyprint
+    weasyprint.HTML(string="<p>warm-up: fonts and the user-agent stylesheet load once</p>").write_pdf()
+    cases = [(n, min(n, args.limit), "auto") for n in args.sizes]
     if args.all:
-        cases.append((max(args.sizes), max(args.sizes)))
+        cases.append((max(args.sizes), max(args.sizes), "auto"))
+    if args.png:
+        cases.append((200, min(200, args.limit), "png"))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; overlay "
           f"{overlay_ms():.2f} ms each (median of 500); medians of {args.repeats} renders")
-    head = (f"{'flagged':>7} {'gallery':>7} {'pictures s':>10} {'HTML s':>7} {'PDF s':>7} "
+    head = (f"{'flagged':>7} {'gallery':>7} {'format':>6} {'pictures s':>10} {'HTML s':>7} {'PDF s':>7} {'PDF cpu s':>9} "
             f"{'HTML+img MB':>11} {'PDF MB':>7} {'pages':>5} {'files':>5}")
     print(head)
     print("-" * len(head))
     with tempfile.TemporaryDirectory() as tmp:
-        for n, limit in cases:
+        for n, limit, fmt in cases:
             res = synthetic_result(Path(tmp) / f"data{n}", n, limit=limit)
+            outputs.save_picture = _png_only if fmt == "png" else save_picture
             times = [render(res, Path(tmp) / f"run{n}-{limit}-{r}") for r in range(args.repeats)]
+            outputs.save_picture = save_picture
             keep = Path(tmp) / f"run{n}-{limit}-0"
             med = {k: statistics.median(t[k] for t in times) for k in times[0]}
             html_mb = _mb(keep / "report.html") + _mb(keep / "images")
             pages = len(PdfReader(str(keep / "report.pdf")).pages)
             files = len(list((keep / "images").iterdir()))
-            print(f"{n:>7} {limit:>7} {med['images']:>10.2f} {med['html']:>7.2f} {med['pdf']:>7.2f} "
+            print(f"{n:>7} {limit:>7} {fmt:>6} {med['images']:>10.2f} {med['html']:>7.2f} {med['pdf']:>7.2f} "
+                  f"{med['pdf_cpu']:>9.2f} "
                   f"{html_mb:>11.2f} {_mb(keep / 'report.pdf'):>7.2f} {pages:>5} {files:>5}", flush=True)
             for r in range(args.repeats):
                 shutil.rmtree(Path(tmp) / f"run{n}-{limit}-{r}", ignore_errors=True)
