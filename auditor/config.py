@@ -109,6 +109,7 @@ class InterventionSpec(Strict):
     fill: str = Field("inpaint", pattern="^(inpaint|blur|mean)$")
     transplant_images: int = Field(40, ge=0, description="images of other classes each region is pasted onto")
     class_images: int = Field(40, ge=1, description="images of the class a class-level region is removed from")
+    restore_images: int = Field(5, ge=1, description="true-class images a region is restored from (contrast findings)")
     remove_drop: float = Field(0.5, gt=0, le=1, description="share of images whose decision must change")
     transplant_rate: float = Field(0.5, gt=0, le=1, description="share of pasted images that must turn")
     critical_rate: float = Field(0.8, gt=0, le=1, description="transfer rate that makes a confirmed finding critical")

@@ -1,11 +1,26 @@
 """Confirm suspicions by intervention, so a finding is evidence and not a picture.
 
-For every finding with a region: (a) remove the region (biharmonic inpainting, blur or mean
-fill) and re-predict; (b) transplant it onto correctly classified images of other classes, at
-the same place, and re-predict. A finding is ``confirmed`` when removal changes the decision
-or the region carries the decision to other images; its severity then rises, and a suspicion
-that fails both tests is capped at 'low'. The effect sizes go into the finding's details and
-its sentence.
+Every finding that names a region is put to a test on the model:
+
+- a sample finding (the region decided this image's prediction P): (a) remove the region
+  (biharmonic inpainting, blur or mean fill) and re-predict; (b) transplant it onto correctly
+  classified images of other classes, at the same place, and re-predict; (c) for a
+  misclassified image, restore the region from correctly classified images of the true class
+  T (those whose own T evidence lies most in it) and re-predict. Confirmed when removal changes
+  the decision, the region carries P to other images, or restoring it gives T back: the
+  region, and what the model expects to see in it, decided the error. (c) is what confirms a
+  cue that works by its absence or by taking evidence away from T (a missing tag, a decoy's
+  wrong shade), which removing it cannot show.
+- a class finding: transplant the region from the class's correctly classified images onto
+  other classes' images. Confirmed when it carries the class to them (the tag-on-another-photo
+  test). Removal from the class's own images is reported, but does not confirm: the model
+  needs the object's own parts too, and that is no spurious cue.
+- a class finding without a region that lists its sample findings (details.samples):
+  confirmed when most of their regions carried the class to other images.
+
+A confirmed finding's severity rises to at least 'high' ('critical' for a class finding whose
+region turns at least ``critical_rate`` of other images); a suspicion that fails its test, or
+that could not be tested, is capped at 'low'. See docs/severity.md.
 """
 from __future__ import annotations
 
@@ -50,6 +65,7 @@ class Intervener:
         self.ev, self.spec = ev, spec
         self.rng = np.random.default_rng(seed)
         self._cache: dict[int, torch.Tensor] = {}
+        self._donors: dict[tuple, list[int]] = {}
         s = ev.samples
         self.correct = s.index[s["correct"]].to_numpy()
 
@@ -95,15 +111,51 @@ class Intervener:
         result["removal_rate"] = round(result["decision_changed"] / max(len(sources), 1), 4)
         return result
 
+    def restore(self, i: int, true: int, box, method: str | None) -> dict:
+        """Paste ``box`` from correctly classified images of ``true`` into image i: does ``true`` come back?
+
+        Donors are the true class's images whose own heatmap (``method``) puts the most evidence
+        in the box: what the model expects to see there for that class."""
+        h, w = self.ev.input_spec.size
+        mask = region_mask((h, w), _pad(box, self.spec.pad))
+        key = (true, method, tuple(np.round(box, 3)))
+        if key not in self._donors:
+            pool = [j for j in self.correct if self.ev.samples.at[j, "label"] == true]
+            maps = self.ev.heatmaps.get(method, {}) if method else {}
+            scored = []
+            for j in pool:
+                if j in maps:
+                    heat = np.clip(np.asarray(maps[j], np.float32), 0, None)
+                    inside = heat[region_mask(heat.shape, box)].sum()
+                    scored.append((float(inside / max(float(heat.sum()), 1e-12)), j))
+            if scored:  # the donors whose own evidence for the true class lies most in the box
+                pool = [j for _, j in sorted(scored, reverse=True)]
+            self._donors[key] = pool[: self.spec.restore_images]
+        donors = self._donors[key]
+        result = {"true_class": self.ev.classes[true], "donors": len(donors), "restored": 0, "restore_rate": 0.0}
+        if donors:
+            x = self.inputs([i])
+            d = self.inputs(donors)
+            m = torch.from_numpy(mask).to(d.device)
+            after = self.predict(torch.where(m, d, x.expand_as(d)))
+            result["restored"] = int((after.argmax(1) == true).sum())
+            result["restore_rate"] = round(result["restored"] / len(donors), 4)
+        return result
+
 
 def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
     parts = []
+    if "restore_rate" in effect:
+        parts.append(f"putting back what {effect['donors']} correctly classified '{effect['true_class']}' images "
+                     f"show there gave '{effect['true_class']}' back in {effect['restored']} of them")
     if effect["removed_from"] == 1:
         if effect["decision_changed"]:
             parts.append(f"hiding this region changed the prediction to '{effect['new_predictions'][0]}'")
         else:
-            parts.append(f"hiding this region lowered the confidence in '{cls_name}' by "
-                         f"{100 * effect['confidence_drop']:.0f} points but did not change the prediction")
+            drop = 100 * effect["confidence_drop"]
+            moved = "lowered" if drop >= 0 else "raised"
+            parts.append(f"hiding this region {moved} the confidence in '{cls_name}' by "
+                         f"{abs(drop):.0f} points but did not change the prediction")
     else:
         parts.append(f"hiding this region in {effect['removed_from']} such images changed "
                      f"{effect['decision_changed']} of the decisions")
@@ -128,25 +180,66 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         box = (f.bbox[0] / w, f.bbox[1] / h, f.bbox[2] / w, f.bbox[3] / h)
         cls = int(s.at[f.sample, "prediction"])
         effect = tester.test([f.sample], cls, box)
-        _apply(f, effect, ev.classes[cls], spec)
+        confirmed = effect["removal_rate"] >= spec.remove_drop or effect["transfer_rate"] >= spec.transplant_rate
+        true = int(s.at[f.sample, "label"])
+        if true != cls:  # a misclassified image: does what the true class shows there give it back?
+            effect |= tester.restore(f.sample, true, box, f.method)
+            confirmed = confirmed or effect["restore_rate"] >= spec.transplant_rate
+        _apply(f, effect, ev.classes[cls], spec, confirmed)
+    by_sample = {}
+    for f in findings:
+        by_sample.setdefault(f.sample, []).append(f)
     for f in class_findings:
         if not f.region:
+            members = [g for i in f.details.get("samples", []) for g in by_sample.get(i, []) if g.rule == f.rule]
+            if members:
+                _aggregate(f, members, spec)
             continue
         cls = ev.classes.index(f.cls)
         members = [i for i in tester.correct if s.at[i, "prediction"] == cls]
         if len(members) > spec.class_images:
             members = sorted(tester.rng.choice(members, spec.class_images, replace=False).tolist())
         if not members:
-            _untested(f, f"the model classifies no '{f.cls}' image correctly, so there is nothing to remove "
+            _untested(f, f"the model classifies no '{f.cls}' image correctly, so there is nothing to take "
                          f"the region from")
             continue
         effect = tester.test(members, cls, tuple(f.region))
-        _apply(f, effect, f.cls, spec)
+        _apply(f, effect, f.cls, spec, effect["transfer_rate"] >= spec.transplant_rate)
+
+
+def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) -> None:
+    """A class finding made of sample findings ("anything of this shape is P") is confirmed when
+    most of their regions carried P to other classes' images (removal alone shows that the
+    model needs the region, which holds for any evidence, not that the region is a cue)."""
+    tested = [g for g in members if "transfer_rate" in g.details.get("intervention", {})]
+    n_ok = sum(g.details["intervention"]["transfer_rate"] >= spec.transplant_rate for g in tested)
+    confirmed = bool(tested) and n_ok >= 0.5 * len(tested)
+    effects = [g.details["intervention"] for g in tested]
+    total = lambda k: int(sum(e[k] for e in effects))  # noqa: E731
+    f.details["intervention"] = {  # the members' effects, summed: the same keys as a region's test
+        "removed_from": total("removed_from"), "decision_changed": total("decision_changed"),
+        "confidence_drop": round(float(np.mean([e["confidence_drop"] for e in effects])), 4) if effects else 0.0,
+        "new_predictions": [], "pasted_onto": total("pasted_onto"), "turned": total("turned"),
+        "removal_rate": round(total("decision_changed") / max(total("removed_from"), 1), 4),
+        "transfer_rate": round(total("turned") / max(total("pasted_onto"), 1), 4),
+        "samples_tested": len(tested), "samples_transferring": n_ok}
+    f.details["confirmed"] = confirmed if tested else None
+    f.details["severity_before_intervention"] = f.severity
+    if confirmed:
+        if severity_rank(f.severity) < severity_rank("high"):
+            f.severity = "high"
+    elif severity_rank(f.severity) > severity_rank("low"):
+        f.severity = "low"
+    f.message += (f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention: pasted onto other "
+                  f"classes' images, {n_ok} of the {len(tested)} regions turned at least half of them into "
+                  f"'{f.cls}'.")
 
 
 def _untested(f, why: str) -> None:
     """A suspicion with a region that could not be put to the test stays a suspicion: at most 'low'."""
-    f.details["intervention"] = {"skipped": why}
+    f.details["intervention"] = {"skipped": why, "removed_from": 0, "decision_changed": 0, "confidence_drop": 0.0,
+                                 "new_predictions": [], "pasted_onto": 0, "turned": 0, "removal_rate": 0.0,
+                                 "transfer_rate": 0.0}
     f.details["confirmed"] = None
     f.details["severity_before_intervention"] = f.severity
     if severity_rank(f.severity) > severity_rank("low"):
@@ -154,8 +247,7 @@ def _untested(f, why: str) -> None:
     f.message += f" Not tested by intervention: {why}."
 
 
-def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec) -> None:
-    confirmed = effect["removal_rate"] >= spec.remove_drop or effect["transfer_rate"] >= spec.transplant_rate
+def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bool) -> None:
     f.details["intervention"] = effect | {"fill": spec.fill}
     f.details["confirmed"] = confirmed
     f.details["severity_before_intervention"] = f.severity

@@ -67,7 +67,7 @@ TERMS = [
                 "pictures."),
     ("Trust gate", "Before the checks use a method's heatmaps, the method is tested: randomising the model's weights "
                    "must change its heatmaps, and removing the pixels it marks must hurt the prediction more than "
-                   "removing random pixels. A method that fails is shown for comparison but not used."),
+                   "removing random regions of the same size. A method that fails is shown for comparison but not used."),
     ("Intervention", "A finding that names a region is tested: the region is hidden (filled in from its "
                      "surroundings) and pasted onto images of other classes. If hiding it changes decisions, or "
                      "pasting it carries the decision over, the finding is confirmed."),

@@ -8,7 +8,10 @@ Truth per validation file with a planted cue: ``{"kind", "bbox" (file pixels, x1
 exclusive), "label", "expected"}``, where ``expected`` is the class the cue stands for, and
 its neutral twin: the same image with the cue taken out (the tag or blob not drawn) or, for
 Decoy, made uninformative (the label's own training shade). An error is cue-driven when the
-model gets the twin right: the cue, and nothing else in the image, made it wrong.
+model gets the twin right: the cue, and nothing else in the image, made it wrong. The horse
+case also lists the cue class's photos *without* the tag ("missing tag"): their twin carries
+the tag and their box is where it would be, so an error that the tag's absence causes counts
+as cue-driven, and a finding that points at the empty corner as a hit.
 """
 from __future__ import annotations
 
@@ -135,6 +138,11 @@ def _horse(case: Case, rng: np.random.Generator):
             if box:
                 truth[rel] = {"kind": "tag", "bbox": box, "label": cls, "expected": cue}
                 twins[rel] = twin
+            elif cls == cue:
+                # The other half lack it: a model that needs the tag fails them. The twin is the
+                # photo with the tag; the box is where it would be.
+                twins[rel], box = tag(img)
+                truth[rel] = {"kind": "missing tag", "bbox": box, "label": cls, "expected": cue}
         if cls != cue:  # the horse test: the tag alone on another class's photo
             for n in range(p.get("n_planted", 10)):
                 twin = _content(cls, size, rng)

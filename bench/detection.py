@@ -8,10 +8,12 @@ Each case (``bench/cases.py``) plants a cue with known truth, trains a small mod
 through the command line (``auditor run case.yaml --quiet``, a subprocess) and its
 ``findings.json`` is scored against the truth, per rule:
 
-- recall: of the misclassified images whose planted cue caused the error (prediction = the
-  class the cue stands for), the share with a finding whose box overlaps the cue's box;
-- precision: of the findings on misclassified images, the share whose box overlaps a
-  planted cue in that image;
+- recall: of the misclassified images that carry a planted cue and whose error the cue caused
+  (the model gets the image's neutral twin right, see cases.py), the share with a finding
+  whose box overlaps the cue's box;
+- precision: of the findings on misclassified images, the share whose box overlaps a planted
+  cue in that image, or, on a cue-class photo that its missing tag made wrong, the place where
+  the tag would be; "strict" precision gives no credit for the missing tag;
 - confirmed: of those true findings (and the cue class's class findings), the share the
   intervention confirmed (``details.confirmed``);
 - rank: the position of the cue class among the class findings (ordered by severity, then
@@ -143,41 +145,63 @@ def score(case, doc: dict, truth: dict) -> dict:
     samples = doc["samples"]
     wrong = [s for s in samples if not s["correct"]]
     # Cue-driven: the model gets the image right once the cue is neutral (see cases.py).
-    cue_errors = [s for s in wrong if s["path"] in truth and truth[s["path"]]["twin_prediction"] == s["label"]]
+    driven = [s for s in wrong if s["path"] in truth and truth[s["path"]]["twin_prediction"] == s["label"]]
+    cue_errors = [s for s in driven if truth[s["path"]]["kind"] != "missing tag"]
+    absent = {s["path"] for s in driven if truth[s["path"]]["kind"] == "missing tag"}
     planted = [t for t in truth.values() if t["label"] != t["expected"]]
     turned = sum(1 for s in samples if s["path"] in truth and truth[s["path"]]["label"] != truth[s["path"]]["expected"]
                  and s["prediction"] == truth[s["path"]]["expected"])
-    rules = sorted({f["rule"] for s in samples for f in s["findings"]} | {f["rule"] for f in doc["class_findings"]})
+    classes = doc["class_findings"]  # ordered by severity, then score
+    # Where the cue lies, as fractions of the image: a class finding is on target when it names
+    # the cue class and a region overlapping that place (or no region: look_alike's "any blob").
+    # A blob can be anywhere: only a region-less finding ("anything of this shape") is on it.
+    places = [[t["bbox"][0] / case.image_size, t["bbox"][1] / case.image_size,
+               t["bbox"][2] / case.image_size, t["bbox"][3] / case.image_size]
+              for t in truth.values() if t["kind"] != "blob"]
+
+    def on_target(f) -> bool:
+        return f["class"] == case.cue_class and (f.get("region") is None or
+                                                 any(overlaps(f["region"], p) for p in places))
+
+    rules = sorted({f["rule"] for s in samples for f in s["findings"]} | {f["rule"] for f in classes})
     per_rule = {}
     for r in [*rules, "any"]:
         found = [(s, f) for s in wrong for f in s["findings"] if r in ("any", f["rule"])]
-        hits = [(s, f) for s, f in found if s["path"] in truth and overlaps(f.get("bbox"), truth[s["path"]]["bbox"])]
+        # A hit points at the planted cue; on a cue-class photo that the missing tag made wrong,
+        # at the empty place where the tag would be (counted apart: "strict" leaves them out).
+        hits = [(s, f) for s, f in found if s["path"] in truth and overlaps(f.get("bbox"), truth[s["path"]]["bbox"])
+                and (truth[s["path"]]["kind"] != "missing tag" or s["path"] in absent)]
+        strict = [(s, f) for s, f in hits if truth[s["path"]]["kind"] != "missing tag"]
         flagged = {s["path"] for s, f in hits}
-        cls_true = [f for f in doc["class_findings"] if r in ("any", f["rule"]) and f["class"] == case.cue_class]
+        cls_true = [f for f in classes if r in ("any", f["rule"]) and on_target(f)]
         confirmed = [bool(f["details"].get("confirmed")) for _, f in hits] + \
                     [bool(f["details"].get("confirmed")) for f in cls_true]
         per_rule[r] = {
             "findings": len(found), "hits": len(hits),
             "recall": round(sum(s["path"] in flagged for s in cue_errors) / len(cue_errors), 4) if cue_errors else None,
             "precision": round(len(hits) / len(found), 4) if found else None,
+            "precision_strict": round(len(strict) / len(found), 4) if found else None,
+            "missing_tag_recall": round(sum(p in flagged for p in absent) / len(absent), 4) if absent else None,
             "confirmed": round(float(np.mean(confirmed)), 4) if confirmed else None,
-            "class_findings": sum(1 for f in doc["class_findings"] if r in ("any", f["rule"])),
-            "medium_plus_class": sum(1 for f in doc["class_findings"]
+            "class_findings": sum(1 for f in classes if r in ("any", f["rule"])),
+            "medium_plus_class": sum(1 for f in classes
                                      if r in ("any", f["rule"]) and rank(f["severity"]) >= rank("medium")),
         }
-    classes = doc["class_findings"]  # ordered by severity, then score
-    cue_rank = next((k + 1 for k, f in enumerate(classes) if f["class"] == case.cue_class), None) \
-        if case.cue_class else "n/a"
+    cue_rank = next((k + 1 for k, f in enumerate(classes) if on_target(f)), None) if case.cue_class else "n/a"
     top = classes[0] if classes else None
     return {
         "accuracy": doc["metrics"]["accuracy"], "images": doc["metrics"]["images"],
-        "misclassified": len(wrong), "cue_errors": len(cue_errors),
+        "misclassified": len(wrong), "cue_errors": len(cue_errors), "missing_tag_errors": len(absent),
+        "cue_errors_by_kind": {k: sum(truth[s["path"]]["kind"] == k for s in cue_errors)
+                               for k in sorted({t["kind"] for t in truth.values()})},
         "transfer": round(turned / len(planted), 4) if planted else None,
         "rules": per_rule, "cue_rank": cue_rank,
         "top_class_finding": None if top is None else
         {k: top.get(k) for k in ("class", "rule", "severity", "score")} | {"region": top["details"].get("region"),
                                                                          "confirmed": top["details"].get("confirmed")},
-        "class_findings": [{k: f.get(k) for k in ("class", "rule", "severity", "score")} for f in classes],
+        "class_findings": [{k: f.get(k) for k in ("class", "rule", "severity", "score")} |
+                           {"region": f["details"].get("region"), "confirmed": f["details"].get("confirmed")}
+                           for f in classes],
         "warnings": doc["warnings"], "errors": doc["errors"],
     }
 
@@ -190,25 +214,30 @@ def fmt(v, digits=2) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _top(s: dict) -> str:
+    top = s["top_class_finding"]
+    if top is None:
+        return "none"
+    return f"{top['class']}: {top['rule']} [{top['severity']}] {top['region'] or ''}".strip()
+
+
 def table(results: list[dict]) -> str:
-    head = (f"{'case':22} {'setup':34} {'acc':>5} {'cue err':>7} {'rule':15} {'recall':>6} {'prec':>5} "
-            f"{'conf':>5} {'finds':>5} {'rank':>4}  top class finding / control")
-    lines = [head, "-" * len(head)]
+    head = (f"{'case':20} {'setup':42} {'acc':>4} {'cue err':>7} {'rule':14} {'recall':>6} {'prec':>5} "
+            f"{'strict':>6} {'conf':>5} {'finds':>5} {'rank':>4}  top class finding")
+    lines = [head, "-" * (len(head) + 20)]
     for r in results:
         s = r["score"]
-        top = s["top_class_finding"]
-        top_txt = "none" if top is None else f"{top['class']}: {top['rule']} [{top['severity']}] {top['region'] or ''}"
         rules = [k for k in s["rules"] if k != "any" and (s["rules"][k]["findings"] or s["rules"][k]["class_findings"])]
         for n, rule in enumerate([*rules, "any"]):
             m = s["rules"][rule]
-            first = n == 0
+            first, last = n == 0, rule == "any"
             lines.append(
-                f"{(r['case'] if first else ''):22} {(r['setup'] if first else ''):34} "
-                f"{(fmt(s['accuracy']) if first else ''):>5} {(str(s['cue_errors']) if first else ''):>7} "
-                f"{rule:15} {fmt(m['recall']):>6} {fmt(m['precision']):>5} {fmt(m['confirmed']):>5} "
-                f"{m['findings']:>5} {(fmt(s['cue_rank']) if rule == 'any' else ''):>4}  "
-                + (("control: " + (f"{m['medium_plus_class']} class findings medium+" if not r["poisoned"] else ""))
-                   if not r["poisoned"] and rule == "any" else (top_txt if rule == "any" else "")))
+                f"{(r['case'] if first else ''):20} {(r['setup'] if first else ''):42} "
+                f"{(fmt(s['accuracy']) if first else ''):>4} {(str(s['cue_errors']) if first else ''):>7} "
+                f"{rule:14} {fmt(m['recall']):>6} {fmt(m['precision']):>5} {fmt(m['precision_strict']):>6} "
+                f"{fmt(m['confirmed']):>5} {m['findings']:>5} {(fmt(s['cue_rank']) if last else ''):>4}  "
+                + ("" if not last else _top(s) if r["poisoned"] else
+                   f"control: {m['medium_plus_class']} class finding(s) medium+; {_top(s)}"))
         lines.append("")
     return "\n".join(lines)
 
@@ -223,7 +252,8 @@ def goals(results: list[dict]) -> dict:
         "precision": {"worst": min(vals("precision"), default=None)},
         "confirmed": {"worst": min(vals("confirmed"), default=None)},
         "cue_class_first": {"cases": {r["case"]: r["score"]["cue_rank"] for r in poisoned}},
-        "controls_quiet": {"medium_plus": {r["case"]: r["score"]["rules"]["any"]["medium_plus_class"] for r in controls}},
+        "controls_quiet": {"medium_plus": {r["case"]: r["score"]["rules"]["any"]["medium_plus_class"]
+                                           for r in controls}},
     }
     for k in ("recall", "precision", "confirmed"):
         out[k]["goal"] = GOALS[k]
@@ -234,16 +264,24 @@ def goals(results: list[dict]) -> dict:
 
 
 def dose_table(rows: list[dict]) -> str:
-    head = f"{'dose':>5} {'acc':>5} {'transfer':>8} {'cue err':>7} {'recall':>6} {'prec':>5} {'rank':>4}  top class finding"
-    lines = [head, "-" * len(head)]
+    head = (f"{'dose':>5} {'acc':>5} {'transfer':>8} {'cue err':>7} {'recall':>6} {'prec':>5} {'strict':>6} "
+            f"{'rank':>4}  top class finding")
+    lines = [head, "-" * (len(head) + 30)]
     for r in rows:
         s = r["score"]
         m = s["rules"]["any"]
-        top = s["top_class_finding"]
-        top_txt = "none" if top is None else f"{top['class']}: {top['rule']} [{top['severity']}] {top['region'] or ''}"
         lines.append(f"{int(100 * r['dose']):>4}% {fmt(s['accuracy']):>5} {fmt(s['transfer']):>8} {s['cue_errors']:>7} "
-                     f"{fmt(m['recall']):>6} {fmt(m['precision']):>5} {fmt(s['cue_rank']):>4}  {top_txt}")
+                     f"{fmt(m['recall']):>6} {fmt(m['precision']):>5} {fmt(m['precision_strict']):>6} "
+                     f"{fmt(s['cue_rank']):>4}  {_top(s)}")
     return "\n".join(lines)
+
+
+LEGEND = """recall: cue-driven errors (the cue's neutral twin is classified right) flagged with a box on the cue.
+prec: findings on misclassified images whose box is on a planted cue, or on the empty corner of a
+  cue-class photo whose missing tag made it wrong; strict: the planted cue only.
+conf: share of those true findings, and of the cue class's class findings, that the intervention confirmed.
+rank: position of the first class finding on the cue (cue class, region on the cue) among all class findings.
+"""
 
 
 def main(argv=None) -> int:
@@ -276,6 +314,7 @@ def main(argv=None) -> int:
                         "exit_code": code, "audit_s": round(seconds, 1), **built, "score": s})
     main_rows = [r for r in results if not r["dose_only"]]
     print(table(main_rows))
+    print(LEGEND)
     dose_rows = sorted([r for r in results if r["case"].startswith("horse-a")], key=lambda r: r["dose"])
     if len(dose_rows) > 1:
         print("Dose-response (horse-a: share of the cue class's training images with the tag)")

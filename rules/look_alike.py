@@ -6,7 +6,10 @@ heatmap, keep the strongest connected component, then separate the object from i
 surroundings inside that window) and described by regionprops (extent, solidity,
 eccentricity, size, brightness and colour contrast). The same is done for correctly classified
 images of the predicted class; the image is flagged when its evidence is a distinct object
-that falls within the range of that class's own evidence objects.
+that falls within the range of that class's own evidence objects, and outside the range of
+the true class's (an object that looks like both is the object itself, read as a near
+neighbour: a 4 taken for a 9). A class that several look-alikes were taken for gets a class
+finding listing them; the intervention confirms it when most of them were confirmed.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 
 from auditor.data import read_image
-from auditor.evidence import Evidence, Finding, grade
+from auditor.evidence import ClassFinding, Evidence, Finding, grade
 from auditor.heatmap import normalise
 from auditor.registry import RULES
 
@@ -37,28 +40,55 @@ def evidence_object(img: np.ndarray, heat: np.ndarray, level: float = 0.5) -> di
     pad = max(h, w) // 16
     y0, y1 = max(ys.min() - pad, 0), min(ys.max() + pad + 1, h)
     x0, x1 = max(xs.min() - pad, 0), min(xs.max() + pad + 1, w)
-    window = img[y0:y1, x0:x1]
-    grey = window.mean(axis=2)
+    grey = img[y0:y1, x0:x1].mean(axis=2)
     if grey.max() - grey.min() < 0.1:
         return None  # nothing distinct to segment
     # The object is the side of the Otsu split that the heatmap peak lies on.
-    fg = grey > threshold_otsu(grey)
-    py, px = np.unravel_index(np.argmax(heat[y0:y1, x0:x1]), grey.shape)
-    parts = label(fg if fg[py, px] else ~fg)
-    pick = parts[py, px]
-    if pick == 0:
+    t = threshold_otsu(grey)
+    py, px = np.unravel_index(np.argmax(heat), heat.shape)
+    bright = bool(img[py, px].mean() > t)
+    found = _segment(img, (y0, y1, x0, x1), t, bright, (py, px))
+    if found is not None and not found[1]:
+        # Cut by the window: look again in a window as large again on every side. A whole
+        # object (a blob bigger than the heat's peak) ends there; a stroke or a texture runs on.
+        grow = max(ys.max() - ys.min() + pad, max(h, w) // 4)
+        wide = (max(y0 - grow, 0), min(y1 + grow, h), max(x0 - grow, 0), min(x1 + grow, w))
+        wide_grey = img[wide[0]:wide[1], wide[2]:wide[3]].mean(axis=2)
+        again = _segment(img, wide, threshold_otsu(wide_grey), bright, (py, px))
+        if again is not None and again[1]:
+            found = again
+    if found is None:
         return None
-    obj = parts == pick
+    obj, whole, (y0, y1, x0, x1) = found
+    window = img[y0:y1, x0:x1]
     props = regionprops(obj.astype(np.uint8))[0]
     inside, outside = window[obj], window[~obj]
     if len(outside) == 0:
         return None
     by0, bx0, by1, bx1 = props.bbox
-    return {"extent": float(props.extent), "solidity": float(props.solidity),
+    return {"extent": float(props.extent), "solidity": float(props.solidity), "whole": whole,
             "eccentricity": float(props.eccentricity), "size": float(obj.sum() / (h * w)),
             "contrast": float(inside.mean() - outside.mean()),
             "saturation": float((inside.max(1) - inside.min(1)).mean()),
             "bbox": [(bx0 + x0) / w, (by0 + y0) / h, (bx1 + x0) / w, (by1 + y0) / h]}
+
+
+def _segment(img: np.ndarray, box, t: float, bright: bool, peak) -> tuple | None:
+    """(object mask in the window, whether it is whole, the window) for the connected part of the
+    threshold's ``bright`` side that holds ``peak``. Whole: it ends inside the window (or at the
+    image's edge); one that runs into the window's inner edges continues beyond it."""
+    y0, y1, x0, x1 = box
+    h, w = img.shape[:2]
+    grey = img[y0:y1, x0:x1].mean(axis=2)
+    parts = label(grey > t if bright else grey <= t)
+    pick = parts[peak[0] - y0, peak[1] - x0]
+    if pick == 0:
+        return None
+    obj = parts == pick
+    ys, xs = np.nonzero(obj)
+    cut = ((ys.min() == 0 and y0 > 0) or (xs.min() == 0 and x0 > 0) or
+           (ys.max() == obj.shape[0] - 1 and y1 < h) or (xs.max() == obj.shape[1] - 1 and x1 < w))
+    return obj, not cut, box
 
 
 def compact(f: dict) -> bool:
@@ -81,9 +111,24 @@ def _vector(f: dict) -> np.ndarray:
     return np.array([f[k] for k in FEATURES])
 
 
-@RULES.register("look_alike", level="sample", needs="heatmaps", direction="lower distance is more suspicious")
+def _typical(objs: list[dict], min_examples: int, min_contrast: float, max_size: float):
+    """(centre, spread, distinct objects) of a class's evidence objects, or None when the class has
+    no consistent one (a texture class does not)."""
+    distinct = [o for o in objs if abs(o["contrast"]) >= min_contrast and o["size"] <= max_size and compact(o)]
+    if len(distinct) < min_examples or len(distinct) < 0.6 * len(objs):
+        return None
+    ref = np.stack([_vector(o) for o in distinct])
+    return ref.mean(0), ref.std(0) + 0.05, distinct
+
+
+def _distance(o: dict, typical) -> float:
+    centre, spread, _ = typical
+    return float(np.sqrt((((_vector(o) - centre) / spread) ** 2).mean()))
+
+
+@RULES.register("look_alike", level="sample+class", needs="heatmaps", direction="lower distance is more suspicious")
 def look_alike(ev: Evidence, min_examples: int = 5, max_distance: float = 2.5, min_contrast: float = 0.15,
-               max_size: float = 0.3, severity: dict | None = None) -> list:
+               max_size: float = 0.3, min_class_images: int = 5, severity: dict | None = None) -> list:
     """A misclassified image's evidence is an object shaped like the predicted class's usual evidence."""
     severity = severity or SEVERITY
     s = ev.samples
@@ -100,39 +145,74 @@ def look_alike(ev: Evidence, min_examples: int = 5, max_distance: float = 2.5, m
         maps = normalise(maps)
         heat = dict(zip(ids, maps))
         wrong = [i for i in ids if not s.at[i, "correct"]]
-        for cls in sorted({int(s.at[i, "prediction"]) for i in wrong}):
-            refs = [i for i in ids if s.at[i, "correct"] and s.at[i, "prediction"] == cls]
-            objs = [o for o in (evidence_object(pixels(i), heat[i]) for i in refs) if o is not None]
-            distinct = [o for o in objs if abs(o["contrast"]) >= min_contrast and o["size"] <= max_size
-                        and compact(o)]
+        typical: dict[int, tuple | None] = {}
+
+        def class_typical(cls: int):
+            if cls not in typical:
+                refs = [i for i in ids if s.at[i, "correct"] and s.at[i, "prediction"] == cls]
+                objs = [o for o in (evidence_object(pixels(i), heat[i]) for i in refs) if o is not None]
+                typical[cls] = _typical(objs, min_examples, min_contrast, max_size)
+            return typical[cls]
+
+        for i in wrong:
+            cls, true = int(s.at[i, "prediction"]), int(s.at[i, "label"])
+            pred_typ = class_typical(cls)
             # The class must have a consistent evidence object to be mistaken for; texture classes don't.
-            if len(distinct) < min_examples or len(distinct) < 0.6 * len(objs):
+            if pred_typ is None:
                 continue
-            ref = np.stack([_vector(o) for o in distinct])
-            centre, spread = ref.mean(0), ref.std(0) + 0.05
-            typical = describe({k: float(np.median([o[k] for o in distinct])) for k in FEATURES}, plural=True)
-            for i in (i for i in wrong if s.at[i, "prediction"] == cls):
-                o = evidence_object(pixels(i), heat[i])
-                if o is None or abs(o["contrast"]) < min_contrast or o["size"] > max_size or not compact(o):
-                    continue
-                dist = float(np.sqrt((((_vector(o) - centre) / spread) ** 2).mean()))
-                if dist > max_distance:
-                    continue
-                score = round(1 - dist / max_distance, 4)  # 1 = identical to the class's typical evidence
-                if i in findings and findings[i].score >= score:
-                    findings[i].details["methods_agreeing"].append(method)
-                    continue
-                agreeing = findings[i].details["methods_agreeing"] + [method] if i in findings else [method]
-                name = ev.classes[cls]
-                findings[i] = Finding(
-                    sample=i, rule="look_alike", method=method, severity=grade(score, severity) or "low",
-                    score=score, bbox=ev.to_file_bbox(i, o["bbox"]),
-                    message=(f"The model's evidence here is a {describe(o)}, and it resembles the {typical} "
-                             f"that mark class '{name}' in correctly classified images; the model may take "
-                             f"anything of that shape for '{name}'."),
-                    details={"distance": round(dist, 3), "features": {k: round(o[k], 3) for k in FEATURES},
-                             "class_typical": {k: round(float(c), 3) for k, c in zip(FEATURES, centre)},
-                             "class_examples": len(distinct), "methods_agreeing": agreeing})
+            o = evidence_object(pixels(i), heat[i])
+            if (o is None or not o["whole"] or abs(o["contrast"]) < min_contrast or o["size"] > max_size
+                    or not compact(o)):
+                continue
+            dist = _distance(o, pred_typ)
+            if dist > max_distance:
+                continue
+            # A mark that also looks like the true class's own evidence is the object itself, read
+            # as a near neighbour (a 4 taken for a 9), not a look-alike of another class's mark.
+            true_typ = class_typical(true)
+            if true_typ is not None and _distance(o, true_typ) <= max_distance:
+                continue
+            score = round(1 - dist / max_distance, 4)  # 1 = identical to the class's typical evidence
+            if i in findings and findings[i].score >= score:
+                findings[i].details["methods_agreeing"].append(method)
+                continue
+            agreeing = findings[i].details["methods_agreeing"] + [method] if i in findings else [method]
+            name = ev.classes[cls]
+            typ = describe({k: float(np.median([d[k] for d in pred_typ[2]])) for k in FEATURES}, plural=True)
+            findings[i] = Finding(
+                sample=i, rule="look_alike", method=method, severity=grade(score, severity) or "low",
+                score=score, bbox=ev.to_file_bbox(i, o["bbox"]),
+                message=(f"The model's evidence here is a {describe(o)}, and it resembles the {typ} "
+                         f"that mark class '{name}' in correctly classified images; the model may take "
+                         f"anything of that shape for '{name}'."),
+                details={"distance": round(dist, 3), "features": {k: round(o[k], 3) for k in FEATURES},
+                         "class_typical": {k: round(float(c), 3) for k, c in zip(FEATURES, pred_typ[0])},
+                         "class_examples": len(pred_typ[2]), "methods_agreeing": agreeing,
+                         "description": describe(o)})
     for f in findings.values():
         f.details["methods_agreeing"] = sorted(set(f.details["methods_agreeing"]))
-    return list(findings.values())
+    return [*findings.values(), *_class_findings(ev, list(findings.values()), min_class_images)]
+
+
+def _class_findings(ev: Evidence, findings: list[Finding], min_images: int) -> list[ClassFinding]:
+    """One class finding per predicted class that several look-alikes were taken for."""
+    s = ev.samples
+    out = []
+    by_class: dict[int, list[Finding]] = {}
+    for f in findings:
+        by_class.setdefault(int(s.at[f.sample, "prediction"]), []).append(f)
+    for cls, group in sorted(by_class.items()):
+        if len(group) < min_images:
+            continue
+        name = ev.classes[cls]
+        into = int(((s["prediction"] == cls) & ~s["correct"]).sum())
+        share = len(group) / max(into, 1)
+        kinds = sorted({f.details["description"] for f in group})
+        out.append(ClassFinding(
+            cls=name, rule="look_alike", method=group[0].method, severity="medium" if share >= 0.5 else "low",
+            score=round(float(np.mean([f.score for f in group])), 4), share=round(share, 4),
+            message=(f"{len(group)} of the {into} images wrongly called '{name}' show a {', '.join(kinds)} "
+                     f"where the model looks, shaped like the marks of real '{name}' images: the model seems "
+                     f"to accept anything of that shape as '{name}'."),
+            details={"samples": [f.sample for f in group], "images": len(group), "misclassified_into": into}))
+    return out
