@@ -54,7 +54,8 @@ def run(config: Path = typer.Argument(..., help="the audit config, e.g. audit.ya
     typer.echo(f"{m['images']} images, accuracy {m['accuracy']:.1%}, {len(result.class_findings)} class findings, "
                f"{len({f.sample for f in result.findings})} flagged images, {len(result.skipped)} skipped")
     for f in result.class_findings[:5]:
-        typer.echo(f"  [{f.severity}] {f.cls}: {f.rule} ({f.details.get('region', '')})")
+        where = f.details.get("region")
+        typer.echo(f"  [{f.severity}] {f.cls}: {f.rule}" + (f" ({where})" if where else ""))
     for w in result.warnings:
         typer.echo(f"warning: {w}")
     from auditor.diff import summary

@@ -276,6 +276,12 @@ def _intervention_rows(f, cls: str) -> list[tuple[str, str]]:
     e = f.details.get("intervention")
     if e is None:
         return [("Intervention", "not tested: the finding names no region, or intervention is switched off")]
+    if "samples_tested" in e:  # a class finding made of image findings: their transplant tests decide
+        return [("Pasting the regions", f"of {_plural(e['samples_tested'], 'flagged image')}, "
+                                        f"{e['samples_transferring']} turned most images of other classes into '{cls}'"),
+                ("Result", "confirmed" if f.details.get("confirmed") else "not confirmed")]
+    if "removed_from" not in e:
+        return [("Intervention", f"not tested: {e.get('skipped', 'no test applied')}")]
     rows = [("Hiding the region", f"in {_plural(e['removed_from'], 'image')} the model called '{cls}': "
                                   f"{e['decision_changed']} changed decision ({e['removal_rate']:.0%}); confidence in "
                                   f"'{cls}' {'fell' if e['confidence_drop'] >= 0 else 'rose'} by "
@@ -334,6 +340,9 @@ def _effects(res: AuditResult, f) -> list[str]:
                    f"{-100 * e['confidence_drop']:+.0f} points")
         if e.get("pasted_onto"):
             out.append(f"pasting: {e['turned']} of {e['pasted_onto']} turned ({e['transfer_rate']:.0%})")
+        if e.get("donors"):
+            out.append(f"restoring from {e['donors']} '{e['true_class']}' images: {e['restored']} gave "
+                       f"'{e['true_class']}' back")
         out.append("confirmed" if d.get("confirmed") else "not confirmed")
     direction = RULES.get(f.rule).meta.get("direction") if f.rule in RULES else None
     out.append(f"score {f.score:.2f}" + (f" ({direction})" if direction else ""))
