@@ -122,7 +122,7 @@ def ev_methods(ev: Evidence, methods: dict) -> dict:
     return {m: p for m, p in methods.items() if m in ev.heatmaps}
 
 
-def run_audit(cfg: AuditConfig, quiet: bool = False, log=print) -> AuditResult:
+def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     started = datetime.now(timezone.utc)
     if cfg.prepare:
         import_object(cfg.prepare, cfg.folder, "prepare", cfg.source)(cfg.folder)
