@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import inspect
+import json
 import shutil
 import tempfile
 import platform
@@ -118,6 +119,18 @@ def open_store(cfg: AuditConfig) -> Store:
     return Store(path if path.is_absolute() else cfg.folder / path)
 
 
+def cached_trust(ev: Evidence, methods: dict, layer, cfg: AuditConfig, store: Store, model_key: str) -> dict:
+    """The trust gate, computed once per model, method settings and explained images."""
+    explained = sorted(ev.samples.loc[ev.samples["explained"], "sha256"])
+    key = digest("trust", model_key, methods, cfg.trust.model_dump(mode="json"), cfg.run.seed, explained)
+    hit = store.get(key)
+    if hit is not None:
+        return json.loads(hit.tobytes())
+    trust = trust_gate(ev, methods, layer, cfg.trust, cfg.run.seed)
+    store.put_many({key: np.frombuffer(json.dumps(trust).encode(), np.uint8)})
+    return trust
+
+
 def ev_methods(ev: Evidence, methods: dict) -> dict:
     return {m: p for m, p in methods.items() if m in ev.heatmaps}
 
@@ -174,7 +187,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
                   {m: LazyMaps(store, rec.contrast.get(m, {})) for m in used}, refs,
                   model=model, input_spec=cfg.model.input, device=device)
 
-    trust = trust_gate(ev, ev_methods(ev, methods), layer, cfg.trust, cfg.run.seed) if cfg.trust.enabled else {}
+    trust = cached_trust(ev, ev_methods(ev, methods), layer, cfg, store, model_key) if cfg.trust.enabled else {}
     ev.reliable = {m: t["reliable"] for m, t in trust.items()}
     for m, t in trust.items():
         if not t["reliable"]:

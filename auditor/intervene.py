@@ -24,6 +24,8 @@ that could not be tested, is capped at 'low'. See docs/severity.md.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -58,22 +60,32 @@ def _pad(box, pad: float):
     return (max(0.0, x0 - pad), max(0.0, y0 - pad), min(1.0, x1 + pad), min(1.0, y1 + pad))
 
 
+CACHE_IMAGES = 512
+
+
 class Intervener:
     """Holds the model and a small pool of correctly classified images to paste onto."""
 
     def __init__(self, ev: Evidence, spec: InterventionSpec, seed: int):
         self.ev, self.spec = ev, spec
         self.rng = np.random.default_rng(seed)
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # decoded inputs, least recent first
         self._donors: dict[tuple, list[int]] = {}
         s = ev.samples
         self.correct = s.index[s["correct"]].to_numpy()
+        self.correct_labels = s.loc[self.correct, "label"].to_numpy()
 
     def inputs(self, ids) -> torch.Tensor:
-        missing = [i for i in ids if i not in self._cache]
-        for i in missing:
-            self._cache[i] = to_model_input(read_image(self.ev.refs[i].path), self.ev.input_spec)
-        return torch.stack([self._cache[i] for i in ids]).to(self.ev.device)
+        out = []
+        for i in ids:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+            else:
+                self._cache[i] = to_model_input(read_image(self.ev.refs[i].path), self.ev.input_spec)
+                if len(self._cache) > CACHE_IMAGES:  # bounded: memory must not grow with the data set
+                    self._cache.popitem(last=False)
+            out.append(self._cache[i])
+        return torch.stack(out).to(self.ev.device)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +93,10 @@ class Intervener:
 
     def others(self, cls: int, n: int) -> list[int]:
         """Up to n correctly classified images whose class is not ``cls``, spread over classes."""
-        pool = [i for i in self.correct if self.ev.samples.at[i, "label"] != cls]
+        pool = self.correct[self.correct_labels != cls]
         if len(pool) > n:
-            pool = sorted(self.rng.choice(pool, n, replace=False).tolist())
-        return pool
+            pool = np.sort(self.rng.choice(pool, n, replace=False))
+        return pool.tolist()
 
     def test(self, sources: list[int], cls: int, box) -> dict:
         """Remove ``box`` from the source images and paste it onto other classes' images."""
@@ -120,7 +132,7 @@ class Intervener:
         mask = region_mask((h, w), _pad(box, self.spec.pad))
         key = (true, method, tuple(np.round(box, 3)))
         if key not in self._donors:
-            pool = [j for j in self.correct if self.ev.samples.at[j, "label"] == true]
+            pool = self.correct[self.correct_labels == true].tolist()
             maps = self.ev.heatmaps.get(method, {}) if method else {}
             scored = []
             for j in pool:
@@ -196,7 +208,7 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
                 _aggregate(f, members, spec)
             continue
         cls = ev.classes.index(f.cls)
-        members = [i for i in tester.correct if s.at[i, "prediction"] == cls]
+        members = tester.correct[tester.correct_labels == cls].tolist()  # correct: label == prediction
         if len(members) > spec.class_images:
             members = sorted(tester.rng.choice(members, spec.class_images, replace=False).tolist())
         if not members:

@@ -33,7 +33,9 @@ def spectral_groups(x: np.ndarray, k_neighbours: int = 8, max_groups: int = 6) -
     """Group rows of x: kNN affinity → normalised Laplacian → eigengap → hierarchical grouping."""
     n = len(x)
     k = min(k_neighbours, n - 1)
-    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    sq = (x * x).sum(1)
+    # |a-b|^2 = |a|^2 + |b|^2 - 2ab: an n x n matrix, never n x n x features.
+    d = np.sqrt(np.clip(sq[:, None] + sq[None] - 2 * x @ x.T, 0, None))
     sigma = np.median(np.sort(d, axis=1)[:, k]) + 1e-12
     near = np.argsort(d, axis=1)[:, 1:k + 1]
     a = np.zeros((n, n))
@@ -76,7 +78,8 @@ def window_mass(maps: np.ndarray, box) -> np.ndarray:
 
 @RULES.register("fixed_location", level="class", needs="heatmaps", direction="higher is more suspicious")
 def fixed_location(ev: Evidence, min_images: int = 8, min_group: int = 3, min_lift: float = 5.0,
-                   z_min: float = 3.0, min_tightness: float = 0.5, severity: dict | None = None) -> list:
+                   z_min: float = 3.0, min_tightness: float = 0.5, max_images: int = 1500,
+                   severity: dict | None = None) -> list:
     """A tight group of a class's explanations pointing at one small fixed spot (SpRAy-style)."""
     severity = severity or SEVERITY
     out: dict[tuple, ClassFinding] = {}
@@ -91,6 +94,8 @@ def fixed_location(ev: Evidence, min_images: int = 8, min_group: int = 3, min_li
             members = np.flatnonzero(preds == c)
             if len(members) < min_images:
                 continue
+            if len(members) > max_images:  # the eigendecomposition is cubic: a seeded sample suffices
+                members = np.sort(np.random.default_rng(int(c)).choice(members, max_images, replace=False))
             x = small[members].reshape(len(members), -1)
             labels, groups = spectral_groups(x)
             others = small[preds != c]
