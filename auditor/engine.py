@@ -75,16 +75,21 @@ def max_rows(ctx: Context) -> int:
     return max(1, int(ctx.cfg.run.max_memory * 2**20 // (ROW_MEMORY_FACTOR * c * h * w * 4)))
 
 
-def method_params(ctx: Context, name: str) -> dict:
+def method_kwargs(name: str, params: dict, layer, seed: int, rows: int | None = None) -> dict:
+    """A method's configured params plus what the run supplies: its layer, seed and row budget."""
     entry = METHODS.get(name)
-    params = dict(ctx.methods[name])
+    out = dict(params)
     if entry.meta.get("needs_layer"):
-        params.setdefault("layer", ctx.layer)
+        out["layer"] = layer
     if entry.meta.get("stochastic"):
-        params.setdefault("seed", ctx.cfg.run.seed)
-    if "max_rows" in entry.meta.get("defaults", {}):
-        params.setdefault("max_rows", max_rows(ctx))
-    return params
+        out.setdefault("seed", seed)
+    if rows is not None and "max_rows" in entry.meta.get("defaults", {}):
+        out.setdefault("max_rows", rows)
+    return out
+
+
+def method_params(ctx: Context, name: str) -> dict:
+    return method_kwargs(name, ctx.methods[name], ctx.layer, ctx.cfg.run.seed, max_rows(ctx))
 
 
 def _is_oom(e: Exception) -> bool:

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from auditor.config import SEVERITIES
-from auditor.data import SampleRef
+from auditor.data import SampleRef, read_image, to_model_input
 
 
 @dataclass
@@ -92,6 +92,10 @@ class Evidence:
         if not ids:
             return [], np.zeros((0, 1, 1), np.float32)
         return ids, np.stack([store[i] for i in ids]).astype(np.float32)
+
+    def model_input(self, i: int) -> torch.Tensor:
+        """Image i decoded and preprocessed as the model saw it: [C, H, W] on the host."""
+        return to_model_input(read_image(self.refs[i].path), self.input_spec)
 
     def to_file_bbox(self, i: int, frac_box) -> list[float]:
         """A box given as fractions of the image [x0, y0, x1, y1] in image i's file pixels."""

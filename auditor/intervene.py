@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from auditor.config import InterventionSpec
-from auditor.data import read_image, to_model_input
 from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.heatmap import region_mask
 
@@ -81,7 +80,7 @@ class Intervener:
             if i in self._cache:
                 self._cache.move_to_end(i)
             else:
-                self._cache[i] = to_model_input(read_image(self.ev.refs[i].path), self.ev.input_spec)
+                self._cache[i] = self.ev.model_input(i)
                 if len(self._cache) > CACHE_IMAGES:  # bounded: memory must not grow with the data set
                     self._cache.popitem(last=False)
             out.append(self._cache[i])

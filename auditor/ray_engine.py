@@ -32,12 +32,13 @@ class MemoryStore:
 
 
 class AuditWorker:
-    def __init__(self, cfg, classes, refs, methods, support, model_key):
+    def __init__(self, cfg, refs, methods, support, model_key):
+        from auditor.data import load_classes
         from auditor.model import build_model, pick_device, target_layer
         import auditor.methods  # noqa: F401  (registers the methods in this process)
 
         device = pick_device(cfg.run.device)
-        model = build_model(cfg, len(classes), device)
+        model = build_model(cfg, len(load_classes(cfg)), device)
         layer = target_layer(model, cfg.model.target_layer, cfg.source)
         self.ctx = Context(cfg, model, device, layer, methods, support, refs, model_key)
         self.dataset = ImageDataset(refs, cfg.model.input)
@@ -70,7 +71,7 @@ def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
     ds = ray.data.from_items([{"id": i} for i in range(len(ctx.refs))])
     results = ds.map_batches(
         AuditWorker, batch_size=cfg.run.batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(cfg=cfg, classes=_classes(ctx), refs=ctx.refs, methods=ctx.methods,
+        fn_constructor_kwargs=dict(cfg=cfg, refs=ctx.refs, methods=ctx.methods,
                                    support=ctx.support, model_key=ctx.model_key),
         compute=ActorPoolStrategy(size=cfg.run.ray_workers), num_gpus=gpus, num_cpus=1,
         max_restarts=2, max_task_retries=2)
@@ -86,7 +87,3 @@ def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
         ctx.disabled.update(disabled)
     return total
 
-
-def _classes(ctx: Context) -> list[str]:
-    from auditor.data import load_classes
-    return load_classes(ctx.cfg)

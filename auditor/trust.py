@@ -22,7 +22,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.stats import rankdata
 
 from auditor.config import TrustSpec
-from auditor.data import read_image, to_model_input
+from auditor.engine import method_kwargs
 from auditor.registry import METHODS
 
 
@@ -36,13 +36,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _heat(name: str, params: dict, model, layer, x, target, seed: int) -> np.ndarray:
-    entry = METHODS.get(name)
-    p = dict(params)
-    if entry.meta.get("needs_layer"):
-        p["layer"] = layer
-    if entry.meta.get("stochastic"):
-        p.setdefault("seed", seed)
-    return entry.fn(model, x, target, **p).detach().float().cpu().numpy()
+    kwargs = method_kwargs(name, params, layer, seed)
+    return METHODS.get(name).fn(model, x, target, **kwargs).detach().float().cpu().numpy()
 
 
 def randomisation(name, params, model, layer, x, target, seed: int) -> list[float]:
@@ -117,7 +112,7 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
     ids = test_images(s, spec.images, seed)
     if not ids:
         return {}
-    x = torch.stack([to_model_input(read_image(ev.refs[i].path), ev.input_spec) for i in ids]).to(ev.device)
+    x = torch.stack([ev.model_input(i) for i in ids]).to(ev.device)
     target = torch.tensor(s.loc[ids, "prediction"].to_numpy(), device=ev.device)
     out = {}
     for name, params in methods.items():
