@@ -183,12 +183,12 @@ class SharedReLU(nn.Module):
 def test_relu_module_rules(tiny):
     model, x, target = tiny
     shared = SharedReLU(model).eval()
-    for name in ("deeplift", "deconvolution"):  # Captum keeps one state per module: refuse reuse
-        with pytest.raises(ValueError, match=f"{name}: module 'relu'.*2 times"):
-            METHODS.get(name)(shared, x, target)
-        assert hooks_of(shared) == {}
-    # guided backprop uses only each call's own input gradient: reuse and in-place are fine
-    for name in ("guided_backprop", "guided_gradcam"):
+    # Captum's Deconvolution keeps one state per module: refuse reuse
+    with pytest.raises(ValueError, match="deconvolution: module 'relu'.*2 times"):
+        METHODS.get("deconvolution")(shared, x, target)
+    assert hooks_of(shared) == {}
+    # these use only each call's own input and gradient: reuse and in-place are fine
+    for name in ("guided_backprop", "guided_gradcam", "deeplift"):
         kw = {"layer": model.conv2} if METHODS.get(name).meta.get("needs_layer") else {}
         torch.testing.assert_close(METHODS.get(name)(shared, x, target, **kw),
                                    METHODS.get(name)(model, x, target, **kw))
@@ -196,6 +196,48 @@ def test_relu_module_rules(tiny):
     inplace.relu1.inplace = inplace.relu2.inplace = True
     torch.testing.assert_close(METHODS.get("deeplift")(inplace, x, target),
                                METHODS.get("deeplift")(TinyCNN().eval(), x, target))
+    assert shared.relu.inplace and inplace.relu1.inplace and "forward" not in vars(shared.relu)
+
+
+class PoolNet(nn.Module):
+    """Elementwise non-linearities of several kinds and overlapping max pooling."""
+
+    def __init__(self, act: type[nn.Module]):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.act1 = nn.Conv2d(3, 6, 3, padding=1), act()
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2, self.act2 = nn.Conv2d(6, 6, 3, padding=1), act()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.conv2(self.pool(self.act1(self.conv1(x))))).mean((2, 3)))
+
+
+def _deeplift_raw(model, x, target):
+    """Signed DeepLift attributions [B, C, H, W] from our implementation (before reduction)."""
+    from auditor.methods.deeplift import rescaled
+
+    rows = torch.cat([x, torch.zeros_like(x)]).requires_grad_(True)
+    with rescaled(model):
+        grad, = torch.autograd.grad(model(rows)[: len(x)].gather(1, target[:, None]).sum(), rows)
+    return x * grad[: len(x)]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.ELU, nn.GELU])
+def test_deeplift_rules(act, tiny):
+    from captum.attr import DeepLift
+
+    _, x, target = tiny
+    model = PoolNet(act).eval()
+    attr = _deeplift_raw(model, x, target)
+    with torch.no_grad():  # summation to delta, also through overlapping pooling windows
+        gap = (model(x) - model(torch.zeros_like(x))).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(attr.flatten(1).sum(1), gap, rtol=1e-4, atol=1e-5)
+    model.pool = nn.Identity()  # without pooling, the same numbers as Captum's DeepLift
+    if act in (nn.ReLU, nn.Tanh, nn.ELU):
+        ref = DeepLift(model).attribute(x.clone().requires_grad_(True), baselines=0.0, target=target)
+        torch.testing.assert_close(_deeplift_raw(model, x, target), ref.detach(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["lime", "kernel_shap"])

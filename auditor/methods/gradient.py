@@ -1,5 +1,5 @@
-"""Gradient methods, all through Captum: saliency, SmoothGrad, Integrated Gradients, DeepLift,
-GradientSHAP, guided backprop, deconvolution.
+"""Gradient methods through Captum: saliency, SmoothGrad, Integrated Gradients, GradientSHAP,
+guided backprop, deconvolution (DeepLift has its own module, deeplift.py).
 
 Gradient-magnitude methods reduce |attribution| max over channels; signed ones keep the
 positive part of the channel sum. Baselines are 0 = the dataset mean in normalised space.
@@ -7,8 +7,7 @@ positive part of the channel sum. Baselines are 0 = the dataset mean in normalis
 from __future__ import annotations
 
 import torch
-from captum.attr import DeepLift, Deconvolution, GuidedBackprop, IntegratedGradients, Saliency
-from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+from captum.attr import Deconvolution, GuidedBackprop, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
 from auditor.methods._common import (abs_max, check_inputs, chunked_draws, finish, image_generators,
@@ -87,28 +86,6 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: i
                                     n_steps=n_steps, method=method,
                                     internal_batch_size=rows).detach())
     return finish("integrated_gradients", pos_sum(torch.cat(out)))
-
-
-_DEEPLIFT_WHY = ("Captum's DeepLift keeps one input/output per non-linear module, so a module "
-                 "used twice breaks its multipliers.")
-
-
-@register("deeplift", passes=lambda p, hw: (2, 2))
-def deeplift(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
-    """DeepLift (Rescale rule) from the mean image (0), positive part of the channel sum.
-
-    Captum runs each image and its baseline together (2 rows per image, chunked to max_rows).
-    Needs each non-linearity to be its own module used once per forward (nn.ReLU, not
-    F.relu: functional activations are silently treated as linear by Captum); in-place is fine.
-    """
-    target = check_inputs("deeplift", x, target)
-    step = max(1, rows_per_call(x, max_rows) // 2)
-    dl, out = DeepLift(model), []
-    with quiet(), single_use("deeplift", model, tuple(SUPPORTED_NON_LINEAR), _DEEPLIFT_WHY):
-        for s in range(0, x.shape[0], step):
-            out.append(dl.attribute(_grad_input(x[s:s + step]), baselines=0.0,
-                                    target=target[s:s + step]).detach())
-    return finish("deeplift", pos_sum(torch.cat(out)))
 
 
 @register("gradient_shap", stochastic=True,
