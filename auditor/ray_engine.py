@@ -4,11 +4,12 @@ Each actor loads the model once (one GPU each when there are GPUs), decodes its 
 the images' paths, and returns small records plus the new cache entries; the driver writes
 those into the store and gathers the records. Ray retries the tasks of an actor that dies
 (``max_restarts``/``max_task_retries``), and records are merged by sample id, so a retried
-batch is counted once.
+batch is counted once and a lost one is an error, never a silently smaller audit.
 """
 from __future__ import annotations
 
 import pickle
+import socket
 
 import numpy as np
 
@@ -51,6 +52,19 @@ class AuditWorker:
         return {"payload": np.array([payload], dtype=object)}
 
 
+# ray.init on an address where nothing answers retries for many minutes; a plain TCP connect
+# says in at most this many seconds that nobody listens there.
+PROBE_TIMEOUT_S = 5
+
+
+def probe(address: str) -> None:
+    """Raise OSError when nothing accepts a TCP connection at ``[ray://]host:port``."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or a form Ray parses itself: let ray.init judge it
+    socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+
+
 def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
     try:
         import ray
@@ -59,11 +73,14 @@ def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
     cfg = ctx.cfg
     if not ray.is_initialized():
         try:
+            if cfg.run.ray_address:
+                probe(cfg.run.ray_address)
             ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, num_cpus=None if cfg.run.ray_address else cfg.run.ray_workers)
         except Exception as e:
+            why = (str(e).strip().splitlines() or [""])[0]  # Ray's messages run to many lines
             raise ConfigError(f"{cfg.source}: 'run.ray_address': cannot start or reach Ray "
-                              f"({cfg.run.ray_address or 'local'}): {type(e).__name__}: {e}") from None
+                              f"({cfg.run.ray_address or 'local'}): {type(e).__name__}: {why}") from None
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = not quiet
@@ -85,5 +102,7 @@ def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
         store.put_many(items)
         merge(total, rec)
         ctx.disabled.update(disabled)
+    if len(done) != len(ctx.refs):
+        raise RuntimeError(f"the Ray engine returned results for {len(done)} of {len(ctx.refs)} images")
     return total
 

@@ -1,4 +1,4 @@
-"""The batch engine: cache reuse, corruption detection, resume after kill -9, the Ray engine."""
+"""The batch engine: cache reuse, corruption detection, resume after kill -9 (the Ray engine: test_ray.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from typer.testing import CliRunner
 
 from auditor.cli import app
@@ -115,15 +114,3 @@ def test_out_of_memory_batch_is_split_and_retried(project, monkeypatch):
     doc = run(project)
     assert max(calls) > 2 and min(calls) <= 2
     assert doc["metrics"]["explained"] == 12 and not doc["warnings"]
-
-
-def test_ray_engine_matches_local(project):
-    pytest.importorskip("ray")
-    import ray
-    local = run(project, "--set", "run.cache=false")
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        distributed = run(project, "--set", "run.cache=false", "--set", "run.engine=ray")
-    finally:
-        ray.shutdown()
-    assert stable(local) == stable(distributed)
