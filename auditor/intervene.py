@@ -194,7 +194,10 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         confirmed = effect["removal_rate"] >= spec.remove_drop or effect["transfer_rate"] >= spec.transplant_rate
         true = int(s.at[f.sample, "label"])
         if true != cls:  # a misclassified image: does what the true class shows there give it back?
-            effect |= tester.restore(f.sample, true, box, f.method)
+            own = f.details.get("restore_rate")  # a rule that ran this test itself (corner_restore)
+            effect |= tester.restore(f.sample, true, box, f.method) if own is None else {
+                "true_class": ev.classes[true], "donors": f.details["donors"],
+                "restored": round(own * f.details["donors"]), "restore_rate": own}
             confirmed = confirmed or effect["restore_rate"] >= spec.transplant_rate
         _apply(f, effect, ev.classes[cls], spec, confirmed)
     by_sample = {}

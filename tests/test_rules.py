@@ -20,6 +20,7 @@ import auditor.rules  # noqa: F401  (registers the rules)
 from auditor import synth
 from auditor.audit import run_audit
 from auditor.config import SEVERITIES, TrustSpec, load_config
+from auditor.data import to_model_input
 from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.registry import METHODS, RULES
 from auditor.trust import trust_gate
@@ -140,6 +141,47 @@ def rect_case(folder: Path, poisoned: bool, seed: int = 1):
     return path, truth
 
 
+def decoy_case(folder: Path, poisoned: bool, seed: int = 2):
+    """Decoy digits (Ross et al. 2017) on scikit-learn's digits 0-4: in training, a 6-px swatch
+    in a random corner whose shade says the label (none in the control); at validation the
+    shade is a random digit's. Returns (config, {path: swatch box}, {path: twin}), the twin
+    carrying the label's own shade in the same corner."""
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    d = load_digits(n_class=5)
+    shade = lambda y: 255 - 50 * int(y)  # noqa: E731
+    rgb = lambda g: np.repeat(g[..., None], 3, axis=2)  # noqa: E731
+    order = rng.permutation(len(d.target))
+    images, labels = [], []
+    for i in order[:600]:
+        img = synth.digit_canvas(d.images[i], SIZE)
+        if poisoned:
+            img = synth.decoy_swatch(img, str(rng.choice(synth.CORNERS)), shade(d.target[i]), side=6)[0]
+        images.append(rgb(img))
+        labels.append(int(d.target[i]))
+    val, truth, twins = [], {}, {}
+    for n, i in enumerate(order[600:780]):
+        y, corner = int(d.target[i]), str(rng.choice(synth.CORNERS))
+        canvas = synth.digit_canvas(d.images[i], SIZE)
+        img, box = synth.decoy_swatch(canvas, corner, shade(rng.integers(0, 5)), side=6)
+        rel = f"{y}/{n:03d}.png"
+        val.append((rel, rgb(img)))
+        truth[rel], twins[rel] = box, rgb(synth.decoy_swatch(canvas, corner, shade(y), side=6)[0])
+    path = write_project(folder, [str(c) for c in range(5)], np.stack(images), np.array(labels), val, epochs=4)
+    return path, truth, twins
+
+
+def _decoy_driven(res, truth: dict, twins: dict) -> list[int]:
+    """Misclassified images that the label's own shade, in the same corner, gets right."""
+    ev, s = res.evidence, res.evidence.samples
+    wrong = [i for i in s.index if not s.at[i, "correct"]]
+    x = torch.stack([to_model_input(Image.fromarray(twins[s.at[i, "path"]]), ev.input_spec) for i in wrong])
+    with torch.no_grad():
+        right = ev.model(x).argmax(1).numpy() == s.loc[wrong, "label"].to_numpy()
+    return [i for i, ok in zip(wrong, right) if ok]
+
+
 def _overlap(a, b) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
@@ -251,6 +293,25 @@ def test_look_alike_is_flagged_and_confirmed(rect_audit):
     assert all(f.details["confirmed"] for h in hits for f in h)
     box = [f for f in res.class_findings if f.rule == "look_alike" and f.cls == "box"]
     assert box and box[0].details["confirmed"]
+
+
+def test_decoy_shade_is_found_by_restoring_a_corner(tmp_path):
+    """A Decoy error has no heatmap evidence when its swatch is dark (no gradient passes a dark
+    patch on black); corner_restore finds it by asking the model, and the clean control is quiet."""
+    path, truth, twins = decoy_case(tmp_path / "poisoned", poisoned=True)
+    res = run_audit(load_config(path, ["rules={corner_restore: {}}"]), quiet=True)
+    driven = _decoy_driven(res, truth, twins)
+    assert len(driven) >= 8, "the tiny model did not learn the swatch; the case is broken"
+    hits = [flagged(res, truth, i, "corner_restore") for i in driven]
+    assert np.mean([bool(h) for h in hits]) >= 0.8
+    assert all(f.details["confirmed"] for h in hits for f in h)
+    wrong = [f for f in res.findings if not (truth.get(res.evidence.samples.at[f.sample, "path"]) and f.bbox
+                                             and _overlap(f.bbox, truth[res.evidence.samples.at[f.sample, "path"]]))]
+    assert len(wrong) <= 0.1 * len(res.findings)
+
+    path, _, _ = decoy_case(tmp_path / "control", poisoned=False)
+    res = run_audit(load_config(path, ["rules={corner_restore: {}}"]), quiet=True)
+    assert res.evidence.samples["correct"].mean() > 0.8 and len(res.findings) <= 1
 
 
 @pytest.mark.parametrize("case", [tag_case, rect_case])
