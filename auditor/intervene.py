@@ -156,7 +156,7 @@ class Intervener:
 
 def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
     parts = []
-    if "restore_rate" in effect:
+    if "restore_rate" in effect and not effect.get("restore_by_rule"):  # the rule's own sentence says it
         parts.append(f"putting back what {effect['donors']} correctly classified '{effect['true_class']}' images "
                      f"show there gave '{effect['true_class']}' back in {effect['restored']} of them")
     if effect["removed_from"] == 1:
@@ -197,7 +197,7 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
             own = f.details.get("restore_rate")  # a rule that ran this test itself (corner_restore)
             effect |= tester.restore(f.sample, true, box, f.method) if own is None else {
                 "true_class": ev.classes[true], "donors": f.details["donors"],
-                "restored": round(own * f.details["donors"]), "restore_rate": own}
+                "restored": round(own * f.details["donors"]), "restore_rate": own, "restore_by_rule": True}
             confirmed = confirmed or effect["restore_rate"] >= spec.transplant_rate
         _apply(f, effect, ev.classes[cls], spec, confirmed)
     by_sample = {}
