@@ -323,6 +323,20 @@ def test_clean_control_has_no_class_finding_above_low(case, tmp_path):
     assert not loud
 
 
+def test_unchanged_rerun_reuses_the_interventions(tag_audit, monkeypatch):
+    res, _, path = tag_audit
+    assert sum("intervention" in f.details for f in res.findings) >= 8
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("interventions were run again")
+
+    monkeypatch.setattr("auditor.audit.confirm", refuse)
+    again = run_audit(load_config(path), quiet=True)
+    assert [(f.sample, f.rule, f.severity, f.message, f.details) for f in again.findings] == \
+           [(f.sample, f.rule, f.severity, f.message, f.details) for f in res.findings]
+    assert [f.to_json() for f in again.class_findings] == [f.to_json() for f in res.class_findings]
+
+
 # --- off_object: evidence off the annotated object -------------------------------------------
 
 def test_off_object_on_a_manifest_with_boxes_and_masks(tag_audit, tmp_path):
