@@ -1,39 +1,35 @@
 """The Ray engine: the same ``process_batch`` as the local engine, run by a pool of actors.
 
 Each actor loads the model once (one GPU each when there are GPUs), decodes its batches from
-the images' paths, and returns small records plus the new cache entries; the driver writes
-those into the store and gathers the records. Ray retries the tasks of an actor that dies
-(``max_restarts``/``max_task_retries``), and records are merged by sample id, so a retried
-batch is counted once and a lost one is an error, never a silently smaller audit.
+the images' paths, looks results up in the run's cache and writes what it computes into its
+own shard file beside it (``<cache>.shards/``); the driver gathers only the small records and
+absorbs the shards into the cache when the pool is done (and, first, any shards that an
+interrupted run left behind, so a killed Ray run resumes too). Ray retries the tasks of an
+actor that dies (``max_restarts``/``max_task_retries``), and records are merged by sample id,
+so a retried batch is counted once and a lost one is an error, never a silently smaller audit.
+With the run folder on a filesystem every node mounts, workers on other machines share it.
 """
 from __future__ import annotations
 
 import pickle
 import socket
+import uuid
+from pathlib import Path
 
 import numpy as np
 
 from auditor.config import ConfigError
 from auditor.data import ImageDataset, collate
 from auditor.engine import Context, Records, merge, process_batch
-from auditor.store import Store
+from auditor.store import ShardedStore, Store
 
 
-class MemoryStore:
-    """The store interface for a worker: nothing known up front, new entries kept for the driver."""
-
-    def __init__(self):
-        self.items: dict = {}
-
-    def get_many(self, keys):
-        return {}
-
-    def put_many(self, items):
-        self.items.update(items)
+def shard_folder(store: Store) -> Path:
+    return store.path.with_name(store.path.name + ".shards")
 
 
 class AuditWorker:
-    def __init__(self, cfg, refs, methods, support, model_key):
+    def __init__(self, cfg, refs, methods, support, model_key, cache: str):
         from auditor.data import load_classes
         from auditor.model import build_model, pick_device, target_layer
         import auditor.methods  # noqa: F401  (registers the methods in this process)
@@ -43,12 +39,14 @@ class AuditWorker:
         layer = target_layer(model, cfg.model.target_layer, cfg.source)
         self.ctx = Context(cfg, model, device, layer, methods, support, refs, model_key)
         self.dataset = ImageDataset(refs, cfg.model.input)
+        shards = shard_folder(Store(cache))
+        shards.mkdir(exist_ok=True)
+        self.store = ShardedStore(Path(cache), shards / f"{uuid.uuid4().hex}.sqlite")
 
     def __call__(self, batch: dict) -> dict:
         ids = [int(i) for i in batch["id"]]
-        store = MemoryStore()
-        rec = process_batch(self.ctx, collate([self.dataset[i] for i in ids]), store)
-        payload = pickle.dumps((ids, rec, store.items, dict(self.ctx.disabled)))
+        rec = process_batch(self.ctx, collate([self.dataset[i] for i in ids]), self.store)
+        payload = pickle.dumps((ids, rec, dict(self.ctx.disabled)))
         return {"payload": np.array([payload], dtype=object)}
 
 
@@ -63,6 +61,12 @@ def probe(address: str) -> None:
     if not host or not port.isdigit():
         return  # "auto", "local" or a form Ray parses itself: let ray.init judge it
     socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+
+
+def absorb_shards(store: Store) -> None:
+    folder = shard_folder(store)
+    for shard in sorted(folder.glob("*.sqlite")) if folder.is_dir() else []:
+        store.absorb(shard)
 
 
 def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
@@ -84,24 +88,25 @@ def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = not quiet
+    absorb_shards(store)  # what an interrupted Ray run computed is cached: reuse it
     gpus = 1 if ctx.device.type == "cuda" else 0
     ds = ray.data.from_items([{"id": i} for i in range(len(ctx.refs))])
     results = ds.map_batches(
         AuditWorker, batch_size=cfg.run.batch_size, batch_format="numpy",
         fn_constructor_kwargs=dict(cfg=cfg, refs=ctx.refs, methods=ctx.methods,
-                                   support=ctx.support, model_key=ctx.model_key),
+                                   support=ctx.support, model_key=ctx.model_key, cache=str(store.path)),
         compute=ActorPoolStrategy(size=cfg.run.ray_workers), num_gpus=gpus, num_cpus=1,
         max_restarts=2, max_task_retries=2)
     total = Records(heatmaps={m: {} for m in ctx.methods}, contrast={m: {} for m in ctx.methods})
     done: set[int] = set()
     for row in results.iter_rows():
-        ids, rec, items, disabled = pickle.loads(row["payload"])
+        ids, rec, disabled = pickle.loads(row["payload"])
         if done.intersection(ids):
             continue  # a retried batch that already arrived: never count twice
         done.update(ids)
-        store.put_many(items)
         merge(total, rec)
         ctx.disabled.update(disabled)
+    absorb_shards(store)
     if len(done) != len(ctx.refs):
         raise RuntimeError(f"the Ray engine returned results for {len(done)} of {len(ctx.refs)} images")
     return total

@@ -68,8 +68,39 @@ class Store:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?)", rows)
 
+    def absorb(self, shard: Path) -> int:
+        """Copy another store file's entries (a Ray worker's shard) into this one; delete the shard.
+
+        Entries keep their checksums, so a shard damaged on disk is caught when read."""
+        self.db.execute("ATTACH DATABASE ? AS shard", (str(shard),))
+        try:
+            with self.db:
+                n = self.db.execute("INSERT OR IGNORE INTO blobs SELECT * FROM shard.blobs").rowcount
+        finally:
+            self.db.execute("DETACH DATABASE shard")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{shard}{suffix}").unlink(missing_ok=True)
+        return n
+
     def close(self) -> None:
         self.db.close()
+
+
+class ShardedStore:
+    """A worker's view: look up in the shared store and its own shard, write to its shard only.
+
+    Workers never write to the shared file, so many processes (on many machines, with the run
+    folder on a shared filesystem) can work at once; the driver absorbs the shards."""
+
+    def __init__(self, shared: Path, shard: Path):
+        self.shared, self.shard = Store(shared), Store(shard)
+
+    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
+        out = self.shared.get_many(keys)
+        return out | self.shard.get_many([k for k in keys if k not in out])
+
+    def put_many(self, items: dict[str, np.ndarray]) -> None:
+        self.shard.put_many(items)
 
 
 class LazyMaps(Mapping):

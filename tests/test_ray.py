@@ -59,6 +59,16 @@ def test_ray_engine_matches_local(project, local_ray):
     assert rows == local_rows
 
 
+def test_ray_workers_share_the_cache_through_shards(project, local_ray):
+    """Workers write shards beside the cache; the driver absorbs them, so a rerun computes nothing."""
+    first, _ = run(project, "--set", "run.engine=ray", "--set", "run.cache=true")
+    second, _ = run(project, "--set", "run.engine=ray", "--set", "run.cache=true")
+    assert first["run"]["computed"]["predictions"] == 12 and second["run"]["computed"] == {}
+    assert stable(first) == stable(second)
+    shards = project.folder / "reports" / ".cache" / "cache.sqlite.shards"
+    assert shards.is_dir() and not list(shards.iterdir())
+
+
 # The first real batch any Ray worker predicts kills that worker outright, as an OOM kill or a
 # lost node would: no exception, no cleanup. O_EXCL makes the marker's creation atomic, so exactly
 # one process dies, once; the driver (this pytest process) and build_model's one-row dry run are
