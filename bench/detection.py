@@ -22,7 +22,9 @@ through the command line (``auditor run case.yaml --quiet``, a subprocess) and i
 - dose: the same for the cue on 0, 10, 50 and 100 % of one class's training images.
 
 Goals: recall >= 0.95, precision >= 0.90, cue class ranked first, no medium+ class finding on
-any control, confirmed share >= 0.9. The table goes to stdout and, with every number, to
+any control, confirmed share >= 0.9. The precision goal is judged on "precision", not "strict":
+a finding on the empty corner of a photo whose missing tag made it wrong (its twin with the tag
+is classified right) is a true finding about the model's reliance on the tag. The table goes to stdout and, with every number, to
 ``bench/out/detection.json``. Trained cases are cached in ``bench/out/cases/`` by a stamp of
 their parameters (``--fresh`` rebuilds them); the audit always runs anew.
 """
