@@ -53,60 +53,50 @@ def corner_restore(ev: Evidence, band: float = 0.15, donors: int = 4, candidates
     ring = torch.from_numpy(np.stack([region_mask((h, w), _grow(box, band)) for box in corners.values()]))
     ring = ring.to(ev.device) & ~masks[:, 0, 0]                                    # [4, h, w]
     # The most confident errors first, so a capped sweep keeps the clearest cases.
-    wrong = s[~s["correct"]].sort_values("confidence", ascending=False).index[:max_images]
-    pool = _donors(ev, sorted(set(s.loc[wrong, "label"])), masks, donors, candidates)
-
+    wrong = s[~s["correct"]].sort_values("confidence", ascending=False).head(max_images)
+    best_correct = s[s["correct"]].sort_values("confidence", ascending=False).groupby("label").head(candidates)
+    members = best_correct.groupby("label").groups
     findings = []
-    todo = [i for i in wrong if s.at[i, "label"] in pool]
-    per_call = max(1, ROWS // (len(corners) * donors))
-    for start in range(0, len(todo), per_call):
-        chunk = todo[start:start + per_call]
-        variants, truths = [], []
-        for i in chunk:
-            t = int(s.at[i, "label"])
-            x, d = ev.model_input(i).to(ev.device), pool[t]
-            variants.append(torch.where(masks, d, x[None, None]).flatten(0, 1))  # [4 * k, C, h, w]
-            truths.append(t)
-        with torch.no_grad():
-            pred = torch.cat([ev.model(v).argmax(1) for v in torch.cat(variants).split(ROWS)]).cpu()
-        offset = 0
-        for i, t, v in zip(chunk, truths, variants):
-            back = (pred[offset:offset + len(v)] == t).view(len(corners), -1).float().mean(1).numpy()
-            offset += len(v)
-            order = np.argsort(-back, kind="stable")
-            best, second = float(back[order[0]]), float(back[order[1]])
-            if best < min_rate:
-                continue
-            alone = best - second >= min_gap
-            where = int(order[0]) if alone else _own_mark(ev, i, masks, ring, back >= min_rate, min_mark)
-            findings.append(_finding(ev, i, corners, where, alone, back >= min_rate, back,
-                                     len(v) // len(corners), severity))
+    for t, todo in wrong.groupby("label").groups.items():  # one true class's donors in memory at a time
+        d = _donors(ev, list(members.get(t, [])), int(t), masks, donors)
+        if d is None:
+            continue
+        todo = list(todo)
+        per_call = max(1, ROWS // d[:, :, 0, 0, 0].numel())
+        for start in range(0, len(todo), per_call):
+            chunk = todo[start:start + per_call]
+            x = torch.stack([ev.model_input(i) for i in chunk]).to(ev.device)       # [n, C, h, w]
+            variants = torch.where(masks[None], d[None], x[:, None, None])         # [n, 4, k, C, h, w]
+            with torch.no_grad():
+                pred = torch.cat([ev.model(v).argmax(1) for v in variants.flatten(0, 2).split(ROWS)])
+            back = (pred == t).view(len(chunk), len(corners), -1).float().mean(2).cpu().numpy()
+            for i, b in zip(chunk, back):
+                order = np.argsort(-b, kind="stable")
+                best, second = float(b[order[0]]), float(b[order[1]])
+                if best < min_rate:
+                    continue
+                alone = best - second >= min_gap
+                where = int(order[0]) if alone else _own_mark(ev, i, masks, ring, b >= min_rate, min_mark)
+                findings.append(_finding(ev, i, corners, where, alone, b >= min_rate, b, d.shape[1], severity))
     return findings
 
 
-def _donors(ev: Evidence, classes: list[int], masks: torch.Tensor, k: int, candidates: int
-            ) -> dict[int, torch.Tensor]:
-    """Per true class: [corners, k, C, h, w] correctly classified images to take each corner from.
+def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor, k: int) -> torch.Tensor | None:
+    """[corners, k, C, h, w]: correctly classified images of class t to take each corner from.
 
     What a class's images show in a corner differs from image to image (a Decoy swatch sits in a
     random corner), so each corner gets its own donors: of the class's most confident correct
-    images, those whose confidence falls most when that corner is blanked (filled with the
-    image's mean), i.e. the images for which the model reads something there."""
-    s = ev.samples
-    correct = s[s["correct"]].sort_values("confidence", ascending=False)
-    out = {}
-    for t in classes:
-        members = correct.index[correct["label"] == t][:candidates].tolist()
-        if not members:
-            continue
-        x = torch.stack([ev.model_input(j) for j in members]).to(ev.device)          # [n, C, h, w]
-        blank = torch.where(masks, x.mean(dim=(2, 3), keepdim=True)[None], x[None])  # [4, n, C, h, w]
-        with torch.no_grad():
-            p = torch.cat([ev.model(v).softmax(1)[:, t] for v in torch.cat([x, blank.flatten(0, 1)]).split(ROWS)])
-        reliance = p[: len(x)][None] - p[len(x):].view(len(masks), len(x))            # [4, n]
-        top = reliance.argsort(dim=1, descending=True, stable=True)[:, :min(k, len(x))].cpu()
-        out[t] = x[top]
-    return out
+    images (``members``), those whose confidence falls most when that corner is blanked (filled
+    with the image's mean), i.e. the images for which the model reads something there."""
+    if not members:
+        return None
+    x = torch.stack([ev.model_input(j) for j in members]).to(ev.device)          # [n, C, h, w]
+    blank = torch.where(masks, x.mean(dim=(2, 3), keepdim=True)[None], x[None])  # [4, n, C, h, w]
+    with torch.no_grad():
+        p = torch.cat([ev.model(v).softmax(1)[:, t] for v in torch.cat([x, blank.flatten(0, 1)]).split(ROWS)])
+    reliance = p[: len(x)][None] - p[len(x):].view(len(masks), len(x))            # [4, n]
+    top = reliance.argsort(dim=1, descending=True, stable=True)[:, :min(k, len(x))]
+    return x[top]
 
 
 def _grow(box, by: float):
