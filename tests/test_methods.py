@@ -271,3 +271,14 @@ def test_superpixel_coefficients_match_captum(kind, tiny):
         with torch.no_grad():
             gap = prob(x)[0, target[0]] - prob(torch.zeros_like(x))[0, target[0]]
         torch.testing.assert_close(beta[0].sum().float(), gap, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lime", "kernel_shap"])
+def test_superpixel_fit_precomputed_segments(kind, tiny):
+    """``segments=`` (bench/methods.py times segmentation apart with it) gives the same fit;
+    the segmentation settings are then ignored."""
+    model, x, target = tiny
+    beta, seg = superpixel_fit(kind, model, x, target, 24, "slic", 12, 20.0, "prob", 0, 10)
+    again, seg2 = superpixel_fit(kind, model, x, target, 24, "quickshift", 3, 1.0, "prob", 0, 10,
+                                 segments=seg.numpy())
+    assert torch.equal(seg2, seg) and torch.equal(again, beta)
