@@ -52,12 +52,10 @@ image. Each of ``--repeats`` rounds times every row once on all images, in an or
 round; every figure is the median over rounds of the per-round value or ratio.
 
 Measured on the 2-core dev machine at the defaults (64 px, 32 images): every method within
-1.3x of its floor except deeplift, at ~2x. Why, and other things the ratios mean:
-- deeplift: Captum's DeepLift hooks every non-linearity: it clones each one's input and
-  output in the forward pass and computes the Rescale multipliers elementwise in the backward
-  pass. On this small CNN elementwise work is a large share of a pass, so the hooks cost about
-  as much as the two passes themselves (profiled: convolutions ~50% of its time). Reaching the
-  floor would mean replacing Captum's DeepLift, which the design rules out.
+1.3x of its floor. Why, and other things the ratios mean:
+- deeplift: our own implementation (``auditor/methods/deeplift.py``) runs image and baseline
+  as one batch and keeps one multiplier per non-linearity: 1.05-1.28x its floor. Captum's
+  DeepLift, which clones every non-linearity's input and output in hooks, measured 2.0-2.1x.
 - gradcam (and the Grad-CAM half of guided_gradcam) run below the floor: the backward pass
   stops at the layer, while the floor counts a full backward to the input.
 - Expanding methods send at most ``max_rows`` rows per call, and on CPU at most 2^18 pixels'
