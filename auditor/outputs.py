@@ -19,7 +19,8 @@ from auditor.audit import AuditResult
 from auditor.data import read_image
 from auditor.evidence import severity_rank
 from auditor.heatmap import normalise, region_mask, region_mass
-from auditor.overlay import EXEMPLAR_PX, MEAN_PX, PANEL_PX, heat_only, legend, overlay, save_picture, thumbnail
+from auditor.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, heat_only, legend, overlay, save_picture,
+                             strip, thumbnail)
 
 SCHEMA_VERSION = 1
 
@@ -102,28 +103,36 @@ def class_exemplars(ev, f, ids: list[int], maps: np.ndarray, k: int = 6) -> list
 
 def gallery_images(res: AuditResult, folder: Path, limit: int) -> dict:
     """Thumbnails the report shows, in ``folder/images``: per flagged image (worst first, at most
-    ``limit``) the original and one overlay per method with the flagged regions boxed; per class
-    finding the class's mean heatmap and up to six example overlays. Pixel sizes fit the printed
-    size at about 150 dpi (see ``auditor.overlay``). Returns the file names, relative to ``folder``."""
+    ``limit``) the original and one overlay per method with the flagged regions boxed, side by side
+    in one picture per row of at most ``PANELS_PER_ROW`` panels (``rows``: file, the method of each
+    panel, None for the original, and whether a region is boxed); per class finding the class's
+    mean heatmap and up to six example overlays. Pixel sizes fit the printed size at about 150 dpi
+    (see ``auditor.overlay``). Returns the file names, relative to ``folder``."""
     images = folder / "images"
     images.mkdir()
     legend().save(images / "legend.png")
     ev = res.evidence
     rel = lambda path: f"images/{path.name}"  # noqa: E731
     pictures = {"legend": "images/legend.png", "samples": {}, "classes": {}}
+    bboxes: dict[int, list] = {}
+    for f in res.findings:
+        if f.bbox:
+            bboxes.setdefault(f.sample, []).append(f.bbox)
     for n, i in enumerate(flagged_order(res.findings)[:limit]):
         try:
             base = thumbnail(read_image(ev.refs[i].path), PANEL_PX)
         except (OSError, ValueError):
             continue  # unreadable now: the report lists it in the table instead
         w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
-        boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h)
-                                   for f in res.findings if f.sample == i and f.bbox for b in [f.bbox]))
-        panels = [{"file": rel(save_picture(base, images / f"s{n:04d}-0")), "method": None}]
-        for k, m in enumerate((m for m in ev.heatmaps if i in ev.heatmaps[m]), start=1):
-            pic = overlay(base, ev.heatmaps[m][i], boxes)
-            panels.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{k}")), "method": m})
-        pictures["samples"][i] = {"panels": panels}
+        boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for b in bboxes.get(i, [])))
+        methods = [None] + [m for m in ev.heatmaps if i in ev.heatmaps[m]]
+        panels = [base] + [overlay(base, ev.heatmaps[m][i], boxes) for m in methods[1:]]
+        rows = []
+        for r in range(0, len(panels), PANELS_PER_ROW):  # one picture per row of panels
+            pic = strip(panels[r:r + PANELS_PER_ROW])
+            rows.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{r // PANELS_PER_ROW}")),
+                         "methods": methods[r:r + PANELS_PER_ROW], "boxed": bool(boxes)})
+        pictures["samples"][i] = {"rows": rows}
     for n, f in enumerate(res.class_findings):
         method = f.method if f.method in ev.heatmaps else next(iter(ev.heatmaps), None)
         if method is None or f.cls not in res.classes:

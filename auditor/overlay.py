@@ -17,15 +17,18 @@ BOX = (0, 200, 255)
 RIM = (0, 0, 0)
 
 # Printed sizes (the stylesheet uses the same millimetres) and pixels for ~150 dpi at that size.
+# A gallery card's pictures are one strip per row: PANELS_PER_ROW panels, each in a slot
+# PANEL_MM wide, GAP_MM apart, so a row printed at its slots' width keeps 150 dpi.
 PRINT_DPI = 150
-PANEL_MM, EXEMPLAR_MM, MEAN_MM = 30, 20, 40
+PANEL_MM, EXEMPLAR_MM, MEAN_MM, GAP_MM = 30, 20, 40, 2
+PANELS_PER_ROW = 5   # 5 * 30 + 4 * 2 = 158 mm: fits a card on A4 (about 176 mm inside)
 
 
 def px(mm: float) -> int:
     return round(mm / 25.4 * PRINT_DPI)
 
 
-PANEL_PX, EXEMPLAR_PX, MEAN_PX = px(PANEL_MM), px(EXEMPLAR_MM), px(MEAN_MM)
+PANEL_PX, EXEMPLAR_PX, MEAN_PX, GAP_PX = px(PANEL_MM), px(EXEMPLAR_MM), px(MEAN_MM), px(GAP_MM)
 _PALETTE = LUT.tobytes()
 _ALPHA = bytes(51 + (v * 166) // 255 for v in range(256))   # 0.2..0.85 opacity in 1/255 steps
 JPEG = {"quality": 85, "subsampling": 0, "optimize": False}   # 4:4:4 keeps the thin box lines sharp
@@ -92,6 +95,20 @@ def draw_box(img: Image.Image, box_frac) -> None:
     draw = ImageDraw.Draw(img)
     draw.rectangle(rect, outline=RIM, width=width + 2)
     draw.rectangle([rect[0] + 1, rect[1] + 1, rect[2] - 1, rect[3] - 1], outline=BOX, width=width)
+
+
+def strip(panels: list[Image.Image], slot: int = PANEL_PX, gap: int = GAP_PX) -> Image.Image:
+    """Panels side by side on white, each at the left of a ``slot``-wide cell, ``gap`` apart.
+
+    One picture per gallery row instead of one per panel: WeasyPrint pays per image (fetch,
+    decode, a PDF object) and per box around it, and the fixed slots let one line of captions,
+    with tab stops one slot apart, sit under the panels (see report.css, ``p.cap``).
+    """
+    height = max(p.height for p in panels)
+    out = Image.new("RGB", (len(panels) * slot + (len(panels) - 1) * gap, height), "white")
+    for k, p in enumerate(panels):
+        out.paste(p, (k * (slot + gap), 0))
+    return out
 
 
 def legend(width: int = 256, height: int = 12) -> Image.Image:

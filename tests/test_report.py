@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from auditor.cli import app
 from auditor.outputs import write_run
 from auditor.overlay import save_picture
-from auditor.report import allowed_url, render_pdf, run_folder_fetcher
+from auditor.report import _captions, allowed_url, class_findings, render_pdf, run_folder_fetcher
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL_CLASS = "<script>alert(1)</script>"
@@ -176,6 +176,47 @@ def test_pdf_render_survives_remote_references(tmp_path, caplog):
         render_pdf(root / "report.html", root / "report.pdf")
     assert (root / "report.pdf").stat().st_size > 0
     assert "refused to fetch" in caplog.text
+
+
+def test_gallery_card_is_one_picture_with_a_caption_under_each_panel(report):
+    """A card's panels are one strip picture (one image for WeasyPrint to place, not one per panel),
+    with one line of captions whose tab stops, one panel apart, put each caption under its panel."""
+    res, folder = report
+    page = (folder / "report.html").read_text()
+    gallery = page[page.index('<section id="gallery">'):page.index('<section id="methods">')]
+    flagged = len(dict.fromkeys(f.sample for f in res.findings))
+    assert gallery.count('<img class="strip w3"') == gallery.count('<article class="card') == flagged
+    assert gallery.count("original\tgradcam\tsaliency (not trusted)</p>") == flagged
+    strips = sorted((folder / "images").glob("s*"))
+    assert len(strips) == flagged and all(p.stem.endswith("-0") for p in strips)
+    with Image.open(strips[0]) as im:   # three panel slots and two gaps, at the printed 150 dpi
+        from auditor.overlay import GAP_PX, PANEL_PX
+        assert im.size == (3 * PANEL_PX + 2 * GAP_PX, PANEL_PX)
+
+
+def test_captions_sit_under_their_panels_or_spell_the_order_out():
+    trusted = {"gradcam", "saliency"}
+    assert _captions([None, "gradcam", "saliency"], trusted) == "original\tgradcam\tsaliency"
+    # the last caption may run on; one in the middle keeps its slot and says "not trusted" below it
+    assert _captions([None, "gradcam", "lime"], trusted) == "original\tgradcam\tlime (not trusted)"
+    assert _captions([None, "lime", "gradcam"], trusted) == "original\tlime\tgradcam\n\tnot trusted"
+    # a name too long for its slot would push the next tab stop along: spell the order out instead
+    assert _captions([None, "integrated_gradients", "gradcam"], trusted | {"integrated_gradients"}) == \
+        "left to right: original, integrated_gradients, gradcam"
+    assert _captions([None], trusted) == "original"
+
+
+def test_class_finding_without_a_region_mentions_no_box(report):
+    res, _ = report
+    pictures = {"classes": {0: {"mean": "images/c000-mean.png", "method": "gradcam", "images": 12, "exemplars": []}}}
+    boxed = class_findings(res, pictures)[0]["mean_caption"]
+    assert boxed.endswith("; box: the region")
+    res.class_findings[0].region, kept = None, res.class_findings[0].region
+    try:
+        caption = class_findings(res, pictures)[0]["mean_caption"]
+    finally:
+        res.class_findings[0].region = kept
+    assert "box" not in caption and caption.startswith("Mean of 12 images called")
 
 
 def test_pictures_are_jpeg_when_photo_like_png_when_flat(tmp_path):
