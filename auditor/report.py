@@ -53,6 +53,8 @@ GLOSSARY = {
                   "copy.",
     "corner_border": "Watermarks, scanner frames and printed tags live there; a model that looks there has probably "
                      "learned the mark rather than the object.",
+    "corner_restore": "It asks the model directly rather than a heatmap, so it also catches a mark that works by its "
+                      "absence or its shade (a missing watermark, a swatch of the wrong grey), which heatmaps cannot show.",
     "fixed_location": "When many images of one class are decided from the same small spot, something placed there "
                       "(a logo, a ruler, a tag) is probably doing the work.",
     "look_alike": "It catches a model that takes any object of the right shape (a bright blob, a rectangle) for the "
