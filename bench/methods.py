@@ -53,9 +53,11 @@ round; every figure is the median over rounds of the per-round value or ratio.
 
 Measured on the 2-core dev machine at the defaults (64 px, 32 images): every method within
 1.3x of its floor. Why, and other things the ratios mean:
-- deeplift: our own implementation (``auditor/methods/deeplift.py``) runs image and baseline
-  as one batch and keeps one multiplier per non-linearity: 1.05-1.28x its floor. Captum's
-  DeepLift, which clones every non-linearity's input and output in hooks, measured 2.0-2.1x.
+- deeplift: our own implementation (``auditor/methods/deeplift.py``) runs the images with a
+  single baseline row (the baseline is the same for all) and keeps one multiplier per
+  non-linearity: 1 forward + 1 backward per image, 1.09x that floor on a quiet machine.
+  Captum's DeepLift runs a baseline row per image and clones every non-linearity's input and
+  output in hooks: 2.0-2.1x the floor of 2 + 2 passes, i.e. ~4x our time.
 - gradcam (and the Grad-CAM half of guided_gradcam) run below the floor: the backward pass
   stops at the layer, while the floor counts a full backward to the input.
 - Expanding methods send at most ``max_rows`` rows per call, and on CPU at most 2^18 pixels'

@@ -214,30 +214,22 @@ class PoolNet(nn.Module):
         return self.fc(self.act2(self.conv2(self.pool(self.act1(self.conv1(x))))).mean((2, 3)))
 
 
-def _deeplift_raw(model, x, target):
-    """Signed DeepLift attributions [B, C, H, W] from our implementation (before reduction)."""
-    from auditor.methods.deeplift import rescaled
-
-    rows = torch.cat([x, torch.zeros_like(x)]).requires_grad_(True)
-    with rescaled(model):
-        grad, = torch.autograd.grad(model(rows)[: len(x)].gather(1, target[:, None]).sum(), rows)
-    return x * grad[: len(x)]
-
-
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.ELU, nn.GELU])
 def test_deeplift_rules(act, tiny):
     from captum.attr import DeepLift
 
+    from auditor.methods.deeplift import attributions
+
     _, x, target = tiny
     model = PoolNet(act).eval()
-    attr = _deeplift_raw(model, x, target)
+    attr = attributions(model, x, target)
     with torch.no_grad():  # summation to delta, also through overlapping pooling windows
         gap = (model(x) - model(torch.zeros_like(x))).gather(1, target[:, None])[:, 0]
     torch.testing.assert_close(attr.flatten(1).sum(1), gap, rtol=1e-4, atol=1e-5)
     model.pool = nn.Identity()  # without pooling, the same numbers as Captum's DeepLift
     if act in (nn.ReLU, nn.Tanh, nn.ELU):
         ref = DeepLift(model).attribute(x.clone().requires_grad_(True), baselines=0.0, target=target)
-        torch.testing.assert_close(_deeplift_raw(model, x, target), ref.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(attributions(model, x, target), ref.detach(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["lime", "kernel_shap"])

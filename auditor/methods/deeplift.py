@@ -1,4 +1,4 @@
-"""DeepLift (Rescale rule) in one batched forward and backward pass over [inputs; baselines].
+"""DeepLift (Rescale rule) in one batched forward and backward pass over [inputs; baseline].
 
 Captum's DeepLift hooks every non-linear module, clones its input and output in the forward
 pass and recomputes the multipliers in the backward pass; on a small CNN those hooks cost as
@@ -35,18 +35,20 @@ EPS = 1e-10  # Captum's: below this difference the multiplier is the local deriv
 
 
 class _Rescale(torch.autograd.Function):
-    """f on [inputs; baselines]; backward multiplies the inputs' half by the Rescale multiplier."""
+    """f on [inputs; baseline]; backward multiplies the inputs' rows by the Rescale multiplier."""
 
     @staticmethod
     def forward(ctx, a: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
         out = f(a)
-        n = a.shape[0] // 2
-        a1, a0 = a[:n], a[n:]
+        n = a.shape[0] - 1
+        a1, a0 = a[:n], a[n:]                       # the baseline's row broadcasts over the inputs'
         delta = a1 - a0
         m = (out[:n] - out[n:]).div_(delta)
-        if isinstance(f, _ReLU):  # exact for any nonzero delta; 0/0 where a1 == a0
-            m = torch.where(delta == 0, (a1 > 0).to(a.dtype), m)
-        else:  # the local derivative where a1 ~ a0, by autograd on the inputs' half
+        if isinstance(f, _ReLU):  # exact for any nonzero delta; 0/0 only where a1 == a0 (rare)
+            same = delta == 0
+            if same.any():
+                m[same] = (a1[same] > 0).to(m.dtype)
+        else:  # the local derivative where a1 ~ a0, by autograd on the inputs' rows
             with torch.enable_grad():
                 t = a1.detach().requires_grad_(True)
                 slope, = torch.autograd.grad(f(t).sum(), t)
@@ -58,7 +60,10 @@ class _Rescale(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         m, = ctx.saved_tensors
         n = m.shape[0]
-        return torch.cat([grad[:n] * m, grad[n:]]), None
+        out = torch.empty_like(grad)
+        torch.mul(grad[:n], m, out=out[:n])
+        out[n:] = grad[n:]
+        return out, None
 
 
 class _ReLU:
@@ -69,13 +74,13 @@ class _ReLU:
 
 
 class _MaxPool2d(torch.autograd.Function):
-    """Max pooling on [inputs; baselines]; backward sends each window's change to its winner."""
+    """Max pooling on [inputs; baseline]; backward sends each window's change to its winner."""
 
     @staticmethod
     def forward(ctx, a: Tensor, pool: nn.MaxPool2d) -> Tensor:
         out, idx = F.max_pool2d(a, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
                                 pool.ceil_mode, return_indices=True)
-        n = a.shape[0] // 2
+        n = a.shape[0] - 1
         top = torch.maximum(out[:n], out[n:])
         # The change of each window's max, split between the input's winner and the baseline's.
         ctx.save_for_backward(idx, top - out[n:], out[:n] - top, a[:n] - a[n:])
@@ -86,13 +91,14 @@ class _MaxPool2d(torch.autograd.Function):
         idx, gain, loss, delta = ctx.saved_tensors
         n = delta.shape[0]
         flat = delta.flatten(2)
+        mine, base = idx[:n].flatten(2), idx[n:].flatten(2).expand(n, -1, -1)
         spread = torch.zeros_like(flat)
-        spread.scatter_add_(2, idx[:n].flatten(2), (grad[:n] * gain).flatten(2))
-        spread.scatter_add_(2, idx[n:].flatten(2), (grad[:n] * loss).flatten(2))
-        plain = torch.zeros_like(flat).scatter_add_(2, idx[:n].flatten(2), grad[:n].flatten(2))
+        spread.scatter_add_(2, mine, (grad[:n] * gain).flatten(2))
+        spread.scatter_add_(2, base, (grad[:n] * loss).flatten(2))
+        plain = torch.zeros_like(flat).scatter_add_(2, mine, grad[:n].flatten(2))
         near = flat.abs() < EPS
         g1 = torch.where(near, plain, spread / flat.masked_fill(near, 1)).view_as(delta)
-        return torch.cat([g1, torch.zeros_like(g1)]), None
+        return torch.cat([g1, torch.zeros_like(g1[:1])]), None
 
 
 @contextlib.contextmanager
@@ -121,22 +127,27 @@ def rescaled(model: nn.Module) -> Iterator[None]:
                 mod.inplace = inplace
 
 
-@register("deeplift", passes=lambda p, hw: (2, 2))
-def deeplift(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
-    """DeepLift (Rescale rule) from the mean image (0), positive part of the channel sum.
+def attributions(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
+    """Signed DeepLift attributions [B, C, H, W] from the zero baseline (the mean image).
 
-    Each image runs together with its baseline (2 rows per image, chunked to max_rows); the
-    attribution is (x - baseline) times the DeepLift multipliers, which for a network of
-    modules sums to logit(x) - logit(baseline).
-    """
-    target = check_inputs("deeplift", x, target)
-    step = max(1, rows_per_call(x, max_rows) // 2)
+    The images run as one batch with a single row for the baseline, which is the same for every
+    image (so one forward and backward per image, chunked to max_rows); the attribution is
+    (x - baseline) times the DeepLift multipliers, which for a network of modules sums to
+    logit(x) - logit(baseline)."""
+    step = max(1, rows_per_call(x, max_rows) - 1)
     out = []
     with rescaled(model), torch.enable_grad():
         for s in range(0, x.shape[0], step):
             xs, ts = x[s:s + step].detach(), target[s:s + step]
-            rows = torch.cat([xs, torch.zeros_like(xs)]).requires_grad_(True)
+            rows = torch.cat([xs, torch.zeros_like(xs[:1])]).requires_grad_(True)
             logits = model(rows)[: len(xs)]
             grad, = torch.autograd.grad(logits.gather(1, ts[:, None]).sum(), rows)
             out.append(xs * grad[: len(xs)])
-    return finish("deeplift", pos_sum(torch.cat(out)))
+    return torch.cat(out)
+
+
+@register("deeplift", passes=lambda p, hw: (1, 1))
+def deeplift(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
+    """DeepLift (Rescale rule) from the mean image (0), positive part of the channel sum."""
+    target = check_inputs("deeplift", x, target)
+    return finish("deeplift", pos_sum(attributions(model, x, target, max_rows)))
