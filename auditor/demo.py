@@ -64,13 +64,13 @@ EPOCHS = 5
 class DemoNet(nn.Module):
     """Small CNN for 3x64x64 inputs.
 
-    - Separate, non-in-place ReLUs, so Captum's DeepLift and guided backprop can hook each.
+    - Separate, non-in-place ReLUs, so deconvolution (Captum keeps one state per module) can hook each.
     - ``features[9]``, the last Conv2d (8x8), is the Grad-CAM layer.
     - Global *max* pooling (a MaxPool2d over the whole 8x8 map, not an average): a tag is
       1 of 64 cells at 8x8, which an average dilutes so much that the shortcut was barely
       learned in the time budget; a max lets one strong local detector decide, which is
-      what a Clever Hans cue needs. ``nn.MaxPool2d`` (not Adaptive) and a functional
-      flatten keep every module in Captum's DeepLift/LRP supported lists.
+      what a Clever Hans cue needs. ``nn.MaxPool2d`` (not Adaptive) has a DeepLift rule
+      (``auditor/methods/deeplift.py``), and the flatten is functional (a linear step).
     """
 
     def __init__(self, num_classes: int = 5):
