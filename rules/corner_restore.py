@@ -88,7 +88,7 @@ def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor, k: in
     random corner), so each corner gets its own donors: of the class's most confident correct
     images (``members``), those whose confidence falls most when that corner is blanked (filled
     with the image's mean), i.e. the images for which the model reads something there."""
-    if not members:
+    if len(members) < 2:  # one donor's word is no test
         return None
     x = torch.stack([ev.model_input(j) for j in members]).to(ev.device)          # [n, C, h, w]
     blank = torch.where(masks, x.mean(dim=(2, 3), keepdim=True)[None], x[None])  # [4, n, C, h, w]
