@@ -186,6 +186,8 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
     s = ev.samples
     for f in findings:
         if not f.bbox:
+            if "restore_rate" in f.details:  # a region-less finding whose rule restored the image itself
+                _own_restore(f, spec)
             continue
         w, h = s.at[f.sample, "width"], s.at[f.sample, "height"]
         box = (f.bbox[0] / w, f.bbox[1] / h, f.bbox[2] / w, f.bbox[3] / h)
@@ -247,6 +249,21 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
     f.message += (f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention: pasted onto other "
                   f"classes' images, {n_ok} of the {len(tested)} regions turned at least half of them into "
                   f"'{f.cls}'.")
+
+
+def _own_restore(f: Finding, spec: InterventionSpec) -> None:
+    """Confirm a finding by the restore test its rule ran and described (corner_restore, no single region)."""
+    confirmed = f.details["restore_rate"] >= spec.transplant_rate
+    rate, k = f.details["restore_rate"], f.details["donors"]
+    f.details["intervention"] = {"true_class": f.details["true_class"], "donors": k, "restored": round(rate * k),
+                                 "restore_rate": rate, "restore_by_rule": True}
+    f.details["confirmed"] = confirmed
+    f.details["severity_before_intervention"] = f.severity
+    if confirmed and severity_rank(f.severity) < severity_rank("high"):
+        f.severity = "high"
+    elif not confirmed and severity_rank(f.severity) > severity_rank("low"):
+        f.severity = "low"
+    f.message += f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention (the restore test above)."
 
 
 def _untested(f, why: str) -> None:

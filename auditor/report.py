@@ -215,6 +215,8 @@ def _headline(res: AuditResult, f) -> str:
     e = f.details.get("intervention")
     if e is None:
         return head + "."
+    if f.details.get("confirmed") and not e.get("removed_from"):  # confirmed by its rule's restore test alone
+        return head + f"; restoring it from {e['donors']} correctly classified images gave the true class back."
     if f.details.get("confirmed"):
         return (head + f"; hiding that region changed {e['decision_changed']} of {e['removed_from']} decisions, and "
                 f"pasting it onto other images turned {e['turned']} of {e['pasted_onto']}.")
@@ -337,9 +339,10 @@ def _effects(res: AuditResult, f) -> list[str]:
         out.append(f"on the object {d['on_object']:.0%} of the evidence (object: {d.get('object_area', 0):.0%} "
                    f"of the image)")
     e = d.get("intervention")
-    if e:
+    if e and e.get("removed_from"):
         out.append(f"hiding: decision {'changed' if e['decision_changed'] else 'kept'}, confidence "
                    f"{-100 * e['confidence_drop']:+.0f} points")
+    if e:
         if e.get("pasted_onto"):
             out.append(f"pasting: {e['turned']} of {e['pasted_onto']} turned ({e['transfer_rate']:.0%})")
         if e.get("donors"):

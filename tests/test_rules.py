@@ -305,6 +305,7 @@ def test_decoy_shade_is_found_by_restoring_a_corner(tmp_path):
     hits = [flagged(res, truth, i, "corner_restore") for i in driven]
     assert np.mean([bool(h) for h in hits]) >= 0.8
     assert all(f.details["confirmed"] for h in hits for f in h)
+    assert all(f.details["confirmed"] is not None for f in res.findings)  # boxed or not, each was tested
     wrong = [f for f in res.findings if not (truth.get(res.evidence.samples.at[f.sample, "path"]) and f.bbox
                                              and _overlap(f.bbox, truth[res.evidence.samples.at[f.sample, "path"]]))]
     assert len(wrong) <= 0.1 * len(res.findings)
