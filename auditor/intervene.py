@@ -196,10 +196,9 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         confirmed = effect["removal_rate"] >= spec.remove_drop or effect["transfer_rate"] >= spec.transplant_rate
         true = int(s.at[f.sample, "label"])
         if true != cls:  # a misclassified image: does what the true class shows there give it back?
-            own = f.details.get("restore_rate")  # a rule that ran this test itself (corner_restore)
-            effect |= tester.restore(f.sample, true, box, f.method) if own is None else {
-                "true_class": ev.classes[true], "donors": f.details["donors"],
-                "restored": round(own * f.details["donors"]), "restore_rate": own, "restore_by_rule": True}
+            # A rule that ran this test itself (corner_restore) is taken at its word.
+            effect |= (tester.restore(f.sample, true, box, f.method) if "restore_rate" not in f.details
+                       else _rule_restore(f))
             confirmed = confirmed or effect["restore_rate"] >= spec.transplant_rate
         _apply(f, effect, ev.classes[cls], spec, confirmed)
     by_sample = {}
@@ -251,12 +250,17 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
                   f"'{f.cls}'.")
 
 
+def _rule_restore(f: Finding) -> dict:
+    """The restore test a rule ran itself (corner_restore), in the keys of ``Intervener.restore``."""
+    rate, k = f.details["restore_rate"], f.details["donors"]
+    return {"true_class": f.details["true_class"], "donors": k, "restored": round(rate * k),
+            "restore_rate": rate, "restore_by_rule": True}
+
+
 def _own_restore(f: Finding, spec: InterventionSpec) -> None:
     """Confirm a finding by the restore test its rule ran and described (corner_restore, no single region)."""
     confirmed = f.details["restore_rate"] >= spec.transplant_rate
-    rate, k = f.details["restore_rate"], f.details["donors"]
-    f.details["intervention"] = {"true_class": f.details["true_class"], "donors": k, "restored": round(rate * k),
-                                 "restore_rate": rate, "restore_by_rule": True}
+    f.details["intervention"] = _rule_restore(f)
     f.details["confirmed"] = confirmed
     f.details["severity_before_intervention"] = f.severity
     if confirmed and severity_rank(f.severity) < severity_rank("high"):
