@@ -4,7 +4,6 @@ from __future__ import annotations
 import atexit
 import hashlib
 import inspect
-import json
 import shutil
 import tempfile
 import platform
@@ -123,11 +122,11 @@ def cached_trust(ev: Evidence, methods: dict, layer, cfg: AuditConfig, store: St
     """The trust gate, computed once per model, method settings and explained images."""
     explained = sorted(ev.samples.loc[ev.samples["explained"], "sha256"])
     key = digest("trust", model_key, methods, cfg.trust.model_dump(mode="json"), cfg.run.seed, explained)
-    hit = store.get(key)
+    hit = store.get_json(key)
     if hit is not None:
-        return json.loads(hit.tobytes())
+        return hit
     trust = trust_gate(ev, methods, layer, cfg.trust, cfg.run.seed)
-    store.put_many({key: np.frombuffer(json.dumps(trust).encode(), np.uint8)})
+    store.put_json(key, trust)
     return trust
 
 
@@ -141,23 +140,19 @@ def cached_confirm(ev: Evidence, findings: list, class_findings: list, cfg: Audi
     every = [f.to_json() | {"image": s.at[f.sample, "sha256"]} for f in findings] + [f.to_json() for f in class_findings]
     key = digest("intervention", model_key, cfg.intervention.model_dump(mode="json"), cfg.run.seed,
                  sorted(zip(s["sha256"], s["label"].astype(int))), every)
-    hit = store.get(key)
+    hit = store.get_json(key)
     if hit is not None:
-        for f, (severity, message, details) in zip([*findings, *class_findings], json.loads(hit.tobytes())):
+        for f, (severity, message, details) in zip([*findings, *class_findings], hit):
             f.severity, f.message, f.details = severity, message, details
         return
     confirm(ev, findings, class_findings, cfg.intervention, cfg.run.seed)
     outcome = [(f.severity, f.message, f.details) for f in [*findings, *class_findings]]
-    store.put_many({key: np.frombuffer(json.dumps(outcome, default=_plain).encode(), np.uint8)})
+    store.put_json(key, outcome, default=_plain)
 
 
 def _plain(v):
     """numpy scalars and arrays in findings' details, as JSON."""
     return v.tolist() if hasattr(v, "tolist") else str(v)
-
-
-def ev_methods(ev: Evidence, methods: dict) -> dict:
-    return {m: p for m, p in methods.items() if m in ev.heatmaps}
 
 
 def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
@@ -212,7 +207,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
                   {m: LazyMaps(store, rec.contrast.get(m, {})) for m in used}, refs,
                   model=model, input_spec=cfg.model.input, device=device)
 
-    trust = cached_trust(ev, ev_methods(ev, methods), layer, cfg, store, model_key) if cfg.trust.enabled else {}
+    trust = cached_trust(ev, {m: methods[m] for m in used}, layer, cfg, store, model_key) if cfg.trust.enabled else {}
     ev.reliable = {m: t["reliable"] for m, t in trust.items()}
     for m, t in trust.items():
         if not t["reliable"]:

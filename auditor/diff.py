@@ -154,17 +154,20 @@ def _findings(doc: dict) -> dict[tuple, dict]:
         if key not in out or severity_rank(rec["severity"]) > severity_rank(out[key]["severity"]):
             out[key] = rec
 
-    for s in doc["samples"]:
-        for f in s["findings"]:
-            keep(("sample", s.get("sha256") or s["path"], f["rule"]),
-                 {"kind": "sample", "path": s["path"], "sha256": s.get("sha256"), "label": s.get("label"),
-                  "prediction": s.get("prediction"), "rule": f["rule"], "severity": f["severity"],
-                  "message": f["message"], "waived": f.get("waived")})
-    for f in doc["class_findings"]:
-        keep(("class", f["class"], f["rule"]),
-             {"kind": "class", "class": f["class"], "rule": f["rule"], "severity": f["severity"],
-              "message": f["message"], "waived": f.get("waived")})
+    for r in records(doc):
+        keep(("sample", r["sha256"] or r["path"], r["rule"]) if r["kind"] == "sample" else
+             ("class", r["class"], r["rule"]), r)
     return out
+
+
+def records(doc: dict) -> list[dict]:
+    """Every finding of a findings document as one flat record (image findings, then class findings)."""
+    recs = [{"kind": "sample", "path": s["path"], "sha256": s.get("sha256"), "label": s.get("label"),
+             "prediction": s.get("prediction"), "rule": f["rule"], "severity": f["severity"],
+             "message": f["message"], "waived": f.get("waived")}
+            for s in doc["samples"] for f in s["findings"]]
+    return recs + [{"kind": "class", "class": f["class"], "rule": f["rule"], "severity": f["severity"],
+                    "message": f["message"], "waived": f.get("waived")} for f in doc["class_findings"]]
 
 
 def _order(rec: dict) -> tuple:
@@ -312,7 +315,7 @@ def compare(old: dict, old_path: Path | str, new: dict, seed: int = 0) -> dict:
 
 # ---- words ------------------------------------------------------------------------------------
 
-def _pts(v: float) -> str:
+def pts(v: float) -> str:
     return f"{100 * v:+.1f} points"
 
 
@@ -330,11 +333,11 @@ def summary(diff: dict, limit: int = 5) -> list[str]:
     acc = diff["metrics"]["accuracy"]
     if acc:
         lo, hi = acc["ci95"]
-        lines.append(f"accuracy {acc['baseline']:.1%} -> {acc['current']:.1%} ({_pts(acc['delta'])}, "
-                     f"95% CI {_pts(lo)} to {_pts(hi)}, {acc['paired']} images paired)")
+        lines.append(f"accuracy {acc['baseline']:.1%} -> {acc['current']:.1%} ({pts(acc['delta'])}, "
+                     f"95% CI {pts(lo)} to {pts(hi)}, {acc['paired']} images paired)")
     drops = sorted((c for c in diff["metrics"]["per_class"] if (c["delta"] or 0) < 0), key=lambda c: c["delta"])
     if drops:
-        lines.append("recall fell for " + ", ".join(f"{c['class']} ({_pts(c['delta'])})" for c in drops[:limit])
+        lines.append("recall fell for " + ", ".join(f"{c['class']} ({pts(c['delta'])})" for c in drops[:limit])
                      + (f" and {len(drops) - limit} more" if len(drops) > limit else ""))
     lines += [f"  warning: {w}" for w in diff["warnings"]]
     return lines

@@ -153,7 +153,6 @@ def process_batch(ctx: Context, batch: Batch, store: Store) -> Records:
     for j in sorted(set(range(len(idx))) - set(keep)):
         rec.skipped.append({"path": ctx.refs[idx[j]].rel, "reason": "model output is NaN or inf"})
     if not keep:
-        store.put_many(new)
         return rec
 
     probs = np.stack([known[prob_keys[j]] for j in keep])

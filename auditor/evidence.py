@@ -1,6 +1,7 @@
 """What rules read (Evidence) and what they return (Finding, ClassFinding)."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ def grade(value: float, thresholds: dict[str, float]) -> str | None:
     return best
 
 
+CACHE_IMAGES = 512
+
+
 @dataclass
 class Evidence:
     """Everything the audit learned about the data, in the shape rules need.
@@ -80,6 +84,7 @@ class Evidence:
     input_spec: Any = None
     device: torch.device | None = None
     reliable: dict[str, bool] = field(default_factory=dict)
+    _inputs: OrderedDict = field(default_factory=OrderedDict, repr=False)  # decoded, least recent first
 
     @property
     def methods(self) -> list[str]:
@@ -94,8 +99,17 @@ class Evidence:
         return ids, np.stack([store[i] for i in ids]).astype(np.float32)
 
     def model_input(self, i: int) -> torch.Tensor:
-        """Image i decoded and preprocessed as the model saw it: [C, H, W] on the host."""
-        return to_model_input(read_image(self.refs[i].path), self.input_spec)
+        """Image i decoded and preprocessed as the model saw it: [C, H, W] on the host.
+
+        The most recent ``CACHE_IMAGES`` are kept (rules, the trust gate and the interventions
+        ask for the same images again); callers must not modify the tensor in place."""
+        if i in self._inputs:
+            self._inputs.move_to_end(i)
+        else:
+            self._inputs[i] = to_model_input(read_image(self.refs[i].path), self.input_spec)
+            if len(self._inputs) > CACHE_IMAGES:  # bounded: memory must not grow with the data set
+                self._inputs.popitem(last=False)
+        return self._inputs[i]
 
     def to_file_bbox(self, i: int, frac_box) -> list[float]:
         """A box given as fractions of the image [x0, y0, x1, y1] in image i's file pixels."""

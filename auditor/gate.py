@@ -18,18 +18,6 @@ if TYPE_CHECKING:
     from auditor.audit import AuditResult
 
 
-def _pts(v: float) -> str:
-    return f"{100 * v:+.1f} points"
-
-
-def _records(doc: dict) -> list[dict]:
-    recs = [{"kind": "sample", "path": s["path"], "prediction": s.get("prediction"), "rule": f["rule"],
-             "severity": f["severity"], "message": f["message"], "waived": f.get("waived")}
-            for s in doc["samples"] for f in s["findings"]]
-    return recs + [{"kind": "class", "class": f["class"], "rule": f["rule"], "severity": f["severity"],
-                    "message": f["message"], "waived": f.get("waived")} for f in doc["class_findings"]]
-
-
 def _item(rec: dict) -> dict:
     keep = ("kind", "class", "path", "prediction", "rule", "severity", "message")
     return {k: rec[k] for k in keep if rec.get(k) is not None}
@@ -48,7 +36,7 @@ def _no_baseline(name, threshold) -> dict:
 def evaluate(fail_on: FailOn | None, doc: dict, diff: dict | None) -> dict:
     """The gate of a findings.json document (and its comparison with the baseline, if any)."""
     fail_on = fail_on or FailOn()
-    recs = _records(doc)
+    recs = diffs.records(doc)
     live = [r for r in recs if not r["waived"]]
     worst = max((r["severity"] for r in live), key=severity_rank, default=None)
     conditions = []
@@ -83,7 +71,7 @@ def evaluate(fail_on: FailOn | None, doc: dict, diff: dict | None) -> dict:
             conditions.append(_condition(
                 "accuracy_drop", t, drop, drop < t,
                 f"accuracy {acc['baseline']:.1%} -> {acc['current']:.1%} since run {diff['baseline_run']} "
-                f"(change {_pts(acc['delta'])}, 95% CI {_pts(lo)} to {_pts(hi)}; fails at a drop of {100 * t:.1f} points)"))
+                f"(change {diffs.pts(acc['delta'])}, 95% CI {diffs.pts(lo)} to {diffs.pts(hi)}; fails at a drop of {100 * t:.1f} points)"))
     if fail_on.class_recall_drop:
         t = fail_on.class_recall_drop
         if diff is None:
@@ -99,7 +87,7 @@ def evaluate(fail_on: FailOn | None, doc: dict, diff: dict | None) -> dict:
                 if hits else f"no class's recall fell by {100 * t:.1f} points or more since run {diff['baseline_run']}",
                 [{"kind": "metric", "class": c["class"], "rule": "class_recall_drop", "severity": "high",
                   "message": f"recall of '{c['class']}' {c['baseline']:.1%} -> {c['current']:.1%} "
-                             f"(95% CI of the change {_pts(c['ci95'][0])} to {_pts(c['ci95'][1])})"} for c in hits]))
+                             f"(95% CI of the change {diffs.pts(c['ci95'][0])} to {diffs.pts(c['ci95'][1])})"} for c in hits]))
     criteria = fail_on.model_dump(exclude_none=True)
     if not fail_on.new_findings:
         criteria.pop("new_severity", None)

@@ -24,6 +24,12 @@ def bands(width: float) -> dict[str, tuple[float, float, float, float]]:
     }
 
 
+def grow_box(box, by: float) -> tuple[float, float, float, float]:
+    """A fractional box [x0, y0, x1, y1] widened by ``by`` on every side, clipped to the image."""
+    x0, y0, x1, y1 = box
+    return (max(0.0, x0 - by), max(0.0, y0 - by), min(1.0, x1 + by), min(1.0, y1 + by))
+
+
 def region_mask(shape: tuple[int, int], frac_box) -> np.ndarray:
     """Boolean [h, w] mask of a fractional box, snapped to whole pixels."""
     h, w = shape

@@ -24,20 +24,17 @@ that could not be tested, is capped at 'low'. See docs/severity.md.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from auditor.config import InterventionSpec
 from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
-from auditor.heatmap import region_mask
+from auditor.heatmap import grow_box, region_mask
 
 
 def fill(x: torch.Tensor, mask: np.ndarray, how: str) -> torch.Tensor:
     """Images [B, C, H, W] with the masked pixels [H, W] replaced by plausible surroundings."""
-    out = x.clone()
     m = torch.from_numpy(mask).to(x.device)
     if how == "mean":
         keep = (~m).float()
@@ -54,37 +51,19 @@ def fill(x: torch.Tensor, mask: np.ndarray, how: str) -> torch.Tensor:
     return torch.from_numpy(arr).to(x.device, x.dtype)
 
 
-def _pad(box, pad: float):
-    x0, y0, x1, y1 = box
-    return (max(0.0, x0 - pad), max(0.0, y0 - pad), min(1.0, x1 + pad), min(1.0, y1 + pad))
-
-
-CACHE_IMAGES = 512
-
-
 class Intervener:
     """Holds the model and a small pool of correctly classified images to paste onto."""
 
     def __init__(self, ev: Evidence, spec: InterventionSpec, seed: int):
         self.ev, self.spec = ev, spec
         self.rng = np.random.default_rng(seed)
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # decoded inputs, least recent first
         self._donors: dict[tuple, list[int]] = {}
         s = ev.samples
         self.correct = s.index[s["correct"]].to_numpy()
         self.correct_labels = s.loc[self.correct, "label"].to_numpy()
 
     def inputs(self, ids) -> torch.Tensor:
-        out = []
-        for i in ids:
-            if i in self._cache:
-                self._cache.move_to_end(i)
-            else:
-                self._cache[i] = self.ev.model_input(i)
-                if len(self._cache) > CACHE_IMAGES:  # bounded: memory must not grow with the data set
-                    self._cache.popitem(last=False)
-            out.append(self._cache[i])
-        return torch.stack(out).to(self.ev.device)
+        return torch.stack([self.ev.model_input(i) for i in ids]).to(self.ev.device)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +79,7 @@ class Intervener:
     def test(self, sources: list[int], cls: int, box) -> dict:
         """Remove ``box`` from the source images and paste it onto other classes' images."""
         h, w = self.ev.input_spec.size
-        mask = region_mask((h, w), _pad(box, self.spec.pad))
+        mask = region_mask((h, w), grow_box(box, self.spec.pad))
         x = self.inputs(sources)
         before = self.predict(x)
         after = self.predict(fill(x, mask, self.spec.fill))
@@ -128,7 +107,7 @@ class Intervener:
         Donors are the true class's images whose own heatmap (``method``) puts the most evidence
         in the box: what the model expects to see there for that class."""
         h, w = self.ev.input_spec.size
-        mask = region_mask((h, w), _pad(box, self.spec.pad))
+        mask = region_mask((h, w), grow_box(box, self.spec.pad))
         key = (true, method, tuple(np.round(box, 3)))
         if key not in self._donors:
             pool = self.correct[self.correct_labels == true].tolist()
@@ -238,16 +217,22 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
         "removal_rate": round(total("decision_changed") / max(total("removed_from"), 1), 4),
         "transfer_rate": round(total("turned") / max(total("pasted_onto"), 1), 4),
         "samples_tested": len(tested), "samples_transferring": n_ok}
-    f.details["confirmed"] = confirmed if tested else None
-    f.details["severity_before_intervention"] = f.severity
-    if confirmed:
-        if severity_rank(f.severity) < severity_rank("high"):
-            f.severity = "high"
-    elif severity_rank(f.severity) > severity_rank("low"):
-        f.severity = "low"
+    _verdict(f, confirmed if tested else None)
     f.message += (f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention: pasted onto other "
                   f"classes' images, {n_ok} of the {len(tested)} regions turned at least half of them into "
                   f"'{f.cls}'.")
+
+
+def _verdict(f, confirmed: bool | None, floor: str = "high") -> None:
+    """Record the test's outcome: confirmed rises to at least ``floor``; refuted or untested (None)
+    is capped at 'low'."""
+    f.details["confirmed"] = confirmed
+    f.details["severity_before_intervention"] = f.severity
+    if confirmed:
+        if severity_rank(f.severity) < severity_rank(floor):
+            f.severity = floor
+    elif severity_rank(f.severity) > severity_rank("low"):
+        f.severity = "low"
 
 
 def _rule_restore(f: Finding) -> dict:
@@ -261,12 +246,7 @@ def _own_restore(f: Finding, spec: InterventionSpec) -> None:
     """Confirm a finding by the restore test its rule ran and described (corner_restore, no single region)."""
     confirmed = f.details["restore_rate"] >= spec.transplant_rate
     f.details["intervention"] = _rule_restore(f)
-    f.details["confirmed"] = confirmed
-    f.details["severity_before_intervention"] = f.severity
-    if confirmed and severity_rank(f.severity) < severity_rank("high"):
-        f.severity = "high"
-    elif not confirmed and severity_rank(f.severity) > severity_rank("low"):
-        f.severity = "low"
+    _verdict(f, confirmed)
     f.message += f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention (the restore test above)."
 
 
@@ -275,22 +255,12 @@ def _untested(f, why: str) -> None:
     f.details["intervention"] = {"skipped": why, "removed_from": 0, "decision_changed": 0, "confidence_drop": 0.0,
                                  "new_predictions": [], "pasted_onto": 0, "turned": 0, "removal_rate": 0.0,
                                  "transfer_rate": 0.0}
-    f.details["confirmed"] = None
-    f.details["severity_before_intervention"] = f.severity
-    if severity_rank(f.severity) > severity_rank("low"):
-        f.severity = "low"
+    _verdict(f, None)
     f.message += f" Not tested by intervention: {why}."
 
 
 def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bool) -> None:
     f.details["intervention"] = effect | {"fill": spec.fill}
-    f.details["confirmed"] = confirmed
-    f.details["severity_before_intervention"] = f.severity
-    if confirmed:
-        strong = effect["transfer_rate"] >= spec.critical_rate and isinstance(f, ClassFinding)
-        floor = "critical" if strong else "high"
-        if severity_rank(f.severity) < severity_rank(floor):
-            f.severity = floor
-    elif severity_rank(f.severity) > severity_rank("low"):
-        f.severity = "low"
+    strong = effect["transfer_rate"] >= spec.critical_rate and isinstance(f, ClassFinding)
+    _verdict(f, confirmed, "critical" if strong else "high")
     f.message += _sentence(effect, cls_name, confirmed)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from auditor import diff as diffs
+
 MAX_LINES = 50  # per failure text; the report has them all
 
 
@@ -58,9 +60,7 @@ def build(doc: dict) -> ET.ElementTree:
     props = ET.SubElement(_suite(root, "auditor.run", doc), "properties")
     for key in ("id", "weights_sha256", "data_fingerprint", "config_hash", "git_commit"):
         ET.SubElement(props, "property", name=key, value=str(doc["run"].get(key) or ""))
-    waived = [{**f, "path": s["path"], "prediction": s.get("prediction")}
-              for s in doc["samples"] for f in s["findings"] if f.get("waived")]
-    waived += [f for f in doc["class_findings"] if f.get("waived")]
+    waived = [r for r in diffs.records(doc) if r["waived"]]
 
     def waived_lines(keep) -> list[str]:
         return [f"waived until {w['waived']['expires']} by {w['waived']['owner']} ({w['waived']['reason']}): "

@@ -133,12 +133,15 @@ def gallery_images(res: AuditResult, folder: Path, limit: int) -> dict:
             rows.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{r // PANELS_PER_ROW}")),
                          "methods": methods[r:r + PANELS_PER_ROW], "boxed": bool(boxes)})
         pictures["samples"][i] = {"rows": rows}
+    explained: dict[str, tuple] = {}  # each method's maps read from the cache once, not per finding
     for n, f in enumerate(res.class_findings):
         method = f.method if f.method in ev.heatmaps else next(iter(ev.heatmaps), None)
         if method is None or f.cls not in res.classes:
             continue
         cls = res.classes.index(f.cls)
-        ids, maps = ev.explained(method)
+        if method not in explained:
+            explained[method] = ev.explained(method)
+        ids, maps = explained[method]
         keep = [k for k, i in enumerate(ids) if ev.samples.at[i, "prediction"] == cls]
         if not keep:
             continue

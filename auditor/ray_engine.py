@@ -24,8 +24,8 @@ from auditor.engine import Context, Records, merge, process_batch
 from auditor.store import ShardedStore, Store
 
 
-def shard_folder(store: Store) -> Path:
-    return store.path.with_name(store.path.name + ".shards")
+def shard_folder(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".shards")
 
 
 class AuditWorker:
@@ -39,7 +39,7 @@ class AuditWorker:
         layer = target_layer(model, cfg.model.target_layer, cfg.source)
         self.ctx = Context(cfg, model, device, layer, methods, support, refs, model_key)
         self.dataset = ImageDataset(refs, cfg.model.input)
-        shards = shard_folder(Store(cache))
+        shards = shard_folder(Path(cache))
         shards.mkdir(exist_ok=True)
         self.store = ShardedStore(Path(cache), shards / f"{uuid.uuid4().hex}.sqlite")
 
@@ -64,7 +64,7 @@ def probe(address: str) -> None:
 
 
 def absorb_shards(store: Store) -> None:
-    folder = shard_folder(store)
+    folder = shard_folder(store.path)
     for shard in sorted(folder.glob("*.sqlite")) if folder.is_dir() else []:
         store.absorb(shard)
 

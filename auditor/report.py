@@ -16,6 +16,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.audit import AuditResult
+from auditor.diff import pts
 from auditor.evidence import severity_rank
 from auditor.outputs import flagged_order
 from auditor.overlay import EXEMPLAR_MM, GAP_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW
@@ -473,15 +474,11 @@ def reliability(res: AuditResult) -> dict:
 
 # --- 6. changes since the previous audit ----------------------------------------------------
 
-def _points(v) -> str:
-    return f"{100 * v:+.1f} points"
-
-
 def _rate_change(d: dict | None) -> str:
     """'84.0% → 86.0% (+2.0 points; 95% CI -1.0 to +5.0 points)' from diff.json's rate records."""
     if not d or d.get("baseline") is None:
         return "not comparable (no images on one side)"
-    text = f"{d['baseline']:.1%} → {d['current']:.1%} ({_points(d['delta'])}"
+    text = f"{d['baseline']:.1%} → {d['current']:.1%} ({pts(d['delta'])}"
     if d.get("ci95"):
         lo, hi = d["ci95"]
         text += f"; 95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points"

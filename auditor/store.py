@@ -68,6 +68,14 @@ class Store:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?)", rows)
 
+    def get_json(self, key: str):
+        """A JSON value stored with ``put_json``, or None."""
+        hit = self.get(key)
+        return None if hit is None else json.loads(hit.tobytes())
+
+    def put_json(self, key: str, value, default=None) -> None:
+        self.put_many({key: np.frombuffer(json.dumps(value, default=default).encode(), np.uint8)})
+
     def absorb(self, shard: Path) -> int:
         """Copy another store file's entries (a Ray worker's shard) into this one; delete the shard.
 

@@ -40,9 +40,9 @@ def _heat(name: str, params: dict, model, layer, x, target, seed: int) -> np.nda
     return METHODS.get(name).fn(model, x, target, **kwargs).detach().float().cpu().numpy()
 
 
-def randomisation(name, params, model, layer, x, target, seed: int) -> list[float]:
-    """Mean Spearman correlation with the original heatmaps after each top-down layer reset."""
-    original = _heat(name, params, model, layer, x, target, seed).reshape(len(x), -1)
+def randomisation(name, params, model, layer, x, target, seed: int, heat: np.ndarray) -> list[float]:
+    """Mean Spearman correlation with the original heatmaps ``heat`` after each top-down layer reset."""
+    original = heat.reshape(len(x), -1)
     rand = copy.deepcopy(model)
     layer_name = next((n for n, m in model.named_modules() if m is layer), None)
     rand_layer = rand.get_submodule(layer_name) if layer_name is not None else None
@@ -53,8 +53,8 @@ def randomisation(name, params, model, layer, x, target, seed: int) -> list[floa
         with torch.no_grad():
             for p in module.parameters(recurse=False):
                 p.copy_(torch.randn(p.shape, generator=gen) * (p.std() if p.numel() > 1 else 1.0) + p.mean())
-        heat = _heat(name, params, rand, rand_layer, x, target, seed).reshape(len(x), -1)
-        curve.append(round(float(np.abs(spearman(original, heat)).mean()), 4))
+        reset = _heat(name, params, rand, rand_layer, x, target, seed).reshape(len(x), -1)
+        curve.append(round(float(np.abs(spearman(original, reset)).mean()), 4))
     return curve
 
 
@@ -118,7 +118,7 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
     for name, params in methods.items():
         try:
             heat = _heat(name, params, ev.model, layer, x, target, seed)
-            curve = randomisation(name, params, ev.model, layer, x, target, seed)
+            curve = randomisation(name, params, ev.model, layer, x, target, seed, heat)
             deleted, random = deletion(ev.model, x, target, heat, spec.steps, seed)
         except Exception as e:
             out[name] = {"reliable": False, "reason": f"could not be tested: {type(e).__name__}: {e}"}

@@ -71,7 +71,7 @@ def apply(waivers: list[Waiver], findings: list[Finding], class_findings: list[C
         if m:
             marks[("sample", f.sample, f.rule)] = m
     for f in class_findings:
-        m = first(lambda w: not (w.paths or w.hashes) and _covers(w, f.rule, f.cls))
+        m = first(lambda w: _covers(w, f.rule, f.cls))
         if m:
             marks[("class", f.cls, f.rule)] = m
     warnings = []

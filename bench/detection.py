@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from auditor import synth  # noqa: E402
-from auditor.config import SEVERITIES  # noqa: E402
+from auditor.evidence import severity_rank  # noqa: E402
 import cases as case_lib  # noqa: E402
 import nets  # noqa: E402
 
@@ -139,10 +139,6 @@ def overlaps(a, b) -> bool:
     return a is not None and b is not None and a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def rank(sev: str) -> int:
-    return SEVERITIES.index(sev)
-
-
 def score(case, doc: dict, truth: dict) -> dict:
     samples = doc["samples"]
     wrong = [s for s in samples if not s["correct"]]
@@ -187,7 +183,7 @@ def score(case, doc: dict, truth: dict) -> dict:
             "confirmed": round(float(np.mean(confirmed)), 4) if confirmed else None,
             "class_findings": sum(1 for f in classes if r in ("any", f["rule"])),
             "medium_plus_class": sum(1 for f in classes
-                                     if r in ("any", f["rule"]) and rank(f["severity"]) >= rank("medium")),
+                                     if r in ("any", f["rule"]) and severity_rank(f["severity"]) >= severity_rank("medium")),
         }
     cue_rank = next((k + 1 for k, f in enumerate(classes) if on_target(f)), None) if case.cue_class else "n/a"
     top = classes[0] if classes else None

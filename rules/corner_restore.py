@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from auditor.evidence import Evidence, Finding, grade
-from auditor.heatmap import bands, region_mask
+from auditor.heatmap import bands, grow_box, region_mask
 from auditor.registry import RULES
 
 SEVERITY = {"low": 0.5, "medium": 0.75}   # on the share of donors whose corner gave T back
@@ -50,7 +50,7 @@ def corner_restore(ev: Evidence, band: float = 0.15, donors: int = 4, candidates
     h, w = ev.input_spec.size
     masks = torch.from_numpy(np.stack([region_mask((h, w), box) for box in corners.values()]))
     masks = masks.to(ev.device)[:, None, None]                                    # [4, 1, 1, h, w]
-    ring = torch.from_numpy(np.stack([region_mask((h, w), _grow(box, band)) for box in corners.values()]))
+    ring = torch.from_numpy(np.stack([region_mask((h, w), grow_box(box, band)) for box in corners.values()]))
     ring = ring.to(ev.device) & ~masks[:, 0, 0]                                    # [4, h, w]
     # The most confident errors first, so a capped sweep keeps the clearest cases.
     wrong = s[~s["correct"]].sort_values("confidence", ascending=False).head(max_images)
@@ -70,13 +70,13 @@ def corner_restore(ev: Evidence, band: float = 0.15, donors: int = 4, candidates
             with torch.no_grad():
                 pred = torch.cat([ev.model(v).argmax(1) for v in variants.flatten(0, 2).split(ROWS)])
             back = (pred == t).view(len(chunk), len(corners), -1).float().mean(2).cpu().numpy()
-            for i, b in zip(chunk, back):
+            for i, xi, b in zip(chunk, x, back):
                 order = np.argsort(-b, kind="stable")
                 best, second = float(b[order[0]]), float(b[order[1]])
                 if best < min_rate:
                     continue
                 alone = best - second >= min_gap
-                where = int(order[0]) if alone else _own_mark(ev, i, masks, ring, b >= min_rate, min_mark)
+                where = int(order[0]) if alone else _own_mark(xi, masks, ring, b >= min_rate, min_mark)
                 findings.append(_finding(ev, i, corners, where, alone, b >= min_rate, b, d.shape[1], severity))
     return findings
 
@@ -99,20 +99,14 @@ def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor, k: in
     return x[top]
 
 
-def _grow(box, by: float):
-    x0, y0, x1, y1 = box
-    return (max(0.0, x0 - by), max(0.0, y0 - by), min(1.0, x1 + by), min(1.0, y1 + by))
-
-
-def _own_mark(ev: Evidence, i: int, masks: torch.Tensor, ring: torch.Tensor, candidates: np.ndarray,
+def _own_mark(x: torch.Tensor, masks: torch.Tensor, ring: torch.Tensor, candidates: np.ndarray,
               min_mark: float) -> int | None:
     """The corner (among ``candidates``) holding a patch unlike its surroundings, if exactly one stands out.
 
     Stand-out: the corner's mean differs from the ring around it by ``min_mark`` times the
     ring's spread (plus a small floor, so flat black borders do not divide by zero), and by
     ``min_mark`` times as much as any other corner."""
-    x = ev.model_input(i).to(ev.device)                                            # [C, h, w]
-    score = []
+    score = []                                                                     # x: [C, h, w]
     for m, r in zip(masks[:, 0, 0], ring):
         inside, around = x[:, m].mean(1), x[:, r]
         score.append(float(((inside - around.mean(1)).abs() / (around.std(1) + 0.05)).max()))

@@ -52,12 +52,15 @@ def off_object(ev: Evidence, min_on_object: float = 0.4, class_min_on_object: fl
         return []  # nothing to compare with: the rule does not apply to this data set
     out: dict = {}
     s = ev.samples
+    masks: dict[int, np.ndarray | None] = {}  # read once: every method's maps share one resolution
     for method in ev.methods:
         ids, maps = ev.explained(method)
         maps = normalise(maps)
         on = {}
         for i, heat in zip(ids, maps):
-            mask = object_mask(ev, i, heat.shape)
+            if i not in masks:
+                masks[i] = object_mask(ev, i, heat.shape)
+            mask = masks[i]
             if mask is None or not mask.any() or heat.sum() <= 0:
                 continue
             on[i] = float(heat[mask].sum())

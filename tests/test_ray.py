@@ -45,9 +45,12 @@ def stable(doc):
             "skipped": doc["skipped"]}
 
 
-def use_factory(project, name: str, code: str) -> None:
-    """A model file in the test project (the tiny net plus ``code``), loaded by path in every worker."""
-    (project.folder / f"{name}.py").write_text(NET_PY + code)
+def use_factory(project, name: str, code: str, hook: str) -> None:
+    """A model file in the test project: the tiny net with ``code``'s forward pre-hook ``hook``
+    on it, loaded by path in every worker."""
+    build = f"\ndef build(num_classes=3):\n    model = make(num_classes)\n" \
+            f"    model.register_forward_pre_hook({hook})\n    return model\n"
+    (project.folder / f"{name}.py").write_text(NET_PY + code + build)
     project.cfg["model"]["factory"] = f"{name}.py:build"
     project.write()
 
@@ -86,18 +89,13 @@ def _die_once(module, args):
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     os._exit(1)
-
-def build(num_classes=3):
-    model = make(num_classes)
-    model.register_forward_pre_hook(_die_once)
-    return model
 '''
 
 
 def test_worker_that_dies_mid_run_has_its_batch_retried(project, local_ray):
     local, local_rows = run(project)
     marker = project.folder / "died"
-    use_factory(project, "dies_once", DIES_ONCE.format(driver=os.getpid(), marker=str(marker)))
+    use_factory(project, "dies_once", DIES_ONCE.format(driver=os.getpid(), marker=str(marker)), "_die_once")
     distributed, rows = run(project, "--set", "run.engine=ray")
 
     dead = int(marker.read_text())
@@ -124,18 +122,13 @@ def _oom(module, args):
             f.write(f"{{os.getpid()}} {{len(x)}}\\n")
         if len(x) > 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-def build(num_classes=3):
-    model = make(num_classes)
-    model.register_forward_pre_hook(_oom)
-    return model
 '''
 
 
 def test_out_of_memory_batch_is_split_inside_ray_workers(project, local_ray):
     local, _ = run(project)
     log = project.folder / "grad_batches.log"
-    use_factory(project, "oom", OOM_ABOVE_TWO.format(log=str(log)))
+    use_factory(project, "oom", OOM_ABOVE_TWO.format(log=str(log)), "_oom")
     distributed, _ = run(project, "--set", "run.engine=ray")
 
     calls = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
