@@ -149,7 +149,9 @@ class ReportSpec(Strict):
         None, description="an earlier run folder (or its findings.json) to compare with; last_passed: "
                           "the newest passing run in report.out")
     reviewer: Reviewer | None = None
-    gallery_limit: int = Field(100, ge=0)
+    gallery_limit: int = Field(100, ge=0, description="flagged images shown as full cards, worst first")
+    thumbnail_limit: int = Field(1000, ge=0, description="further flagged images shown as small numbered "
+                                                         "pictures after the cards")
 
     @field_validator("fail_on", mode="before")
     @classmethod

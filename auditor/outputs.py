@@ -19,8 +19,8 @@ from auditor.audit import AuditResult
 from auditor.data import read_image
 from auditor.evidence import severity_rank
 from auditor.heatmap import normalise, region_mask, region_mass
-from auditor.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, heat_only, legend, overlay, save_picture,
-                             strip, thumbnail)
+from auditor.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS, TILE_PX,
+                             heat_only, legend, overlay, save_picture, sheet, strip, thumbnail)
 
 SCHEMA_VERSION = 1
 
@@ -101,30 +101,42 @@ def class_exemplars(ev, f, ids: list[int], maps: np.ndarray, k: int = 6) -> list
     return [ids[j] for j in np.argsort(-mass, kind="stable")[:k]]
 
 
-def gallery_images(res: AuditResult, folder: Path, limit: int) -> dict:
-    """Thumbnails the report shows, in ``folder/images``: per flagged image (worst first, at most
+def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int = 0) -> dict:
+    """Pictures the report shows, in ``folder/images``: per flagged image (worst first, at most
     ``limit``) the original and one overlay per method with the flagged regions boxed, side by side
-    in one picture per row of at most ``PANELS_PER_ROW`` panels (``rows``: file, the method of each
-    panel, None for the original, and whether a region is boxed); per class finding the class's
-    mean heatmap and up to six example overlays. Pixel sizes fit the printed size at about 150 dpi
-    (see ``auditor.overlay``). Returns the file names, relative to ``folder``."""
+    in one picture per row of at most ``PANELS_PER_ROW`` panels (``samples``: per image its
+    ``rows``: file, the method of each panel, None for the original, and whether a region is
+    boxed); the next ``thumbnails`` flagged images as numbered tiles, many to a picture
+    (``sheets``: file, first number, and per tile its sample and method); per class finding the
+    class's mean heatmap and up to six example overlays. Pixel sizes fit the printed size at about
+    150 dpi (see ``auditor.overlay``). Returns the file names, relative to ``folder``."""
     images = folder / "images"
     images.mkdir()
     legend().save(images / "legend.png")
     ev = res.evidence
     rel = lambda path: f"images/{path.name}"  # noqa: E731
-    pictures = {"legend": "images/legend.png", "samples": {}, "classes": {}}
+    pictures = {"legend": "images/legend.png", "samples": {}, "classes": {}, "sheets": []}
     bboxes: dict[int, list] = {}
+    worst_method: dict[int, str | None] = {}  # findings come worst first
     for f in res.findings:
         if f.bbox:
             bboxes.setdefault(f.sample, []).append(f.bbox)
-    for n, i in enumerate(flagged_order(res.findings)[:limit]):
+        worst_method.setdefault(f.sample, f.method)
+
+    def picture_of(i: int, side: int):
+        """(thumbnail, boxes as fractions), or None when the file cannot be read now."""
         try:
-            base = thumbnail(read_image(ev.refs[i].path), PANEL_PX)
+            base = thumbnail(read_image(ev.refs[i].path), side)
         except (OSError, ValueError):
-            continue  # unreadable now: the report lists it in the table instead
+            return None  # unreadable now: the report lists it in the table instead
         w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
-        boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for b in bboxes.get(i, [])))
+        return base, list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for b in bboxes.get(i, [])))
+
+    order = flagged_order(res.findings)
+    for n, i in enumerate(order[:limit]):
+        if (got := picture_of(i, PANEL_PX)) is None:
+            continue
+        base, boxes = got
         methods = [None] + [m for m in ev.heatmaps if i in ev.heatmaps[m]]
         panels = [base] + [overlay(base, ev.heatmaps[m][i], boxes) for m in methods[1:]]
         rows = []
@@ -133,6 +145,26 @@ def gallery_images(res: AuditResult, folder: Path, limit: int) -> dict:
             rows.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{r // PANELS_PER_ROW}")),
                          "methods": methods[r:r + PANELS_PER_ROW], "boxed": bool(boxes)})
         pictures["samples"][i] = {"rows": rows}
+    tiles: list = []  # (image, sample, method); one sheet's worth at a time
+
+    def save_sheet() -> None:
+        first = 1 + sum(len(s["tiles"]) for s in pictures["sheets"])
+        pic = sheet([t for t, _, _ in tiles], first)
+        pictures["sheets"].append({"file": rel(save_picture(pic, images / f"t{len(pictures['sheets']):03d}")),
+                                   "first": first, "tiles": [{"sample": i, "method": m} for _, i, m in tiles]})
+        tiles.clear()
+
+    for i in order[limit:limit + thumbnails]:
+        if (got := picture_of(i, TILE_PX)) is None:
+            continue
+        base, boxes = got
+        have = [m for m in ev.heatmaps if i in ev.heatmaps[m]]
+        m = worst_method[i] if worst_method[i] in have else next(iter(have), None)
+        tiles.append((overlay(base, ev.heatmaps[m][i], boxes) if m else base, i, m))
+        if len(tiles) == SHEET_COLUMNS * SHEET_ROWS:
+            save_sheet()
+    if tiles:
+        save_sheet()
     explained: dict[str, tuple] = {}  # each method's maps read from the cache once, not per finding
     for n, f in enumerate(res.class_findings):
         method = f.method if f.method in ev.heatmaps else next(iter(ev.heatmaps), None)
@@ -178,7 +210,7 @@ def write_run(res: AuditResult, out: Path | None = None) -> Path:
         if "csv" in formats:
             samples_table(doc).to_csv(tmp / "samples.csv", index=False)
         if "html" in formats or "pdf" in formats:
-            pictures = gallery_images(res, tmp, res.cfg.report.gallery_limit)
+            pictures = gallery_images(res, tmp, res.cfg.report.gallery_limit, res.cfg.report.thumbnail_limit)
             html = render_html(res, doc, pictures, diff=res.diff)
             (tmp / "report.html").write_text(html)
             if "pdf" in formats:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 LUT = (colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 BOX = (0, 200, 255)
@@ -22,6 +22,8 @@ RIM = (0, 0, 0)
 PRINT_DPI = 150
 PANEL_MM, EXEMPLAR_MM, MEAN_MM, GAP_MM = 30, 20, 40, 2
 PANELS_PER_ROW = 5   # 5 * 30 + 4 * 2 = 158 mm: fits a card on A4 (about 176 mm inside)
+# Flagged images beyond the gallery: small numbered tiles, SHEET_COLUMNS x SHEET_ROWS per picture.
+TILE_MM, SHEET_COLUMNS, SHEET_ROWS = 21, 7, 5   # 7 * 21 + 6 * 2 = 159 mm wide
 
 
 def px(mm: float) -> int:
@@ -29,6 +31,7 @@ def px(mm: float) -> int:
 
 
 PANEL_PX, EXEMPLAR_PX, MEAN_PX, GAP_PX = px(PANEL_MM), px(EXEMPLAR_MM), px(MEAN_MM), px(GAP_MM)
+TILE_PX = px(TILE_MM)
 _PALETTE = LUT.tobytes()
 _ALPHA = bytes(51 + (v * 166) // 255 for v in range(256))   # 0.2..0.85 opacity in 1/255 steps
 JPEG = {"quality": 85, "subsampling": 0, "optimize": False}   # 4:4:4 keeps the thin box lines sharp
@@ -108,6 +111,26 @@ def strip(panels: list[Image.Image], slot: int = PANEL_PX, gap: int = GAP_PX) ->
     out = Image.new("RGB", (len(panels) * slot + (len(panels) - 1) * gap, height), "white")
     for k, p in enumerate(panels):
         out.paste(p, (k * (slot + gap), 0))
+    return out
+
+
+def sheet(tiles: list[Image.Image], first: int) -> Image.Image:
+    """Tiles in rows of ``SHEET_COLUMNS`` on white, each numbered (from ``first``) under it.
+
+    Hundreds of small pictures as a few big ones: WeasyPrint places one image per sheet, and the
+    numbers, drawn here, cost it no text layout (the file names are listed under the sheet).
+    The number goes under the tile, not on it, so it hides no corner.
+    """
+    font = ImageFont.load_default(size=max(10, TILE_PX // 9))
+    label = font.getbbox("0123456789")[3] + 3
+    cols, rows = SHEET_COLUMNS, -(-len(tiles) // SHEET_COLUMNS)
+    out = Image.new("RGB", (cols * (TILE_PX + GAP_PX) - GAP_PX, rows * (TILE_PX + label + GAP_PX) - GAP_PX),
+                    "white")
+    draw = ImageDraw.Draw(out)
+    for k, tile in enumerate(tiles):
+        x, y = (k % cols) * (TILE_PX + GAP_PX), (k // cols) * (TILE_PX + label + GAP_PX)
+        out.paste(tile, (x, y))
+        draw.text((x, y + TILE_PX + 1), str(first + k), fill=RIM, font=font)
     return out
 
 

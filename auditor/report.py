@@ -19,7 +19,7 @@ from auditor.audit import AuditResult
 from auditor.diff import pts
 from auditor.evidence import severity_rank
 from auditor.outputs import flagged_order
-from auditor.overlay import EXEMPLAR_MM, GAP_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW
+from auditor.overlay import EXEMPLAR_MM, GAP_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS, TILE_MM
 from auditor.registry import METHODS, RULES
 
 # Okabe-Ito colours (colour-blind safe) in the stylesheet; the verdict is always written in words too.
@@ -432,6 +432,22 @@ def rest_groups(rest: list[dict]) -> list[dict]:
     return [g | {"count": len(g["paths"]), "paths": ", ".join(g["paths"])} for g in rows]
 
 
+def sheets(res: AuditResult, pictures: dict) -> list[dict]:
+    """The further flagged images' pictures, each with its tiles' numbers and file names."""
+    paths, out = res.evidence.samples["path"], []
+    for sh in pictures.get("sheets", []):
+        methods = {t["method"] for t in sh["tiles"]}
+        one = len(methods) == 1  # then the method is named once, not after every file
+        names = [f"{sh['first'] + k} {paths.at[t['sample']]}" + (f" ({t['method']})" if t["method"] and not one else "")
+                 for k, t in enumerate(sh["tiles"])]
+        head = f"All with {methods.pop()}: " if one and None not in methods else ""
+        last = sh["first"] + len(sh["tiles"]) - 1
+        out.append({"file": sh["file"], "names": head + " · ".join(names),
+                    "alt": f"Flagged images {sh['first']} to {last}, each with its explanation and the "
+                           f"flagged region boxed; their file names follow."})
+    return out
+
+
 # --- 5. method reliability ------------------------------------------------------------------
 
 def reliability(res: AuditResult) -> dict:
@@ -570,10 +586,17 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
     cards, rest = gallery(res, pictures)
     flagged = len(cards) + len(rest)
     limit = cfg.report.gallery_limit
+    small = sheets(res, pictures)
+    n_small = sum(len(s["tiles"]) for s in pictures.get("sheets", []))
     gallery_note = ("" if not rest else
                     f"The {len(cards)} most severe of the {flagged} flagged images are shown with pictures "
                     f"(report.gallery_limit: {limit}); the other {len(rest)} are listed by group in the table "
-                    f"after them, and every image, with its confidence, is in samples.csv.")
+                    f"after them" + (f", and {'all' if n_small == len(rest) else f'the first {n_small}'} of them "
+                                     f"as small pictures after the table (report.thumbnail_limit)" if n_small else "")
+                    + "; every image, with its confidence, is in samples.csv.")
+    sheets_note = ("Worst first, numbered from 1: each picture is the image with the explanation of its worst "
+                   "finding's method laid over it and the flagged region boxed. Under each block of pictures, "
+                   "every number is followed by its file name and that method.")
     weights = cfg.model.weights
     return {
         "title": f"Model audit: {cfg.model.factory}", "run_id": run["id"], "date": run["started"][:10],
@@ -585,6 +608,7 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
         "numbers": numbers, "per_class": per_class,
         "class_findings": class_findings(res, pictures),
         "gallery": cards, "rest": rest_groups(rest), "gallery_note": gallery_note,
+        "sheets": small, "sheets_note": sheets_note,
         "reliability": reliability(res), "changes": changes(diff),
         "skipped": [{"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))} for s in res.skipped],
         "warnings": [str(w) for w in res.warnings],
@@ -594,7 +618,7 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
         "review": review(cfg),
         "legend": pictures.get("legend", "images/legend.png"),
         "sizes": {"panel": PANEL_MM, "gap": GAP_MM, "per_row": PANELS_PER_ROW, "exemplar": EXEMPLAR_MM,
-                  "mean": MEAN_MM},
+                  "mean": MEAN_MM, "tile": TILE_MM, "columns": SHEET_COLUMNS},
     }
 
 

@@ -177,12 +177,12 @@ class Floor:
         return 1.0 / (n_fwd / r_f + n_bwd * (1.0 / r_fb - 1.0 / r_f))
 
 
-def best_batch(model: nn.Module, x: Tensor, candidates=(8, 16, 32, 64, 128, 256)) -> int:
+def best_batch(model: nn.Module, x: Tensor, candidates=(4, 8, 16, 32, 64, 128, 256)) -> int:
     """The batch size with the best forward+backward rate (large batches can fall out of cache);
     batches over 2^22 pixels are not tried."""
     pixels = x.shape[-2] * x.shape[-1]
     rates = {b: Floor(model, x, b).rates(0.5)[1] for b in candidates
-             if b == 8 or b * pixels <= 2 ** 22}
+             if b == 4 or b * pixels <= 2 ** 22}
     return max(rates, key=rates.get)
 
 
@@ -215,12 +215,12 @@ class SmallNet(nn.Module):
         return self.fc(self.relu3(self.conv3(a)).mean((2, 3)))
 
 
-def best_forward_batch(model: nn.Module, x: Tensor, candidates=(8, 16, 32, 64, 128, 256)) -> int:
+def best_forward_batch(model: nn.Module, x: Tensor, candidates=(4, 8, 16, 32, 64, 128, 256)) -> int:
     """The batch size with the best no_grad forward rate (batches over 2^22 pixels not tried)."""
     pixels = x.shape[-2] * x.shape[-1]
     rates = {}
     for b in candidates:
-        if b == 8 or b * pixels <= 2 ** 22:
+        if b == 4 or b * pixels <= 2 ** 22:
             f = Floor(model, x, b)
             rates[b] = f._rate(f.fwd, 0.5)
     return max(rates, key=rates.get)
@@ -263,7 +263,7 @@ def comparison_methods(model: nn.Module, x: Tensor, target: Tensor, segs: list[n
                                         feature_mask=mask, **kw)
         return run
 
-    rows_call = rows_per_call(x, METHODS.get("lime").meta["defaults"]["max_rows"])
+    rows_call = rows_per_call(model, x, METHODS.get("lime").meta["defaults"]["max_rows"])
     yield "lime (ours)", f"defaults ({rows_call} rows a call)", "lime", ours("lime")
     yield "kernel_shap (ours)", f"defaults ({rows_call} rows a call)", "kernel_shap", \
         ours("kernel_shap")

@@ -214,7 +214,7 @@ def render(res: AuditResult, out: Path, diff: dict | None = None) -> dict[str, f
     out.mkdir(parents=True)
     doc = findings_document(res, "bench-run", "2026-11-22T06:01:00+00:00")
     t0 = time.perf_counter()
-    pictures = gallery_images(res, out, res.cfg.report.gallery_limit)
+    pictures = gallery_images(res, out, res.cfg.report.gallery_limit, res.cfg.report.thumbnail_limit)
     t1 = time.perf_counter()
     (out / "report.html").write_text(render_html(res, doc, pictures, diff))
     t2 = time.perf_counter()
@@ -272,8 +272,8 @@ def main() -> None:
         cases.append((200, min(200, args.limit), "png"))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; overlay "
           f"{overlay_ms():.2f} ms each (median of 500); medians of {args.repeats} renders")
-    head = (f"{'flagged':>7} {'gallery':>7} {'format':>6} {'pictures s':>10} {'HTML s':>7} {'PDF s':>7} {'PDF cpu s':>9} "
-            f"{'HTML+img MB':>11} {'PDF MB':>7} {'pages':>5} {'files':>5}")
+    head = (f"{'flagged':>7} {'gallery':>7} {'small':>5} {'format':>6} {'pictures s':>10} {'HTML s':>7} {'PDF s':>7} "
+            f"{'PDF cpu s':>9} {'total s':>7} {'HTML+img MB':>11} {'PDF MB':>7} {'pages':>5} {'files':>5}")
     print(head)
     print("-" * len(head))
     with tempfile.TemporaryDirectory() as tmp:
@@ -287,8 +287,10 @@ def main() -> None:
             html_mb = _mb(keep / "report.html") + _mb(keep / "images")
             pages = len(PdfReader(str(keep / "report.pdf")).pages)
             files = len(list((keep / "images").iterdir()))
-            print(f"{n:>7} {limit:>7} {fmt:>6} {med['images']:>10.2f} {med['html']:>7.2f} {med['pdf']:>7.2f} "
-                  f"{med['pdf_cpu']:>9.2f} "
+            small = min(n - limit, res.cfg.report.thumbnail_limit)
+            total = statistics.median(t["images"] + t["html"] + t["pdf"] for t in times)
+            print(f"{n:>7} {limit:>7} {small:>5} {fmt:>6} {med['images']:>10.2f} {med['html']:>7.2f} {med['pdf']:>7.2f} "
+                  f"{med['pdf_cpu']:>9.2f} {total:>7.2f} "
                   f"{html_mb:>11.2f} {_mb(keep / 'report.pdf'):>7.2f} {pages:>5} {files:>5}", flush=True)
             for r in range(args.repeats):
                 shutil.rmtree(Path(tmp) / f"run{n}-{limit}-{r}", ignore_errors=True)

@@ -247,3 +247,27 @@ def test_cli_run_escapes_hostile_class_and_file_names(project):
     assert EVIL_CLASS not in page and html.escape(EVIL_CLASS, quote=False) in page
     assert "<img src=x" not in page and html.escape(EVIL_FILE, quote=False) in page   # in skipped inputs
     assert (run / "report.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_flagged_images_beyond_the_gallery_are_numbered_small_pictures(tmp_path):
+    """Past report.gallery_limit, flagged images still get a picture: tiles on a few big sheets,
+    numbered, with the numbers' file names under each sheet, up to report.thumbnail_limit."""
+    res = _bench().synthetic_result(tmp_path / "data", 9, correct_per_class=4)
+    res.cfg.report.gallery_limit, res.cfg.report.thumbnail_limit = 2, 5
+    folder = write_run(res, tmp_path / "reports")
+    page = (folder / "report.html").read_text()
+    page = page[page.index('<section id="gallery">'):page.index('<section id="methods">')]
+    assert page.count('<article class="card') == 2 and page.count('<img class="sheet"') == 1
+    assert "the first 5 of them as small pictures" in page
+    order = list(dict.fromkeys(f.sample for f in res.findings))
+    paths = [res.evidence.samples.at[i, "path"] for i in order]
+    names = re.search(r'<p class="sheet-names">(.*?)</p>', page).group(1)
+    assert names.startswith("All with gradcam: 1 ")   # the worst finding's method, named once
+    assert [f"{k + 1} {p}" in names for k, p in enumerate(paths[2:7])] == [True] * 5
+    assert paths[7] not in names and paths[7] in page  # past both limits: in the table only
+    from auditor.overlay import GAP_PX, SHEET_COLUMNS, TILE_PX
+    with Image.open(next((folder / "images").glob("t000.*"))) as im:   # one row of 7 slots
+        assert im.width == SHEET_COLUMNS * (TILE_PX + GAP_PX) - GAP_PX and TILE_PX < im.height < 2 * TILE_PX
+    text = subprocess.run(["pdftotext", str(folder / "report.pdf"), "-"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "Small pictures of the further flagged images" in text and paths[6] in _text(text).replace(" ", "")

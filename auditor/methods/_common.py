@@ -7,7 +7,7 @@ Registration adds two entries to each method's metadata:
       for occlusion, whose window count depends on the image size (default 224x224).
   ``defaults``: the function's keyword defaults.
 
-``max_rows`` bounds the rows of one model call; on CPU the chunks are smaller still (see
+``max_rows`` bounds the rows of one model call; on CPU the chunks are sized to the cache (see
 ``rows_per_call``). Chunking never changes which random draws an image gets.
 
 Randomness: a stochastic method draws image i's numbers from its own generator, seeded by a
@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import inspect
 import warnings
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -97,19 +98,59 @@ def image_generators(x: Tensor, seed: int) -> list[torch.Generator]:
     return gens
 
 
-# On CPU, batches whose activations outgrow the cache (and fresh large allocations, which
-# glibc maps and unmaps per call) run 2-4x slower per row: measured on 2 cores, a small CNN ran
-# 4x slower at 256 rows than at 64 for 64x64 inputs, 2x slower at 64 rows than at 4 for 224x224.
-CPU_PIXELS_PER_CALL = 2 ** 18
+# On CPU a call runs fastest while its largest activation fits in the cache: past that, rows
+# slow down 2-4x (and fresh large allocations are mapped and unmapped per call). Measured on
+# this project's 2 cores (32 MiB L3), per-row time of forward and forward+backward was best at
+# 4 rows for a 16-channel net at full 224 px resolution (3.2 MB a row), 16-32 rows for a
+# net that strides by 4 at once (its 224 px input, 0.6 MB a row, is its largest tensor), 32
+# for 16 channels at 64 px (0.26 MB). A fixed pixel cap could not fit all three.
+CPU_BYTES_PER_CALL = 16 * 2 ** 20
+_LARGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def rows_per_call(x: Tensor, max_rows: int) -> int:
-    """Rows per model call: ``max_rows``, and on CPU at most 2^18 pixels' worth (min 8 rows)."""
+def largest_activation(model: nn.Module, x: Tensor) -> int:
+    """Bytes of the largest tensor one row of ``x`` makes in the model's forward pass (its
+    input included), from the outputs of the leaf modules on one row; memoised per model and
+    row shape."""
+    memo = _LARGEST.setdefault(model, {})
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    if key not in memo:
+        largest = [x[:1].numel() * x.element_size()]
+
+        def record(module, inputs, output) -> None:
+            for t in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(t, Tensor):
+                    largest[0] = max(largest[0], t.numel() * t.element_size())
+
+        handles = [m.register_forward_hook(record) for m in model.modules()
+                   if next(m.children(), None) is None]
+        try:
+            with torch.no_grad():
+                model(x[:1].detach())
+        finally:
+            for h in handles:
+                h.remove()
+        memo[key] = largest[0]
+    return memo[key]
+
+
+def rows_per_call(model: nn.Module, x: Tensor, max_rows: int) -> int:
+    """Rows per model call: ``max_rows``, and on CPU as many as keep the largest activation
+    within ``CPU_BYTES_PER_CALL`` (at least 4)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     if x.device.type == "cpu":
-        return min(max_rows, max(8, CPU_PIXELS_PER_CALL // (x.shape[-2] * x.shape[-1])))
+        return min(max_rows, max(4, CPU_BYTES_PER_CALL // largest_activation(model, x)))
     return max_rows
+
+
+def in_calls(model: nn.Module, x: Tensor, target: Tensor, max_rows: int,
+             attribute: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``attribute(x_rows, target_rows)`` over calls of ``rows_per_call`` images, concatenated:
+    the chunking of methods that need one or two model passes per image."""
+    step = rows_per_call(model, x, max_rows)
+    return torch.cat([attribute(x[s:s + step], target[s:s + step])
+                      for s in range(0, x.shape[0], step)])
 
 
 def row_chunks(n_images: int, n_per_image: int, max_rows: int) -> Iterator[tuple[int, int]]:

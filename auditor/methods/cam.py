@@ -4,7 +4,7 @@ from __future__ import annotations
 from captum.attr import GuidedBackprop, LayerGradCam
 from torch import Tensor, nn
 
-from auditor.methods._common import abs_max, check_inputs, finish, quiet, register, upsample
+from auditor.methods._common import abs_max, check_inputs, finish, in_calls, quiet, register, upsample
 
 
 def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
@@ -24,26 +24,31 @@ def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
 
 
 @register("gradcam", needs_layer=True, passes=lambda p, hw: (1, 1))
-def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None = None) -> Tensor:
+def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None = None,
+            max_rows: int = 256) -> Tensor:
     """Grad-CAM: layer maps weighted by their mean gradient, ReLU, bilinear upsampling.
 
     Selvaraju et al. 2017, through Captum's LayerGradCam on ``layer``.
     """
     target = check_inputs("gradcam", x, target)
-    return finish("gradcam", _layer_cam("gradcam", model, layer, x, target))
+    return finish("gradcam", in_calls(model, x, target, max_rows,
+                                      lambda xs, ts: _layer_cam("gradcam", model, layer, xs, ts)))
 
 
 @register("guided_gradcam", needs_layer=True, passes=lambda p, hw: (2, 2))
 def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor,
-                   layer: nn.Module | None = None) -> Tensor:
+                   layer: nn.Module | None = None, max_rows: int = 256) -> Tensor:
     """Guided Grad-CAM: guided backprop times upsampled Grad-CAM, |.| max over channels.
 
     Captum's GuidedGradCam with bilinear (not nearest) upsampling, so the CAM matches gradcam.
     Two passes: Grad-CAM needs the plain gradient at the layer, guided backprop the modified one.
     """
     target = check_inputs("guided_gradcam", x, target)
-    cam = _layer_cam("guided_gradcam", model, layer, x, target)
-    with quiet():
-        guided = GuidedBackprop(model).attribute(x.detach().clone().requires_grad_(True),
-                                                 target=target)
-    return finish("guided_gradcam", abs_max(guided) * cam)
+
+    def attribute(xs, ts):
+        cam = _layer_cam("guided_gradcam", model, layer, xs, ts)
+        with quiet():
+            guided = GuidedBackprop(model).attribute(xs.detach().clone().requires_grad_(True),
+                                                     target=ts)
+        return abs_max(guided) * cam
+    return finish("guided_gradcam", in_calls(model, x, target, max_rows, attribute))

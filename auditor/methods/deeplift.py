@@ -134,7 +134,7 @@ def attributions(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 25
     image (so one forward and backward per image, chunked to max_rows); the attribution is
     (x - baseline) times the DeepLift multipliers, which for a network of modules sums to
     logit(x) - logit(baseline)."""
-    step = max(1, rows_per_call(x, max_rows) - 1)
+    step = max(1, rows_per_call(model, x, max_rows) - 1)
     out = []
     with rescaled(model), torch.enable_grad():
         for s in range(0, x.shape[0], step):

@@ -11,7 +11,7 @@ from captum.attr import Deconvolution, GuidedBackprop, IntegratedGradients, Sali
 from torch import Tensor, nn
 
 from auditor.methods._common import (abs_max, check_inputs, chunked_draws, finish, image_generators,
-                                     pos_sum, quiet, register, rows_per_call, single_use)
+                                     in_calls, pos_sum, quiet, register, rows_per_call, single_use)
 
 
 def _grad_input(x: Tensor) -> Tensor:
@@ -20,12 +20,14 @@ def _grad_input(x: Tensor) -> Tensor:
 
 
 @register("saliency", passes=lambda p, hw: (1, 1))
-def saliency(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+def saliency(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
     """Saliency: |d logit / d input|, max over channels (Simonyan et al. 2014)."""
     target = check_inputs("saliency", x, target)
-    with quiet():
-        attr = Saliency(model).attribute(_grad_input(x), target=target, abs=True)
-    return finish("saliency", abs_max(attr))
+
+    def attribute(xs, ts):
+        with quiet():
+            return abs_max(Saliency(model).attribute(_grad_input(xs), target=ts, abs=True))
+    return finish("saliency", in_calls(model, x, target, max_rows, attribute))
 
 
 def _noisy_gradients(name: str, model: nn.Module, x: Tensor, target: Tensor, n: int,
@@ -37,7 +39,7 @@ def _noisy_gradients(name: str, model: nn.Module, x: Tensor, target: Tensor, n: 
         raise ValueError(f"{name}: n_samples must be >= 1, got {n}")
     total = torch.zeros_like(x)
     sal = Saliency(model)
-    rows_cap = rows_per_call(x, max_rows)
+    rows_cap = rows_per_call(model, x, max_rows)
     for img, draws in chunked_draws(image_generators(x, seed), n, rows_cap, draw):
         img = img.to(x.device)
         points, factor = points_of(x[img], img, draws)
@@ -77,7 +79,7 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: i
                          method: str = "gausslegendre", max_rows: int = 256) -> Tensor:
     """Integrated Gradients from the mean image (0), positive part of the channel sum."""
     target = check_inputs("integrated_gradients", x, target)
-    ig, rows = IntegratedGradients(model), rows_per_call(x, max_rows)
+    ig, rows = IntegratedGradients(model), rows_per_call(model, x, max_rows)
     out = []
     for s in range(0, x.shape[0], rows):  # images per call <= rows, so rows per forward <= rows
         xs = x[s:s + rows]
@@ -120,20 +122,22 @@ def gradient_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 
 
 
 @register("guided_backprop", passes=lambda p, hw: (1, 1))
-def guided_backprop(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
     """Guided backprop: gradient with negative signals cut at each nn.ReLU, |.| max over channels.
 
     Works with in-place and reused nn.ReLU modules (the guided rule uses only each call's own
     input gradient); functional F.relu is not hooked and acts as a plain ReLU gradient.
     """
     target = check_inputs("guided_backprop", x, target)
-    with quiet():
-        attr = GuidedBackprop(model).attribute(_grad_input(x), target=target)
-    return finish("guided_backprop", abs_max(attr))
+
+    def attribute(xs, ts):
+        with quiet():
+            return abs_max(GuidedBackprop(model).attribute(_grad_input(xs), target=ts))
+    return finish("guided_backprop", in_calls(model, x, target, max_rows, attribute))
 
 
 @register("deconvolution", passes=lambda p, hw: (1, 1))
-def deconvolution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+def deconvolution(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
     """Deconvolution: ReLUs pass back only positive gradients, |.| max over channels.
 
     Zeiler & Fergus 2014.
@@ -142,6 +146,8 @@ def deconvolution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """
     target = check_inputs("deconvolution", x, target)
     why = "Captum's Deconvolution keeps one output gradient per ReLU module, so reuse can mix them."
-    with quiet(), single_use("deconvolution", model, (nn.ReLU,), why):
-        attr = Deconvolution(model).attribute(_grad_input(x), target=target)
-    return finish("deconvolution", abs_max(attr))
+
+    def attribute(xs, ts):
+        with quiet(), single_use("deconvolution", model, (nn.ReLU,), why):
+            return abs_max(Deconvolution(model).attribute(_grad_input(xs), target=ts))
+    return finish("deconvolution", in_calls(model, x, target, max_rows, attribute))

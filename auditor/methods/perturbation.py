@@ -36,7 +36,7 @@ def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: float = 0.125
     target = check_inputs("occlusion", x, target)
     C, H, W = x.shape[1:]
     win, step = _window((H, W), window, stride)
-    occ, rows = Occlusion(model), rows_per_call(x, max_rows)
+    occ, rows = Occlusion(model), rows_per_call(model, x, max_rows)
     out = []
     with torch.no_grad(), quiet():
         for s in range(0, x.shape[0], rows):
