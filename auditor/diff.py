@@ -126,21 +126,27 @@ def load_baseline(cfg: AuditConfig, classes: list[str]) -> tuple[tuple[dict, Pat
 # ---- the current run as a document ------------------------------------------------------------
 
 def document(res: AuditResult) -> dict:
-    """The parts of findings.json a comparison and the gate read, before the file is written."""
-    c, samples = res.classes, res.evidence.samples
+    """The current run's record as findings.json holds it (the run's id, finish time, gate and
+    comparison are added when the file is written): the gate and the comparison read it first."""
+    c, m = res.classes, res.metrics
     per_sample: dict[int, list] = {}
     for f in res.findings:
-        per_sample.setdefault(f.sample, []).append(
-            {"rule": f.rule, "severity": f.severity, "message": f.message,
-             "waived": res.waived.get(("sample", f.sample, f.rule))})
+        per_sample.setdefault(f.sample, []).append({**f.to_json(), "waived": res.waived.get(("sample", f.sample, f.rule))})
+    cols = ["path", "label", "prediction", "confidence", "correct", "explained", "sha256", "width", "height"]
+    samples = [{"path": r["path"], "label": c[r["label"]], "prediction": c[r["prediction"]],
+                "confidence": round(float(r["confidence"]), 6), "correct": bool(r["correct"]),
+                "explained": bool(r["explained"]), "sha256": r["sha256"], "size": [int(r["width"]), int(r["height"])],
+                "findings": per_sample.get(i, [])}
+               for i, r in zip(res.evidence.samples.index, res.evidence.samples[cols].to_dict("records"))]
     return {
         "run": res.run,
-        "metrics": {"accuracy": res.metrics["accuracy"], "confusion": {"classes": c}},
-        "samples": [{"path": row["path"], "sha256": row["sha256"], "label": c[row["label"]],
-                     "prediction": c[row["prediction"]], "correct": bool(row["correct"]),
-                     "findings": per_sample.get(i, [])} for i, row in samples.iterrows()],
-        "class_findings": [{"class": f.cls, "rule": f.rule, "severity": f.severity, "message": f.message,
-                            "waived": res.waived.get(("class", f.cls, f.rule))} for f in res.class_findings],
+        "metrics": {"accuracy": round(m["accuracy"], 6), "images": m["images"], "misclassified": m["misclassified"],
+                    "explained": m["explained"],
+                    "per_class": json.loads(m["per_class"].round(6).to_json(orient="records")),
+                    "confusion": {"classes": c, "matrix": m["confusion"].to_numpy().tolist()}},
+        "samples": samples,
+        "class_findings": [{**f.to_json(), "waived": res.waived.get(("class", f.cls, f.rule))}
+                           for f in res.class_findings],
     }
 
 

@@ -173,7 +173,7 @@ def process_batch(ctx: Context, batch: Batch, store: Store) -> Records:
         if name in ctx.disabled or not jobs:
             continue
         keys = [map_key(ctx, hashes[keep[k]], name, t) for k, _, t in jobs]
-        have = set(store.get_many(keys))
+        have = store.has_many(keys)
         missing = [n for n, key in enumerate(keys) if key not in have]
         try:
             if missing:

@@ -112,14 +112,11 @@ class Intervener:
         if key not in self._donors:
             pool = self.correct[self.correct_labels == true].tolist()
             maps = self.ev.heatmaps.get(method, {}) if method else {}
-            scored = []
-            for j in pool:
-                if j in maps:
-                    heat = np.clip(np.asarray(maps[j], np.float32), 0, None)
-                    inside = heat[region_mask(heat.shape, box)].sum()
-                    scored.append((float(inside / max(float(heat.sum()), 1e-12)), j))
-            if scored:  # the donors whose own evidence for the true class lies most in the box
-                pool = [j for _, j in sorted(scored, reverse=True)]
+            have = [j for j in pool if j in maps]
+            if have:  # the donors whose own evidence for the true class lies most in the box
+                heat = np.clip(np.stack([np.asarray(maps[j], np.float32) for j in have]), 0, None)
+                share = heat[:, region_mask(heat.shape[1:], box)].sum(1) / np.maximum(heat.sum((1, 2)), 1e-12)
+                pool = [have[k] for k in np.lexsort((-np.array(have), -share))]  # ties: higher id first
             self._donors[key] = pool[: self.spec.restore_images]
         donors = self._donors[key]
         result = {"true_class": self.ev.classes[true], "donors": len(donors), "restored": 0, "restore_rate": 0.0}

@@ -17,6 +17,7 @@ import pandas as pd
 
 from auditor.audit import AuditResult
 from auditor.data import read_image
+from auditor.diff import document
 from auditor.evidence import severity_rank
 from auditor.heatmap import normalise, region_mask, region_mass
 from auditor.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS, TILE_PX,
@@ -41,29 +42,15 @@ def claim_run_folder(started: str, out: Path) -> tuple[str, Path]:
 
 
 def findings_document(res: AuditResult, rid: str, finished: str) -> dict:
-    c = res.classes
-    per_sample: dict[int, list] = {}
-    for f in res.findings:
-        waived = res.waived.get(("sample", f.sample, f.rule))
-        per_sample.setdefault(f.sample, []).append({**f.to_json(), "waived": waived})
-    samples = []
-    for i, row in res.evidence.samples.iterrows():
-        samples.append({"path": row["path"], "label": c[row["label"]], "prediction": c[row["prediction"]],
-                        "confidence": round(float(row["confidence"]), 6), "correct": bool(row["correct"]),
-                        "explained": bool(row["explained"]), "sha256": row["sha256"],
-                        "size": [int(row["width"]), int(row["height"])], "findings": per_sample.get(i, [])})
-    m = res.metrics
+    """findings.json: the run's record (``diff.document``) with its id, finish time, gate and comparison."""
+    body = document(res)
     return {
         "schema_version": SCHEMA_VERSION,
         "run": {"id": rid, **res.run, "finished": finished},
         "gate": res.gate,
-        "metrics": {"accuracy": round(m["accuracy"], 6), "images": m["images"], "misclassified": m["misclassified"],
-                    "explained": m["explained"],
-                    "per_class": json.loads(m["per_class"].round(6).to_json(orient="records")),
-                    "confusion": {"classes": c, "matrix": m["confusion"].to_numpy().tolist()}},
-        "samples": samples,
-        "class_findings": [{**f.to_json(), "waived": res.waived.get(("class", f.cls, f.rule))}
-                           for f in res.class_findings],
+        "metrics": body["metrics"],
+        "samples": body["samples"],
+        "class_findings": body["class_findings"],
         "changes": None if res.diff is None else {"baseline_run": res.diff["baseline_run"], **res.diff["counts"]},
         "skipped": res.skipped,
         "warnings": res.warnings,

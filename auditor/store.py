@@ -57,6 +57,23 @@ class Store:
                 out[k] = v
         return out
 
+    def has_many(self, keys: list[str]) -> set[str]:
+        """The keys whose entries are present and intact: checksums are checked as ``get`` does (a
+        damaged entry is dropped, so it gets recomputed) but nothing is decompressed."""
+        found, bad = set(), []
+        for start in range(0, len(keys), 500):  # SQLite caps the parameters of one statement
+            part = keys[start:start + 500]
+            rows = self.db.execute(f"SELECT key, data, checksum FROM blobs WHERE key IN ({','.join('?' * len(part))})",
+                                   part).fetchall()
+            for key, data, checksum in rows:
+                ok = hashlib.blake2b(data, digest_size=16).hexdigest() == checksum
+                (found.add if ok else bad.append)(key)
+        if bad:
+            self.corrupt += len(bad)
+            with self.db:
+                self.db.executemany("DELETE FROM blobs WHERE key=?", [(k,) for k in bad])
+        return found
+
     def put_many(self, items: dict[str, np.ndarray]) -> None:
         """Write and commit in one transaction (a batch is either all there or not at all)."""
         rows = []
@@ -106,6 +123,10 @@ class ShardedStore:
     def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
         out = self.shared.get_many(keys)
         return out | self.shard.get_many([k for k in keys if k not in out])
+
+    def has_many(self, keys: list[str]) -> set[str]:
+        found = self.shared.has_many(keys)
+        return found | self.shard.has_many([k for k in keys if k not in found])
 
     def put_many(self, items: dict[str, np.ndarray]) -> None:
         self.shard.put_many(items)

@@ -44,10 +44,9 @@ class _Rescale(torch.autograd.Function):
         a1, a0 = a[:n], a[n:]                       # the baseline's row broadcasts over the inputs'
         delta = a1 - a0
         m = (out[:n] - out[n:]).div_(delta)
-        if isinstance(f, _ReLU):  # exact for any nonzero delta; 0/0 only where a1 == a0 (rare)
-            same = delta == 0
-            if same.any():
-                m[same] = (a1[same] > 0).to(m.dtype)
+        if isinstance(f, _ReLU):  # exact for any nonzero delta; 0/0 (NaN) only where a1 == a0 (rare)
+            if m.sum().isnan():  # one pass, no mask kept: there a1 == a0, so its slope is a0 > 0
+                m = torch.where(delta == 0, (a0 > 0).to(m.dtype), m)
         else:  # the local derivative where a1 ~ a0, by autograd on the inputs' rows
             with torch.enable_grad():
                 t = a1.detach().requires_grad_(True)
