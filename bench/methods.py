@@ -30,7 +30,8 @@ computed once outside the timed calls, the same 256 samples (our default n_sampl
 model output (softmax, under no_grad) and switched-off superpixels set to 0. Rows:
   - lime, kernel_shap (ours): the registered methods at their defaults minus the segmentation
     (``superpixel_fit(..., segments=...)``), all images in one call. Where the floor's batch is
-    below our rows a call (on CPU at most 2^18 pixels: 64 rows at 64 px, 8 at 224 px), lime
+    below our rows a call (on CPU, rows whose largest activation fits 16 MiB: 64 on BenchNet at
+    64 px, 27 on SmallNet at 224 px), lime
     once more with max_rows = the floor's batch ("tuned"); speed-ups are against the defaults.
   - lime_image (pip ``lime``): ``LimeImageExplainer(kernel_width=0.25)`` (its default) and
     ``explain_instance(image, fn, labels=(target,), top_labels=None, hide_color=0,
@@ -60,23 +61,33 @@ Measured on the 2-core dev machine at the defaults (64 px, 32 images): every met
   output in hooks: 2.0-2.1x the floor of 2 + 2 passes, i.e. ~4x our time.
 - gradcam (and the Grad-CAM half of guided_gradcam) run below the floor: the backward pass
   stops at the layer, while the floor counts a full backward to the input.
-- Expanding methods send at most ``max_rows`` rows per call, and on CPU at most 2^18 pixels'
-  worth (64 rows at 64 px, 8 at 224 px; see ``auditor.methods._common.rows_per_call``): with
-  256-row chunks at 64 px, LIME measured 3.9x its floor instead of 1.1x on this machine.
+- Every method sends at most ``max_rows`` rows per model call, and on CPU only as many as keep
+  the model's largest activation within 16 MiB (``auditor.methods._common.rows_per_call``; 64
+  rows for BenchNet at 64 px, 5 at 224 px): with 256-row chunks at 64 px, LIME measured 3.9x its
+  floor instead of 1.1x, and a fixed 2^18-pixel cap (8 rows at 224 px) left LIME on SmallNet at
+  0.54 of ideal, where 27 rows give 0.64-0.74. One-pass methods (saliency, gradcam, ...) are
+  chunked the same way: at 224 px, BenchNet's forward+backward ran 3x slower per row at 64 rows
+  than at 4.
+- At 224 px (``--size 224 --images 8``, load 1.4-1.7): every method within 1.24x of its floor
+  but deeplift, 1.42-1.56x: its Rescale multipliers are a few extra elementwise passes per
+  activation, which weigh on a net whose 16-channel activations are at full resolution.
 - The machine is shared: the floor is re-measured beside each timed call and the ratio is
   the median of the per-repeat ratios, but a busy machine still moves the numbers (+-15%).
 
-Comparison, measured twice at the defaults (4 images, 3 rounds; load average 2.3-2.7 on the
-2 cores, the table alone ~2.5 min); "of ideal" and speed-ups at the references' defaults:
-- (a) BenchNet, 64 px: ours 0.92-1.07 of ideal (lime), 0.98-1.03 (kernel_shap); lime_image
-  0.54-0.71, Captum Lime 0.17-0.42, Captum KernelShap 0.21-0.30. Ours 1.1-1.6x faster than
-  lime_image, 1.9-4.1x than Captum Lime, 2.9-3.1x than Captum KernelShap (tuned references:
-  1.1-2.1x). Segmentation 5-6 ms/image, 0.02-0.03x our explanation.
-- (b) SmallNet, 224 px: ours 0.71-0.77 of ideal; lime_image 0.14 (0.11-0.16 tuned), Captum
-  Lime 0.13-0.14 (0.18-0.19 tuned), Captum KernelShap 0.11-0.12 (0.16-0.17 tuned). Ours
-  5.3x faster than lime_image (4.2-4.3x with segmentation), 5.4-5.5x than Captum Lime
-  (4.3-4.4x), 5.5-6.0x than Captum KernelShap (4.5-4.7x); against tuned references 3.8-5.6x.
-  Segmentation 44-46 ms/image, 0.29-0.35x our explanation.
+Comparison, measured at the defaults (4 images, 3 rounds, the table alone ~2.5 min; four runs,
+two at load 2.3-2.7 with the old 8-row cap at 224 px, two at load 1.1-1.4 with rows from the
+activation size; a fifth run, not counted, timed its 64-px floor at a slow moment, giving ours
+1.8 "of ideal"); "of ideal" and speed-ups at the references' defaults:
+- (a) BenchNet, 64 px: ours 0.92-1.14 of ideal (lime), 0.98-1.14 (kernel_shap); lime_image
+  0.54-0.71, Captum Lime 0.17-0.42, Captum KernelShap 0.17-0.30. Ours 1.1-1.8x faster than
+  lime_image, 1.9-6.1x than Captum Lime, 2.9-6.2x than Captum KernelShap (tuned references:
+  1.1-2.2x). Segmentation 4-6 ms/image, 0.02-0.03x our explanation.
+- (b) SmallNet, 224 px, 27 rows a call: ours 0.64-0.70 of ideal (lime and kernel_shap);
+  lime_image 0.10, Captum Lime 0.06-0.07, Captum KernelShap 0.06-0.08. Ours 6.5-7.9x faster
+  than lime_image (5.3-5.7x with segmentation), 10.9-12.0x than Captum Lime (7.8-8.9x),
+  9.7-10.1x than Captum KernelShap (7.1-7.8x); against tuned references 3.7-8.5x.
+  Segmentation 35-47 ms/image, 0.25-0.47x our explanation. (With the 8-row cap: 0.71-0.77 of
+  ideal at load 2.5 but 0.54 at load 1.1, and 5.3-6.0x the references.)
 What sets the factors: the work per sample outside the model. lime_image copies the image
 (float64) and compares the whole segment map once per switched-off superpixel, Captum builds
 each perturbation and scores its similarity in Python: ~2-3 ms a sample at 224 px, ~0.1-0.3 ms
@@ -85,7 +96,9 @@ factor is (forward + theirs) / (forward + ours) per sample, so it shrinks as the
 grows: at 64 px BenchNet's forward (~0.8 ms a row) dominates and lime_image runs at 54-71% of
 ideal, so no implementation could be 4x faster there. Ours stays below 0.8 of ideal at 224 px
 on SmallNet because the floor reuses one input while every sample needs its own perturbed
-image (~13% of a SmallNet forward), and on CPU our calls are capped at 8 rows at 224 px.
+image: writing it (a 0/1 pixel mask gathered from the coalition, times the image) costs
+~65-100 us a row, a quarter to a third of this 9-M-MAC net's forward (tried without gain: an
+int32 segment index, a half-precision mask, channels-last rows, smaller sub-chunks).
 """
 from __future__ import annotations
 

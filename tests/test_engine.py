@@ -48,6 +48,20 @@ def test_corrupted_cache_entry_is_detected_and_recomputed(project):
     assert stable(first) == stable(second)
 
 
+def test_has_many_skips_damaged_heatmaps_without_decompressing(tmp_path):
+    """The engine asks which heatmaps are cached with has_many: a damaged entry counts as missing
+    (and is dropped, so it is recomputed), as with get."""
+    import numpy as np
+
+    from auditor.store import Store
+    store = Store(tmp_path / "c.sqlite")
+    store.put_many({"a": np.ones((4, 4), np.float16), "b": np.zeros((4, 4), np.float16)})
+    with store.db:
+        store.db.execute("UPDATE blobs SET data = X'00112233' WHERE key = 'b'")
+    assert store.has_many(["a", "b", "c"]) == {"a"} and store.corrupt == 1
+    assert store.get("b") is None and store.has_many([f"k{i}" for i in range(1200)] + ["a"]) == {"a"}
+
+
 SLOW_NET = '''
 import time
 from net import make as _make

@@ -139,6 +139,36 @@ def test_train_mode_kept(entry, tiny):
 
 
 @pytest.mark.parametrize("entry", ALL)
+def test_every_method_honours_max_rows(entry, tiny):
+    """One row a model call gives the same heatmaps as the default calls (chunking is invisible)."""
+    model, x, target = tiny
+    params = fast_params(entry)
+    assert "max_rows" in entry.meta["defaults"]
+    h = call(entry, model, x, target, model.conv2, **params)
+    one = call(entry, model, x, target, model.conv2, **{**params, "max_rows": 1})
+    torch.testing.assert_close(one, h, rtol=1e-3, atol=1e-4 * h.max().item())
+
+
+def test_rows_per_call_follow_the_largest_activation():
+    """On CPU, a net with full-resolution feature maps gets fewer rows a call than one that strides
+    at once; the one-row probe leaves a training model's mode and BatchNorm statistics alone."""
+    from auditor.methods._common import CPU_BYTES_PER_CALL, largest_activation, rows_per_call
+    full = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2)).train()
+    strided = nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.zeros(2, 3, 128, 128)
+    strided(x)  # materialise the lazy layer
+    stats = {k: v.clone() for k, v in full.state_dict().items()}
+    assert largest_activation(full, x) == 32 * 128 * 128 * 4           # the conv's output
+    assert largest_activation(strided, x) == 3 * 128 * 128 * 4         # the input itself
+    assert all(m.training for m in full.modules())
+    assert all(torch.equal(v, stats[k]) for k, v in full.state_dict().items())
+    assert rows_per_call(full, x, 256) == max(4, CPU_BYTES_PER_CALL // (32 * 128 * 128 * 4)) == 8
+    assert rows_per_call(strided, x, 256) == CPU_BYTES_PER_CALL // (3 * 128 * 128 * 4) == 85
+    assert rows_per_call(strided, x, 16) == 16                          # max_rows still bounds it
+
+
+@pytest.mark.parametrize("entry", ALL)
 def test_quadrant_sanity(entry):
     """Heatmap mass lies in the top-left quadrant, the only region the class-0 logit reads."""
     torch.manual_seed(0)

@@ -110,8 +110,8 @@ _LARGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def largest_activation(model: nn.Module, x: Tensor) -> int:
     """Bytes of the largest tensor one row of ``x`` makes in the model's forward pass (its
-    input included), from the outputs of the leaf modules on one row; memoised per model and
-    row shape."""
+    input included), from the outputs of the leaf modules on one row (functional ops inside a
+    module's forward are not seen); memoised per model and row shape."""
     memo = _LARGEST.setdefault(model, {})
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     if key not in memo:
@@ -124,12 +124,16 @@ def largest_activation(model: nn.Module, x: Tensor) -> int:
 
         handles = [m.register_forward_hook(record) for m in model.modules()
                    if next(m.children(), None) is None]
-        try:
+        modes = [(m, m.training) for m in model.modules()]
+        try:  # in eval mode: a one-row batch must not move BatchNorm statistics (or fail on them)
+            model.eval()
             with torch.no_grad():
                 model(x[:1].detach())
         finally:
             for h in handles:
                 h.remove()
+            for m, training in modes:
+                m.training = training
         memo[key] = largest[0]
     return memo[key]
 
