@@ -63,7 +63,8 @@ def grade(value: float, thresholds: dict[str, float]) -> str | None:
     return best
 
 
-CACHE_IMAGES = 512
+CACHE_IMAGES = 512            # decoded model inputs kept by Evidence.model_input ...
+CACHE_BYTES = 64 * 2 ** 20    # ... and at most this much of them (109 inputs at 224 px)
 
 
 @dataclass
@@ -96,18 +97,21 @@ class Evidence:
         ids = sorted(store)
         if not ids:
             return [], np.zeros((0, 1, 1), np.float32)
-        return ids, np.stack([store[i] for i in ids]).astype(np.float32)
+        return ids, np.stack([store[i] for i in ids]).astype(np.float32, copy=False)
 
     def model_input(self, i: int) -> torch.Tensor:
         """Image i decoded and preprocessed as the model saw it: [C, H, W] on the host.
 
-        The most recent ``CACHE_IMAGES`` are kept (rules, the trust gate and the interventions
-        ask for the same images again); callers must not modify the tensor in place."""
+        The most recent ``CACHE_IMAGES`` (at most ``CACHE_BYTES``) are kept (rules, the trust gate
+        and the interventions ask for the same images again); callers must not modify the tensor
+        in place."""
         if i in self._inputs:
             self._inputs.move_to_end(i)
         else:
-            self._inputs[i] = to_model_input(read_image(self.refs[i].path), self.input_spec)
-            if len(self._inputs) > CACHE_IMAGES:  # bounded: memory must not grow with the data set
+            self._inputs[i] = x = to_model_input(read_image(self.refs[i].path), self.input_spec)
+            # Bounded: memory must not grow with the data set (nor with the model's input size).
+            limit = min(CACHE_IMAGES, max(1, CACHE_BYTES // (x.numel() * x.element_size())))
+            while len(self._inputs) > limit:
                 self._inputs.popitem(last=False)
         return self._inputs[i]
 

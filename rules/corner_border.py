@@ -65,7 +65,7 @@ def corner_border(ev: Evidence, band: float = 0.15, min_lift: float = 2.0, min_s
         ids, maps = ev.explained(method)
         if not ids:
             continue
-        maps = normalise(maps)
+        maps = normalise(maps, copy=False)
         masks = {name: region_mask(maps.shape[1:], box) for name, box in regions.items()}
         area = {name: m.mean() for name, m in masks.items()}
         mass = {name: maps[:, m].sum(axis=1) for name, m in masks.items()}        # name -> [N]
@@ -78,7 +78,7 @@ def corner_border(ev: Evidence, band: float = 0.15, min_lift: float = 2.0, min_s
             c_ids, c_maps = ev.explained(method, "contrast")
             pos = {i: k for k, i in enumerate(ids)}
             keep = [j for j, i in enumerate(c_ids) if i in pos]
-            maps_by_target["true"] = ([pos[c_ids[j]] for j in keep], normalise(c_maps[keep]))
+            maps_by_target["true"] = ([pos[c_ids[j]] for j in keep], normalise(c_maps[keep], copy=False))
         for target, (ks, tmaps) in maps_by_target.items():
             if not ks:
                 continue

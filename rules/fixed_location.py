@@ -87,7 +87,8 @@ def fixed_location(ev: Evidence, min_images: int = 8, min_group: int = 3, min_li
         ids, maps = ev.explained(method)
         if len(ids) < min_images:
             continue
-        small = downsample(normalise(maps))
+        small = downsample(normalise(maps, copy=False))
+        del maps
         preds = ev.samples.loc[ids, "prediction"].to_numpy()
         classes = np.unique(preds)
         for c in classes:

@@ -13,6 +13,8 @@ finding listing them; the intervention confirms it when most of them were confir
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
@@ -25,6 +27,7 @@ from auditor.registry import RULES
 
 FEATURES = ("extent", "solidity", "eccentricity", "size", "contrast", "saturation")
 SEVERITY = {"low": 0.0, "medium": 0.5}
+IMAGES_KEPT = 256  # decoded images kept between methods; past that a file is decoded again
 
 
 def evidence_object(img: np.ndarray, heat: np.ndarray, level: float = 0.5) -> dict | None:
@@ -132,17 +135,15 @@ def look_alike(ev: Evidence, min_examples: int = 5, max_distance: float = 2.5, m
     """A misclassified image's evidence is an object shaped like the predicted class's usual evidence."""
     severity = severity or SEVERITY
     s = ev.samples
-    images: dict[int, np.ndarray] = {}
 
+    @functools.lru_cache(maxsize=IMAGES_KEPT)  # bounded: memory must not grow with the data set
     def pixels(i: int) -> np.ndarray:
-        if i not in images:
-            images[i] = np.asarray(read_image(ev.refs[i].path).convert("RGB"), np.float32) / 255.0
-        return images[i]
+        return np.asarray(read_image(ev.refs[i].path).convert("RGB"), np.float32) / 255.0
 
     findings: dict[int, Finding] = {}
     for method in ev.methods:
         ids, maps = ev.explained(method)
-        maps = normalise(maps)
+        maps = normalise(maps, copy=False)
         heat = dict(zip(ids, maps))
         wrong = [i for i in ids if not s.at[i, "correct"]]
         typical: dict[int, tuple | None] = {}

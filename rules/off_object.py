@@ -55,7 +55,7 @@ def off_object(ev: Evidence, min_on_object: float = 0.4, class_min_on_object: fl
     masks: dict[int, np.ndarray | None] = {}  # read once: every method's maps share one resolution
     for method in ev.methods:
         ids, maps = ev.explained(method)
-        maps = normalise(maps)
+        maps = normalise(maps, copy=False)
         on = {}
         for i, heat in zip(ids, maps):
             if i not in masks:
