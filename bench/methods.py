@@ -54,9 +54,9 @@ round; every figure is the median over rounds of the per-round value or ratio.
 
 Measured on the 2-core dev machine at the defaults (64 px, 32 images): every method within
 1.3x of its floor. Why, and other things the ratios mean:
-- deeplift: our own implementation (``auditor/methods/deeplift.py``) runs the images with a
-  single baseline row (the baseline is the same for all) and keeps one multiplier per
-  non-linearity: 1 forward + 1 backward per image, 1.09x that floor on a quiet machine.
+- deeplift: our own implementation (``auditor/methods/deeplift.py``) runs the baseline (the same
+  for all images) through the model once per call, then the images, keeping one multiplier per
+  non-linearity: 1 forward + 1 backward per image, 1.09-1.13x that floor at 64 px.
   Captum's DeepLift runs a baseline row per image and clones every non-linearity's input and
   output in hooks: 2.0-2.1x the floor of 2 + 2 passes, i.e. ~4x our time.
 - gradcam (and the Grad-CAM half of guided_gradcam) run below the floor: the backward pass
@@ -68,9 +68,10 @@ Measured on the 2-core dev machine at the defaults (64 px, 32 images): every met
   0.54 of ideal, where 27 rows give 0.64-0.74. One-pass methods (saliency, gradcam, ...) are
   chunked the same way: at 224 px, BenchNet's forward+backward ran 3x slower per row at 64 rows
   than at 4.
-- At 224 px (``--size 224 --images 8``, load 1.4-1.7): every method within 1.24x of its floor
-  but deeplift, 1.42-1.56x: its Rescale multipliers are a few extra elementwise passes per
-  activation, which weigh on a net whose 16-channel activations are at full resolution.
+- At 224 px (``--size 224 --images 8``, load 1.3-1.7): every method within 1.28x of its floor.
+  deeplift was at 1.42-1.56x while each chunk carried the baseline row (25% more rows at 5 rows
+  a call); with the baseline run once per call, 1.28x (the Rescale multipliers still cost a few
+  elementwise passes per activation, which weigh where 16-channel maps are at full 224 px).
 - The machine is shared: the floor is re-measured beside each timed call and the ratio is
   the median of the per-repeat ratios, but a busy machine still moves the numbers (+-15%).
 

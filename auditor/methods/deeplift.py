@@ -1,13 +1,15 @@
-"""DeepLift (Rescale rule) in one batched forward and backward pass over [inputs; baseline].
+"""DeepLift (Rescale rule) in one batched forward and backward pass per chunk of inputs.
 
 Captum's DeepLift hooks every non-linear module, clones its input and output in the forward
 pass and recomputes the multipliers in the backward pass; on a small CNN those hooks cost as
 much as the two passes themselves (measured 2x its floor in bench/methods.py). Here, for the
 duration of one call, each supported module's ``forward`` is swapped for an autograd Function
 that computes the module's output and its DeepLift multiplier together, keeps only the
-multiplier for the backward pass, and leaves the module as it was afterwards. Because every
-call carries its own multiplier, a module used twice per forward (one nn.ReLU shared by
-several layers, as in torchvision's ResNets) and in-place activations are both fine.
+multiplier for the backward pass, and leaves the module as it was afterwards. The baseline goes
+through the model once per call of the method, each module keeping what it saw (per call of
+the module, so one nn.ReLU shared by several layers, as in torchvision's ResNets, is fine, and
+so are in-place activations); the inputs' chunks then carry no baseline row (a row per chunk
+cost 25% more passes where the cache allows 5 rows a call, as for a ResNet-18 at 224 px).
 
 Rules, as in Captum (Shrikumar et al. 2017): an elementwise non-linearity f gets the Rescale
 multiplier (f(a) - f(a0)) / (a - a0), or f'(a) where a and a0 coincide; a MaxPool2d sends
@@ -35,21 +37,20 @@ EPS = 1e-10  # Captum's: below this difference the multiplier is the local deriv
 
 
 class _Rescale(torch.autograd.Function):
-    """f on [inputs; baseline]; backward multiplies the inputs' rows by the Rescale multiplier."""
+    """f on the inputs' rows; backward multiplies by the Rescale multiplier against the baseline's
+    input ``a0`` and output ``out0`` at this call (one row, broadcast over the inputs')."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    def forward(ctx, a: Tensor, f: Callable[[Tensor], Tensor], a0: Tensor, out0: Tensor) -> Tensor:
         out = f(a)
-        n = a.shape[0] - 1
-        a1, a0 = a[:n], a[n:]                       # the baseline's row broadcasts over the inputs'
-        delta = a1 - a0
-        m = (out[:n] - out[n:]).div_(delta)
-        if isinstance(f, _ReLU):  # exact for any nonzero delta; 0/0 (NaN) only where a1 == a0 (rare)
-            if m.sum().isnan():  # one pass, no mask kept: there a1 == a0, so its slope is a0 > 0
+        delta = a - a0
+        m = (out - out0).div_(delta)
+        if isinstance(f, _ReLU):  # exact for any nonzero delta; 0/0 (NaN) only where a == a0 (rare)
+            if m.sum().isnan():  # one pass, no mask kept: there a == a0, so its slope is a0 > 0
                 m = torch.where(delta == 0, (a0 > 0).to(m.dtype), m)
-        else:  # the local derivative where a1 ~ a0, by autograd on the inputs' rows
+        else:  # the local derivative where a ~ a0, by autograd on the inputs' rows
             with torch.enable_grad():
-                t = a1.detach().requires_grad_(True)
+                t = a.detach().requires_grad_(True)
                 slope, = torch.autograd.grad(f(t).sum(), t)
             m = torch.where(delta.abs() < EPS, slope, m)
         ctx.save_for_backward(m)
@@ -58,11 +59,7 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         m, = ctx.saved_tensors
-        n = m.shape[0]
-        out = torch.empty_like(grad)
-        torch.mul(grad[:n], m, out=out[:n])
-        out[n:] = grad[n:]
-        return out, None
+        return grad * m, None, None, None
 
 
 class _ReLU:
@@ -72,37 +69,61 @@ class _ReLU:
         return F.relu(a)
 
 
+def _max_pool(a: Tensor, pool: nn.MaxPool2d) -> tuple[Tensor, Tensor]:
+    return F.max_pool2d(a, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                        pool.ceil_mode, return_indices=True)
+
+
 class _MaxPool2d(torch.autograd.Function):
-    """Max pooling on [inputs; baseline]; backward sends each window's change to its winner."""
+    """Max pooling on the inputs' rows; backward sends each window's change to its winner, the
+    input's position or the baseline's (``a0``, ``out0``, ``idx0``: the baseline at this call)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, pool: nn.MaxPool2d) -> Tensor:
-        out, idx = F.max_pool2d(a, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                pool.ceil_mode, return_indices=True)
-        n = a.shape[0] - 1
-        top = torch.maximum(out[:n], out[n:])
+    def forward(ctx, a: Tensor, pool: nn.MaxPool2d, a0: Tensor, out0: Tensor, idx0: Tensor) -> Tensor:
+        out, idx = _max_pool(a, pool)
+        top = torch.maximum(out, out0)
         # The change of each window's max, split between the input's winner and the baseline's.
-        ctx.save_for_backward(idx, top - out[n:], out[:n] - top, a[:n] - a[n:])
+        ctx.save_for_backward(idx, idx0, top - out0, out - top, a - a0)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        idx, gain, loss, delta = ctx.saved_tensors
+        idx, idx0, gain, loss, delta = ctx.saved_tensors
         n = delta.shape[0]
         flat = delta.flatten(2)
-        mine, base = idx[:n].flatten(2), idx[n:].flatten(2).expand(n, -1, -1)
+        mine, base = idx.flatten(2), idx0.flatten(2).expand(n, -1, -1)
         spread = torch.zeros_like(flat)
-        spread.scatter_add_(2, mine, (grad[:n] * gain).flatten(2))
-        spread.scatter_add_(2, base, (grad[:n] * loss).flatten(2))
-        plain = torch.zeros_like(flat).scatter_add_(2, mine, grad[:n].flatten(2))
+        spread.scatter_add_(2, mine, (grad * gain).flatten(2))
+        spread.scatter_add_(2, base, (grad * loss).flatten(2))
+        plain = torch.zeros_like(flat).scatter_add_(2, mine, grad.flatten(2))
         near = flat.abs() < EPS
-        g1 = torch.where(near, plain, spread / flat.masked_fill(near, 1)).view_as(delta)
-        return torch.cat([g1, torch.zeros_like(g1[:1])]), None
+        return torch.where(near, plain, spread / flat.masked_fill(near, 1)).view_as(delta), None, None, None, None
 
 
 @contextlib.contextmanager
-def rescaled(model: nn.Module) -> Iterator[None]:
-    """Swap each supported module's forward for its DeepLift Function; restore on exit."""
+def rescaled(model: nn.Module, baseline: Tensor) -> Iterator[None]:
+    """Swap each supported module's forward for its DeepLift Function; restore on exit.
+
+    On entry the baseline (one row) goes through the model once, and every swapped module keeps
+    what it saw at each of its calls (a module may be called several times per forward); each
+    later forward of the inputs takes the k-th call's baseline for a module's k-th call, so no
+    call carries a baseline row."""
+    seen: dict[nn.Module, list] = {}   # module -> per call: the baseline's input and output(s)
+    calls: dict[nn.Module, int] = {}   # module -> calls so far in the current forward
+    recording = [True]
+
+    def swap(mod: nn.Module, plain: Callable, rule: Callable) -> Callable:
+        def forward(a: Tensor) -> Tensor:
+            if recording[0]:
+                out = plain(a)  # copies kept: later in-place ops of the model must not change them
+                seen.setdefault(mod, []).append(
+                    (a.clone(), tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()))
+                return out[0] if isinstance(out, tuple) else out
+            k = calls[mod] = calls.get(mod, -1) + 1
+            a0, out0 = seen[mod][k]
+            return rule(a, a0, out0)
+        return forward
+
     swapped = []
     for mod in model.modules():
         if isinstance(mod, ELEMENTWISE):
@@ -111,13 +132,19 @@ def rescaled(model: nn.Module) -> Iterator[None]:
             swapped.append((mod, mod.__dict__.get("forward"), getattr(mod, "inplace", None)))
             if hasattr(mod, "inplace"):
                 mod.inplace = False
-            mod.forward = lambda a, f=f: _Rescale.apply(a, f)
+            mod.forward = swap(mod, f, lambda a, a0, out0, f=f: _Rescale.apply(a, f, a0, out0))
         elif isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
             swapped.append((mod, mod.__dict__.get("forward"), None))
-            mod.forward = lambda a, m=mod: _MaxPool2d.apply(a, m)
+            mod.forward = swap(mod, lambda a, m=mod: _max_pool(a, m),
+                               lambda a, a0, out0, m=mod: _MaxPool2d.apply(a, m, a0, *out0))
+    reset = model.register_forward_pre_hook(lambda *_: calls.clear())
     try:
+        with torch.no_grad():
+            model(baseline)
+        recording[0] = False
         yield
     finally:
+        reset.remove()
         for mod, own_forward, inplace in swapped:
             del mod.forward
             if own_forward is not None:
@@ -129,19 +156,17 @@ def rescaled(model: nn.Module) -> Iterator[None]:
 def attributions(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
     """Signed DeepLift attributions [B, C, H, W] from the zero baseline (the mean image).
 
-    The images run as one batch with a single row for the baseline, which is the same for every
-    image (so one forward and backward per image, chunked to max_rows); the attribution is
+    The baseline, the same for every image, goes through the model once; the images then run in
+    chunks of ``rows_per_call``, one forward and one backward per image. The attribution is
     (x - baseline) times the DeepLift multipliers, which for a network of modules sums to
     logit(x) - logit(baseline)."""
-    step = max(1, rows_per_call(model, x, max_rows) - 1)
+    step = rows_per_call(model, x, max_rows)
     out = []
-    with rescaled(model), torch.enable_grad():
+    with rescaled(model, torch.zeros_like(x[:1])), torch.enable_grad():
         for s in range(0, x.shape[0], step):
-            xs, ts = x[s:s + step].detach(), target[s:s + step]
-            rows = torch.cat([xs, torch.zeros_like(xs[:1])]).requires_grad_(True)
-            logits = model(rows)[: len(xs)]
-            grad, = torch.autograd.grad(logits.gather(1, ts[:, None]).sum(), rows)
-            out.append(xs * grad[: len(xs)])
+            xs, ts = x[s:s + step].detach().requires_grad_(True), target[s:s + step]
+            grad, = torch.autograd.grad(model(xs).gather(1, ts[:, None]).sum(), xs)
+            out.append(xs.detach() * grad)
     return torch.cat(out)
 
 
