@@ -128,3 +128,17 @@ def test_out_of_memory_batch_is_split_and_retried(project, monkeypatch):
     doc = run(project)
     assert max(calls) > 2 and min(calls) <= 2
     assert doc["metrics"]["explained"] == 12 and not doc["warnings"]
+
+
+def test_device_auto_takes_cuda_only_when_present(monkeypatch):
+    import pytest
+    import torch
+
+    from auditor.config import ConfigError
+    from auditor.model import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type == "cpu" and pick_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="run.device is 'cuda' but no CUDA device"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto").type == "cuda"
