@@ -64,7 +64,7 @@ def grade(value: float, thresholds: dict[str, float]) -> str | None:
 
 
 CACHE_IMAGES = 512            # decoded model inputs kept by Evidence.model_input ...
-CACHE_BYTES = 64 * 2 ** 20    # ... and at most this much of them (109 inputs at 224 px)
+CACHE_BYTES = 64 * 2 ** 20    # ... and at most this much of them (111 inputs at 224 px)
 
 
 @dataclass
@@ -92,7 +92,8 @@ class Evidence:
         return [m for m in self.heatmaps if self.reliable.get(m, True)]
 
     def explained(self, method: str, target: str = "pred") -> tuple[list[int], np.ndarray]:
-        """Sample ids and their stacked heatmaps [N, h, w] (float32) for one method."""
+        """Sample ids and their stacked heatmaps [N, h, w] (float32) for one method: a fresh array
+        the caller owns (rules normalise it in place)."""
         store = (self.heatmaps if target == "pred" else self.contrast)[method]
         ids = sorted(store)
         if not ids:

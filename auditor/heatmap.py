@@ -14,7 +14,7 @@ def normalise(maps: np.ndarray, copy: bool = True) -> np.ndarray:
     maps = np.clip(maps, 0, None, out=None if copy else maps)
     total = maps.sum(axis=(-2, -1), keepdims=True)
     np.divide(maps, total, out=maps, where=total > EPS)
-    maps[(total <= EPS)[..., 0, 0]] = 0
+    maps[~(total > EPS)[..., 0, 0]] = 0  # all-zero maps, and NaN ones, come out as zeros
     return maps
 
 

@@ -114,8 +114,8 @@ class Intervener:
             maps = self.ev.heatmaps.get(method, {}) if method else {}
             have = [j for j in pool if j in maps]
             if have:  # the donors whose own evidence for the true class lies most in the box
-                heat = np.clip(np.stack([np.asarray(maps[j], np.float32) for j in have]), 0, None)
-                share = heat[:, region_mask(heat.shape[1:], box)].sum(1) / np.maximum(heat.sum((1, 2)), 1e-12)
+                share = np.concatenate([_box_share(np.stack([maps[j] for j in have[s:s + 1024]]), box)
+                                        for s in range(0, len(have), 1024)])  # bounded memory
                 pool = [have[k] for k in np.lexsort((-np.array(have), -share))]  # ties: higher id first
             self._donors[key] = pool[: self.spec.restore_images]
         donors = self._donors[key]
@@ -128,6 +128,12 @@ class Intervener:
             result["restored"] = int((after.argmax(1) == true).sum())
             result["restore_rate"] = round(result["restored"] / len(donors), 4)
         return result
+
+
+def _box_share(maps: np.ndarray, box) -> np.ndarray:
+    """Share of each map's positive mass inside ``box`` (fractions): [N, h, w] -> [N]."""
+    heat = np.clip(np.asarray(maps, np.float32), 0, None)
+    return heat[:, region_mask(heat.shape[1:], box)].sum(1) / np.maximum(heat.sum((1, 2)), 1e-12)
 
 
 def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:

@@ -21,7 +21,7 @@ from auditor.diff import document
 from auditor.evidence import severity_rank
 from auditor.heatmap import normalise, region_mask, region_mass
 from auditor.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS, TILE_PX,
-                             heat_only, legend, overlay, save_picture, sheet, strip, thumbnail)
+                             draw_box, heat_only, legend, overlay, save_picture, sheet, strip, thumbnail)
 
 SCHEMA_VERSION = 1
 
@@ -147,6 +147,9 @@ def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int =
         base, boxes = got
         have = [m for m in ev.heatmaps if i in ev.heatmaps[m]]
         m = worst_method[i] if worst_method[i] in have else next(iter(have), None)
+        if m is None:
+            for b in boxes:
+                draw_box(base, b)
         tiles.append((overlay(base, ev.heatmaps[m][i], boxes) if m else base, i, m))
         if len(tiles) == SHEET_COLUMNS * SHEET_ROWS:
             save_sheet()

@@ -121,6 +121,8 @@ def sheet(tiles: list[Image.Image], first: int) -> Image.Image:
     numbers, drawn here, cost it no text layout (the file names are listed under the sheet).
     The number goes under the tile, not on it, so it hides no corner.
     """
+    if not tiles:
+        raise ValueError("sheet: no tiles")
     font = ImageFont.load_default(size=max(10, TILE_PX // 9))
     label = font.getbbox("0123456789")[3] + 3
     cols, rows = SHEET_COLUMNS, -(-len(tiles) // SHEET_COLUMNS)

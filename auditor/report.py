@@ -591,12 +591,12 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
     gallery_note = ("" if not rest else
                     f"The {len(cards)} most severe of the {flagged} flagged images are shown with pictures "
                     f"(report.gallery_limit: {limit}); the other {len(rest)} are listed by group in the table "
-                    f"after them" + (f", and {'all' if n_small == len(rest) else f'the first {n_small}'} of them "
+                    f"after them" + (f", and {'all' if n_small == len(rest) else n_small} of them "
                                      f"as small pictures after the table (report.thumbnail_limit)" if n_small else "")
                     + "; every image, with its confidence, is in samples.csv.")
     sheets_note = ("Worst first, numbered from 1: each picture is the image with the explanation of its worst "
                    "finding's method laid over it and the flagged region boxed. Under each block of pictures, "
-                   "every number is followed by its file name and that method.")
+                   "the numbers with their file names and that method (named once when all share it).")
     weights = cfg.model.weights
     return {
         "title": f"Model audit: {cfg.model.factory}", "run_id": run["id"], "date": run["started"][:10],

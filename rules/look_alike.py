@@ -13,7 +13,7 @@ finding listing them; the intervention confirms it when most of them were confir
 """
 from __future__ import annotations
 
-import functools
+from collections import OrderedDict
 
 import numpy as np
 from scipy import ndimage
@@ -27,7 +27,7 @@ from auditor.registry import RULES
 
 FEATURES = ("extent", "solidity", "eccentricity", "size", "contrast", "saturation")
 SEVERITY = {"low": 0.0, "medium": 0.5}
-IMAGES_KEPT = 256  # decoded images kept between methods; past that a file is decoded again
+BYTES_KEPT = 64 * 2 ** 20  # decoded images kept between methods; past that a file is decoded again
 
 
 def evidence_object(img: np.ndarray, heat: np.ndarray, level: float = 0.5) -> dict | None:
@@ -135,10 +135,18 @@ def look_alike(ev: Evidence, min_examples: int = 5, max_distance: float = 2.5, m
     """A misclassified image's evidence is an object shaped like the predicted class's usual evidence."""
     severity = severity or SEVERITY
     s = ev.samples
+    kept: OrderedDict[int, np.ndarray] = OrderedDict()  # decoded images, least recent first
+    kept_bytes = [0]
 
-    @functools.lru_cache(maxsize=IMAGES_KEPT)  # bounded: memory must not grow with the data set
     def pixels(i: int) -> np.ndarray:
-        return np.asarray(read_image(ev.refs[i].path).convert("RGB"), np.float32) / 255.0
+        if i in kept:
+            kept.move_to_end(i)
+            return kept[i]
+        kept[i] = img = np.asarray(read_image(ev.refs[i].path).convert("RGB"), np.float32) / 255.0
+        kept_bytes[0] += img.nbytes
+        while len(kept) > 1 and kept_bytes[0] > BYTES_KEPT:  # bounded: memory must not grow with the data
+            kept_bytes[0] -= kept.popitem(last=False)[1].nbytes
+        return img
 
     findings: dict[int, Finding] = {}
     for method in ev.methods:

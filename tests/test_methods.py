@@ -304,3 +304,12 @@ def test_superpixel_fit_precomputed_segments(kind, tiny):
     again, seg2 = superpixel_fit(kind, model, x, target, 24, "quickshift", 3, 1.0, "prob", 0, 10,
                                  segments=seg.numpy())
     assert torch.equal(seg2, seg) and torch.equal(again, beta)
+
+
+def test_an_empty_batch_neither_fails_nor_spoils_the_rows_memo(tiny):
+    model, x, target = tiny
+    fresh = TinyCNN(seed=3).eval()  # its rows-per-call memo is still empty
+    h = METHODS.get("saliency")(fresh, x[:0], target[:0])
+    assert h.shape == (0, *x.shape[2:])
+    torch.testing.assert_close(METHODS.get("saliency")(fresh, x, target),
+                               METHODS.get("saliency")(fresh, x, target, max_rows=1))

@@ -124,17 +124,19 @@ def largest_activation(model: nn.Module, x: Tensor) -> int:
 
         handles = [m.register_forward_hook(record) for m in model.modules()
                    if next(m.children(), None) is None]
-        modes = [(m, m.training) for m in model.modules()]
+        modes = [(m, m.training) for m in model.modules()]  # parents before their children
         try:  # in eval mode: a one-row batch must not move BatchNorm statistics (or fail on them)
             model.eval()
             with torch.no_grad():
                 model(x[:1].detach())
+        except Exception:  # not this probe's to report: the method's own call will, if it fails too
+            largest[0] = x[:1].numel() * x.element_size()
         finally:
             for h in handles:
                 h.remove()
             for m, training in modes:
-                m.training = training
-        memo[key] = largest[0]
+                m.train(training)
+        memo[key] = max(largest[0], 1)
     return memo[key]
 
 
@@ -143,7 +145,7 @@ def rows_per_call(model: nn.Module, x: Tensor, max_rows: int) -> int:
     within ``CPU_BYTES_PER_CALL`` (at least 4)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and x.shape[0]:
         return min(max_rows, max(4, CPU_BYTES_PER_CALL // largest_activation(model, x)))
     return max_rows
 
@@ -152,6 +154,8 @@ def in_calls(model: nn.Module, x: Tensor, target: Tensor, max_rows: int,
              attribute: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """``attribute(x_rows, target_rows)`` over calls of ``rows_per_call`` images, concatenated:
     the chunking of methods that need one or two model passes per image."""
+    if not x.shape[0]:
+        return x.new_zeros((0, *x.shape[2:]))
     step = rows_per_call(model, x, max_rows)
     return torch.cat([attribute(x[s:s + step], target[s:s + step])
                       for s in range(0, x.shape[0], step)])

@@ -120,6 +120,10 @@ def rescaled(model: nn.Module, baseline: Tensor) -> Iterator[None]:
                     (a.clone(), tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()))
                 return out[0] if isinstance(out, tuple) else out
             k = calls[mod] = calls.get(mod, -1) + 1
+            if k >= len(seen.get(mod, ())):
+                raise ValueError(f"deeplift: module {type(mod).__name__} is called more often for these "
+                                 f"images than for the baseline; the model's control flow depends on its "
+                                 f"input, so a per-call DeepLift baseline is not defined")
             a0, out0 = seen[mod][k]
             return rule(a, a0, out0)
         return forward
