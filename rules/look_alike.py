@@ -27,7 +27,7 @@ from auditor.registry import RULES
 
 FEATURES = ("extent", "solidity", "eccentricity", "size", "contrast", "saturation")
 SEVERITY = {"low": 0.0, "medium": 0.5}
-BYTES_KEPT = 64 * 2 ** 20  # decoded images kept between methods; past that a file is decoded again
+BYTES_KEPT = 32 * 2 ** 20  # decoded images kept between methods; past that a file is decoded again
 
 
 def evidence_object(img: np.ndarray, heat: np.ndarray, level: float = 0.5) -> dict | None:
