@@ -55,6 +55,7 @@ class AuditResult:
     gate: dict
     waived: dict = field(default_factory=dict)  # ("sample", id, rule) | ("class", cls, rule) -> waiver
     diff: dict | None = None                    # the comparison with report.baseline
+    record: dict | None = None                  # diff.document(self), as the gate read it
 
 
 def _check_names(cfg: AuditConfig, section: str, chosen: dict[str, dict], registry) -> None:

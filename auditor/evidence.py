@@ -65,6 +65,26 @@ def grade(value: float, thresholds: dict[str, float]) -> str | None:
 
 CACHE_IMAGES = 512            # decoded model inputs kept by Evidence.model_input ...
 CACHE_BYTES = 64 * 2 ** 20    # ... and at most this much of them (111 inputs at 224 px)
+PIXELS_BYTES = 32 * 2 ** 20   # file-resolution images kept by Evidence.pixels
+
+
+class BoundedCache(OrderedDict):
+    """The most recently used values, at most ``max_items`` of them and ``max_bytes`` in all (but
+    always the newest): memory must not grow with the data set, nor with the image size."""
+
+    def __init__(self, max_items: int, max_bytes: int):
+        super().__init__()
+        self.max_items, self.max_bytes, self.bytes = max_items, max_bytes, 0
+
+    def get_or_make(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        self[key] = value = make()
+        self.bytes += value.nbytes
+        while len(self) > 1 and (len(self) > self.max_items or self.bytes > self.max_bytes):
+            self.bytes -= self.popitem(last=False)[1].nbytes
+        return value
 
 
 @dataclass
@@ -85,7 +105,8 @@ class Evidence:
     input_spec: Any = None
     device: torch.device | None = None
     reliable: dict[str, bool] = field(default_factory=dict)
-    _inputs: OrderedDict = field(default_factory=OrderedDict, repr=False)  # decoded, least recent first
+    _inputs: BoundedCache = field(default_factory=lambda: BoundedCache(CACHE_IMAGES, CACHE_BYTES), repr=False)
+    _pixels: BoundedCache = field(default_factory=lambda: BoundedCache(CACHE_IMAGES, PIXELS_BYTES), repr=False)
 
     @property
     def methods(self) -> list[str]:
@@ -103,18 +124,21 @@ class Evidence:
     def model_input(self, i: int) -> torch.Tensor:
         """Image i decoded and preprocessed as the model saw it: [C, H, W] on the host.
 
-        The most recent ``CACHE_IMAGES`` (at most ``CACHE_BYTES``) are kept (rules, the trust gate
+        The most recent are kept (``CACHE_IMAGES``, at most ``CACHE_BYTES``: rules, the trust gate
         and the interventions ask for the same images again); callers must not modify the tensor
         in place."""
-        if i in self._inputs:
-            self._inputs.move_to_end(i)
-        else:
-            self._inputs[i] = x = to_model_input(read_image(self.refs[i].path), self.input_spec)
-            # Bounded: memory must not grow with the data set (nor with the model's input size).
-            limit = min(CACHE_IMAGES, max(1, CACHE_BYTES // (x.numel() * x.element_size())))
-            while len(self._inputs) > limit:
-                self._inputs.popitem(last=False)
-        return self._inputs[i]
+        return self._inputs.get_or_make(i, lambda: to_model_input(read_image(self.refs[i].path),
+                                                                  self.input_spec))
+
+    def model_inputs(self, ids) -> torch.Tensor:
+        """Images ``ids`` as the model saw them, stacked on the model's device: [N, C, H, W]."""
+        return torch.stack([self.model_input(i) for i in ids]).to(self.device)
+
+    def pixels(self, i: int) -> np.ndarray:
+        """Image i's file pixels as RGB in [0, 1], float32 [H, W, 3]; the most recent are kept
+        (at most ``PIXELS_BYTES``); callers must not modify the array in place."""
+        return self._pixels.get_or_make(
+            i, lambda: np.asarray(read_image(self.refs[i].path).convert("RGB"), np.float32) / 255.0)
 
     def to_file_bbox(self, i: int, frac_box) -> list[float]:
         """A box given as fractions of the image [x0, y0, x1, y1] in image i's file pixels."""

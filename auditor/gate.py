@@ -109,7 +109,7 @@ def settle(res: AuditResult, baseline: tuple[dict, object] | None) -> None:
     res.waived, notes = waivers.apply(cfg.waivers, res.findings, res.class_findings, res.evidence.samples,
                                       res.classes, today)
     res.warnings += notes
-    doc = diffs.document(res)
+    doc = res.record = diffs.document(res)
     res.diff = diffs.compare(baseline[0], baseline[1], doc, cfg.run.seed) if baseline else None
     res.gate = evaluate(cfg.report.fail_on, doc, res.diff)
     res.warnings += [f"report.fail_on.{c['name']} was not checked: there is no baseline to compare with"

@@ -62,9 +62,6 @@ class Intervener:
         self.correct = s.index[s["correct"]].to_numpy()
         self.correct_labels = s.loc[self.correct, "label"].to_numpy()
 
-    def inputs(self, ids) -> torch.Tensor:
-        return torch.stack([self.ev.model_input(i) for i in ids]).to(self.ev.device)
-
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.ev.model(chunk).float().softmax(1) for chunk in x.split(64)]).cpu()
@@ -80,7 +77,7 @@ class Intervener:
         """Remove ``box`` from the source images and paste it onto other classes' images."""
         h, w = self.ev.input_spec.size
         mask = region_mask((h, w), grow_box(box, self.spec.pad))
-        x = self.inputs(sources)
+        x = self.ev.model_inputs(sources)
         before = self.predict(x)
         after = self.predict(fill(x, mask, self.spec.fill))
         changed = (after.argmax(1) != cls) & (before.argmax(1) == cls)
@@ -90,7 +87,7 @@ class Intervener:
                   "new_predictions": [self.ev.classes[int(c)] for c in after.argmax(1)[changed].tolist()][:5]}
         targets = self.others(cls, self.spec.transplant_images)
         if targets:
-            y = self.inputs(targets)
+            y = self.ev.model_inputs(targets)
             m = torch.from_numpy(mask).to(y.device)
             src = x[torch.arange(len(targets)) % len(x)]  # cycle through the sources' own regions
             pasted = self.predict(torch.where(m, src, y))
@@ -121,8 +118,8 @@ class Intervener:
         donors = self._donors[key]
         result = {"true_class": self.ev.classes[true], "donors": len(donors), "restored": 0, "restore_rate": 0.0}
         if donors:
-            x = self.inputs([i])
-            d = self.inputs(donors)
+            x = self.ev.model_inputs([i])
+            d = self.ev.model_inputs(donors)
             m = torch.from_numpy(mask).to(d.device)
             after = self.predict(torch.where(m, d, x.expand_as(d)))
             result["restored"] = int((after.argmax(1) == true).sum())

@@ -21,7 +21,7 @@ from auditor.diff import document
 from auditor.evidence import severity_rank
 from auditor.heatmap import normalise, region_mask, region_mass
 from auditor.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS, TILE_PX,
-                             draw_box, heat_only, legend, overlay, save_picture, sheet, strip, thumbnail)
+                             draw_boxes, heat_only, legend, overlay, save_picture, sheet, strip, thumbnail)
 
 SCHEMA_VERSION = 1
 
@@ -43,7 +43,7 @@ def claim_run_folder(started: str, out: Path) -> tuple[str, Path]:
 
 def findings_document(res: AuditResult, rid: str, finished: str) -> dict:
     """findings.json: the run's record (``diff.document``) with its id, finish time, gate and comparison."""
-    body = document(res)
+    body = res.record if res.record is not None else document(res)  # settle() built it already
     return {
         "schema_version": SCHEMA_VERSION,
         "run": {"id": rid, **res.run, "finished": finished},
@@ -111,20 +111,22 @@ def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int =
         worst_method.setdefault(f.sample, f.method)
 
     def picture_of(i: int, side: int):
-        """(thumbnail, boxes as fractions), or None when the file cannot be read now."""
+        """(thumbnail, boxes as fractions, the methods with a heatmap of it), or None when the
+        file cannot be read now."""
         try:
             base = thumbnail(read_image(ev.refs[i].path), side)
         except (OSError, ValueError):
             return None  # unreadable now: the report lists it in the table instead
         w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
-        return base, list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for b in bboxes.get(i, [])))
+        boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for b in bboxes.get(i, [])))
+        return base, boxes, [m for m in ev.heatmaps if i in ev.heatmaps[m]]
 
     order = flagged_order(res.findings)
     for n, i in enumerate(order[:limit]):
         if (got := picture_of(i, PANEL_PX)) is None:
             continue
-        base, boxes = got
-        methods = [None] + [m for m in ev.heatmaps if i in ev.heatmaps[m]]
+        base, boxes, have = got
+        methods = [None, *have]
         panels = [base] + [overlay(base, ev.heatmaps[m][i], boxes) for m in methods[1:]]
         rows = []
         for r in range(0, len(panels), PANELS_PER_ROW):  # one picture per row of panels
@@ -135,7 +137,7 @@ def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int =
     tiles: list = []  # (image, sample, method); one sheet's worth at a time
 
     def save_sheet() -> None:
-        first = 1 + sum(len(s["tiles"]) for s in pictures["sheets"])
+        first = 1 + len(pictures["sheets"]) * SHEET_COLUMNS * SHEET_ROWS  # earlier sheets are full
         pic = sheet([t for t, _, _ in tiles], first)
         pictures["sheets"].append({"file": rel(save_picture(pic, images / f"t{len(pictures['sheets']):03d}")),
                                    "first": first, "tiles": [{"sample": i, "method": m} for _, i, m in tiles]})
@@ -144,13 +146,9 @@ def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int =
     for i in order[limit:limit + thumbnails]:
         if (got := picture_of(i, TILE_PX)) is None:
             continue
-        base, boxes = got
-        have = [m for m in ev.heatmaps if i in ev.heatmaps[m]]
+        base, boxes, have = got
         m = worst_method[i] if worst_method[i] in have else next(iter(have), None)
-        if m is None:
-            for b in boxes:
-                draw_box(base, b)
-        tiles.append((overlay(base, ev.heatmaps[m][i], boxes) if m else base, i, m))
+        tiles.append((overlay(base, ev.heatmaps[m][i], boxes) if m else draw_boxes(base, boxes), i, m))
         if len(tiles) == SHEET_COLUMNS * SHEET_ROWS:
             save_sheet()
     if tiles:

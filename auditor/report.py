@@ -432,9 +432,10 @@ def rest_groups(rest: list[dict]) -> list[dict]:
     return [g | {"count": len(g["paths"]), "paths": ", ".join(g["paths"])} for g in rows]
 
 
-def sheets(res: AuditResult, pictures: dict) -> list[dict]:
-    """The further flagged images' pictures, each with its tiles' numbers and file names."""
-    paths, out = res.evidence.samples["path"], []
+def sheets(res: AuditResult, pictures: dict) -> tuple[list[dict], int]:
+    """The further flagged images' pictures, each with its tiles' numbers and file names; and
+    how many images they show."""
+    paths, out, last = res.evidence.samples["path"], [], 0
     for sh in pictures.get("sheets", []):
         methods = {t["method"] for t in sh["tiles"]}
         one = len(methods) == 1  # then the method is named once, not after every file
@@ -445,7 +446,7 @@ def sheets(res: AuditResult, pictures: dict) -> list[dict]:
         out.append({"file": sh["file"], "names": head + " · ".join(names),
                     "alt": f"Flagged images {sh['first']} to {last}, each with its explanation and the "
                            f"flagged region boxed; their file names follow."})
-    return out
+    return out, last
 
 
 # --- 5. method reliability ------------------------------------------------------------------
@@ -586,8 +587,7 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
     cards, rest = gallery(res, pictures)
     flagged = len(cards) + len(rest)
     limit = cfg.report.gallery_limit
-    small = sheets(res, pictures)
-    n_small = sum(len(s["tiles"]) for s in pictures.get("sheets", []))
+    small, n_small = sheets(res, pictures)
     gallery_note = ("" if not rest else
                     f"The {len(cards)} most severe of the {flagged} flagged images are shown with pictures "
                     f"(report.gallery_limit: {limit}); the other {len(rest)} are listed by group in the table "

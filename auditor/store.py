@@ -23,6 +23,10 @@ def digest(*parts) -> str:
     return hashlib.sha256("\x1f".join(json.dumps(p, sort_keys=True, default=str) for p in parts).encode()).hexdigest()
 
 
+def _checksum(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -40,14 +44,18 @@ class Store:
             return None
         dtype, shape, data, checksum = row
         try:
-            if hashlib.blake2b(data, digest_size=16).hexdigest() != checksum:
+            if _checksum(data) != checksum:
                 raise ValueError("checksum mismatch")
             return np.frombuffer(zlib.decompress(data), dtype=dtype).reshape(json.loads(shape))
         except (ValueError, zlib.error):
-            self.corrupt += 1
-            self.db.execute("DELETE FROM blobs WHERE key=?", (key,))
-            self.db.commit()
+            self._drop([key])
             return None
+
+    def _drop(self, keys: list[str]) -> None:
+        """Delete damaged entries (they are then recomputed) and count them."""
+        self.corrupt += len(keys)
+        with self.db:
+            self.db.executemany("DELETE FROM blobs WHERE key=?", [(k,) for k in keys])
 
     def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
         out = {}
@@ -66,12 +74,9 @@ class Store:
             rows = self.db.execute(f"SELECT key, data, checksum FROM blobs WHERE key IN ({','.join('?' * len(part))})",
                                    part).fetchall()
             for key, data, checksum in rows:
-                ok = hashlib.blake2b(data, digest_size=16).hexdigest() == checksum
-                (found.add if ok else bad.append)(key)
+                (found.add if _checksum(data) == checksum else bad.append)(key)
         if bad:
-            self.corrupt += len(bad)
-            with self.db:
-                self.db.executemany("DELETE FROM blobs WHERE key=?", [(k,) for k in bad])
+            self._drop(bad)
         return found
 
     def put_many(self, items: dict[str, np.ndarray]) -> None:
@@ -80,8 +85,7 @@ class Store:
         for key, arr in items.items():
             arr = np.ascontiguousarray(arr)
             data = zlib.compress(arr.tobytes(), 1)
-            rows.append((key, arr.dtype.str, json.dumps(arr.shape), data,
-                         hashlib.blake2b(data, digest_size=16).hexdigest()))
+            rows.append((key, arr.dtype.str, json.dumps(arr.shape), data, _checksum(data)))
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?)", rows)
 

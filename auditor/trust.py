@@ -112,7 +112,7 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
     ids = test_images(s, spec.images, seed)
     if not ids:
         return {}
-    x = torch.stack([ev.model_input(i) for i in ids]).to(ev.device)
+    x = ev.model_inputs(ids)
     target = torch.tensor(s.loc[ids, "prediction"].to_numpy(), device=ev.device)
     out = {}
     for name, params in methods.items():

@@ -176,9 +176,10 @@ class Floor:
     def rates(self, seconds: float = 1.0) -> tuple[float, float]:
         """Mean rates over calls filling ``seconds`` each: a mean, like the methods' long calls,
         not a best-of (which would pick the machine's quiet moments)."""
-        return self._rate(self.fwd, seconds), self._rate(self.fwdbwd, seconds)
+        return self.rate(self.fwd, seconds), self.rate(self.fwdbwd, seconds)
 
-    def _rate(self, fn, seconds: float) -> float:
+    def rate(self, fn, seconds: float) -> float:
+        """Rows/s of ``fn`` (``self.fwd`` or ``self.fwdbwd``) over calls filling ``seconds``."""
         fn()
         calls, t0 = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - t0) < seconds:
@@ -191,12 +192,16 @@ class Floor:
         return 1.0 / (n_fwd / r_f + n_bwd * (1.0 / r_fb - 1.0 / r_f))
 
 
-def best_batch(model: nn.Module, x: Tensor, candidates=(4, 8, 16, 32, 64, 128, 256)) -> int:
-    """The batch size with the best forward+backward rate (large batches can fall out of cache);
-    batches over 2^22 pixels are not tried."""
+def best_batch(model: nn.Module, x: Tensor, passes: str = "fwdbwd",
+               candidates=(4, 8, 16, 32, 64, 128, 256)) -> int:
+    """The batch size with the best rate of ``passes`` ("fwd": no_grad forwards, "fwdbwd":
+    forward+backward); large batches can fall out of cache; batches over 2^22 pixels are not tried."""
     pixels = x.shape[-2] * x.shape[-1]
-    rates = {b: Floor(model, x, b).rates(0.5)[1] for b in candidates
-             if b == 4 or b * pixels <= 2 ** 22}
+    rates = {}
+    for b in candidates:
+        if b == 4 or b * pixels <= 2 ** 22:
+            floor = Floor(model, x, b)
+            rates[b] = floor.rate(getattr(floor, passes), 0.5)
     return max(rates, key=rates.get)
 
 
@@ -227,17 +232,6 @@ class SmallNet(nn.Module):
     def forward(self, x):
         a = self.relu2(self.conv2(self.relu1(self.conv1(x))))
         return self.fc(self.relu3(self.conv3(a)).mean((2, 3)))
-
-
-def best_forward_batch(model: nn.Module, x: Tensor, candidates=(4, 8, 16, 32, 64, 128, 256)) -> int:
-    """The batch size with the best no_grad forward rate (batches over 2^22 pixels not tried)."""
-    pixels = x.shape[-2] * x.shape[-1]
-    rates = {}
-    for b in candidates:
-        if b == 4 or b * pixels <= 2 ** 22:
-            f = Floor(model, x, b)
-            rates[b] = f._rate(f.fwd, 0.5)
-    return max(rates, key=rates.get)
 
 
 def comparison_methods(model: nn.Module, x: Tensor, target: Tensor, segs: list[np.ndarray],
@@ -317,7 +311,7 @@ def compare(label: str, model: nn.Module, x: Tensor, repeats: int) -> None:
     seg_kw = dict(segmentation="slic", n_segments=d["n_segments"], compactness=d["compactness"])
     with torch.no_grad():
         target = model(x).argmax(1)
-    batch = best_forward_batch(model, x)
+    batch = best_batch(model, x, "fwd")
     floor = Floor(model, x, batch)
     host = x.numpy()
     segs = [segment_one(img, **seg_kw) for img in host]
@@ -335,7 +329,7 @@ def compare(label: str, model: nn.Module, x: Tensor, repeats: int) -> None:
         r["seg"] = (time.perf_counter() - t0) / B
         for k in range(len(methods)):  # each round in a rotated order: drift hits all methods
             m = (k + rep) % len(methods)
-            r[m, "floor"] = n / floor._rate(floor.fwd, 0.5)  # the floor right beside each call
+            r[m, "floor"] = n / floor.rate(floor.fwd, 0.5)  # the floor right beside each call
             r[m] = timed(lambda: methods[m][3](0, B), 1)[0] / B
         rounds.append(r)
 

@@ -208,7 +208,8 @@ def synthetic_result(folder: Path, flagged: int, *, classes: list[str] | None = 
 
 
 def render(res: AuditResult, out: Path, diff: dict | None = None) -> dict[str, float]:
-    """Render like write_run: pictures, report.html, report.pdf; seconds per step."""
+    """Render like write_run: pictures, report.html, report.pdf; seconds per step, and how many
+    flagged images got a small picture."""
     from auditor.outputs import findings_document, gallery_images
     from auditor.report import render_html, render_pdf
 
@@ -222,7 +223,8 @@ def render(res: AuditResult, out: Path, diff: dict | None = None) -> dict[str, f
     c2 = time.process_time()
     render_pdf(out / "report.html", out / "report.pdf")
     t3 = time.perf_counter()
-    return {"images": t1 - t0, "html": t2 - t1, "pdf": t3 - t2, "pdf_cpu": time.process_time() - c2}
+    return {"images": t1 - t0, "html": t2 - t1, "pdf": t3 - t2, "pdf_cpu": time.process_time() - c2,
+            "small": sum(len(sh["tiles"]) for sh in pictures["sheets"])}
 
 
 def _mb(path: Path) -> float:
@@ -288,7 +290,7 @@ def main() -> None:
             html_mb = _mb(keep / "report.html") + _mb(keep / "images")
             pages = len(PdfReader(str(keep / "report.pdf")).pages)
             files = len(list((keep / "images").iterdir()))
-            small = min(n - limit, res.cfg.report.thumbnail_limit)
+            small = int(med["small"])
             total = statistics.median(t["images"] + t["html"] + t["pdf"] for t in times)
             print(f"{n:>7} {limit:>7} {small:>5} {fmt:>6} {med['images']:>10.2f} {med['html']:>7.2f} {med['pdf']:>7.2f} "
                   f"{med['pdf_cpu']:>9.2f} {total:>7.2f} "

@@ -62,10 +62,10 @@ def corner_restore(ev: Evidence, band: float = 0.15, donors: int = 4, candidates
         if d is None:
             continue
         todo = list(todo)
-        per_call = max(1, ROWS // d[:, :, 0, 0, 0].numel())
+        per_call = max(1, ROWS // (d.shape[0] * d.shape[1]))
         for start in range(0, len(todo), per_call):
             chunk = todo[start:start + per_call]
-            x = torch.stack([ev.model_input(i) for i in chunk]).to(ev.device)       # [n, C, h, w]
+            x = ev.model_inputs(chunk)                                              # [n, C, h, w]
             variants = torch.where(masks[None], d[None], x[:, None, None])         # [n, 4, k, C, h, w]
             with torch.no_grad():
                 pred = torch.cat([ev.model(v).argmax(1) for v in variants.flatten(0, 2).split(ROWS)])
@@ -90,7 +90,7 @@ def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor, k: in
     with the image's mean), i.e. the images for which the model reads something there."""
     if len(members) < 2:  # one donor's word is no test
         return None
-    x = torch.stack([ev.model_input(j) for j in members]).to(ev.device)          # [n, C, h, w]
+    x = ev.model_inputs(members)                                                 # [n, C, h, w]
     blank = torch.where(masks, x.mean(dim=(2, 3), keepdim=True)[None], x[None])  # [4, n, C, h, w]
     with torch.no_grad():
         p = torch.cat([ev.model(v).softmax(1)[:, t] for v in torch.cat([x, blank.flatten(0, 1)]).split(ROWS)])

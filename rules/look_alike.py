@@ -13,21 +13,17 @@ finding listing them; the intervention confirms it when most of them were confir
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 
-from auditor.data import read_image
 from auditor.evidence import ClassFinding, Evidence, Finding, grade
 from auditor.heatmap import normalise
 from auditor.registry import RULES
 
 FEATURES = ("extent", "solidity", "eccentricity", "size", "contrast", "saturation")
 SEVERITY = {"low": 0.0, "medium": 0.5}
-BYTES_KEPT = 32 * 2 ** 20  # decoded images kept between methods; past that a file is decoded again
 
 
 def evidence_object(img: np.ndarray, heat: np.ndarray, level: float = 0.5) -> dict | None:
@@ -135,19 +131,6 @@ def look_alike(ev: Evidence, min_examples: int = 5, max_distance: float = 2.5, m
     """A misclassified image's evidence is an object shaped like the predicted class's usual evidence."""
     severity = severity or SEVERITY
     s = ev.samples
-    kept: OrderedDict[int, np.ndarray] = OrderedDict()  # decoded images, least recent first
-    kept_bytes = [0]
-
-    def pixels(i: int) -> np.ndarray:
-        if i in kept:
-            kept.move_to_end(i)
-            return kept[i]
-        kept[i] = img = np.asarray(read_image(ev.refs[i].path).convert("RGB"), np.float32) / 255.0
-        kept_bytes[0] += img.nbytes
-        while len(kept) > 1 and kept_bytes[0] > BYTES_KEPT:  # bounded: memory must not grow with the data
-            kept_bytes[0] -= kept.popitem(last=False)[1].nbytes
-        return img
-
     findings: dict[int, Finding] = {}
     for method in ev.methods:
         ids, maps = ev.explained(method)
@@ -159,7 +142,7 @@ def look_alike(ev: Evidence, min_examples: int = 5, max_distance: float = 2.5, m
         def class_typical(cls: int):
             if cls not in typical:
                 refs = [i for i in ids if s.at[i, "correct"] and s.at[i, "prediction"] == cls]
-                objs = [o for o in (evidence_object(pixels(i), heat[i]) for i in refs) if o is not None]
+                objs = [o for o in (evidence_object(ev.pixels(i), heat[i]) for i in refs) if o is not None]
                 typical[cls] = _typical(objs, min_examples, min_contrast, max_size)
             return typical[cls]
 
@@ -169,7 +152,7 @@ def look_alike(ev: Evidence, min_examples: int = 5, max_distance: float = 2.5, m
             # The class must have a consistent evidence object to be mistaken for; texture classes don't.
             if pred_typ is None:
                 continue
-            o = evidence_object(pixels(i), heat[i])
+            o = evidence_object(ev.pixels(i), heat[i])
             if (o is None or not o["whole"] or abs(o["contrast"]) < min_contrast or o["size"] > max_size
                     or not compact(o)):
                 continue

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -29,6 +30,17 @@ NET_PY = textwrap.dedent('''
 ''')
 
 CLASSES = ["cat", "dog", "fox"]
+
+
+def report_folder(project, output: str) -> Path:
+    """The run folder named on the CLI's "report:" line (other output may follow it)."""
+    return project.folder / re.search(r"^report: (.+)$", output, re.M).group(1).strip()
+
+
+def stable(doc: dict) -> dict:
+    """findings.json without what legitimately differs between runs (times, ids, cache counts)."""
+    return {"samples": doc["samples"], "class_findings": doc["class_findings"], "metrics": doc["metrics"],
+            "skipped": doc["skipped"]}
 
 
 def write_images(root: Path, per_class: int = 4, size: int = 24, seed: int = 0) -> None:

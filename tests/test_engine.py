@@ -12,6 +12,7 @@ import time
 from typer.testing import CliRunner
 
 from auditor.cli import app
+from conftest import report_folder, stable
 
 runner = CliRunner()
 
@@ -19,13 +20,7 @@ runner = CliRunner()
 def run(project, *args):
     r = runner.invoke(app, ["run", str(project.path), "--quiet", *args])
     assert r.exit_code in (0, 1), r.output
-    return json.loads((project.folder / r.output.split("report: ")[1].strip() / "findings.json").read_text())
-
-
-def stable(doc):
-    """findings.json without what legitimately differs between runs (times, ids, cache counts)."""
-    return {"samples": doc["samples"], "class_findings": doc["class_findings"], "metrics": doc["metrics"],
-            "skipped": doc["skipped"]}
+    return json.loads((report_folder(project, r.output) / "findings.json").read_text())
 
 
 def test_rerun_computes_nothing_again(project):
@@ -101,13 +96,13 @@ def test_killed_run_resumes_to_identical_findings(project, tmp_path):
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    doc = json.loads((project.folder / resumed.stdout.split("report: ")[1].strip() / "findings.json").read_text())
+    doc = json.loads((report_folder(project, resumed.stdout) / "findings.json").read_text())
     assert doc["run"]["computed"].get("predictions", 0) < 12  # the killed run's batches were reused
 
     project.cfg["run"]["cache"] = False
     project.write()
     fresh = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    doc_fresh = json.loads((project.folder / fresh.stdout.split("report: ")[1].strip() / "findings.json").read_text())
+    doc_fresh = json.loads((report_folder(project, fresh.stdout) / "findings.json").read_text())
     assert stable(doc) == stable(doc_fresh)
 
 

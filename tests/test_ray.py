@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from auditor.cli import app
-from conftest import NET_PY
+from conftest import NET_PY, report_folder, stable
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
@@ -32,17 +31,10 @@ def run(project, *args):
     """Run the CLI in this process; returns (findings.json, samples.csv rows)."""
     r = runner.invoke(app, ["run", str(project.path), "--quiet", "--set", "run.cache=false", *args])
     assert r.exit_code in (0, 1), r.output
-    # Only the "report:" line: Ray Data's logger may write after it into the same captured output.
-    folder = project.folder / re.search(r"^report: (.+)$", r.output, re.M).group(1).strip()
+    folder = report_folder(project, r.output)  # Ray Data's logger may write after that line
     with (folder / "samples.csv").open() as f:
         rows = list(csv.DictReader(f))
     return json.loads((folder / "findings.json").read_text()), rows
-
-
-def stable(doc):
-    """findings.json without what legitimately differs between runs (times, ids, cache counts)."""
-    return {"samples": doc["samples"], "class_findings": doc["class_findings"], "metrics": doc["metrics"],
-            "skipped": doc["skipped"]}
 
 
 def use_factory(project, name: str, code: str, hook: str) -> None:

@@ -168,6 +168,18 @@ def row_chunks(n_images: int, n_per_image: int, max_rows: int) -> Iterator[tuple
         yield start, min(start + max_rows, total)
 
 
+def image_spans(start: int, stop: int, n: int) -> Iterator[tuple[int, int, int]]:
+    """The images that expanded rows start..stop-1 (n per image) belong to: (image, lo, hi),
+    with lo..hi-1 the image's own row numbers (0..n-1) inside the span."""
+    for i in range(start // n, (stop - 1) // n + 1):
+        yield i, max(start, i * n) - i * n, min(stop, (i + 1) * n) - i * n
+
+
+def grad_input(x: Tensor) -> Tensor:
+    """A leaf copy of the caller's x that requires grad (x itself is never modified)."""
+    return x.detach().clone().requires_grad_(True)
+
+
 def chunked_draws(gens: list[torch.Generator], n: int, max_rows: int,
                   draw: Callable[[torch.Generator, int], tuple[Tensor, ...]]
                   ) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
@@ -179,10 +191,9 @@ def chunked_draws(gens: list[torch.Generator], n: int, max_rows: int,
     cache: dict[int, tuple[Tensor, ...]] = {}
     for start, stop in row_chunks(len(gens), n, max_rows):
         parts: list[tuple[Tensor, ...]] = []
-        for i in range(start // n, (stop - 1) // n + 1):
+        for i, lo, hi in image_spans(start, stop, n):
             if i not in cache:
                 cache[i] = draw(gens[i], n)
-            lo, hi = max(start, i * n) - i * n, min(stop, (i + 1) * n) - i * n
             parts.append(tuple(t[lo:hi] for t in cache[i]))
         for i in [i for i in cache if (i + 1) * n <= stop]:
             del cache[i]

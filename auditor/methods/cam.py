@@ -4,7 +4,7 @@ from __future__ import annotations
 from captum.attr import GuidedBackprop, LayerGradCam
 from torch import Tensor, nn
 
-from auditor.methods._common import abs_max, check_inputs, finish, in_calls, quiet, register, upsample
+from auditor.methods._common import abs_max, check_inputs, finish, grad_input, in_calls, quiet, register, upsample
 
 
 def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
@@ -45,10 +45,10 @@ def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor,
     """
     target = check_inputs("guided_gradcam", x, target)
 
+    guided = GuidedBackprop(model)
+
     def attribute(xs, ts):
         cam = _layer_cam("guided_gradcam", model, layer, xs, ts)
         with quiet():
-            guided = GuidedBackprop(model).attribute(xs.detach().clone().requires_grad_(True),
-                                                     target=ts)
-        return abs_max(guided) * cam
+            return abs_max(guided.attribute(grad_input(xs), target=ts)) * cam
     return finish("guided_gradcam", in_calls(model, x, target, max_rows, attribute))

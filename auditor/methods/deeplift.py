@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from auditor.methods._common import check_inputs, finish, pos_sum, register, rows_per_call
+from auditor.methods._common import check_inputs, finish, in_calls, pos_sum, register, rows_per_call
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
@@ -164,14 +164,16 @@ def attributions(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 25
     chunks of ``rows_per_call``, one forward and one backward per image. The attribution is
     (x - baseline) times the DeepLift multipliers, which for a network of modules sums to
     logit(x) - logit(baseline)."""
-    step = rows_per_call(model, x, max_rows)
-    out = []
+    def attribute(xs, ts):
+        xs = xs.detach().requires_grad_(True)
+        grad, = torch.autograd.grad(model(xs).gather(1, ts[:, None]).sum(), xs)
+        return xs.detach() * grad
+
+    if not x.shape[0]:
+        return torch.zeros_like(x)
+    rows_per_call(model, x, max_rows)  # sizes the calls on the model as it is, before the swap
     with rescaled(model, torch.zeros_like(x[:1])), torch.enable_grad():
-        for s in range(0, x.shape[0], step):
-            xs, ts = x[s:s + step].detach().requires_grad_(True), target[s:s + step]
-            grad, = torch.autograd.grad(model(xs).gather(1, ts[:, None]).sum(), xs)
-            out.append(xs.detach() * grad)
-    return torch.cat(out)
+        return in_calls(model, x, target, max_rows, attribute)
 
 
 @register("deeplift", passes=lambda p, hw: (1, 1))

@@ -10,24 +10,25 @@ import torch
 from captum.attr import Deconvolution, GuidedBackprop, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
-from auditor.methods._common import (abs_max, check_inputs, chunked_draws, finish, image_generators,
-                                     in_calls, pos_sum, quiet, register, rows_per_call, single_use)
+from auditor.methods._common import (abs_max, check_inputs, chunked_draws, finish, grad_input,
+                                     image_generators, in_calls, pos_sum, quiet, register, rows_per_call,
+                                     single_use)
 
 
-def _grad_input(x: Tensor) -> Tensor:
-    """A leaf copy of the caller's x that requires grad (x itself is never modified)."""
-    return x.detach().clone().requires_grad_(True)
+def _abs_grads(model: nn.Module, x: Tensor, target: Tensor, max_rows: int, explainer, **kw) -> Tensor:
+    """|attributions| max over channels of one Captum gradient explainer, in calls of
+    ``rows_per_call`` images."""
+    def attribute(xs, ts):
+        return abs_max(explainer.attribute(grad_input(xs), target=ts, **kw))
+    with quiet():
+        return in_calls(model, x, target, max_rows, attribute)
 
 
 @register("saliency", passes=lambda p, hw: (1, 1))
 def saliency(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
     """Saliency: |d logit / d input|, max over channels (Simonyan et al. 2014)."""
     target = check_inputs("saliency", x, target)
-
-    def attribute(xs, ts):
-        with quiet():
-            return abs_max(Saliency(model).attribute(_grad_input(xs), target=ts, abs=True))
-    return finish("saliency", in_calls(model, x, target, max_rows, attribute))
+    return finish("saliency", _abs_grads(model, x, target, max_rows, Saliency(model), abs=True))
 
 
 def _noisy_gradients(name: str, model: nn.Module, x: Tensor, target: Tensor, n: int,
@@ -84,7 +85,7 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: i
     for s in range(0, x.shape[0], rows):  # images per call <= rows, so rows per forward <= rows
         xs = x[s:s + rows]
         with quiet():
-            out.append(ig.attribute(_grad_input(xs), baselines=0.0, target=target[s:s + rows],
+            out.append(ig.attribute(grad_input(xs), baselines=0.0, target=target[s:s + rows],
                                     n_steps=n_steps, method=method,
                                     internal_batch_size=rows).detach())
     return finish("integrated_gradients", pos_sum(torch.cat(out)))
@@ -129,11 +130,7 @@ def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, max_rows: int =
     input gradient); functional F.relu is not hooked and acts as a plain ReLU gradient.
     """
     target = check_inputs("guided_backprop", x, target)
-
-    def attribute(xs, ts):
-        with quiet():
-            return abs_max(GuidedBackprop(model).attribute(_grad_input(xs), target=ts))
-    return finish("guided_backprop", in_calls(model, x, target, max_rows, attribute))
+    return finish("guided_backprop", _abs_grads(model, x, target, max_rows, GuidedBackprop(model)))
 
 
 @register("deconvolution", passes=lambda p, hw: (1, 1))
@@ -146,8 +143,6 @@ def deconvolution(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 2
     """
     target = check_inputs("deconvolution", x, target)
     why = "Captum's Deconvolution keeps one output gradient per ReLU module, so reuse can mix them."
-
-    def attribute(xs, ts):
-        with quiet(), single_use("deconvolution", model, (nn.ReLU,), why):
-            return abs_max(Deconvolution(model).attribute(_grad_input(xs), target=ts))
-    return finish("deconvolution", in_calls(model, x, target, max_rows, attribute))
+    with single_use("deconvolution", model, (nn.ReLU,), why):
+        heat = _abs_grads(model, x, target, max_rows, Deconvolution(model))
+    return finish("deconvolution", heat)
