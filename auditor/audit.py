@@ -18,19 +18,19 @@ import pandas as pd
 import torch
 
 import auditor.rules  # noqa: F401  (registers the rules)
-import auditor.methods  # noqa: F401  (registers the methods)
-from auditor.config import AuditConfig, ConfigError, check_files, import_object
-from auditor.data import discover, load_classes
-from auditor.engine import Context, run_local
-from auditor.intervene import confirm
-from auditor.trust import trust_gate
-from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
-from auditor.model import build_model, file_sha256, pick_device, target_layer
+import auditor.explain.methods  # noqa: F401  (registers the methods)
+from auditor.inputs.config import AuditConfig, ConfigError, check_files, import_object
+from auditor.inputs.data import discover, load_classes
+from auditor.explain.engine import Context, run_local
+from auditor.judge.intervene import confirm
+from auditor.judge.trust import trust_gate
+from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
+from auditor.inputs.model import build_model, file_sha256, pick_device, target_layer
 from auditor.registry import METHODS, RULES, UnknownName
-from auditor import waivers
-from auditor.diff import load_baseline, provenance
-from auditor.gate import settle
-from auditor.store import LazyMaps, Store, digest
+from auditor.judge import waivers
+from auditor.judge.diff import load_baseline, provenance
+from auditor.judge.gate import settle
+from auditor.explain.store import LazyMaps, Store, digest
 
 CACHE_VERSION = 1  # bump when a change makes cached predictions or heatmaps stale
 
@@ -190,7 +190,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     ctx = Context(cfg, model, device, layer, methods, support, refs, model_key)
     t0 = time.perf_counter()
     if cfg.run.engine == "ray":
-        from auditor.ray_engine import run_ray
+        from auditor.explain.ray_engine import run_ray
         rec = run_ray(ctx, store, quiet=quiet)
     else:
         rec = run_local(ctx, store, quiet=quiet)

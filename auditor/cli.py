@@ -26,11 +26,11 @@ def run(config: Path = typer.Argument(..., help="the audit config, e.g. audit.ya
     """Run an audit and write reports/<run-id>/ (and diff.json when report.baseline is set)."""
     import json
 
-    from auditor import junit as junit_xml
+    from auditor.outputs import junit as junit_xml
     from auditor.audit import run_audit
-    from auditor.config import ConfigError, load_config
-    from auditor.data import DataError
-    from auditor.outputs import write_run
+    from auditor.inputs.config import ConfigError, load_config
+    from auditor.inputs.data import DataError
+    from auditor.outputs.write import write_run
 
     try:
         cfg = load_config(config, set_)
@@ -58,8 +58,8 @@ def run(config: Path = typer.Argument(..., help="the audit config, e.g. audit.ya
         typer.echo(f"  [{f.severity}] {f.cls}: {f.rule}" + (f" ({where})" if where else ""))
     for w in result.warnings:
         typer.echo(f"warning: {w}")
-    from auditor.diff import summary
-    from auditor.gate import describe
+    from auditor.judge.diff import summary
+    from auditor.judge.gate import describe
     for line in [*(summary(result.diff) if result.diff else []), *describe(g)]:
         typer.echo(line)
     typer.echo(f"report: {folder}")
@@ -73,9 +73,9 @@ def diff(old: Path = typer.Argument(..., help="the earlier run folder (or its fi
     """Compare two runs image by image; the exit code is NEW's gate (its fail_on) against OLD."""
     import json
 
-    from auditor.config import ConfigError
-    from auditor.diff import check_family, classes_of, compare, factory_of, load_run, summary
-    from auditor.gate import criteria_of, describe, evaluate
+    from auditor.inputs.config import ConfigError
+    from auditor.judge.diff import check_family, classes_of, compare, factory_of, load_run, summary
+    from auditor.judge.gate import criteria_of, describe, evaluate
 
     try:
         before, after = load_run(old, str(old)), load_run(new, str(new))
@@ -95,7 +95,7 @@ def diff(old: Path = typer.Argument(..., help="the earlier run folder (or its fi
 @app.command()
 def methods() -> None:
     """List the registered explanation methods."""
-    import auditor.methods  # noqa: F401
+    import auditor.explain.methods  # noqa: F401
     from auditor.registry import METHODS
     for e in METHODS:
         typer.echo(f"{e.name:24} {e.description}")

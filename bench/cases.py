@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from auditor import synth
+from auditor.demo import synth
 
 
 @dataclass

@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from auditor import synth  # noqa: E402
-from auditor.evidence import severity_rank  # noqa: E402
+from auditor.judge.evidence import severity_rank  # noqa: E402
 import cases as case_lib  # noqa: E402
 import nets  # noqa: E402
 

@@ -62,7 +62,7 @@ Measured on the 2-core dev machine at the defaults (64 px, 32 images): every met
 - gradcam (and the Grad-CAM half of guided_gradcam) run below the floor: the backward pass
   stops at the layer, while the floor counts a full backward to the input.
 - Every method sends at most ``max_rows`` rows per model call, and on CPU only as many as keep
-  the model's largest activation within 16 MiB (``auditor.methods._common.rows_per_call``; 64
+  the model's largest activation within 16 MiB (``auditor.explain.methods._common.rows_per_call``; 64
   rows for BenchNet at 64 px, 5 at 224 px): with 256-row chunks at 64 px, LIME measured 3.9x its
   floor instead of 1.1x, and a fixed 2^18-pixel cap (8 rows at 224 px) left LIME on SmallNet at
   0.54 of ideal, where 27 rows give 0.64-0.74. One-pass methods (saliency, gradcam, ...) are
@@ -120,9 +120,9 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from auditor.methods import METHODS  # noqa: E402
-from auditor.methods._common import rows_per_call  # noqa: E402
-from auditor.methods.surrogate import _to_pixels, segment_one, superpixel_fit  # noqa: E402
+from auditor.explain.methods import METHODS  # noqa: E402
+from auditor.explain.methods._common import rows_per_call  # noqa: E402
+from auditor.explain.methods.surrogate import _to_pixels, segment_one, superpixel_fit  # noqa: E402
 
 
 class BenchNet(nn.Module):

@@ -64,9 +64,9 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from auditor.audit import AuditResult, metrics_tables  # noqa: E402
-from auditor.config import AuditConfig  # noqa: E402
-from auditor.data import SampleRef  # noqa: E402
-from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank  # noqa: E402
+from auditor.inputs.config import AuditConfig  # noqa: E402
+from auditor.inputs.data import SampleRef  # noqa: E402
+from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank  # noqa: E402
 
 CLASSES = ["box", "brick", "grass", "gravel", "noise"]
 CORNER = (0.0, 0.85, 0.15, 1.0)  # bottom-left, as fractions
@@ -210,8 +210,8 @@ def synthetic_result(folder: Path, flagged: int, *, classes: list[str] | None = 
 def render(res: AuditResult, out: Path, diff: dict | None = None) -> dict[str, float]:
     """Render like write_run: pictures, report.html, report.pdf; seconds per step, and how many
     flagged images got a small picture."""
-    from auditor.outputs import findings_document, gallery_images
-    from auditor.report import render_html, render_pdf
+    from auditor.outputs.write import findings_document, gallery_images
+    from auditor.outputs.report import render_html, render_pdf
 
     out.mkdir(parents=True)
     doc = findings_document(res, "bench-run", "2026-11-22T06:01:00+00:00")
@@ -233,7 +233,7 @@ def _mb(path: Path) -> float:
 
 
 def overlay_ms(n: int = 500) -> float:
-    from auditor.overlay import PANEL_PX, overlay, thumbnail
+    from auditor.outputs.overlay import PANEL_PX, overlay, thumbnail
     rng = np.random.default_rng(0)
     base = thumbnail(Image.fromarray(_image(rng, 96)), PANEL_PX)
     heat = _heat(rng, CORNER)
@@ -263,8 +263,8 @@ def main() -> None:
     torch.set_num_threads(2)
     from pypdf import PdfReader
 
-    from auditor import outputs
-    from auditor.overlay import save_picture
+    from auditor.outputs import write as outputs
+    from auditor.outputs.overlay import save_picture
 
     import weasyprint
     weasyprint.HTML(string="<p>warm-up: fonts and the user-agent stylesheet load once</p>").write_pdf()

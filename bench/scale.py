@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def make_data(root: Path, n: int, seed: int = 0) -> None:
-    from auditor import synth
+    from auditor.demo import synth
     from auditor.demo import CLASSES
     rng = np.random.default_rng(seed)
     for k in range(n):

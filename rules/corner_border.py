@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from auditor.evidence import ClassFinding, Evidence, Finding, grade
-from auditor.heatmap import bands, normalise, region_mask
+from auditor.judge.evidence import ClassFinding, Evidence, Finding, grade
+from auditor.explain.heatmap import bands, normalise, region_mask
 from auditor.registry import RULES
 
 SAMPLE_SEVERITY = {"low": 2.0, "medium": 4.0, "high": 8.0}   # on the region's lift

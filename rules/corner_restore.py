@@ -29,8 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from auditor.evidence import Evidence, Finding, grade
-from auditor.heatmap import bands, grow_box, region_mask
+from auditor.judge.evidence import Evidence, Finding, grade
+from auditor.explain.heatmap import bands, grow_box, region_mask
 from auditor.registry import RULES
 
 SEVERITY = {"low": 0.5, "medium": 0.75}   # on the share of donors whose corner gave T back

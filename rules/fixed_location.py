@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from auditor.evidence import ClassFinding, Evidence, grade
-from auditor.heatmap import normalise
+from auditor.judge.evidence import ClassFinding, Evidence, grade
+from auditor.explain.heatmap import normalise
 from auditor.registry import RULES
 
 SEVERITY = {"low": 0.3, "medium": 0.4, "high": 0.55}

@@ -18,8 +18,8 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 
-from auditor.evidence import ClassFinding, Evidence, Finding, grade
-from auditor.heatmap import normalise
+from auditor.judge.evidence import ClassFinding, Evidence, Finding, grade
+from auditor.explain.heatmap import normalise
 from auditor.registry import RULES
 
 FEATURES = ("extent", "solidity", "eccentricity", "size", "contrast", "saturation")

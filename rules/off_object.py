@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from auditor.evidence import ClassFinding, Evidence, Finding, grade
-from auditor.heatmap import normalise, region_mask
+from auditor.judge.evidence import ClassFinding, Evidence, Finding, grade
+from auditor.explain.heatmap import normalise, region_mask
 from auditor.registry import RULES
 
 SAMPLE_SEVERITY = {"low": 0.0, "medium": 0.5}

@@ -141,8 +141,8 @@ def test_empty_class_folder_is_a_recorded_warning(project):
 
 
 def test_image_modes_become_model_channels(tmp_path):
-    from auditor.config import InputSpec
-    from auditor.data import read_image, to_model_input
+    from auditor.inputs.config import InputSpec
+    from auditor.inputs.data import read_image, to_model_input
     arr = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100
     images = {"L": Image.fromarray((arr // 256).astype(np.uint8)), "I;16": Image.fromarray(arr),
               "RGBA": Image.new("RGBA", (30, 20), (10, 20, 30, 128)), "P": Image.new("P", (30, 20), 3),

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from auditor import demo, synth
+from auditor import demo
+from auditor.demo import synth
 
 
 @pytest.fixture(scope="module")

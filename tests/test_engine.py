@@ -48,7 +48,7 @@ def test_has_many_skips_damaged_heatmaps_without_decompressing(tmp_path):
     (and is dropped, so it is recomputed), as with get."""
     import numpy as np
 
-    from auditor.store import Store
+    from auditor.explain.store import Store
     store = Store(tmp_path / "c.sqlite")
     store.put_many({"a": np.ones((4, 4), np.float16), "b": np.zeros((4, 4), np.float16)})
     with store.db:
@@ -129,8 +129,8 @@ def test_device_auto_takes_cuda_only_when_present(monkeypatch):
     import pytest
     import torch
 
-    from auditor.config import ConfigError
-    from auditor.model import pick_device
+    from auditor.inputs.config import ConfigError
+    from auditor.inputs.model import pick_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto").type == "cpu" and pick_device("cpu").type == "cpu"
     with pytest.raises(ConfigError, match="run.device is 'cuda' but no CUDA device"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from auditor.methods import METHODS
-from auditor.methods.surrogate import superpixel_fit
+from auditor.explain.methods import METHODS
+from auditor.explain.methods.surrogate import superpixel_fit
 
 ALL = [pytest.param(e, id=e.name) for e in METHODS]
 
@@ -152,7 +152,7 @@ def test_every_method_honours_max_rows(entry, tiny):
 def test_rows_per_call_follow_the_largest_activation():
     """On CPU, a net with full-resolution feature maps gets fewer rows a call than one that strides
     at once; the one-row probe leaves a training model's mode and BatchNorm statistics alone."""
-    from auditor.methods._common import CPU_BYTES_PER_CALL, largest_activation, rows_per_call
+    from auditor.explain.methods._common import CPU_BYTES_PER_CALL, largest_activation, rows_per_call
     full = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2)).train()
     strided = nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
@@ -248,7 +248,7 @@ class PoolNet(nn.Module):
 def test_deeplift_rules(act, tiny):
     from captum.attr import DeepLift
 
-    from auditor.methods.deeplift import attributions
+    from auditor.explain.methods.deeplift import attributions
 
     _, x, target = tiny
     model = PoolNet(act).eval()

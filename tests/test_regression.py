@@ -1,6 +1,6 @@
 """Regression audits: comparison with a baseline run, the gate, JUnit XML, provenance, waivers.
 
-Two small models are trained once per module with the demo's builders (auditor.synth): v1 on
+Two small models are trained once per module with the demo's builders (auditor.demo.synth): v1 on
 clean data, v2 "retrained" with a new planted cue (a white square in the bottom-left corner of
 every 'brick' training image, half of which show other content). The validation set has a few
 box and noise images carrying the square, so v2 calls them 'brick' for the square alone.
@@ -20,9 +20,9 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from auditor import synth
+from auditor.demo import synth
 from auditor.cli import app
-from auditor.config import FailOn
+from auditor.inputs.config import FailOn
 
 runner = CliRunner()
 CLASSES = ["box", "brick", "noise"]
@@ -312,7 +312,7 @@ def test_findings_json_is_deterministic_apart_from_times(project):
 # ---- pieces -----------------------------------------------------------------------------------
 
 def test_git_commit_is_recorded_when_there_is_one(tmp_path):
-    from auditor.diff import git_commit
+    from auditor.judge.diff import git_commit
     assert git_commit(tmp_path) is None and git_commit(tmp_path / "missing") is None
     if shutil.which("git") is None:
         pytest.skip("no git")
@@ -325,8 +325,8 @@ def test_git_commit_is_recorded_when_there_is_one(tmp_path):
 
 
 def test_the_diff_reads_what_outputs_write():
-    from auditor.diff import READABLE_SCHEMAS
-    from auditor.outputs import SCHEMA_VERSION
+    from auditor.judge.diff import READABLE_SCHEMAS
+    from auditor.outputs.write import SCHEMA_VERSION
     assert SCHEMA_VERSION in READABLE_SCHEMAS
 
 
@@ -345,8 +345,8 @@ def _f(rule="corner_border", severity="high", waived=None):
 
 
 def test_compare_groups_findings_and_pairs_the_bootstrap():
-    from auditor.diff import compare
-    from auditor.gate import evaluate
+    from auditor.judge.diff import compare
+    from auditor.judge.gate import evaluate
     base = {f"{c}{i}": (c, True) for c in "ab" for i in range(50)}
     old = _doc(base, {"a0": [_f()], "a1": [_f()]}, [{"class": "a", **_f("fixed_location")}], id="old")
     worse = {**base, **{f"b{i}": ("b", False) for i in range(10)}}
@@ -369,7 +369,7 @@ def test_compare_groups_findings_and_pairs_the_bootstrap():
 
 
 def test_compare_warns_about_different_data_and_settings():
-    from auditor.diff import compare
+    from auditor.judge.diff import compare
     old = _doc({"a0": ("a", True), "a1": ("a", False)}, versions={"torch": "2.1"})
     new = _doc({"a0": ("a", True), "a2": ("a", True)}, data_fingerprint="y", rules={"corner_border": {"band": 0.2}},
                versions={"torch": "2.2"})

@@ -17,9 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from auditor.cli import app
-from auditor.outputs import write_run
-from auditor.overlay import save_picture
-from auditor.report import _captions, allowed_url, class_findings, render_pdf, run_folder_fetcher
+from auditor.outputs.write import write_run
+from auditor.outputs.overlay import save_picture
+from auditor.outputs.report import _captions, allowed_url, class_findings, render_pdf, run_folder_fetcher
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL_CLASS = "<script>alert(1)</script>"
@@ -71,7 +71,7 @@ def test_pdf_text_has_the_verdict_and_every_finding(report):
     pages = [_text(p.extract_text()) for p in pypdf.PdfReader(str(folder / "report.pdf")).pages]
     text = " ".join(pages)
     assert "FAIL" in pages[0] and "Model audit report".upper() in pages[0].upper()
-    from auditor.report import verdict
+    from auditor.outputs.report import verdict
     for line in verdict(res, DIFF)[1]:
         assert _text(line) in text, line
     for f in [*res.class_findings, *res.findings]:
@@ -190,7 +190,7 @@ def test_gallery_card_is_one_picture_with_a_caption_under_each_panel(report):
     strips = sorted((folder / "images").glob("s*"))
     assert len(strips) == flagged and all(p.stem.endswith("-0") for p in strips)
     with Image.open(strips[0]) as im:   # three panel slots and two gaps, at the printed 150 dpi
-        from auditor.overlay import GAP_PX, PANEL_PX
+        from auditor.outputs.overlay import GAP_PX, PANEL_PX
         assert im.size == (3 * PANEL_PX + 2 * GAP_PX, PANEL_PX)
 
 
@@ -265,7 +265,7 @@ def test_flagged_images_beyond_the_gallery_are_numbered_small_pictures(tmp_path)
     assert names.startswith("All with gradcam: 1 ")   # the worst finding's method, named once
     assert [f"{k + 1} {p}" in names for k, p in enumerate(paths[2:7])] == [True] * 5
     assert paths[7] not in names and paths[7] in page  # past both limits: in the table only
-    from auditor.overlay import GAP_PX, SHEET_COLUMNS, TILE_PX
+    from auditor.outputs.overlay import GAP_PX, SHEET_COLUMNS, TILE_PX
     with Image.open(next((folder / "images").glob("t000.*"))) as im:   # one row of 7 slots
         assert im.width == SHEET_COLUMNS * (TILE_PX + GAP_PX) - GAP_PX and TILE_PX < im.height < 2 * TILE_PX
     text = subprocess.run(["pdftotext", str(folder / "report.pdf"), "-"], capture_output=True, text=True,

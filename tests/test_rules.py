@@ -15,15 +15,15 @@ import torch
 import yaml
 from PIL import Image
 
-import auditor.methods  # noqa: F401  (registers the methods)
+import auditor.explain.methods  # noqa: F401  (registers the methods)
 import auditor.rules  # noqa: F401  (registers the rules)
-from auditor import synth
+from auditor.demo import synth
 from auditor.audit import run_audit
-from auditor.config import SEVERITIES, TrustSpec, load_config
-from auditor.data import to_model_input
-from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
+from auditor.inputs.config import SEVERITIES, TrustSpec, load_config
+from auditor.inputs.data import to_model_input
+from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.registry import METHODS, RULES
-from auditor.trust import trust_gate
+from auditor.judge.trust import trust_gate
 
 NET_PY = textwrap.dedent('''
     from torch import nn
@@ -399,7 +399,7 @@ def edge_method():
 
 def test_trust_gate_rejects_a_method_that_ignores_the_model(tag_audit, edge_method):
     res, _, _ = tag_audit
-    from auditor.model import target_layer
+    from auditor.inputs.model import target_layer
     out = trust_gate(res.evidence, {edge_method: {}, "gradcam": {}}, target_layer(res.evidence.model, None),
                      TrustSpec(), seed=0)
     assert not out[edge_method]["reliable"]

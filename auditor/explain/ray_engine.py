@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from auditor.config import ConfigError
-from auditor.data import ImageDataset, collate
-from auditor.engine import Context, Records, merge, process_batch
-from auditor.store import ShardedStore, Store
+from auditor.inputs.config import ConfigError
+from auditor.inputs.data import ImageDataset, collate
+from auditor.explain.engine import Context, Records, merge, process_batch
+from auditor.explain.store import ShardedStore, Store
 
 
 def shard_folder(cache: Path) -> Path:
@@ -30,9 +30,9 @@ def shard_folder(cache: Path) -> Path:
 
 class AuditWorker:
     def __init__(self, cfg, refs, methods, support, model_key, cache: str):
-        from auditor.data import load_classes
-        from auditor.model import build_model, pick_device, target_layer
-        import auditor.methods  # noqa: F401  (registers the methods in this process)
+        from auditor.inputs.data import load_classes
+        from auditor.inputs.model import build_model, pick_device, target_layer
+        import auditor.explain.methods  # noqa: F401  (registers the methods in this process)
 
         device = pick_device(cfg.run.device)
         model = build_model(cfg, len(load_classes(cfg)), device)

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 
 from auditor.audit import AuditResult
-from auditor.data import read_image
-from auditor.diff import document
-from auditor.evidence import severity_rank
-from auditor.heatmap import normalise, region_mask, region_mass
-from auditor.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS, TILE_PX,
+from auditor.inputs.data import read_image
+from auditor.judge.diff import document
+from auditor.judge.evidence import severity_rank
+from auditor.explain.heatmap import normalise, region_mask, region_mass
+from auditor.outputs.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS, TILE_PX,
                              draw_boxes, heat_only, legend, overlay, save_picture, sheet, strip, thumbnail)
 
 SCHEMA_VERSION = 1
@@ -96,7 +96,7 @@ def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int =
     boxed); the next ``thumbnails`` flagged images as numbered tiles, many to a picture
     (``sheets``: file, first number, and per tile its sample and method); per class finding the
     class's mean heatmap and up to six example overlays. Pixel sizes fit the printed size at about
-    150 dpi (see ``auditor.overlay``). Returns the file names, relative to ``folder``."""
+    150 dpi (see ``auditor.outputs.overlay``). Returns the file names, relative to ``folder``."""
     images = folder / "images"
     images.mkdir()
     legend().save(images / "legend.png")
@@ -182,7 +182,7 @@ def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int =
 
 
 def write_run(res: AuditResult, out: Path | None = None) -> Path:
-    from auditor.report import render_html, render_pdf  # report imports jinja2/weasyprint: only when writing
+    from auditor.outputs.report import render_html, render_pdf  # report imports jinja2/weasyprint: only when writing
 
     out = Path(out or res.cfg.report.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from captum.attr import GuidedBackprop, LayerGradCam
 from torch import Tensor, nn
 
-from auditor.methods._common import abs_max, check_inputs, finish, grad_input, in_calls, quiet, register, upsample
+from auditor.explain.methods._common import abs_max, check_inputs, finish, grad_input, in_calls, quiet, register, upsample
 
 
 def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,

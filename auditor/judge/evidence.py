@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from auditor.config import SEVERITIES
-from auditor.data import SampleRef, read_image, to_model_input
+from auditor.inputs.config import SEVERITIES
+from auditor.inputs.data import SampleRef, read_image, to_model_input
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
-from auditor.methods._common import (check_inputs, finish, image_generators, image_spans, register,
+from auditor.explain.methods._common import (check_inputs, finish, image_generators, image_spans, register,
                                      row_chunks, rows_per_call)
 
 SHAP_ENDPOINT_WEIGHT = 1e6  # weight of the empty and full coalitions (Captum's choice)

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from auditor import synth
+from auditor.demo import synth
 
 CLASSES = ["box", "brick", "grass", "gravel", "noise"]
 SEED = 1234

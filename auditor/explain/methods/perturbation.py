@@ -5,7 +5,7 @@ import torch
 from captum.attr import Occlusion
 from torch import Tensor, nn
 
-from auditor.methods._common import check_inputs, finish, pos_sum, quiet, register, rows_per_call
+from auditor.explain.methods._common import check_inputs, finish, pos_sum, quiet, register, rows_per_call
 
 
 def _window(hw: tuple[int, int], window: float, stride: float) -> tuple[tuple, tuple]:

@@ -10,7 +10,7 @@ import torch
 from captum.attr import Deconvolution, GuidedBackprop, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
-from auditor.methods._common import (abs_max, check_inputs, chunked_draws, finish, grad_input,
+from auditor.explain.methods._common import (abs_max, check_inputs, chunked_draws, finish, grad_input,
                                      image_generators, in_calls, pos_sum, quiet, register, rows_per_call,
                                      single_use)
 

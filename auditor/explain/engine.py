@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from auditor.config import AuditConfig
-from auditor.data import Batch, SampleRef, batches
+from auditor.inputs.config import AuditConfig
+from auditor.inputs.data import Batch, SampleRef, batches
 from auditor.registry import METHODS
-from auditor.store import Store, digest
+from auditor.explain.store import Store, digest
 
 
 @dataclass

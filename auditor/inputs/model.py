@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from auditor.config import AuditConfig, ConfigError, import_object
+from auditor.inputs.config import AuditConfig, ConfigError, import_object
 
 
 def pick_device(wanted: str) -> torch.device:

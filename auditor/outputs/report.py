@@ -16,10 +16,10 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.audit import AuditResult
-from auditor.diff import pts
-from auditor.evidence import severity_rank
-from auditor.outputs import flagged_order
-from auditor.overlay import EXEMPLAR_MM, GAP_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS, TILE_MM
+from auditor.judge.diff import pts
+from auditor.judge.evidence import severity_rank
+from auditor.outputs.write import flagged_order
+from auditor.outputs.overlay import EXEMPLAR_MM, GAP_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS, TILE_MM
 from auditor.registry import METHODS, RULES
 
 # Okabe-Ito colours (colour-blind safe) in the stylesheet; the verdict is always written in words too.

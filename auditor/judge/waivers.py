@@ -14,8 +14,8 @@ from fnmatch import fnmatchcase
 
 import pandas as pd
 
-from auditor.config import AuditConfig, ConfigError, Waiver
-from auditor.evidence import ClassFinding, Finding
+from auditor.inputs.config import AuditConfig, ConfigError, Waiver
+from auditor.judge.evidence import ClassFinding, Finding
 from auditor.registry import RULES, UnknownName
 
 

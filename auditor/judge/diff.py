@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from auditor.config import AuditConfig, ConfigError
-from auditor.evidence import severity_rank
+from auditor.inputs.config import AuditConfig, ConfigError
+from auditor.judge.evidence import severity_rank
 
 if TYPE_CHECKING:
     from auditor.audit import AuditResult

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from auditor.methods._common import check_inputs, finish, in_calls, pos_sum, register, rows_per_call
+from auditor.explain.methods._common import check_inputs, finish, in_calls, pos_sum, register, rows_per_call
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,

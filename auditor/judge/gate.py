@@ -9,10 +9,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING
 
-from auditor import diff as diffs
-from auditor import waivers
-from auditor.config import FailOn, ReportSpec
-from auditor.evidence import severity_rank
+from auditor.judge import diff as diffs
+from auditor.judge import waivers
+from auditor.inputs.config import FailOn, ReportSpec
+from auditor.judge.evidence import severity_rank
 
 if TYPE_CHECKING:
     from auditor.audit import AuditResult

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from auditor.config import InterventionSpec
-from auditor.evidence import ClassFinding, Evidence, Finding, severity_rank
-from auditor.heatmap import grow_box, region_mask
+from auditor.inputs.config import InterventionSpec
+from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
+from auditor.explain.heatmap import grow_box, region_mask
 
 
 def fill(x: torch.Tensor, mask: np.ndarray, how: str) -> torch.Tensor:

@@ -21,8 +21,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from scipy.stats import rankdata
 
-from auditor.config import TrustSpec
-from auditor.engine import method_kwargs
+from auditor.inputs.config import TrustSpec
+from auditor.explain.engine import method_kwargs
 from auditor.registry import METHODS
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from auditor import diff as diffs
+from auditor.judge import diff as diffs
 
 MAX_LINES = 50  # per failure text; the report has them all
 
