@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from auditor.inputs.config import AuditConfig
-from auditor.inputs.data import Batch, SampleRef, batches
+from auditor.inputs.config import AuditConfig, describe_exception
+from auditor.inputs.data import Batch, DataError, SampleRef, batches
 from auditor.registry import METHODS
 from auditor.explain.store import Store, digest
 
@@ -128,6 +128,30 @@ def map_key(ctx: Context, image_sha: str, method: str, target: int) -> str:
                   ctx.cfg.explain.resolution, ctx.cfg.run.seed)
 
 
+def _softmax(row: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(row).softmax(dim=0).numpy()
+
+
+def predict(ctx: Context, x: torch.Tensor, rows: list[int]) -> tuple[list[np.ndarray | None], dict[int, str]]:
+    """Logits (float32, host) of ``x[rows]``; a batch whose forward raises is retried image by image,
+    so only the images the model fails on are lost, each with the exception as its reason."""
+    try:
+        with torch.no_grad():
+            out = ctx.model(x[rows]).float()
+        if out.shape[0] != len(rows):
+            raise ValueError(f"the model returned {out.shape[0]} rows for {len(rows)} images")
+        return list(out.cpu().numpy()), {}
+    except Exception as e:  # noqa: BLE001
+        if len(rows) == 1:
+            return [None], {rows[0]: describe_exception(e)}
+    logits, failed = [], {}
+    for j in rows:
+        (row,), why = predict(ctx, x, [j])
+        logits.append(row)
+        failed.update(why)
+    return logits, failed
+
+
 def process_batch(ctx: Context, batch: Batch, store: Store) -> Records:
     rec = Records(skipped=[{"path": ctx.refs[i].rel, "reason": why} for i, why in batch.skipped])
     if batch.x is None:
@@ -140,18 +164,17 @@ def process_batch(ctx: Context, batch: Batch, store: Store) -> Records:
     known = store.get_many(prob_keys)
     todo = [j for j, k in enumerate(prob_keys) if k not in known]
     x = batch.x.to(ctx.device, non_blocking=True)
+    failed: dict[int, str] = {}
     if todo:
-        with torch.no_grad():
-            logits = ctx.model(x[todo]).float()
-        probs = logits.softmax(dim=1).cpu().numpy()
-        finite = np.isfinite(logits.cpu().numpy()).all(axis=1)
-        for k, j in enumerate(todo):
-            if finite[k]:
-                known[prob_keys[j]] = new[prob_keys[j]] = probs[k]
+        logits, failed = predict(ctx, x, todo)
+        for j, row in zip(todo, logits):
+            if row is not None and np.isfinite(row).all():
+                known[prob_keys[j]] = new[prob_keys[j]] = _softmax(row)
         rec.computed["predictions"] = len(todo)
     keep = [j for j, k in enumerate(prob_keys) if k in known]
     for j in sorted(set(range(len(idx))) - set(keep)):
-        rec.skipped.append({"path": ctx.refs[idx[j]].rel, "reason": "model output is NaN or inf"})
+        why = f"the model failed on this image: {failed[j]}" if j in failed else "model output is NaN or inf"
+        rec.skipped.append({"path": ctx.refs[idx[j]].rel, "reason": why})
     if not keep:
         return rec
 
@@ -207,10 +230,26 @@ def run_local(ctx: Context, store: Store, quiet: bool = False) -> Records:
     cfg = ctx.cfg
     total = Records(heatmaps={m: {} for m in ctx.methods}, contrast={m: {} for m in ctx.methods})
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    if getattr(store, "notice", None):
+        total.warnings.append(store.notice)
     with Progress(*columns, disable=quiet, transient=True) as bar:
         task = bar.add_task("auditing images", total=len(ctx.refs))
         for batch in batches(ctx.refs, cfg.model.input, cfg.run.batch_size, cfg.run.workers,
-                             pin=ctx.device.type == "cuda"):
+                             pin=ctx.device.type == "cuda", min_size=cfg.data.min_size):
             merge(total, process_batch(ctx, batch, store))
             bar.advance(task, len(batch.ids) + len(batch.skipped))
+    check_usable(ctx, total)
     return total
+
+
+def check_usable(ctx: Context, rec: Records) -> None:
+    """No image gave a prediction: a one-line DataError saying why (the commonest reasons, counted)."""
+    if rec.rows:
+        return
+    where = ctx.cfg.data.root or ctx.cfg.data.manifest
+    reasons: dict[str, list[str]] = {}
+    for s in rec.skipped:
+        reasons.setdefault(s["reason"], []).append(s["path"])
+    common = sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:3]
+    why = "; ".join(f"{len(paths)} × {reason} (e.g. {paths[0]})" for reason, paths in common)
+    raise DataError(f"{where}: none of the {len(ctx.refs)} images could be audited: {why or 'no results'}")

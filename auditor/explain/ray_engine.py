@@ -20,7 +20,7 @@ import numpy as np
 
 from auditor.inputs.config import ConfigError
 from auditor.inputs.data import ImageDataset, collate
-from auditor.explain.engine import Context, Records, merge, process_batch
+from auditor.explain.engine import Context, Records, check_usable, merge, process_batch
 from auditor.explain.store import ShardedStore, Store
 
 
@@ -38,7 +38,7 @@ class AuditWorker:
         model = build_model(cfg, len(load_classes(cfg)), device)
         layer = target_layer(model, cfg.model.target_layer, cfg.source)
         self.ctx = Context(cfg, model, device, layer, methods, support, refs, model_key)
-        self.dataset = ImageDataset(refs, cfg.model.input)
+        self.dataset = ImageDataset(refs, cfg.model.input, cfg.data.min_size)
         shards = shard_folder(Path(cache))
         shards.mkdir(exist_ok=True)
         self.store = ShardedStore(Path(cache), shards / f"{uuid.uuid4().hex}.sqlite")
@@ -98,6 +98,8 @@ def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
         compute=ActorPoolStrategy(size=cfg.run.ray_workers), num_gpus=gpus, num_cpus=1,
         max_restarts=2, max_task_retries=2)
     total = Records(heatmaps={m: {} for m in ctx.methods}, contrast={m: {} for m in ctx.methods})
+    if getattr(store, "notice", None):
+        total.warnings.append(store.notice)
     done: set[int] = set()
     for row in results.iter_rows():
         ids, rec, disabled = pickle.loads(row["payload"])
@@ -109,5 +111,6 @@ def run_ray(ctx: Context, store: Store, quiet: bool = False) -> Records:
     absorb_shards(store)
     if len(done) != len(ctx.refs):
         raise RuntimeError(f"the Ray engine returned results for {len(done)} of {len(ctx.refs)} images")
+    check_usable(ctx, total)
     return total
 

@@ -6,17 +6,22 @@ settings recomputes nothing, and a run killed at any point resumes from its last
 batch. Every blob carries its checksum: a corrupted entry is detected, dropped and recomputed,
 never trusted. Values are small (float16 heatmaps at the analysis resolution, probabilities),
 so memory stays flat however large the data set: rules read heatmaps back on demand.
+A file damaged as a whole (its header or pages garbage) is found when opened, moved aside and
+rebuilt empty; ``Store.notice`` then says so, for the run's warnings.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import sqlite3
+import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from auditor.inputs.config import ConfigError
 
 
 def digest(*parts) -> str:
@@ -27,16 +32,58 @@ def _checksum(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+class CacheError(ConfigError):
+    """The cache file cannot be opened at all (not: is damaged); one line for the user."""
+
+
 class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")      # readers never block the writer; crash-safe
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, dtype TEXT, shape TEXT, "
-                        "data BLOB, checksum TEXT)")
         self.corrupt = 0
+        self.notice: str | None = None  # set when a damaged file was moved aside and rebuilt
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"run.cache: cannot create the cache folder {self.path.parent}: {e.strerror or e}") from None
+        try:
+            self.db = self._open()
+        except sqlite3.OperationalError as e:  # locked, unwritable, a folder: not damage, do not touch it
+            raise CacheError(f"run.cache: cannot open the cache {self.path}: {e}") from None
+        except sqlite3.DatabaseError as e:     # not a database, malformed pages: damage
+            aside = self._set_aside()
+            self.notice = (f"the cache {self.path} was damaged ({e}); it was moved to {aside.name} and rebuilt, "
+                           f"so everything in this run was computed afresh")
+            self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")      # readers never block the writer; crash-safe
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, dtype TEXT, shape TEXT, "
+                       "data BLOB, checksum TEXT)")
+            db.execute("SELECT key, dtype, shape, data, checksum FROM blobs LIMIT 0")
+            problems = [r[0] for r in db.execute("PRAGMA quick_check(3)").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems)[:200])
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _set_aside(self) -> Path:
+        """Rename the damaged file (and its WAL files) beside itself; return the new name."""
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = aside.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        self.path.rename(aside)
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{self.path}{suffix}")
+            if side.exists():
+                side.rename(Path(f"{aside}{suffix}"))
+        return aside
 
     def get(self, key: str) -> np.ndarray | None:
         row = self.db.execute("SELECT dtype, shape, data, checksum FROM blobs WHERE key=?", (key,)).fetchone()

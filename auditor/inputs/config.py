@@ -6,6 +6,8 @@ Relative paths are resolved against the config file's folder.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
+import functools
 import importlib
 import importlib.util
 import re
@@ -81,6 +83,10 @@ class DataSpec(Strict):
     root: Path | None = None
     manifest: Path | None = None
     limit: int | None = Field(None, gt=0)
+    min_size: int = Field(8, ge=1, description="images whose width or height is below this many pixels are "
+                                              "skipped with the reason")
+    allow_outside: bool = Field(False, description="read files outside data.root (symlinks) or the manifest's "
+                                                   "folder (../ or absolute paths); refused by default")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -251,7 +257,9 @@ def _set_key(data: dict, dotted: str, value: Any) -> None:
     node = data
     *parents, leaf = dotted.split(".")
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the file ('run:' alone)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {part} is not a section")
     node[leaf] = value
@@ -270,32 +278,134 @@ def _describe(error: dict, model: type[BaseModel]) -> str:
             parent = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         allowed = sorted(f.alias or k for k, f in parent.model_fields.items() if not f.exclude) if parent else []
         hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        hint += f"; did you mean '{close[0]}'?" if close else ""
         return f"unknown key '{key}'{hint}"
     if kind == "missing":
         return f"missing key '{key}'"
     return f"'{key}': {error['msg'].removeprefix('Value error, ')}"
 
 
+# A config is a few KB; these bound what a hostile or broken one can cost before validation.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # values after expanding aliases (a "billion laughs" file expands to 10^9)
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, stricter: a duplicate key and an impossible date are errors with their line."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *base' then overriding a key is not a duplicate
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_timestamp(self, node):
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a valid date ({e})", node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
+
+
+def _bound(node) -> None:
+    """Refuse a document whose aliases expand past ``MAX_YAML_NODES`` values (or loop)."""
+    stack, count = [node], 0
+    while stack:
+        n = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the document expands to more than {MAX_YAML_NODES} values "
+                            f"(aliases that repeat aliases?)", node.start_mark)
+        if isinstance(n, yaml.SequenceNode):
+            stack += n.value
+        elif isinstance(n, yaml.MappingNode):
+            stack += [x for pair in n.value for x in pair]
+
+
+def parse_yaml(text: str, where: str):
+    """Plain data from YAML text, or ConfigError naming ``where``, the line and the column."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _bound(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
+        if "constructor for the tag" in problem:
+            problem += " (a config is plain data: tags such as !!python are not allowed)"
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML: {at}{problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_text(path: Path, what: str, limit: int | None = None) -> str:
+    """A text file as UTF-8 (a BOM is dropped), or a one-line ConfigError naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if limit is not None and len(raw) > limit:
+        raise ConfigError(f"{path}: {what} is {len(raw)} bytes; at most {limit} are read")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          f"save it as UTF-8") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.replace("\r", "\n").split("\n"))
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> AuditConfig:
     """Read, override (``key.sub=value``, value parsed as YAML) and validate a config file."""
-    path = Path(path)
+    try:
+        return _load_config(Path(path), overrides)
+    except ConfigError as e:
+        raise ConfigError(_one_line(str(e))) from None
+
+
+def _load_config(path: Path, overrides) -> AuditConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = parse_yaml(read_text(path, "the config file", MAX_CONFIG_BYTES), str(path))
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+    if "source" in data:
+        raise ConfigError(f"{path}: unknown key 'source'")
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.weights=x.safetensors")
-        _set_key(data, key.strip(), yaml.safe_load(raw))
+        _set_key(data, key.strip(), parse_yaml(raw, f"--set {item!r}"))
     try:
         cfg = AuditConfig.model_validate({**data, "source": path.resolve()})
     except ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e.errors()[0], AuditConfig)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     return resolve_paths(cfg)
 
 
@@ -339,8 +449,31 @@ def import_object(spec: str, base: Path, key: str, source: Path) -> Any:
             module = importlib.import_module(target)
     except ConfigError:
         raise
-    except Exception as e:  # the user's module failed to import: say which and why
-        raise ConfigError(f"{source}: '{key}': cannot import {target!r}: {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit) as e:  # the user's module failed to import: say which and why
+        raise ConfigError(f"{source}: '{key}': cannot import {target!r}: {describe_exception(e)}") from None
     if not hasattr(module, name):
         raise ConfigError(f"{source}: '{key}': {target!r} has no attribute {name!r}")
-    return getattr(module, name)
+    obj = getattr(module, name)
+    if key == "prepare" and callable(obj):
+        return _failing_as_config_error(obj, f"{source}: 'prepare': {spec}")
+    return obj
+
+
+def describe_exception(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters of the message."""
+    text = _one_line(str(e)).strip()
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _failing_as_config_error(fn, where: str):
+    """``fn`` whose exceptions (and sys.exit) become one-line ConfigErrors naming ``where``."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError:
+            raise
+        except (Exception, SystemExit) as e:
+            raise ConfigError(f"{where} failed: {describe_exception(e)}") from None
+    return call

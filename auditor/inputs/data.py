@@ -2,24 +2,31 @@
 
 Any common mode (grayscale, RGBA, palette, 16-bit, float) becomes the model's channels and
 size; the file's own size is kept so regions map back to its pixels. A file that cannot be
-decoded is skipped with its reason, never fatal.
+decoded, is too large to decode safely or too small to audit is skipped with its reason,
+never fatal. Nothing outside the declared data is read: a symlink under ``data.root`` that
+points out of it, or a manifest path that leaves the manifest's folder, is refused (skipped
+with the reason) unless ``data.allow_outside`` is set. A mask or box that does not fit its
+image is dropped with a warning, so a silent ``off_object`` is explained.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
+import os
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from auditor.inputs.config import AuditConfig, ConfigError, InputSpec
+from auditor.inputs.config import AuditConfig, ConfigError, InputSpec, describe_exception, read_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MAX_ANNOTATION_WARNINGS = 20  # one per dropped mask or box; then a count
 
 
 class DataError(Exception):
@@ -29,18 +36,45 @@ class DataError(Exception):
 @dataclass(frozen=True)
 class SampleRef:
     path: Path                 # absolute
-    rel: str                   # relative to the data root (or the manifest's folder)
-    label: int
+    rel: str                   # relative to the data root (or the manifest's folder); printable UTF-8
+    label: int                 # -1 when the manifest row has none (then ``refused`` says so)
     mask: Path | None = None
     bbox: tuple[float, float, float, float] | None = None
+    refused: str | None = None  # why the file is skipped without being read
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8: bytes that are not (surrogate-escaped by the OS) become \\xNN."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, with every symlink followed, lies in ``folder`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(folder)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def _outside_reason(path: Path, where: str) -> str:
+    try:
+        target = printable(str(path.resolve()))
+    except (OSError, RuntimeError):
+        target = "a loop of symlinks"
+    return f"outside {where} (it resolves to {target}); not read (set data.allow_outside: true to allow)"
 
 
 def discover(cfg: AuditConfig, classes: list[str]) -> tuple[list[SampleRef], list[str]]:
     """Return the samples (sorted by relative path) and warnings about the data set."""
+    allow = cfg.data.allow_outside
     if cfg.data.root is not None:
-        refs, warns = _image_folder(cfg.data.root, classes)
+        refs, warns = _image_folder(cfg.data.root, classes, allow)
     else:
-        refs, warns = _manifest(cfg.data.manifest, classes)
+        refs, warns = _manifest(cfg.data.manifest, classes, allow)
     if not refs:
         raise DataError(f"{cfg.data.root or cfg.data.manifest}: no images found")
     refs.sort(key=lambda r: r.rel)
@@ -48,55 +82,167 @@ def discover(cfg: AuditConfig, classes: list[str]) -> tuple[list[SampleRef], lis
         # A seeded sample across classes, not the first N files of the first class.
         pick = np.random.default_rng(cfg.run.seed).choice(len(refs), cfg.data.limit, replace=False)
         refs = [refs[i] for i in sorted(pick)]
-    return refs, warns
+    refs, notes = check_annotations(refs)
+    return refs, warns + notes
 
 
-def _image_folder(root: Path, classes: list[str]) -> tuple[list[SampleRef], list[str]]:
+def _image_folder(root: Path, classes: list[str], allow_outside: bool = False) -> tuple[list[SampleRef], list[str]]:
     index = {name: i for i, name in enumerate(classes)}
+    real_root = root.resolve()
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
-    unknown = [f.name for f in folders if f.name not in index]
+    unknown = [printable(f.name) for f in folders if f.name not in index]
     if unknown:
         raise DataError(f"{root}: class folder(s) {', '.join(map(repr, unknown))} not in model.classes "
                         f"({', '.join(classes)})")
     refs, warns = [], []
     for folder in folders:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
+        found = 0
+        for p in sorted(folder.rglob("*")):
+            if p.name.startswith(".") or not (p.is_file() or (p.is_symlink() and not p.is_dir())):
+                continue
+            found += 1
+            rel = printable(p.relative_to(root).as_posix())
+            refused = None
+            if not p.exists():
+                refused = "a broken symlink (its target does not exist)"
+            elif not allow_outside and not _inside(p, real_root):
+                refused = "a symlink " + _outside_reason(p, "data.root")
+            refs.append(SampleRef(p, rel, index[folder.name], refused=refused))
+        if not found:
             warns.append(f"{folder}: empty class folder")
-        refs += [SampleRef(p, p.relative_to(root).as_posix(), index[folder.name]) for p in files]
     return refs, warns
 
 
-def _manifest(path: Path, classes: list[str]) -> tuple[list[SampleRef], list[str]]:
+def _row_path(base: Path, real_base: Path, cell: str, allow_outside: bool) -> tuple[Path, str | None]:
+    """The absolute path a manifest cell names, and why it is refused (None: it is not)."""
+    p = Path(cell)
+    full = p if p.is_absolute() else base / p
+    if allow_outside or _inside(full, real_base):
+        return full, None
+    return full, _outside_reason(full, "the manifest's folder")
+
+
+def _manifest(path: Path, classes: list[str], allow_outside: bool = False) -> tuple[list[SampleRef], list[str]]:
     index = {name: i for i, name in enumerate(classes)}
     base = path.parent
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
-                            f"(columns: path, label, optional mask or bbox)")
-        refs = []
-        for line, row in enumerate(reader, start=2):
-            label = row["label"].strip()
-            if label not in index:
-                raise DataError(f"{path}:{line}: label {label!r} not in model.classes ({', '.join(classes)})")
-            bbox = None
-            if (row.get("bbox") or "").strip():
+    real_base = base.resolve()
+    try:
+        text = read_text(path, "the manifest")
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        names = reader.fieldnames or []
+    except csv.Error as e:
+        raise DataError(f"{path}:1: not a CSV file: {e}") from None
+    reader.fieldnames = [(n or "").strip().lower() for n in names]  # "Path, Label" as Excel may write it
+    missing = {"path", "label"} - set(reader.fieldnames)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                        f"(columns: path, label, optional mask or bbox; found: {', '.join(reader.fieldnames)})")
+    refs, warns = [], []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV: {e}") from None
+        line = reader.line_num
+        cell = lambda k: (row.get(k) or "").strip()  # noqa: E731  (a short row gives None)
+        if not cell("path"):
+            if any(cell(k) for k in reader.fieldnames):
+                warns.append(f"{path}:{line}: row without a path; ignored")
+            continue
+        full, refused = _row_path(base, real_base, cell("path"), allow_outside)
+        label = cell("label")
+        if not label:
+            refs.append(SampleRef(full, printable(cell("path")), -1,
+                                  refused=refused or f"{path.name} line {line} has no label"))
+            continue
+        if label not in index:
+            raise DataError(f"{path}:{line}: label {label!r} not in model.classes ({', '.join(classes)})")
+        bbox = None
+        if cell("bbox"):
+            try:
+                bbox = tuple(float(v) for v in cell("bbox").replace(",", " ").split())
+                if len(bbox) != 4 or not all(np.isfinite(bbox)) or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+                    raise ValueError
+            except ValueError:
+                warns.append(f"{path}:{line}: bbox must be 'x0 y0 x1 y1' with x0<x1, y0<y1, got {cell('bbox')!r}; "
+                             f"the box is ignored")
+                bbox = None
+        mask = None
+        if cell("mask"):
+            mask, outside = _row_path(base, real_base, cell("mask"), allow_outside)
+            if outside:
+                warns.append(f"{path}:{line}: mask {printable(cell('mask'))} is {outside}; the mask is ignored")
+                mask = None
+        refs.append(SampleRef(full, printable(cell("path")), index[label], mask, bbox, refused))
+    return refs, warns
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """An image file's (width, height) from its header, without decoding its pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            return im.size
+
+
+def check_annotations(refs: list[SampleRef]) -> tuple[list[SampleRef], list[str]]:
+    """Drop, with a warning each, masks that are missing, not images or not the image's size, and
+    boxes outside the image (boxes partly outside are clipped to it)."""
+    out, notes = [], []
+    for ref in refs:
+        if ref.refused or (ref.mask is None and ref.bbox is None):
+            out.append(ref)
+            continue
+        try:
+            w, h = _header_size(ref.path)
+        except Exception:  # noqa: BLE001  (the image itself is bad: decoding skips it with the reason)
+            out.append(ref)
+            continue
+        mask, bbox = ref.mask, ref.bbox
+        if mask is not None:
+            why = None
+            if not mask.is_file():
+                why = f"mask {printable(str(mask))} not found"
+            else:
                 try:
-                    bbox = tuple(float(v) for v in row["bbox"].split())
-                    assert len(bbox) == 4 and bbox[0] < bbox[2] and bbox[1] < bbox[3]
-                except (ValueError, AssertionError):
-                    raise DataError(f"{path}:{line}: bbox must be 'x0 y0 x1 y1' with x0<x1, y0<y1, "
-                                    f"got {row['bbox']!r}") from None
-            mask = (base / row["mask"].strip()) if (row.get("mask") or "").strip() else None
-            refs.append(SampleRef(base / row["path"].strip(), row["path"].strip(), index[label], mask, bbox))
-    return refs, []
+                    size = _header_size(mask)
+                    if size != (w, h):
+                        why = f"mask is {size[0]}×{size[1]} px but the image is {w}×{h}"
+                except Exception as e:  # noqa: BLE001
+                    why = f"mask {printable(mask.name)} is not an image PIL can read ({type(e).__name__})"
+            if why:
+                notes.append(f"{ref.rel}: {why}; the mask is ignored (off_object does not judge this image)")
+                mask = None
+        if bbox is not None:
+            x0, y0, x1, y1 = bbox
+            c = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
+            if c[0] >= c[2] or c[1] >= c[3]:
+                notes.append(f"{ref.rel}: bbox {' '.join(f'{v:g}' for v in bbox)} lies outside the {w}×{h} image; "
+                             f"the box is ignored")
+                bbox = None
+            elif c != bbox:
+                notes.append(f"{ref.rel}: bbox {' '.join(f'{v:g}' for v in bbox)} reaches outside the {w}×{h} "
+                             f"image; clipped to {' '.join(f'{v:g}' for v in c)}")
+                bbox = c
+        out.append(replace(ref, mask=mask, bbox=bbox) if (mask, bbox) != (ref.mask, ref.bbox) else ref)
+    if len(notes) > MAX_ANNOTATION_WARNINGS:
+        more = len(notes) - MAX_ANNOTATION_WARNINGS
+        notes = notes[:MAX_ANNOTATION_WARNINGS] + [f"and {more} more masks or boxes ignored or clipped"]
+    return out, notes
 
 
-def read_image(source: Path | bytes) -> Image.Image:
+class _TooSmall(ValueError):
+    pass
+
+
+def read_image(source: Path | bytes, min_size: int = 1) -> Image.Image:
     """Decode a file (path or its bytes) into an 8-bit RGB or L image; ValueError says why it cannot be."""
     raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     if not raw:
@@ -105,11 +251,22 @@ def read_image(source: Path | bytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(raw))
+            w, h = img.size
+            if min(w, h) < min_size:
+                raise _TooSmall(f"image is {w}×{h} px, below data.min_size ({min_size} px) on a side")
             img.load()  # decode now: a truncated file fails here, not later
     except UnidentifiedImageError:
         raise ValueError("not an image file PIL can read") from None
-    except (OSError, SyntaxError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"corrupt or truncated image: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise ValueError(f"image too large to decode safely ({n.group(1) + ' pixels' if n else str(e)}; the limit is "
+                         f"{Image.MAX_IMAGE_PIXELS}, PIL's decompression-bomb guard)") from None
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ValueError(f"corrupt or truncated image: {describe_exception(e)}") from None
+    except _TooSmall:
+        raise
+    except Exception as e:  # noqa: BLE001  (a decoder's own bug, e.g. struct.error: still one bad file)
+        raise ValueError(f"cannot decode: {describe_exception(e)}") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float images: scale to 8 bits by the type's range, not by clipping.
         arr = np.asarray(img, dtype=np.float64)
@@ -140,24 +297,29 @@ def to_model_input(img: Image.Image, spec: InputSpec) -> torch.Tensor:
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes one sample; a bad file yields its reason instead of a tensor."""
 
-    def __init__(self, refs: list[SampleRef], spec: InputSpec):
-        self.refs, self.spec = refs, spec
+    def __init__(self, refs: list[SampleRef], spec: InputSpec, min_size: int = 1):
+        self.refs, self.spec, self.min_size = refs, spec, min_size
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, i: int):
         """(index, tensor, (width, height), sha256 of the file, reason it was skipped)."""
+        ref = self.refs[i]
+        if ref.refused:
+            return i, None, None, None, ref.refused
         try:
-            raw = self.refs[i].path.read_bytes()
+            raw = ref.path.read_bytes()
         except OSError as e:
             return i, None, None, None, f"cannot read file: {e.strerror or e}"
         digest = hashlib.sha256(raw).hexdigest()
         try:
-            img = read_image(raw)
+            img = read_image(raw, self.min_size)
             return i, to_model_input(img, self.spec), img.size, digest, None
         except ValueError as e:
             return i, None, None, digest, str(e)
+        except Exception as e:  # noqa: BLE001  (one bad file never costs the audit)
+            return i, None, None, digest, f"cannot decode: {describe_exception(e)}"
 
 
 @dataclass
@@ -182,9 +344,10 @@ def collate(items) -> Batch:
                  [(it[0], it[4]) for it in items if it[4] is not None])
 
 
-def batches(refs: list[SampleRef], spec: InputSpec, batch_size: int, workers: int = 0, pin: bool = False):
+def batches(refs: list[SampleRef], spec: InputSpec, batch_size: int, workers: int = 0, pin: bool = False,
+            min_size: int = 1):
     """Decoded batches in order; ``pin`` page-locks them so the copy to a GPU overlaps compute."""
-    loader = torch.utils.data.DataLoader(ImageDataset(refs, spec), batch_size=batch_size, shuffle=False,
+    loader = torch.utils.data.DataLoader(ImageDataset(refs, spec, min_size), batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=collate, pin_memory=pin)
     yield from loader
 
@@ -193,7 +356,8 @@ def load_classes(cfg: AuditConfig) -> list[str]:
     if cfg.model.classes is not None:
         names = cfg.model.classes
     else:
-        names = [ln.strip() for ln in cfg.model.classes_file.read_text().splitlines() if ln.strip()]
+        text = read_text(cfg.model.classes_file, "model.classes_file")
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes or not names:
         raise ConfigError(f"{cfg.source}: 'model.classes': " +

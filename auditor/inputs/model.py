@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import pickletools
+import re
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from auditor.inputs.config import AuditConfig, ConfigError, import_object
+from auditor.inputs.config import AuditConfig, ConfigError, describe_exception, import_object
+
+# What a state dict's pickle may import; anything else is code and the file is refused.
+SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set",
+                        "builtins.frozenset", "builtins.slice")
 
 
 def pick_device(wanted: str) -> torch.device:
@@ -22,17 +30,50 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Safetensors, or a torch state dict loaded with ``weights_only=True`` (no code execution)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError: truncated, garbage, empty
+            raise ConfigError(f"model.weights: {path} is not a readable safetensors file "
+                              f"(truncated or damaged?): {describe_exception(e)}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        refused = unsafe_globals(path)
+        if refused:
+            raise ConfigError(f"model.weights: {path} was refused: loading it would import {', '.join(refused[:3])} "
+                              f"(code, not tensors); only state dicts of tensors are loaded (weights_only=True)") from None
+        why = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in why if "GLOBAL" in ln or "central directory" in ln), why[-1] if why else "")
         raise ConfigError(f"model.weights: {path} cannot be loaded safely (weights_only=True): "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{type(e).__name__}: {why[:300]}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a common checkpoint layout
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"model.weights: {path} is not a state dict of tensors")
     return state
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """The globals (``module.name``) a torch file's pickle would import beyond tensors, without
+    running it: a zip checkpoint's ``data.pkl`` or a plain pickle. Empty when none or unreadable."""
+    try:
+        raw = path.read_bytes()
+        if zipfile.is_zipfile(io.BytesIO(raw)):
+            with zipfile.ZipFile(io.BytesIO(raw)) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                raw = z.read(name) if name else b""
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(raw):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                           "BINSTRING", "STRING"):
+                strings.append(str(arg))
+            elif op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001  (a damaged pickle: report what was seen so far, if anything)
+        found = locals().get("found", [])
+    return list(dict.fromkeys(g for g in found if not g.startswith(SAFE_GLOBAL_PREFIXES)))
 
 
 def _names(keys, limit: int = 5) -> str:
@@ -44,9 +85,9 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
     factory = import_object(cfg.model.factory, cfg.folder, "model.factory", cfg.source)
     try:
         model = factory(**cfg.model.kwargs)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise ConfigError(f"{cfg.source}: 'model.factory': {cfg.model.factory} failed: "
-                          f"{type(e).__name__}: {e}") from None
+                          f"{describe_exception(e)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{cfg.source}: 'model.factory': returned {type(model).__name__}, not an nn.Module")
     if cfg.model.weights is not None:
@@ -68,19 +109,38 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
                                                        for k in shape))
             raise ConfigError(f"{cfg.source}: 'model.weights': {cfg.model.weights.name} does not fit the model "
                               f"({'; '.join(parts)})")
-        model.load_state_dict(state)
-    model = model.to(device).eval()
+        try:
+            model.load_state_dict(state)
+        except Exception as e:  # e.g. a dtype the module refuses
+            raise ConfigError(f"{cfg.source}: 'model.weights': {cfg.model.weights.name} does not load: "
+                              f"{describe_exception(e)}") from None
+    try:
+        model = model.to(device).eval()
+    except Exception as e:
+        raise ConfigError(f"{cfg.source}: 'run.device': the model cannot move to {device}: "
+                          f"{describe_exception(e)}") from None
     for p in model.parameters():
         p.requires_grad_(False)  # explanations need input gradients only
-    # One dry run: the output must be [B, num_classes] and finite.
+    dry_run(model, cfg, num_classes, device)
+    return model
+
+
+def dry_run(model: nn.Module, cfg: AuditConfig, num_classes: int, device: torch.device) -> None:
+    """One all-zero input (the mean image, once normalised) of ``model.input``'s size: the output must be [1, num_classes] and finite."""
     c, (h, w) = cfg.model.input.channels, cfg.model.input.size
-    with torch.no_grad():
-        out = model(torch.zeros(1, c, h, w, device=device))
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, c, h, w, device=device))
+    except (Exception, SystemExit) as e:
+        raise ConfigError(f"{cfg.source}: 'model.input.size': the model fails on one {c}×{h}×{w} input "
+                          f"(model.input.channels × size): {describe_exception(e)}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != num_classes:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{cfg.source}: model output has shape {got} for one image; expected (1, {num_classes}) "
                           f"= one logit per class in model.classes")
-    return model
+    if not torch.isfinite(out).all():
+        raise ConfigError(f"{cfg.source}: 'model.weights': the model's output is NaN or infinite for a plain "
+                          f"{c}×{h}×{w} input; its weights or its forward are broken")
 
 
 def target_layer(model: nn.Module, path: str | None, source: Path = Path("audit.yaml")) -> nn.Module | None:
