@@ -1,15 +1,20 @@
-"""The audit, start to finish: config → model and data → batches → rules → gate → outputs."""
+"""The audit, start to finish: config → model and data → batches (decode, predict, explain) →
+trust gate → rules → intervention → the run's record → waivers, comparison, gate.
+
+Writing the run folder from the record is ``auditor.outputs.write``.
+"""
 from __future__ import annotations
 
 import atexit
+import datetime as dt
 import hashlib
-import inspect
-import shutil
-import tempfile
+import json
 import platform
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,22 +22,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-import auditor.rules  # noqa: F401  (registers the rules)
 import auditor.explain.methods  # noqa: F401  (registers the methods)
+import auditor.rules  # noqa: F401  (registers the rules)
+from auditor.explain.engine import Context, run_local
+from auditor.explain.store import LazyMaps, Store, digest
 from auditor.inputs.config import AuditConfig, ConfigError, check_files, import_object
 from auditor.inputs.data import discover, load_classes
-from auditor.explain.engine import Context, run_local
+from auditor.inputs.model import build_model, file_sha256, pick_device, target_layer
+from auditor.judge import waivers
+from auditor.judge.diff import compare, load_baseline, provenance
+from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
+from auditor.judge.gate import evaluate
 from auditor.judge.intervene import confirm
 from auditor.judge.trust import trust_gate
-from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
-from auditor.inputs.model import build_model, file_sha256, pick_device, target_layer
-from auditor.registry import METHODS, RULES, UnknownName
-from auditor.judge import waivers
-from auditor.judge.diff import load_baseline, provenance
-from auditor.judge.gate import settle
-from auditor.explain.store import LazyMaps, Store, digest
+from auditor.record import Check, Coverage, RunRecord
+from auditor.registry import METHODS, RULES, BadParams, UnknownName
 
-CACHE_VERSION = 1  # bump when a change makes cached predictions or heatmaps stale
+CACHE_VERSION = 2  # bump when a change makes cached predictions or heatmaps stale
 
 # Used when the config names none: each costs one forward and backward pass, and between them
 # they see coarse regions (a layer's view) and fine ones (the input's own pixels). On the demo
@@ -40,41 +46,41 @@ CACHE_VERSION = 1  # bump when a change makes cached predictions or heatmaps sta
 RECOMMENDED_METHODS = {"gradcam": {}, "saliency": {}}
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditResult:
+    """The run's record, and what its pictures are drawn from (the evidence; the rules' findings
+    as objects, for tests and benchmarks). Renderings read only ``record`` and the pictures."""
     cfg: AuditConfig
-    classes: list[str]
+    record: RunRecord
     evidence: Evidence
     findings: list[Finding]
     class_findings: list[ClassFinding]
-    errors: list[dict]
-    skipped: list[dict]
-    warnings: list[str]
-    metrics: dict
-    run: dict
-    gate: dict
-    waived: dict = field(default_factory=dict)  # ("sample", id, rule) | ("class", cls, rule) -> waiver
-    diff: dict | None = None                    # the comparison with report.baseline
-    record: dict | None = None                  # diff.document(self), as the gate read it
 
 
-def _check_names(cfg: AuditConfig, section: str, chosen: dict[str, dict], registry) -> None:
-    """Unknown names and unknown params fail before any work, naming the key."""
+def checked_params(cfg: AuditConfig, section: str, chosen: dict[str, dict], registry) -> dict[str, dict]:
+    """Names and params checked against the registry before any work: an unknown name, an
+    unknown param, a wrong type or a value out of range is a one-line error naming the key."""
+    out = {}
     for name, params in chosen.items():
         try:
-            entry = registry.get(name)
+            out[name] = registry.get(name).validate(params)
         except UnknownName as e:
             raise ConfigError(f"{cfg.source}: '{section}': {e}") from None
-        sig = inspect.signature(entry.fn)
-        allowed = [p for p in list(sig.parameters)[1 if section == "rules" else 3:]
-                   if sig.parameters[p].kind == inspect.Parameter.KEYWORD_ONLY
-                   or sig.parameters[p].default is not inspect.Parameter.empty]
-        if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-            continue
-        for key in params:
-            if key not in allowed:
-                raise ConfigError(f"{cfg.source}: '{section}.{name}.{key}': unknown parameter; "
-                                  f"allowed: {', '.join(allowed) or 'none'}")
+        except BadParams as e:
+            raise ConfigError(f"{cfg.source}: '{section}.{name}.{e.key}': {e.why}") from None
+    return out
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 of the built model's state (every parameter and buffer, after loading), so the
+    cache and the record follow the weights that run, wherever they were loaded from."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def metrics_tables(y: np.ndarray, p: np.ndarray, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -156,16 +162,67 @@ def _plain(v):
     return v.tolist() if hasattr(v, "tolist") else str(v)
 
 
+def run_rules(ev: Evidence, rules: dict[str, dict], required: bool) -> tuple[list, list, list, dict[str, Check]]:
+    """Every rule that applies, with its coverage; a rule that raises is recorded, the audit goes on."""
+    findings, class_findings, errors, coverage = [], [], [], {}
+    masks = sum(r.mask is not None or r.bbox is not None for r in ev.refs)
+    with_maps = len(set().union(*(ev.heatmaps[m] for m in ev.methods))) if ev.methods else 0
+    for name, params in rules.items():
+        needs = RULES.get(name).needs
+        if "masks" in needs and not masks:
+            coverage[name] = Check(state="not_applicable", reason="needs masks or boxes in the manifest",
+                                   required=required)
+            continue
+        if "heatmaps" in needs and not with_maps:
+            why = ("no image was chosen to be explained" if ev.methods else
+                   "every explanation method it reads failed or was not trusted" if ev.heatmaps else
+                   "no explanation method ran")
+            coverage[name] = Check(state="no_evidence", reason=why, required=required)
+            continue
+        try:
+            for f in RULES.get(name).fn(ev, **params):
+                (findings if isinstance(f, Finding) else class_findings).append(f)
+        except Exception as e:  # a broken rule is reported, the audit goes on
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            errors.append({"rule": name, "error": error})
+            coverage[name] = Check(state="error", reason=error, required=required)
+            continue
+        coverage[name] = Check(state="ran", examined=with_maps if "heatmaps" in needs else len(ev.samples),
+                               required=required)
+    return findings, class_findings, errors, coverage
+
+
+def method_coverage(methods: dict, inapplicable: dict[str, str], disabled: dict[str, str], trust: dict,
+                    ev: Evidence, required: bool) -> dict[str, Check]:
+    out = {}
+    for m in methods:
+        t = trust.get(m) or {}
+        if m in inapplicable:
+            out[m] = Check(state="not_applicable", reason=inapplicable[m], required=required)
+        elif m in disabled:
+            out[m] = Check(state="error", reason=disabled[m].splitlines()[0], required=required)
+        elif t.get("untestable") or str(t.get("reason", "")).startswith("could not be tested"):
+            out[m] = Check(state="error", reason=t["reason"], required=required)
+        elif t and not t["reliable"]:
+            out[m] = Check(state="unreliable", examined=len(ev.heatmaps.get(m, {})),
+                           reason=f"failed the trust gate: {t['reason']}", required=required)
+        elif not ev.heatmaps.get(m):
+            out[m] = Check(state="no_evidence", reason="no image was chosen to be explained", required=required)
+        else:
+            out[m] = Check(state="ran", examined=len(ev.heatmaps[m]), required=required)
+    return out
+
+
 def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     started = datetime.now(timezone.utc)
     if cfg.prepare:
         import_object(cfg.prepare, cfg.folder, "prepare", cfg.source)(cfg.folder)
     check_files(cfg)
-    methods = cfg.explain.methods if cfg.explain.methods is not None else RECOMMENDED_METHODS
-    # No rules named: every registered rule (each one stays quiet where it does not apply).
-    rules = cfg.rules if cfg.rules is not None else {name: {} for name in RULES.names()}
-    _check_names(cfg, "explain.methods", methods, METHODS)
-    _check_names(cfg, "rules", rules, RULES)
+    methods = checked_params(cfg, "explain.methods", cfg.explain.methods if cfg.explain.methods is not None
+                             else RECOMMENDED_METHODS, METHODS)
+    # No rules named: every registered rule (each is recorded as not applicable where it does not apply).
+    rules = checked_params(cfg, "rules", cfg.rules if cfg.rules is not None else {n: {} for n in RULES.names()},
+                           RULES)
 
     torch.manual_seed(cfg.run.seed)
     classes = load_classes(cfg)
@@ -176,18 +233,16 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     device = pick_device(cfg.run.device)
     model = build_model(cfg, len(classes), device)
     layer = target_layer(model, cfg.model.target_layer, cfg.source)
-    if layer is None:
-        needs = [m for m in methods if METHODS.get(m).meta.get("needs_layer")]
-        if needs:
-            warnings.append(f"the model has no Conv2d, so {', '.join(needs)} cannot run; set model.target_layer")
-            methods = {m: p for m, p in methods.items() if m not in needs}
+    inapplicable = {m: "the model has no Conv2d layer to explain; set model.target_layer"
+                    for m in methods if layer is None and "layer" in METHODS.get(m).needs}
     support = pd.Series([r.label for r in refs]).value_counts().to_dict()
 
     weights_sha = file_sha256(cfg.model.weights) if cfg.model.weights else None
-    model_key = digest(CACHE_VERSION, weights_sha, cfg.model.factory, cfg.model.kwargs,
-                       cfg.model.input.model_dump(mode="json"))
+    state_sha = model_digest(model)
+    model_key = digest(CACHE_VERSION, state_sha, cfg.model.factory, cfg.model.input.model_dump(mode="json"))
     store = open_store(cfg)
-    ctx = Context(cfg, model, device, layer, methods, support, refs, model_key)
+    ctx = Context(cfg, model, device, layer, {m: p for m, p in methods.items() if m not in inapplicable},
+                  support, refs, model_key)
     t0 = time.perf_counter()
     if cfg.run.engine == "ray":
         from auditor.explain.ray_engine import run_ray
@@ -203,7 +258,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
 
     samples = pd.DataFrame(rec.rows).set_index("id").sort_index()
     samples.insert(0, "path", [refs[i].rel for i in samples.index])
-    used = [m for m in methods if m not in ctx.disabled]
+    used = [m for m in ctx.methods if m not in ctx.disabled]
     ev = Evidence(classes, samples, {m: LazyMaps(store, rec.heatmaps.get(m, {})) for m in used},
                   {m: LazyMaps(store, rec.contrast.get(m, {})) for m in used}, refs,
                   model=model, input_spec=cfg.model.input, device=device)
@@ -216,34 +271,73 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     if ev.heatmaps and not ev.methods:
         warnings.append("no explanation method passed the trust gate: the rules had no evidence to work with")
 
-    findings, class_findings, errors = [], [], []
-    for name, params in rules.items():
-        try:
-            for f in RULES.get(name).fn(ev, **params):
-                (findings if isinstance(f, Finding) else class_findings).append(f)
-        except Exception as e:  # a broken rule is reported, the audit goes on
-            errors.append({"rule": name, "error": f"{type(e).__name__}: {e}"})
-            warnings.append(f"rule {name!r} failed: {type(e).__name__}: {e}")
+    findings, class_findings, errors, rule_checks = run_rules(ev, rules, required=cfg.rules is not None)
+    for e in errors:
+        warnings.append(f"rule {e['rule']!r} failed: {e['error']}")
     cached_confirm(ev, findings, class_findings, cfg, store, model_key)
     order = lambda f: (-severity_rank(f.severity), -f.score)  # noqa: E731
     findings.sort(key=order)
     class_findings.sort(key=order)
+    coverage = Coverage(
+        methods=method_coverage(methods, inapplicable, ctx.disabled, trust, ev, cfg.explain.methods is not None),
+        rules=rule_checks,
+        trust=Check(state="ran", examined=max((t.get("images", 0) for t in trust.values()), default=0))
+        if cfg.trust.enabled else Check(state="off", reason="trust.enabled is false: methods were used untested"),
+        intervention=Check(state="ran", examined=sum("intervention" in f.details for f in [*findings, *class_findings]))
+        if cfg.intervention.enabled else Check(state="off", reason="intervention.enabled is false"))
 
-    y, p = samples["label"].to_numpy(), samples["prediction"].to_numpy()
-    per_class, confusion = metrics_tables(y, p, classes)
-    metrics = {"accuracy": float((y == p).mean()), "images": int(len(samples)),
-               "misclassified": int((y != p).sum()), "explained": int(samples["explained"].sum()),
-               "per_class": per_class, "confusion": confusion}
-
-    fingerprint = hashlib.sha256("".join(f"{r}\t{h}\n" for r, h in sorted(zip(samples["path"], samples["sha256"])))
-                                 .encode()).hexdigest()
     run = {"started": started.isoformat(timespec="seconds"), "seconds_in_batches": round(seconds, 2),
-           "config": cfg.model_dump(mode="json"), "config_file": str(cfg.source),
-           "weights_sha256": weights_sha, "computed": rec.computed,
-           "data_fingerprint": fingerprint, "versions": versions(), "device": str(device),
+           "config": cfg.model_dump(mode="json"), "config_file": str(cfg.source), "classes": classes,
+           "weights_sha256": weights_sha, "model_sha256": state_sha, "computed": rec.computed,
+           "data_fingerprint": fingerprint(samples), "versions": versions(), "device": str(device),
            "seed": cfg.run.seed, "methods": methods, "rules": rules,
-           "methods_disabled": dict(ctx.disabled), "trust": trust, "argv": sys.argv[1:]}
-    run.update(provenance(cfg))
-    res = AuditResult(cfg, classes, ev, findings, class_findings, errors, rec.skipped, warnings, metrics, run, {})
-    settle(res, baseline)  # waivers, the comparison with the baseline, the gate
-    return res
+           "methods_disabled": dict(ctx.disabled) | inapplicable, "trust": trust, "argv": sys.argv[1:],
+           **provenance(cfg)}
+    record = build_record(run, coverage, ev, findings, class_findings, errors, rec.skipped, warnings)
+    record = settle(record, cfg, baseline)
+    return AuditResult(cfg, record, ev, findings, class_findings)
+
+
+def fingerprint(samples: pd.DataFrame) -> str:
+    """sha256 over the sorted relative paths and file hashes of the audited images."""
+    return hashlib.sha256("".join(f"{r}\t{h}\n" for r, h in sorted(zip(samples["path"], samples["sha256"])))
+                          .encode()).hexdigest()
+
+
+def build_record(run: dict, coverage: Coverage, ev: Evidence, findings: list[Finding],
+                 class_findings: list[ClassFinding], errors: list, skipped: list, warnings: list) -> RunRecord:
+    """The run's record, from the evidence and the (confirmed) findings; no gate yet."""
+    classes, s = ev.classes, ev.samples
+    y, p = s["label"].to_numpy(), s["prediction"].to_numpy()
+    per_class, confusion = metrics_tables(y, p, classes)
+    mine: dict[int, list] = {}
+    for f in findings:
+        mine.setdefault(f.sample, []).append(f.to_json())
+    cols = ["path", "label", "prediction", "confidence", "correct", "explained", "sha256", "width", "height"]
+    samples = [{"id": int(i), "path": r["path"], "label": classes[r["label"]], "prediction": classes[r["prediction"]],
+                "confidence": round(float(r["confidence"]), 6), "correct": bool(r["correct"]),
+                "explained": bool(r["explained"]), "sha256": r["sha256"], "size": [int(r["width"]), int(r["height"])],
+                "findings": mine.get(int(i), [])}
+               for i, r in zip(s.index, s[cols].to_dict("records"))]
+    doc = {"run": run, "coverage": coverage.model_dump(mode="json"),
+           "metrics": {"accuracy": round(float((y == p).mean()), 6), "images": int(len(s)),
+                       "misclassified": int((y != p).sum()), "explained": int(s["explained"].sum()),
+                       "per_class": json.loads(per_class.round(6).to_json(orient="records")),
+                       "confusion": {"classes": classes, "matrix": confusion.to_numpy().tolist()}},
+           "samples": samples, "class_findings": [f.to_json() for f in class_findings],
+           "skipped": skipped, "warnings": warnings, "errors": errors}
+    # Through JSON once: numpy scalars in details become plain numbers, as findings.json holds them.
+    return RunRecord.model_validate(json.loads(json.dumps(doc, default=_plain)))
+
+
+def settle(record: RunRecord, cfg: AuditConfig, baseline: tuple[RunRecord, object] | None) -> RunRecord:
+    """Waivers, the comparison with the baseline and the gate: each a pure function of records."""
+    today = dt.date.fromisoformat(record.run["started"][:10])
+    record, notes = waivers.apply(cfg.waivers, record, today)
+    diff = compare(baseline[0], baseline[1], record, cfg.run.seed) if baseline else None
+    gate = evaluate(cfg.report.fail_on, record, diff)
+    notes += [f"report.fail_on.{c['name']} was not checked: there is no baseline to compare with"
+              for c in gate.conditions if c["skipped"]]
+    changes = None if diff is None else {"baseline_run": diff["baseline_run"], **diff["counts"]}
+    return record.model_copy(update={"gate": gate, "diff": diff, "changes": changes,
+                                     "warnings": [*record.warnings, *notes]})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from auditor.judge.evidence import ClassFinding, Evidence, Finding, grade
+from auditor.judge.evidence import Band, ClassFinding, Count, Evidence, Finding, NonNegative, Positive, Share, Thresholds, grade
 from auditor.explain.heatmap import bands, normalise, region_mask
 from auditor.registry import RULES
 
@@ -45,11 +45,17 @@ def _frame_scores(maps: np.ndarray, masks: dict[str, np.ndarray], floor: float) 
     return out
 
 
-@RULES.register("corner_border", level="sample+class", needs="heatmaps", direction="higher is more suspicious")
-def corner_border(ev: Evidence, band: float = 0.15, min_lift: float = 2.0, min_standout: float | None = None,
-                  min_mass: float | None = None, standout_floor: float = 0.3, class_min_lift: float = 4.0,
-                  z_min: float = 3.0, min_images: int = 5, sample_severity: dict | None = None,
-                  class_severity: dict | None = None) -> list:
+def _effects(d: dict) -> list[str]:
+    return [f"evidence {d['lift']:.0f}× denser in the region than on average"] if "lift" in d else []
+
+
+@RULES.register("corner_border", title='Mark in a corner or along an edge',
+                glossary='Watermarks, scanner frames and printed tags live there; a model that looks there has probably learned the mark rather than the object.',
+                effects=_effects, level="sample+class", needs=("heatmaps",), direction="higher is more suspicious")
+def corner_border(ev: Evidence, band: Band = 0.15, min_lift: Positive = 2.0, min_standout: Positive | None = None,
+                  min_mass: Share | None = None, standout_floor: NonNegative = 0.3, class_min_lift: Positive = 4.0,
+                  z_min: float = 3.0, min_images: Count = 5, sample_severity: Thresholds = None,
+                  class_severity: Thresholds = None) -> list:
     """Attribution concentrated in an image corner or border band (watermarks, tags, frames)."""
     # One knob for the per-image test: unless given, the region must also stand out from the
     # rest of the frame 2x min_lift times and hold min_lift/40 of the evidence (4 and 5 % at 2).

@@ -21,7 +21,7 @@ images in which the model reads something there.
 Only corners are swept: they are where marks sit, and a small corner square cannot bring the
 object itself back, as a whole border strip of a T photo could. Costs 4 x ``donors`` forward
 passes per misclassified image and 5 per donor candidate, no backward pass, batched. The
-finding carries its restore test (``details.restore_rate``), which the intervention step counts
+finding carries its restore test (``details.own_test``), which the intervention step counts
 as confirmation.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from auditor.judge.evidence import Evidence, Finding, grade
+from auditor.judge.evidence import Band, Count, Evidence, Finding, NonNegative, Positive, Share, Thresholds, grade
 from auditor.explain.heatmap import bands, grow_box, region_mask
 from auditor.registry import RULES
 
@@ -37,10 +37,17 @@ SEVERITY = {"low": 0.5, "medium": 0.75}   # on the share of donors whose corner 
 ROWS = 256                                # rows per forward pass
 
 
-@RULES.register("corner_restore", level="sample", needs="the model", direction="higher is more suspicious")
-def corner_restore(ev: Evidence, band: float = 0.15, donors: int = 4, candidates: int = 64, min_rate: float = 0.75,
-                   min_gap: float = 0.5, min_mark: float = 3.0, max_images: int = 5000,
-                   severity: dict | None = None) -> list:
+def _effects(d: dict) -> list[str]:
+    rates = d.get("restore_rates") or {}
+    return [f"true class back from the {k}: {v:.0%} of donors" for k, v in rates.items() if v]
+
+
+@RULES.register("corner_restore", title='Missing or wrong mark in a corner',
+                glossary='It asks the model directly rather than a heatmap, so it also catches a mark that works by its absence or its shade (a missing watermark, a swatch of the wrong grey), which heatmaps cannot show.',
+                effects=_effects, level="sample", needs=("model",), direction="higher is more suspicious")
+def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidates: Count = 64, min_rate: Share = 0.75,
+                   min_gap: NonNegative = 0.5, min_mark: Positive = 3.0, max_images: Count = 5000,
+                   severity: Thresholds = None) -> list:
     """Misclassified images whose true class comes back when one corner is taken from images of that class."""
     if ev.model is None or ev.input_spec is None:
         return []
@@ -139,7 +146,10 @@ def _finding(ev: Evidence, i: int, corners: dict, where: int | None, alone: bool
     return Finding(
         sample=i, rule="corner_restore", severity=grade(rate, severity) or "low", score=round(rate, 4),
         bbox=None if where is None else ev.to_file_bbox(i, boxes[where]), message=head + text,
-        details={"region": None if where is None else names[where], "restore_rate": round(rate, 4),
+        details={"region": None if where is None else names[where],
                  "restore_rates": {n: round(float(b), 4) for n, b in zip(names, back)},
-                 "donors": k, "true_class": true, "located_by": (
+                 # The restore test this rule ran, in the intervention's own keys: it confirms the finding.
+                 "own_test": {"true_class": true, "donors": k, "restored": round(rate * k),
+                              "restore_rate": round(rate, 4)},
+                 "located_by": (
                      None if where is None else "the model" if alone else "the image's own mark")})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from auditor.judge.evidence import ClassFinding, Evidence, grade
+from auditor.judge.evidence import ClassFinding, Count, Evidence, Positive, Share, Thresholds, grade
 from auditor.explain.heatmap import normalise
 from auditor.registry import RULES
 
@@ -76,10 +76,17 @@ def window_mass(maps: np.ndarray, box) -> np.ndarray:
     return maps[:, y0:y1, x0:x1].sum(axis=(1, 2))
 
 
-@RULES.register("fixed_location", level="class", needs="heatmaps", direction="higher is more suspicious")
-def fixed_location(ev: Evidence, min_images: int = 8, min_group: int = 3, min_lift: float = 5.0,
-                   z_min: float = 3.0, min_tightness: float = 0.5, max_images: int = 1500,
-                   severity: dict | None = None) -> list:
+def _effects(d: dict) -> list[str]:
+    out = [f"{d['group_size']} of {d['class_images']} images in one tight group"] if "group_size" in d else []
+    return out + ([f"evidence {d['lift']:.0f}× denser at the spot than on average"] if "lift" in d else [])
+
+
+@RULES.register("fixed_location", title='Evidence at one fixed spot',
+                glossary='When many images of one class are decided from the same small spot, something placed there (a logo, a ruler, a tag) is probably doing the work.',
+                effects=_effects, level="class", needs=("heatmaps",), direction="higher is more suspicious")
+def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, min_lift: Positive = 5.0,
+                   z_min: float = 3.0, min_tightness: Share = 0.5, max_images: Count = 1500,
+                   severity: Thresholds = None) -> list:
     """A tight group of a class's explanations pointing at one small fixed spot (SpRAy-style)."""
     severity = severity or SEVERITY
     out: dict[tuple, ClassFinding] = {}

@@ -18,7 +18,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 
-from auditor.judge.evidence import ClassFinding, Evidence, Finding, grade
+from auditor.judge.evidence import ClassFinding, Count, Evidence, Finding, NonNegative, Positive, Share, Thresholds, grade
 from auditor.explain.heatmap import normalise
 from auditor.registry import RULES
 
@@ -125,9 +125,15 @@ def _distance(o: dict, typical) -> float:
     return float(np.sqrt((((_vector(o) - centre) / spread) ** 2).mean()))
 
 
-@RULES.register("look_alike", level="sample+class", needs="heatmaps", direction="lower distance is more suspicious")
-def look_alike(ev: Evidence, min_examples: int = 5, max_distance: float = 2.5, min_contrast: float = 0.15,
-               max_size: float = 0.3, min_class_images: int = 5, severity: dict | None = None) -> list:
+def _effects(d: dict) -> list[str]:
+    return [f"shape {d['distance']:.1f} spreads from the class's usual evidence (0: the same)"] if "distance" in d else []
+
+
+@RULES.register("look_alike", title="Object that merely looks like the class's cue",
+                glossary='It catches a model that takes any object of the right shape (a bright blob, a rectangle) for the mark it learned for a class.',
+                effects=_effects, level="sample+class", needs=("heatmaps",), direction="lower distance is more suspicious")
+def look_alike(ev: Evidence, min_examples: Count = 5, max_distance: Positive = 2.5, min_contrast: NonNegative = 0.15,
+               max_size: Share = 0.3, min_class_images: Count = 5, severity: Thresholds = None) -> list:
     """A misclassified image's evidence is an object shaped like the predicted class's usual evidence."""
     severity = severity or SEVERITY
     s = ev.samples

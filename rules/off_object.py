@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from auditor.judge.evidence import ClassFinding, Evidence, Finding, grade
+from auditor.judge.evidence import ClassFinding, Count, Evidence, Finding, Share, Thresholds, grade
 from auditor.explain.heatmap import normalise, region_mask
 from auditor.registry import RULES
 
@@ -43,9 +43,18 @@ def strongest_off(heat: np.ndarray, mask: np.ndarray) -> list[float]:
     return [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
 
 
-@RULES.register("off_object", level="sample+class", needs="masks or boxes", direction="lower is more suspicious")
-def off_object(ev: Evidence, min_on_object: float = 0.4, class_min_on_object: float = 0.5,
-               min_images: int = 5, sample_severity: dict | None = None) -> list:
+def _effects(d: dict) -> list[str]:
+    if "on_object" in d:
+        return [f"on the object: {d['on_object']:.0%} of the evidence (the object covers "
+                f"{d.get('object_area', 0):.0%} of the image)"]
+    return [f"on the object: {d['on_object_mean']:.0%} of the evidence on average"] if "on_object_mean" in d else []
+
+
+@RULES.register("off_object", title='Evidence off the annotated object',
+                glossary='It needs object masks or boxes in the data; evidence outside them means the model decides from the background or the context.',
+                effects=_effects, level="sample+class", needs=("heatmaps", "masks"), direction="lower is more suspicious")
+def off_object(ev: Evidence, min_on_object: Share = 0.4, class_min_on_object: Share = 0.5,
+               min_images: Count = 5, sample_severity: Thresholds = None) -> list:
     """Evidence that lies off the annotated object (relevance mass accuracy, energy pointing game)."""
     sample_severity = sample_severity or SAMPLE_SEVERITY
     if not any(r.mask is not None or r.bbox is not None for r in ev.refs):

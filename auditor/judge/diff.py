@@ -4,8 +4,8 @@ Image findings are matched by the image's content hash and the rule, class findi
 and rule, and sorted into new, resolved and persisting. Accuracy and per-class recall deltas
 come with 95% bootstrap intervals, paired over the images both runs saw (matched by hash).
 Where the runs differ in data, rules, methods or settings, the comparison says so in warnings.
-Both sides are findings.json documents; ``document`` gives the current run's before it is written.
-This module also records what a run needs to be compared later (``provenance``).
+Both sides are run records (a pure function of the two). This module also records what a run
+needs to be compared later (``provenance``).
 """
 from __future__ import annotations
 
@@ -14,17 +14,12 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from auditor.inputs.config import AuditConfig, ConfigError
-from auditor.judge.evidence import severity_rank
+from auditor.record import READABLE_SCHEMAS, RunRecord, severity_rank
 
-if TYPE_CHECKING:
-    from auditor.audit import AuditResult
-
-READABLE_SCHEMAS = (1,)  # findings.json schema versions this module can compare
 RESAMPLES = 2000
 SETTINGS = ("explain", "intervention", "trust")  # config sections that change what is found
 
@@ -55,21 +50,9 @@ def provenance(cfg: AuditConfig) -> dict:
 
 # ---- loading ----------------------------------------------------------------------------------
 
-def load_run(path: Path, where: str) -> dict:
-    """A run's findings.json, from the run folder or the file; ConfigError (one line) if unusable."""
-    file = Path(path) / "findings.json" if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{where}: no audit run at {path} (expected a run folder or its findings.json)")
-    try:
-        doc = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{where}: {file} is not readable JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(doc, dict) or not {"run", "samples", "class_findings", "metrics"} <= doc.keys():
-        raise ConfigError(f"{where}: {file} is not an auditor findings.json")
-    if doc.get("schema_version") not in READABLE_SCHEMAS:
-        raise ConfigError(f"{where}: {file} has schema_version {doc.get('schema_version')!r}; this auditor "
-                          f"compares schema_version {', '.join(map(str, READABLE_SCHEMAS))}")
-    return doc
+def load_run(path: Path, where: str) -> RunRecord:
+    """A run's record, from the run folder or its findings.json; ConfigError (one line) if unusable."""
+    return RunRecord.load(path, where)
 
 
 def last_passed(out: Path) -> Path | None:
@@ -87,18 +70,17 @@ def last_passed(out: Path) -> Path | None:
     return best[1] if best else None
 
 
-def classes_of(doc: dict) -> list[str]:
-    return (doc["metrics"].get("confusion", {}).get("classes")
-            or doc["run"].get("config", {}).get("model", {}).get("classes"))
+def classes_of(rec: RunRecord) -> list[str]:
+    return rec.classes or rec.config.get("model", {}).get("classes") or []
 
 
-def factory_of(doc: dict) -> str | None:
-    return doc["run"].get("config", {}).get("model", {}).get("factory")
+def factory_of(rec: RunRecord) -> str | None:
+    return rec.config.get("model", {}).get("factory")
 
 
-def check_family(old: dict, classes: list[str], factory: str | None, where: str) -> None:
+def check_family(old: RunRecord, classes: list[str], factory: str | None, where: str) -> None:
     """Runs of different models (classes or factory) cannot be compared image by image."""
-    rid, old_classes = old["run"].get("id", "?"), classes_of(old) or []
+    rid, old_classes = old.run.get("id", "?"), classes_of(old)
     if old_classes != classes:
         gone, extra = [c for c in old_classes if c not in classes], [c for c in classes if c not in old_classes]
         how = (f"only in the baseline: {', '.join(gone) or '-'}; only in this run: {', '.join(extra) or '-'}"
@@ -109,8 +91,8 @@ def check_family(old: dict, classes: list[str], factory: str | None, where: str)
                           f"(model.factory {factory_of(old)!r}, this run {factory!r})")
 
 
-def load_baseline(cfg: AuditConfig, classes: list[str]) -> tuple[tuple[dict, Path] | None, list[str]]:
-    """``report.baseline`` loaded and checked: ((findings.json document, its path) or None, warnings)."""
+def load_baseline(cfg: AuditConfig, classes: list[str]) -> tuple[tuple[RunRecord, Path] | None, list[str]]:
+    """``report.baseline`` loaded and checked: ((its record, its path) or None, warnings)."""
     wanted, where = cfg.report.baseline, f"{cfg.source}: 'report.baseline'"
     if wanted is None:
         return None, []
@@ -121,33 +103,6 @@ def load_baseline(cfg: AuditConfig, classes: list[str]) -> tuple[tuple[dict, Pat
     doc = load_run(path, where)
     check_family(doc, classes, cfg.model.factory, where)
     return (doc, path), []
-
-
-# ---- the current run as a document ------------------------------------------------------------
-
-def document(res: AuditResult) -> dict:
-    """The current run's record as findings.json holds it (the run's id, finish time, gate and
-    comparison are added when the file is written): the gate and the comparison read it first."""
-    c, m = res.classes, res.metrics
-    per_sample: dict[int, list] = {}
-    for f in res.findings:
-        per_sample.setdefault(f.sample, []).append({**f.to_json(), "waived": res.waived.get(("sample", f.sample, f.rule))})
-    cols = ["path", "label", "prediction", "confidence", "correct", "explained", "sha256", "width", "height"]
-    samples = [{"path": r["path"], "label": c[r["label"]], "prediction": c[r["prediction"]],
-                "confidence": round(float(r["confidence"]), 6), "correct": bool(r["correct"]),
-                "explained": bool(r["explained"]), "sha256": r["sha256"], "size": [int(r["width"]), int(r["height"])],
-                "findings": per_sample.get(i, [])}
-               for i, r in zip(res.evidence.samples.index, res.evidence.samples[cols].to_dict("records"))]
-    return {
-        "run": res.run,
-        "metrics": {"accuracy": round(m["accuracy"], 6), "images": m["images"], "misclassified": m["misclassified"],
-                    "explained": m["explained"],
-                    "per_class": json.loads(m["per_class"].round(6).to_json(orient="records")),
-                    "confusion": {"classes": c, "matrix": m["confusion"].to_numpy().tolist()}},
-        "samples": samples,
-        "class_findings": [{**f.to_json(), "waived": res.waived.get(("class", f.cls, f.rule))}
-                           for f in res.class_findings],
-    }
 
 
 # ---- comparison -------------------------------------------------------------------------------
@@ -291,8 +246,9 @@ def _setting_warnings(old: dict, new: dict, old_ids: set, new_ids: set) -> list[
     return warnings
 
 
-def compare(old: dict, old_path: Path | str, new: dict, seed: int = 0) -> dict:
-    """What changed from run ``old`` to run ``new`` (both findings.json documents)."""
+def compare(old_record: RunRecord, old_path: Path | str, new_record: RunRecord, seed: int = 0) -> dict:
+    """What changed from run ``old`` to run ``new``."""
+    old, new = old_record.model_dump(mode="json"), new_record.model_dump(mode="json")
     before, after = _findings(old), _findings(new)
     new_list = sorted((after[k] for k in after if k not in before), key=_order)
     resolved = sorted((before[k] for k in before if k not in after), key=_order)
@@ -314,7 +270,7 @@ def compare(old: dict, old_path: Path | str, new: dict, seed: int = 0) -> dict:
                     "data": a.get("data_fingerprint") != b.get("data_fingerprint"),
                     "rules": a.get("rules") != b.get("rules"), "methods": a.get("methods") != b.get("methods")},
         "new": new_list, "resolved": resolved, "persisting": persisting,
-        "metrics": _metric_deltas(old, new, classes_of(new), seed),
+        "metrics": _metric_deltas(old, new, new_record.classes, seed),
         "warnings": _setting_warnings(old, new, old_ids, new_ids),
     }
 

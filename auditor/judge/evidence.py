@@ -3,14 +3,26 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
-from auditor.inputs.config import SEVERITIES
+from auditor.inputs.config import Severity
 from auditor.inputs.data import SampleRef, read_image, to_model_input
+from auditor.record import severity_rank  # noqa: F401  (rules grade with it)
+
+
+# Parameter types with their ranges, for rule signatures: the registry validates configured
+# params against them before any work.
+Count = Annotated[int, Field(ge=1)]
+Share = Annotated[float, Field(gt=0, le=1)]
+Band = Annotated[float, Field(gt=0, le=0.5)]        # a corner square's or border strip's side, of the image's
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Thresholds = dict[Severity, float] | None           # severity -> the score that reaches it
 
 
 @dataclass
@@ -48,10 +60,6 @@ class ClassFinding:
         d = asdict(self)
         d["class"] = d.pop("cls")
         return d
-
-
-def severity_rank(s: str | None) -> int:
-    return -1 if s is None else SEVERITIES.index(s)
 
 
 def grade(value: float, thresholds: dict[str, float]) -> str | None:

@@ -1,21 +1,18 @@
-"""The gate: does a run pass? Exit code 0 when it does, 1 when a condition in ``report.fail_on`` is met.
+"""The gate: does a run pass? A pure function of the run's record (and its comparison with the
+baseline). Exit code 0 when it passes, 1 when a condition in ``report.fail_on`` is met.
 
-Conditions: a finding (not waived) at or above a severity; findings new since the baseline;
-accuracy or a class's recall fallen since the baseline. Each is reported with its threshold,
-its value, whether it passed, a sentence, and the findings or classes that failed it.
+Conditions: the audit could not examine everything it was asked to (``incomplete``: a check
+or method that errored or had no evidence); a finding (not waived) at or above a severity;
+findings new since the baseline; accuracy or a class's recall fallen since the baseline. Each
+is reported with its threshold, its value, whether it passed, a sentence, and the findings or
+classes that failed it. The verdict is FAIL when a finding or metric condition fails, else
+INCOMPLETE when the audit was incomplete, else PASS: PASS only for what was examined.
 """
 from __future__ import annotations
 
-import datetime as dt
-from typing import TYPE_CHECKING
-
-from auditor.judge import diff as diffs
-from auditor.judge import waivers
 from auditor.inputs.config import FailOn, ReportSpec
-from auditor.judge.evidence import severity_rank
-
-if TYPE_CHECKING:
-    from auditor.audit import AuditResult
+from auditor.judge import diff as diffs
+from auditor.record import Gate, RunRecord, severity_rank
 
 
 def _item(rec: dict) -> dict:
@@ -33,13 +30,19 @@ def _no_baseline(name, threshold) -> dict:
                       skipped=True)
 
 
-def evaluate(fail_on: FailOn | None, doc: dict, diff: dict | None) -> dict:
-    """The gate of a findings.json document (and its comparison with the baseline, if any)."""
+def evaluate(fail_on: FailOn | None, record: RunRecord, diff: dict | None) -> Gate:
+    """The gate of a run's record (and its comparison with the baseline, if any)."""
     fail_on = fail_on or FailOn()
-    recs = diffs.records(doc)
+    recs = diffs.records(record.model_dump(mode="json"))
     live = [r for r in recs if not r["waived"]]
     worst = max((r["severity"] for r in live), key=severity_rank, default=None)
     conditions = []
+    if fail_on.incomplete:
+        gaps = record.coverage.gaps()
+        conditions.append(_condition(
+            "incomplete", True, len(gaps), not gaps,
+            f"the audit is incomplete: {'; '.join(gaps)}" if gaps else "every check ran with evidence",
+            [{"kind": "coverage", "rule": g.split(":")[0], "severity": "high", "message": g} for g in gaps]))
     if fail_on.severity:
         t = fail_on.severity
         hits = sorted((r for r in live if severity_rank(r["severity"]) >= severity_rank(t)),
@@ -91,36 +94,26 @@ def evaluate(fail_on: FailOn | None, doc: dict, diff: dict | None) -> dict:
     criteria = fail_on.model_dump(exclude_none=True)
     if not fail_on.new_findings:
         criteria.pop("new_severity", None)
-    return {"passed": all(c["passed"] for c in conditions), "fail_on": fail_on.severity, "worst": worst,
-            "criteria": criteria, "waived": len(recs) - len(live), "conditions": conditions,
-            "failed": [f"{c['name']}: {c['message']}" for c in conditions if not c["passed"]]}
+    failed = [c for c in conditions if not c["passed"]]
+    verdict = ("PASS" if not failed else "INCOMPLETE" if all(c["name"] == "incomplete" for c in failed)
+               else "FAIL")
+    return Gate(passed=not failed, verdict=verdict, fail_on=fail_on.severity, worst=worst, criteria=criteria,
+                waived=len(recs) - len(live), conditions=conditions,
+                failed=[f"{c['name']}: {c['message']}" for c in failed])
 
 
-def criteria_of(doc: dict) -> FailOn | None:
-    """The fail_on a findings.json was run with (the default when it does not say)."""
-    config = doc["run"].get("config", {}).get("report", {})
+def criteria_of(record: RunRecord) -> FailOn | None:
+    """The fail_on a run was audited with (the default when it does not say)."""
+    config = record.config.get("report", {})
     return ReportSpec.model_validate({"fail_on": config["fail_on"]} if "fail_on" in config else {}).fail_on
 
 
-def settle(res: AuditResult, baseline: tuple[dict, object] | None) -> None:
-    """Apply waivers, compare with the baseline and decide the gate: sets res.waived, res.diff, res.gate."""
-    cfg = res.cfg
-    today = dt.date.fromisoformat(res.run["started"][:10])
-    res.waived, notes = waivers.apply(cfg.waivers, res.findings, res.class_findings, res.evidence.samples,
-                                      res.classes, today)
-    res.warnings += notes
-    doc = res.record = diffs.document(res)
-    res.diff = diffs.compare(baseline[0], baseline[1], doc, cfg.run.seed) if baseline else None
-    res.gate = evaluate(cfg.report.fail_on, doc, res.diff)
-    res.warnings += [f"report.fail_on.{c['name']} was not checked: there is no baseline to compare with"
-                     for c in res.gate["conditions"] if c["skipped"]]
-
-
-def describe(gate: dict) -> list[str]:
+def describe(gate: Gate) -> list[str]:
     """Lines for the terminal."""
-    crit = ", ".join(f"{k}={v}" for k, v in gate["criteria"].items()) or "never"
-    waived = f", {gate['waived']} waived" if gate["waived"] else ""
-    lines = [f"gate {'PASSED' if gate['passed'] else 'FAILED'} (fail_on: {crit}; worst={gate['worst']}{waived})"]
-    lines += [f"  failed {c['name']}: {c['message']}" for c in gate["conditions"] if not c["passed"]]
-    lines += [f"  skipped {c['name']}: {c['message']}" for c in gate["conditions"] if c["skipped"]]
+    crit = ", ".join(f"{k}={v}" for k, v in gate.criteria.items()) or "never"
+    waived = f", {gate.waived} waived" if gate.waived else ""
+    word = {"PASS": "PASSED", "FAIL": "FAILED", "INCOMPLETE": "INCOMPLETE (not passed)"}[gate.verdict]
+    lines = [f"gate {word} (fail_on: {crit}; worst={gate.worst}{waived})"]
+    lines += [f"  failed {c['name']}: {c['message']}" for c in gate.conditions if not c["passed"]]
+    lines += [f"  skipped {c['name']}: {c['message']}" for c in gate.conditions if c["skipped"]]
     return lines

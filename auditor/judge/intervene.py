@@ -135,7 +135,7 @@ def _box_share(maps: np.ndarray, box) -> np.ndarray:
 
 def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
     parts = []
-    if "restore_rate" in effect and not effect.get("restore_by_rule"):  # the rule's own sentence says it
+    if "restore_rate" in effect and not effect.get("own_test"):  # the rule's own sentence says it
         parts.append(f"putting back what {effect['donors']} correctly classified '{effect['true_class']}' images "
                      f"show there gave '{effect['true_class']}' back in {effect['restored']} of them")
     if effect["removed_from"] == 1:
@@ -164,9 +164,10 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
     tester = Intervener(ev, spec, seed)
     s = ev.samples
     for f in findings:
+        own = f.details.get("own_test")  # a restore test the rule ran itself, in Intervener.restore's keys
         if not f.bbox:
-            if "restore_rate" in f.details:  # a region-less finding whose rule restored the image itself
-                _own_restore(f, spec)
+            if own:
+                _own_restore(f, own, spec)
             continue
         w, h = s.at[f.sample, "width"], s.at[f.sample, "height"]
         box = (f.bbox[0] / w, f.bbox[1] / h, f.bbox[2] / w, f.bbox[3] / h)
@@ -175,9 +176,8 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         confirmed = effect["removal_rate"] >= spec.remove_drop or effect["transfer_rate"] >= spec.transplant_rate
         true = int(s.at[f.sample, "label"])
         if true != cls:  # a misclassified image: does what the true class shows there give it back?
-            # A rule that ran this test itself (corner_restore) is taken at its word.
-            effect |= (tester.restore(f.sample, true, box, f.method) if "restore_rate" not in f.details
-                       else _rule_restore(f))
+            # A rule that ran this test itself is taken at its word.
+            effect |= {**own, "own_test": True} if own else tester.restore(f.sample, true, box, f.method)
             confirmed = confirmed or effect["restore_rate"] >= spec.transplant_rate
         _apply(f, effect, ev.classes[cls], spec, confirmed)
     by_sample = {}
@@ -235,17 +235,10 @@ def _verdict(f, confirmed: bool | None, floor: str = "high") -> None:
         f.severity = "low"
 
 
-def _rule_restore(f: Finding) -> dict:
-    """The restore test a rule ran itself (corner_restore), in the keys of ``Intervener.restore``."""
-    rate, k = f.details["restore_rate"], f.details["donors"]
-    return {"true_class": f.details["true_class"], "donors": k, "restored": round(rate * k),
-            "restore_rate": rate, "restore_by_rule": True}
-
-
-def _own_restore(f: Finding, spec: InterventionSpec) -> None:
-    """Confirm a finding by the restore test its rule ran and described (corner_restore, no single region)."""
-    confirmed = f.details["restore_rate"] >= spec.transplant_rate
-    f.details["intervention"] = _rule_restore(f)
+def _own_restore(f: Finding, own: dict, spec: InterventionSpec) -> None:
+    """Confirm a finding that names no region by the restore test its rule ran and described."""
+    confirmed = own["restore_rate"] >= spec.transplant_rate
+    f.details["intervention"] = {**own, "own_test": True}
     _verdict(f, confirmed)
     f.message += f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention (the restore test above)."
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from fnmatch import fnmatchcase
 
-import pandas as pd
-
 from auditor.inputs.config import AuditConfig, ConfigError, Waiver
-from auditor.judge.evidence import ClassFinding, Finding
+from auditor.record import RunRecord, Waived
 from auditor.registry import RULES, UnknownName
 
 
@@ -43,15 +41,13 @@ def _covers(w: Waiver, rule: str, cls: str, path: str | None = None, sha: str | 
     return path is not None and (sha in w.hashes or any(fnmatchcase(path, p) for p in w.paths))
 
 
-def mark(w: Waiver, k: int) -> dict:
-    return {"waiver": k, "owner": w.owner, "reason": w.reason, "expires": w.expires.isoformat()}
+def mark(w: Waiver, k: int) -> Waived:
+    return Waived(waiver=k, owner=w.owner, reason=w.reason, expires=w.expires.isoformat())
 
 
-def apply(waivers: list[Waiver], findings: list[Finding], class_findings: list[ClassFinding],
-          samples: pd.DataFrame, classes: list[str], today: dt.date) -> tuple[dict, list[str]]:
-    """``{("sample", id, rule) | ("class", cls, rule): waived mark}`` for findings an unexpired
-    waiver covers (the first that does), and warnings for expired and unused waivers."""
-    marks: dict[tuple, dict] = {}
+def apply(waivers: list[Waiver], record: RunRecord, today: dt.date) -> tuple[RunRecord, list[str]]:
+    """The record with every finding an unexpired waiver covers (the first that does) marked
+    ``waived``, and warnings for expired and unused waivers."""
     hits = [0] * len(waivers)
     expired_hits = [0] * len(waivers)
 
@@ -65,15 +61,11 @@ def apply(waivers: list[Waiver], findings: list[Finding], class_findings: list[C
                 return mark(w, k)
         return None
 
-    for f in findings:
-        row = samples.loc[f.sample]
-        m = first(lambda w: _covers(w, f.rule, classes[row["prediction"]], row["path"], row["sha256"]))
-        if m:
-            marks[("sample", f.sample, f.rule)] = m
-    for f in class_findings:
-        m = first(lambda w: _covers(w, f.rule, f.cls))
-        if m:
-            marks[("class", f.cls, f.rule)] = m
+    samples = [s.model_copy(update={"findings": tuple(
+        f.model_copy(update={"waived": first(lambda w: _covers(w, f.rule, s.prediction, s.path, s.sha256))})
+        for f in s.findings)}) if s.findings else s for s in record.samples]
+    class_findings = tuple(f.model_copy(update={"waived": first(lambda w: _covers(w, f.rule, f.cls))})
+                           for f in record.class_findings)
     warnings = []
     for k, w in enumerate(waivers):
         what = f"waiver {k} ({w.rule}{', class ' + w.class_ if w.class_ else ''}, owner {w.owner})"
@@ -82,4 +74,4 @@ def apply(waivers: list[Waiver], findings: list[Finding], class_findings: list[C
                             f"its {expired_hits[k]} finding(s) count against the gate again")
         elif not hits[k]:
             warnings.append(f"{what} matched no finding; remove it if the problem is gone")
-    return marks, warnings
+    return record.model_copy(update={"samples": tuple(samples), "class_findings": class_findings}), warnings

@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from auditor.judge import diff as diffs
+from auditor.record import RunRecord
 
 MAX_LINES = 50  # per failure text; the report has them all
 
@@ -52,14 +53,24 @@ def _class_of(item: dict) -> str | None:
     return item.get("class") or item.get("prediction")
 
 
-def build(doc: dict) -> ET.ElementTree:
-    """The JUnit tree of a findings.json document."""
+def build(record: RunRecord) -> ET.ElementTree:
+    """The JUnit tree of a run's record. An incomplete audit is a failing test case of its own
+    (auditor.run / coverage), so a CI dashboard never shows it green."""
+    doc = record.model_dump(mode="json")
     gate = doc["gate"]
     failed = {c["name"]: c["items"] for c in gate.get("conditions", []) if not c["passed"]}
+    incomplete = failed.pop("incomplete", None)
     root = ET.Element("testsuites", name="auditor")
-    props = ET.SubElement(_suite(root, "auditor.run", doc), "properties")
-    for key in ("id", "weights_sha256", "data_fingerprint", "config_hash", "git_commit"):
+    run_suite = _suite(root, "auditor.run", doc)
+    props = ET.SubElement(run_suite, "properties")
+    for key in ("id", "weights_sha256", "model_sha256", "data_fingerprint", "config_hash", "git_commit"):
         ET.SubElement(props, "property", name=key, value=str(doc["run"].get(key) or ""))
+    case = ET.SubElement(run_suite, "testcase", classname="auditor.run", name="coverage", time="0")
+    if incomplete is not None:
+        text = "\n".join(i["message"] for i in incomplete)
+        ET.SubElement(case, "failure", type="incomplete",
+                      message=f"the audit is incomplete ({len(incomplete)} check(s) did not run with evidence): "
+                              f"verdict {gate['verdict']}").text = text
     waived = [r for r in diffs.records(doc) if r["waived"]]
 
     def waived_lines(keep) -> list[str]:
@@ -91,9 +102,9 @@ def build(doc: dict) -> ET.ElementTree:
     return ET.ElementTree(root)
 
 
-def write(doc: dict, path: Path) -> None:
+def write(record: RunRecord, path: Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    build(doc).write(path, encoding="utf-8", xml_declaration=True)
+    build(record).write(path, encoding="utf-8", xml_declaration=True)
 
 
 def write_error(message: str, path: Path) -> None:

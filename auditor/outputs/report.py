@@ -15,54 +15,14 @@ from urllib.parse import unquote, urlsplit
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from auditor.audit import AuditResult
 from auditor.judge.diff import pts
-from auditor.judge.evidence import severity_rank
-from auditor.outputs.write import flagged_order
 from auditor.outputs.overlay import EXEMPLAR_MM, GAP_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS, TILE_MM
+from auditor.record import ClassFindingRecord, RunRecord, severity_rank
 from auditor.registry import METHODS, RULES
 
 # Okabe-Ito colours (colour-blind safe) in the stylesheet; the verdict is always written in words too.
-VERDICT_STYLE = {"FAIL": ("fail", "✗"), "PASS WITH WARNINGS": ("warn", "!"), "PASS": ("pass", "✓")}
-
-# The glossary's second sentence per method and rule; the first is the registry's description.
-# A name missing here (a plug-in) gets the description alone.
-GLOSSARY = {
-    "deconvolution": "It shows which input patterns excite the network, but barely depends on the model's top "
-                     "layers, so read it next to a class-specific method such as Grad-CAM.",
-    "deeplift": "It compares the image with a plain baseline and shares the change in the output among the pixels; "
-                "bright pixels moved the score towards the class.",
-    "gradcam": "Its maps are coarse (the layer's resolution) but class-specific, which makes it good at showing which "
-               "region of the image the model relies on.",
-    "gradient_shap": "Averaging over many noisy baselines makes it depend less on one arbitrary reference image than "
-                     "Integrated Gradients does.",
-    "guided_backprop": "Its maps are sharp, but they often look alike whatever the model has learned, so they are a "
-                       "weak witness on their own.",
-    "guided_gradcam": "It keeps Grad-CAM's region and adds guided backpropagation's fine detail, showing which edges "
-                      "inside the region matter.",
-    "integrated_gradients": "It adds up gradients along a straight path from the baseline to the image, so the pixel "
-                            "scores sum to the change in the model's output.",
-    "kernel_shap": "It switches groups of pixels on and off, watches the model, and estimates each group's Shapley "
-                   "value; slow, but it treats the model as a black box.",
-    "lime": "It hides random sets of superpixels and fits a simple model of which ones the prediction depends on; "
-            "slow, but it treats the model as a black box.",
-    "occlusion": "Where hiding a patch lowers the score most is where the evidence is; slow, but easy to understand "
-                 "and to trust.",
-    "saliency": "It shows which pixels would change the score fastest; fast but noisy, and it can follow image edges "
-                "more than the model.",
-    "smoothgrad": "Averaging over noisy copies removes much of plain saliency's speckle, at the cost of one pass per "
-                  "copy.",
-    "corner_border": "Watermarks, scanner frames and printed tags live there; a model that looks there has probably "
-                     "learned the mark rather than the object.",
-    "corner_restore": "It asks the model directly rather than a heatmap, so it also catches a mark that works by its "
-                      "absence or its shade (a missing watermark, a swatch of the wrong grey), which heatmaps cannot show.",
-    "fixed_location": "When many images of one class are decided from the same small spot, something placed there "
-                      "(a logo, a ruler, a tag) is probably doing the work.",
-    "look_alike": "It catches a model that takes any object of the right shape (a bright blob, a rectangle) for the "
-                  "mark it learned for a class.",
-    "off_object": "It needs object masks or boxes in the data; evidence outside them means the model decides from "
-                  "the background or the context.",
-}
+VERDICT_STYLE = {"FAIL": ("fail", "✗"), "INCOMPLETE": ("fail", "?"), "PASS WITH WARNINGS": ("warn", "!"),
+                 "PASS": ("pass", "✓")}
 
 TERMS = [
     ("Heatmap", "A picture of where in an image the model's evidence for its prediction lies: bright means much "
@@ -113,53 +73,67 @@ def _confirmed(findings) -> tuple[int, int]:
     return sum(bool(f.details.get("confirmed")) for f in tested), len(tested)
 
 
-def _waiver(res: AuditResult, key: tuple) -> str:
-    w = (getattr(res, "waived", None) or {}).get(key)
-    return f"waived by {w['owner']} until {w['expires']}: {w['reason']}" if w else ""
+def _waiver(f) -> str:
+    w = f.waived
+    return f"waived by {w.owner} until {w.expires}: {w.reason}" if w else ""
 
 
-def _trusted(res: AuditResult) -> list[str]:
-    return [m for m in res.evidence.heatmaps if res.evidence.reliable.get(m, True)]
+def _trusted(rec: RunRecord) -> list[str]:
+    """The methods whose heatmaps the checks used (they ran, and passed the trust gate or were not tested)."""
+    return [m for m, c in rec.coverage.methods.items() if c.state == "ran"]
+
+
+def _is_class(f) -> bool:
+    return isinstance(f, ClassFindingRecord)
 
 
 # --- 1. verdict ---------------------------------------------------------------------------
 
-def verdict(res: AuditResult, diff: dict | None = None) -> tuple[str, list[str]]:
+def verdict(rec: RunRecord) -> tuple[str, list[str]]:
     """The verdict word and three to six plain sentences: checked, found, counts, meaning, what to do."""
-    m, g = res.metrics, res.gate
-    flagged = len(flagged_order(res.findings))
-    everything = [*res.class_findings, *res.findings]
-    word = "FAIL" if not g["passed"] else ("PASS WITH WARNINGS" if everything or res.errors else "PASS")
-    rules = list(res.run["rules"])
-    trusted = _trusted(res)
+    m, g, diff = rec.metrics, rec.gate, rec.diff
+    flagged = len(rec.flagged())
+    everything = rec.every_finding()
+    word = g.verdict if g.verdict != "PASS" else ("PASS WITH WARNINGS" if everything else "PASS")
+    rules = list(rec.run["rules"])
+    trusted = _trusted(rec)
     how = (f"explanation {'method' if len(trusted) == 1 else 'methods'} ({_list(trusted)}) showed where its evidence "
            f"lies" if trusted else "no explanation method could show where its evidence lies")
-    lines = [f"We checked how the model decides on {_plural(m['images'], 'image')}: {how}, and "
+    lines = [f"We checked how the model decides on {_plural(m.images, 'image')}: {how}, and "
              f"{_plural(len(rules), 'check')} looked for shortcuts, such as a watermark or a shape that merely "
-             f"resembles the class. It classified {m['accuracy']:.0%} of the images correctly."]
+             f"resembles the class. It classified {m.accuracy:.0%} of the images correctly."]
     if everything:
-        worst = max(everything, key=lambda f: (severity_rank(f.severity), hasattr(f, "cls")))  # class on ties
-        lines.append(f"The most serious finding ({worst.severity}): {_headline(res, worst)}")
+        worst = max(everything, key=lambda f: (severity_rank(f.severity), _is_class(f)))  # class on ties
+        lines.append(f"The most serious finding ({worst.severity}): {_headline(rec, worst)}")
     confirmed, tested = _confirmed(everything)
-    errored = {e["rule"] for e in res.errors}
-    quiet = [r for r in rules if r not in errored and not any(f.rule == r for f in everything)]
-    counts = ((f"All {_plural(len(rules), 'check')} found nothing" if len(quiet) == len(rules) else
-               f"{len(quiet)} of {_plural(len(rules), 'check')} found nothing") if not everything else
-              f"{len(quiet)} of {_plural(len(rules), 'check')} found nothing; "
-              f"{_plural(len(res.class_findings), 'class-level finding')} and "
+    ran = [r for r in rules if rec.coverage.rules.get(r) and rec.coverage.rules[r].state == "ran"]
+    quiet = [r for r in ran if not any(f.rule == r for f in everything)]
+    not_run = len(rules) - len(ran)
+    counts = ((f"All {_plural(len(rules), 'check')} ran and found nothing" if len(quiet) == len(rules) else
+               f"{len(quiet)} of {_plural(len(rules), 'check')} ran and found nothing") if not everything else
+              f"{len(quiet)} of {_plural(len(rules), 'check')} ran and found nothing; "
+              f"{_plural(len(rec.class_findings), 'class-level finding')} and "
               f"{_plural(flagged, 'flagged misclassified image')} came from the others")
+    if not_run:
+        counts += f"; {not_run} did not run (see the table below)"
     if tested:
         counts += f", and intervention confirmed {confirmed} of the {_plural(tested, 'finding')} it could test"
-    if g.get("waived"):
-        counts += f"; {g['waived']} {'is' if g['waived'] == 1 else 'are'} waived"
+    if g.waived:
+        counts += f"; {g.waived} {'is' if g.waived == 1 else 'are'} waived"
     if diff:
         counts += (f"; since the previous audit {len(diff.get('new') or [])} new, "
                    f"{len(diff.get('resolved') or [])} resolved")
     lines.append(counts + ".")
-    failed = [c for c in g.get("conditions", []) if not c["passed"]]
-    if word == "FAIL":
-        names = {c["name"] for c in failed} or {"severity"}
-        why = "; ".join(c["message"] for c in failed) or f"a finding reaches '{g.get('worst')}'"
+    failed = [c for c in g.conditions if not c["passed"]]
+    gaps = rec.coverage.gaps()
+    if word == "INCOMPLETE":
+        lines.append(f"The audit could not examine everything it was asked to ({'; '.join(gaps)}), so it cannot "
+                     f"say the model passed. Fix what kept these checks from running and audit again; until "
+                     f"then, treat the model as not reviewed.")
+    elif word == "FAIL":
+        names = {c["name"] for c in failed if c["name"] != "incomplete"} or {"severity"}
+        why = "; ".join(c["message"] for c in failed if c["name"] != "incomplete") or \
+            f"a finding reaches '{g.worst}'"
         meaning = []
         if names & {"severity", "new_findings"}:
             meaning.append("the model probably relies on a shortcut and may fail on data where the cue is missing "
@@ -181,21 +155,19 @@ def verdict(res: AuditResult, diff: dict | None = None) -> tuple[str, list[str]]
         lines.append("No check found a shortcut. This does not prove there is none, only that these checks, with "
                      "these methods, found nothing; keep this report with the release record.")
     caveats = []
-    if res.errors:
-        caveats.append(f"{_plural(len(res.errors), 'check')} could not run")
-    if not res.cfg.trust.enabled:
+    if word == "FAIL" and gaps:
+        caveats.append(f"besides, the audit is incomplete ({'; '.join(gaps)})")
+    if rec.coverage.trust is not None and rec.coverage.trust.state == "off":
         caveats.append("the trust gate was switched off, so no explanation method was tested before use")
-    elif res.evidence.heatmaps and not trusted:
-        caveats.append("no explanation method passed the trust gate, so the checks had no evidence to work with")
     if caveats:
-        lines.append(f"Caution: {' and '.join(caveats)}; the audit is incomplete (see sections 5 and 7).")
+        lines.append(f"Caution: {' and '.join(caveats)} (see sections 5 and 7).")
     return word, lines
 
 
-def gate_rows(res: AuditResult) -> list[dict]:
+def gate_rows(rec: RunRecord) -> list[dict]:
     """The release gate's conditions (report.fail_on), each with its outcome in words."""
     rows = []
-    for c in res.gate.get("conditions", []):
+    for c in rec.gate.conditions:
         state, css = ("not checked", "skip") if c.get("skipped") else (("passed", "pass") if c["passed"]
                                                                        else ("failed", "fail"))
         rows.append({"name": c["name"].replace("_", " "), "threshold": str(c["threshold"]), "state": state,
@@ -203,16 +175,16 @@ def gate_rows(res: AuditResult) -> list[dict]:
     return rows
 
 
-def _headline(res: AuditResult, f) -> str:
+def _headline(rec: RunRecord, f) -> str:
     """One sentence on a finding: where the evidence is, and what the intervention showed."""
     where = f.details.get("region")
-    if hasattr(f, "cls"):
+    if _is_class(f):
         head = (f"when the model says '{f.cls}', its evidence concentrates in the {where}" if where
                 else f.message.split(". ")[0].rstrip("."))
     else:
-        row = res.evidence.samples.loc[f.sample]
-        head = (f"image {row['path']} (a '{res.classes[row['label']]}' taken for "
-                f"'{res.classes[row['prediction']]}') has its evidence in the {where or 'flagged region'}")
+        s = next(s for s in rec.samples if any(g is f for g in s.findings))
+        head = (f"image {s.path} (a '{s.label}' taken for '{s.prediction}') has its evidence in the "
+                f"{where or 'flagged region'}")
     e = f.details.get("intervention")
     if e is None:
         return head + "."
@@ -224,27 +196,32 @@ def _headline(res: AuditResult, f) -> str:
     return head + "; the intervention test did not confirm it."
 
 
-def checks_table(res: AuditResult) -> list[dict]:
-    """Per check (rule): what it looks for and what came of it."""
+def checks_table(rec: RunRecord) -> list[dict]:
+    """Per check (rule): what it looks for and what came of it; one that did not run says why."""
     rows = []
-    errors = {e["rule"]: e["error"] for e in res.errors}
-    everything = [*res.class_findings, *res.findings]
-    for name in res.run["rules"]:
+    everything = rec.every_finding()
+    for name in rec.run["rules"]:
         mine = [f for f in everything if f.rule == name]
-        if name in errors:
-            result, css = f"could not run: {errors[name]}", "error"
+        check = rec.coverage.rules.get(name)
+        if check is None:
+            result, css = "not recorded (a run from before coverage was recorded)", "skip"
+        elif check.state == "error":
+            result, css = check.words, "error"
+        elif check.state != "ran":
+            result, css = check.words, "error" if check.state == "no_evidence" or check.required else "skip"
         elif not mine:
-            result, css = "passed: nothing found", "pass"
+            result, css = f"nothing found ({check.words})", "pass"
         else:
             worst = max((f.severity for f in mine), key=severity_rank)
-            n_cls = sum(hasattr(f, "cls") for f in mine)
+            n_cls = sum(_is_class(f) for f in mine)
             parts = ([_plural(n_cls, "class-level finding")] if n_cls else []) + \
                     ([_plural(len(mine) - n_cls, "image finding")] if len(mine) > n_cls else [])
             confirmed, tested = _confirmed(mine)
             result = f"{' and '.join(parts)}, worst {worst}"
             result += f"; {confirmed} of {tested} confirmed" if tested else ""
             css = "fail" if severity_rank(worst) >= severity_rank("high") else "warn"
-        rows.append({"name": name, "looks_for": _description(RULES, name), "result": result, "css": css})
+        rows.append({"name": _title(RULES, name), "looks_for": _description(RULES, name), "result": result,
+                     "css": css})
     return rows
 
 
@@ -252,26 +229,31 @@ def _description(registry, name: str) -> str:
     return registry.get(name).description if name in registry else ""
 
 
+def _title(registry, name: str) -> str:
+    """'Mark in a corner or along an edge (corner_border)': the plain name, and the one in the config."""
+    return f"{registry.get(name).title} ({name})" if name in registry else name
+
+
 # --- 2. key numbers -------------------------------------------------------------------------
 
-def key_numbers(res: AuditResult) -> tuple[list[tuple], list[dict]]:
-    m = res.metrics
-    lo, hi = wilson(m["images"] - m["misclassified"], m["images"])
-    confirmed, tested = _confirmed([*res.class_findings, *res.findings])
-    numbers = [("Accuracy", f"{m['accuracy']:.1%}", f"95% CI {lo:.1%} to {hi:.1%}"),
-               ("Images audited", m["images"], f"{len(res.skipped)} skipped"),
-               ("Misclassified", m["misclassified"], f"{m['explained']} explained"),
-               ("Images flagged", len(flagged_order(res.findings)), "misclassified, suspicious evidence"),
-               ("Class-level findings", len(res.class_findings), "how a whole class is decided"),
+def key_numbers(rec: RunRecord) -> tuple[list[tuple], list[dict]]:
+    m = rec.metrics
+    lo, hi = wilson(m.images - m.misclassified, m.images)
+    confirmed, tested = _confirmed(rec.every_finding())
+    flagged = rec.flagged()
+    numbers = [("Accuracy", f"{m.accuracy:.1%}", f"95% CI {lo:.1%} to {hi:.1%}"),
+               ("Images audited", m.images, f"{len(rec.skipped)} skipped"),
+               ("Misclassified", m.misclassified, f"{m.explained} explained"),
+               ("Images flagged", len(flagged), "misclassified, suspicious evidence"),
+               ("Class-level findings", len(rec.class_findings), "how a whole class is decided"),
                ("Confirmed by intervention", confirmed, f"of {_plural(tested, 'finding')} tested")]
     flagged_pred: dict[str, int] = {}
-    for i in flagged_order(res.findings):
-        c = res.classes[res.evidence.samples.at[i, "prediction"]]
-        flagged_pred[c] = flagged_pred.get(c, 0) + 1
+    for s in flagged:
+        flagged_pred[s.prediction] = flagged_pred.get(s.prediction, 0) + 1
     per_class = [{"class": r["class"], "support": int(r["support"]), "precision": _pct(r["precision"]),
                   "recall": _pct(r["recall"]), "flagged": flagged_pred.get(r["class"], 0),
-                  "findings": sum(f.cls == r["class"] for f in res.class_findings)}
-                 for r in m["per_class"].to_dict("records")]
+                  "findings": sum(f.cls == r["class"] for f in rec.class_findings)}
+                 for r in m.per_class]
     return numbers, per_class
 
 
@@ -302,19 +284,18 @@ def _intervention_rows(f, cls: str) -> list[tuple[str, str]]:
     return rows
 
 
-def class_findings(res: AuditResult, pictures: dict) -> list[dict]:
+def class_findings(rec: RunRecord, pictures: dict) -> list[dict]:
     out = []
-    samples = res.evidence.samples
-    for n, f in enumerate(res.class_findings):
+    samples = rec.by_id()
+    for n, f in enumerate(rec.class_findings):
         pic = pictures["classes"].get(n, {})
-        exemplars = [{"file": e["file"], "path": samples.at[e["sample"], "path"],
-                      "caption": f"{samples.at[e['sample'], 'path']} (labelled "
-                                 f"{res.classes[samples.at[e['sample'], 'label']]})"}
+        exemplars = [{"file": e["file"], "path": samples[e["sample"]].path,
+                      "caption": f"{samples[e['sample']].path} (labelled {samples[e['sample']].label})"}
                      for e in pic.get("exemplars", [])]
         how = ("the images the rule grouped together" if f.details.get("exemplars")
                else "the class's images with the most evidence in the region")
-        out.append({"class": f.cls, "rule": f.rule, "severity": f.severity, "message": f.message,
-                    "waived": _waiver(res, ("class", f.cls, f.rule)),
+        out.append({"class": f.cls, "rule": _title(RULES, f.rule), "severity": f.severity, "message": f.message,
+                    "waived": _waiver(f),
                     "confirmed": f.details.get("confirmed"), "method": f.method or "",
                     "share": _pct(f.share), "agree": _list(f.details["methods_agreeing"])
                     if f.details.get("methods_agreeing") else "",
@@ -329,16 +310,12 @@ def class_findings(res: AuditResult, pictures: dict) -> list[dict]:
 
 # --- 4. gallery -----------------------------------------------------------------------------
 
-def _effects(res: AuditResult, f) -> list[str]:
-    """A sample finding's effect sizes, in short phrases (the sentence says the same in words)."""
-    d, out = f.details, []
-    if "lift" in d:
-        out.append(f"evidence {d['lift']:.0f}× denser in the region than on average")
-    if "distance" in d:
-        out.append(f"shape distance {d['distance']:.2f}")
-    if "on_object" in d:
-        out.append(f"on the object {d['on_object']:.0%} of the evidence (object: {d.get('object_area', 0):.0%} "
-                   f"of the image)")
+def _effects(f) -> list[str]:
+    """A sample finding's effect sizes, in short phrases (the sentence says the same in words): the
+    rule's own (its registry entry formats them), then the intervention's."""
+    d = f.details
+    entry = RULES.get(f.rule) if f.rule in RULES else None
+    out = list(entry.effects(d)) if entry and entry.effects else []
     e = d.get("intervention")
     if e and e.get("removed_from"):
         out.append(f"hiding: decision {'changed' if e['decision_changed'] else 'kept'}, confidence "
@@ -381,35 +358,31 @@ def _captions(methods: list, trusted: set) -> str:
     return "\t".join(names) + ("\n" + "\t".join(under).rstrip("\t") if any(under) else "")
 
 
-def gallery(res: AuditResult, pictures: dict) -> tuple[list[dict], list[dict]]:
+def gallery(rec: RunRecord, pictures: dict) -> tuple[list[dict], list[dict]]:
     """Flagged images worst first: those with pictures as cards, the rest as table rows."""
-    samples, c = res.evidence.samples, res.classes
-    trusted = set(_trusted(res))
-    by_sample: dict[int, list] = {}
-    for f in res.findings:
-        by_sample.setdefault(f.sample, []).append(f)
+    trusted = set(_trusted(rec))
     cards, rest = [], []
-    for i in flagged_order(res.findings):
-        row, mine = samples.loc[i], by_sample[i]
-        worst = max((f.severity for f in mine), key=severity_rank)
-        item = {"path": row["path"], "label": c[row["label"]], "prediction": c[row["prediction"]],
-                "confidence": f"{row['confidence']:.0%}", "severity": worst,
-                "confirmed": any(f.details.get("confirmed") for f in mine),
-                "waived": all(_waiver(res, ("sample", i, f.rule)) for f in mine),
+    for s in rec.flagged():
+        mine = sorted(s.findings, key=lambda f: (-severity_rank(f.severity), -f.score))
+        worst = s.worst
+        item = {"path": s.path, "label": s.label, "prediction": s.prediction,
+                "confidence": f"{s.confidence:.0%}", "severity": worst,
+                "confirmed": any(f.confirmed for f in mine),
+                "waived": all(f.waived for f in mine),
                 "rules": ", ".join(dict.fromkeys(f.rule for f in mine))}
-        pic = pictures["samples"].get(i)
+        pic = pictures["samples"].get(s.id)
         if pic is None:
             rest.append(item)
             continue
         item["badge"] = " · ".join([worst] + (["confirmed"] if item["confirmed"] else []))
         item["rows"] = [{"file": r["file"], "n": len(r["methods"]), "captions": _captions(r["methods"], trusted),
-                         "alt": f"{row['path']}, left to right: " + ", ".join(
+                         "alt": f"{s.path}, left to right: " + ", ".join(
                              "the image as given" if m is None else
                              f"{m} explanation{'' if m in trusted else ' (not trusted)'}" for m in r["methods"])
                                 + ("; flagged region boxed" if r.get("boxed") and any(r["methods"]) else "")}
                         for r in pic["rows"]]
-        item["findings"] = [{"severity": f.severity, "rule": f.rule, "method": f.method or "", "message": f.message,
-                             "effects": _effects(res, f), "waived": _waiver(res, ("sample", i, f.rule))}
+        item["findings"] = [{"severity": f.severity, "rule": _title(RULES, f.rule), "method": f.method or "",
+                             "message": f.message, "effects": _effects(f), "waived": _waiver(f)}
                             for f in mine]
         cards.append(item)
     return cards, rest
@@ -432,14 +405,14 @@ def rest_groups(rest: list[dict]) -> list[dict]:
     return [g | {"count": len(g["paths"]), "paths": ", ".join(g["paths"])} for g in rows]
 
 
-def sheets(res: AuditResult, pictures: dict) -> tuple[list[dict], int]:
+def sheets(rec: RunRecord, pictures: dict) -> tuple[list[dict], int]:
     """The further flagged images' pictures, each with its tiles' numbers and file names; and
     how many images they show."""
-    paths, out, last = res.evidence.samples["path"], [], 0
+    paths, out, last = {s.id: s.path for s in rec.samples}, [], 0
     for sh in pictures.get("sheets", []):
         methods = {t["method"] for t in sh["tiles"]}
         one = len(methods) == 1  # then the method is named once, not after every file
-        names = [f"{sh['first'] + k} {paths.at[t['sample']]}" + (f" ({t['method']})" if t["method"] and not one else "")
+        names = [f"{sh['first'] + k} {paths[t['sample']]}" + (f" ({t['method']})" if t["method"] and not one else "")
                  for k, t in enumerate(sh["tiles"])]
         head = f"All with {methods.pop()}: " if one and None not in methods else ""
         last = sh["first"] + len(sh["tiles"]) - 1
@@ -451,14 +424,13 @@ def sheets(res: AuditResult, pictures: dict) -> tuple[list[dict], int]:
 
 # --- 5. method reliability ------------------------------------------------------------------
 
-def reliability(res: AuditResult) -> dict:
-    trust, spec = res.run.get("trust") or {}, res.cfg.trust
-    disabled = res.run.get("methods_disabled") or {}
+def reliability(rec: RunRecord) -> dict:
+    trust, spec = rec.run.get("trust") or {}, _Spec(rec.config.get("trust") or {})
     rows = []
-    for name in res.run["methods"]:
-        t = trust.get(name)
-        if name in disabled:
-            status, css, text = "could not run", "fail", f"It failed while explaining: {disabled[name]}."
+    for name in rec.run["methods"]:
+        t, check = trust.get(name), rec.coverage.methods.get(name)
+        if check is not None and check.state in ("error", "not_applicable", "no_evidence"):
+            status, css, text = "could not run", "fail", f"It {check.words}."
         elif t is None:
             status, css, text = "not tested", "warn", ("The trust gate was switched off, so its heatmaps were used "
                                                       "without being tested." if not spec.enabled else
@@ -477,7 +449,7 @@ def reliability(res: AuditResult) -> dict:
             reason = t.get("reason") or "no reason given"
             text = (f"It failed the trust gate: {reason}. The checks ignored its heatmaps; the gallery shows them "
                     f"for comparison only.")
-        rows.append({"name": name, "status": status, "css": css, "text": text,
+        rows.append({"name": _title(METHODS, name), "status": status, "css": css, "text": text,
                      "description": _description(METHODS, name)})
     n_ok = sum(r["status"] == "trusted" for r in rows)
     if not spec.enabled:
@@ -549,18 +521,19 @@ def changes(diff: dict | None) -> dict:
 
 # --- 7. appendix ----------------------------------------------------------------------------
 
-def glossary(res: AuditResult) -> list[dict]:
-    used = set(res.run["methods"]) | set(res.run["rules"])
-    return ([{"name": e.name, "kind": "explanation method", "used": e.name in used,
-              "text": " ".join(filter(None, [e.description, GLOSSARY.get(e.name)]))} for e in METHODS] +
-            [{"name": e.name, "kind": "check", "used": e.name in used,
-              "text": " ".join(filter(None, [e.description, GLOSSARY.get(e.name)]))} for e in RULES])
+def glossary(rec: RunRecord) -> list[dict]:
+    used = set(rec.run["methods"]) | set(rec.run["rules"])
+    return ([{"name": _title(METHODS, e.name), "kind": "explanation method", "used": e.name in used,
+              "text": " ".join(filter(None, [e.description, e.glossary]))} for e in METHODS] +
+            [{"name": _title(RULES, e.name), "kind": "check", "used": e.name in used,
+              "text": " ".join(filter(None, [e.description, e.glossary]))} for e in RULES])
 
 
-def provenance(res: AuditResult, doc: dict) -> list[tuple[str, str]]:
-    run = doc["run"]
+def provenance(rec: RunRecord) -> list[tuple[str, str]]:
+    run = rec.run
     rows = [("Run id", run["id"]), ("Started (UTC)", run["started"]), ("Finished (UTC)", run["finished"]),
-            ("Config file", run["config_file"]), ("Weights sha256", run["weights_sha256"] or "none"),
+            ("Config file", run["config_file"]), ("Weights file sha256", run["weights_sha256"] or "none"),
+            ("Model state sha256", run.get("model_sha256") or "(not recorded)"),
             ("Data fingerprint (sha256)", run["data_fingerprint"]), ("Device", run["device"]),
             ("Seed", run["seed"]), ("Config sha256", run.get("config_hash") or "(not recorded)"),
             ("Git commit", run.get("git_commit") or "(not in a git work tree)"),
@@ -568,9 +541,9 @@ def provenance(res: AuditResult, doc: dict) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows + [(f"{k} version", v) for k, v in run["versions"].items()]]
 
 
-def review(cfg) -> list[tuple[str, str]]:
+def review(config: dict) -> list[tuple[str, str]]:
     """The sign-off fields, filled from ``report.reviewer`` where the config gives it, else blank lines."""
-    r = getattr(cfg.report, "reviewer", None)
+    r = (config.get("report") or {}).get("reviewer")
     get = (lambda k: r.get(k)) if isinstance(r, dict) else (lambda k: getattr(r, k, None))  # noqa: E731
     name = r if isinstance(r, str) else get("name")
     role, decision, date, note = (None,) * 4 if isinstance(r, str) else (get("role"), get("decision"),
@@ -580,14 +553,22 @@ def review(cfg) -> list[tuple[str, str]]:
             ("Date", str(date) if date else ""), ("Note", str(note) if note else ""), ("Signature", "")]
 
 
-def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = None) -> dict:
-    cfg, run = res.cfg, doc["run"]
-    word, lines = verdict(res, diff)
-    numbers, per_class = key_numbers(res)
-    cards, rest = gallery(res, pictures)
+class _Spec(dict):
+    """A config section as the record holds it (a dict), read by attribute with the config's defaults."""
+
+    def __getattr__(self, key):
+        from auditor.inputs.config import TrustSpec
+        return self[key] if key in self else getattr(TrustSpec(), key)
+
+
+def context(rec: RunRecord, pictures: dict) -> dict:
+    cfg, run = rec.config, rec.run
+    word, lines = verdict(rec)
+    numbers, per_class = key_numbers(rec)
+    cards, rest = gallery(rec, pictures)
     flagged = len(cards) + len(rest)
-    limit = cfg.report.gallery_limit
-    small, n_small = sheets(res, pictures)
+    limit = (cfg.get("report") or {}).get("gallery_limit")
+    small, n_small = sheets(rec, pictures)
     gallery_note = ("" if not rest else
                     f"The {len(cards)} most severe of the {flagged} flagged images are shown with pictures "
                     f"(report.gallery_limit: {limit}); the other {len(rest)} are listed by group in the table "
@@ -597,24 +578,26 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
     sheets_note = ("Worst first, numbered from 1: each picture is the image with the explanation of its worst "
                    "finding's method laid over it and the flagged region boxed. Under each block of pictures, "
                    "the numbers with their file names and that method (named once when all share it).")
-    weights = cfg.model.weights
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    weights, state = model.get("weights"), run.get("model_sha256")
     return {
-        "title": f"Model audit: {cfg.model.factory}", "run_id": run["id"], "date": run["started"][:10],
-        "started": run["started"].replace("T", " "), "model": cfg.model.factory,
-        "data": str(cfg.data.root or cfg.data.manifest), "classes": ", ".join(res.classes),
+        "title": f"Model audit: {model.get('factory')}", "run_id": run["id"], "date": run["started"][:10],
+        "started": run["started"].replace("T", " "), "model": model.get("factory"),
+        "data": str(data.get("root") or data.get("manifest")), "classes": ", ".join(rec.classes),
         "verdict": word, "verdict_class": VERDICT_STYLE[word][0], "verdict_symbol": VERDICT_STYLE[word][1],
-        "verdict_lines": lines, "checks": checks_table(res), "gate": gate_rows(res),
-        "weights": f"{Path(weights).name} (sha256 {str(run['weights_sha256'])[:12]}…)" if weights else "none given",
+        "verdict_lines": lines, "checks": checks_table(rec), "gate": gate_rows(rec),
+        "weights": (f"{Path(weights).name} (sha256 {str(run['weights_sha256'])[:12]}…)" if weights else
+                    f"loaded by the factory (model state sha256 {state[:12]}…)" if state else "none given"),
         "numbers": numbers, "per_class": per_class,
-        "class_findings": class_findings(res, pictures),
+        "class_findings": class_findings(rec, pictures),
         "gallery": cards, "rest": rest_groups(rest), "gallery_note": gallery_note,
         "sheets": small, "sheets_note": sheets_note,
-        "reliability": reliability(res), "changes": changes(diff),
-        "skipped": [{"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))} for s in res.skipped],
-        "warnings": [str(w) for w in res.warnings],
-        "errors": [f"check {e['rule']} failed: {e['error']}" for e in res.errors],
-        "config": yaml.safe_dump(run["config"], sort_keys=False), "provenance": provenance(res, doc),
-        "glossary": glossary(res), "terms": TERMS,
+        "reliability": reliability(rec), "changes": changes(rec.diff),
+        "skipped": [{"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))} for s in rec.skipped],
+        "warnings": [str(w) for w in rec.warnings],
+        "errors": [f"check {e['rule']} failed: {e['error']}" for e in rec.errors],
+        "config": yaml.safe_dump(run["config"], sort_keys=False), "provenance": provenance(rec),
+        "glossary": glossary(rec), "terms": TERMS,
         "review": review(cfg),
         "legend": pictures.get("legend", "images/legend.png"),
         "sizes": {"panel": PANEL_MM, "gap": GAP_MM, "per_row": PANELS_PER_ROW, "exemplar": EXEMPLAR_MM,
@@ -622,10 +605,11 @@ def context(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = Non
     }
 
 
-def render_html(res: AuditResult, doc: dict, pictures: dict, diff: dict | None = None) -> str:
-    """report.html: CSS inline, pictures beside it in images/, no script, no remote resource."""
+def render_html(rec: RunRecord, pictures: dict) -> str:
+    """report.html from the record and the pictures: CSS inline, pictures beside it in images/, no
+    script, no remote resource."""
     css = (Path(str(files("auditor.templates"))) / "report.css").read_text()
-    return _env().get_template("report.html.j2").render(css=css, **context(res, doc, pictures, diff))
+    return _env().get_template("report.html.j2").render(css=css, **context(rec, pictures))
 
 
 def allowed_url(url: str, root: Path) -> bool:

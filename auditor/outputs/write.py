@@ -11,19 +11,24 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from auditor.audit import AuditResult
-from auditor.inputs.data import read_image
-from auditor.judge.diff import document
-from auditor.judge.evidence import severity_rank
 from auditor.explain.heatmap import normalise, region_mask, region_mass
-from auditor.outputs.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS, TILE_PX,
-                             draw_boxes, heat_only, legend, overlay, save_picture, sheet, strip, thumbnail)
+from auditor.inputs.config import ConfigError
+from auditor.inputs.data import read_image
+from auditor.outputs.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS,
+                                     TILE_PX, draw_boxes, heat_only, legend, overlay, save_picture, sheet, strip,
+                                     thumbnail)
+from auditor.record import RunRecord, severity_rank
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from auditor.audit import AuditResult
+    from auditor.judge.evidence import Evidence
+
+PICTURES = "images/pictures.json"  # what each picture shows: the report is rendered from it and the record
 
 
 def claim_run_folder(started: str, out: Path) -> tuple[str, Path]:
@@ -41,44 +46,23 @@ def claim_run_folder(started: str, out: Path) -> tuple[str, Path]:
     raise RuntimeError(f"{out}: no free run id for {stamp}")
 
 
-def findings_document(res: AuditResult, rid: str, finished: str) -> dict:
-    """findings.json: the run's record (``diff.document``) with its id, finish time, gate and comparison."""
-    body = res.record if res.record is not None else document(res)  # settle() built it already
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run": {"id": rid, **res.run, "finished": finished},
-        "gate": res.gate,
-        "metrics": body["metrics"],
-        "samples": body["samples"],
-        "class_findings": body["class_findings"],
-        "changes": None if res.diff is None else {"baseline_run": res.diff["baseline_run"], **res.diff["counts"]},
-        "skipped": res.skipped,
-        "warnings": res.warnings,
-        "errors": res.errors,
-    }
-
-
-def samples_table(doc: dict) -> pd.DataFrame:
+def samples_table(record: RunRecord) -> pd.DataFrame:
+    """samples.csv: one row per image; text from the data cannot start a spreadsheet formula."""
+    from auditor.outputs.text import csv_cell
     rows = []
-    for s in doc["samples"]:
-        worst = max((f["severity"] for f in s["findings"]), key=severity_rank, default="")
-        rows.append({k: s[k] for k in ("path", "label", "prediction", "confidence", "correct", "explained")}
-                    | {"findings": len(s["findings"]), "worst_severity": worst,
-                       "rules": ";".join(sorted({f["rule"] for f in s["findings"]})),
-                       "messages": " | ".join(f["message"] for f in s["findings"])})
-    for s in doc["skipped"]:
+    for s in record.samples:
+        rows.append({"path": s.path, "label": s.label, "prediction": s.prediction, "confidence": s.confidence,
+                     "correct": s.correct, "explained": s.explained, "findings": len(s.findings),
+                     "worst_severity": s.worst or "", "rules": ";".join(sorted({f.rule for f in s.findings})),
+                     "messages": " | ".join(f.message for f in s.findings)})
+    for s in record.skipped:
         rows.append({"path": s["path"], "label": "", "prediction": "", "confidence": None, "correct": None,
                      "explained": False, "findings": 0, "worst_severity": "", "rules": "",
                      "messages": f"skipped: {s['reason']}"})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).map(csv_cell) if rows else pd.DataFrame(rows)
 
 
-def flagged_order(findings) -> list[int]:
-    """Flagged sample ids, worst first (findings come sorted by severity, then score)."""
-    return list(dict.fromkeys(f.sample for f in findings))
-
-
-def class_exemplars(ev, f, ids: list[int], maps: np.ndarray, k: int = 6) -> list[int]:
+def class_exemplars(ev: Evidence, f, ids: list[int], maps: np.ndarray, k: int = 6) -> list[int]:
     """A class finding's example images: the rule's own (``details["exemplars"]``) where it names
     them, else the class's explained images with the most evidence inside the finding's region."""
     own = [int(i) for i in f.details.get("exemplars", []) if int(i) in ev.samples.index]
@@ -88,52 +72,47 @@ def class_exemplars(ev, f, ids: list[int], maps: np.ndarray, k: int = 6) -> list
     return [ids[j] for j in np.argsort(-mass, kind="stable")[:k]]
 
 
-def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int = 0) -> dict:
+def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, thumbnails: int = 0) -> dict:
     """Pictures the report shows, in ``folder/images``: per flagged image (worst first, at most
     ``limit``) the original and one overlay per method with the flagged regions boxed, side by side
-    in one picture per row of at most ``PANELS_PER_ROW`` panels (``samples``: per image its
+    in one picture per row of at most ``PANELS_PER_ROW`` panels (``samples``: per image id its
     ``rows``: file, the method of each panel, None for the original, and whether a region is
     boxed); the next ``thumbnails`` flagged images as numbered tiles, many to a picture
-    (``sheets``: file, first number, and per tile its sample and method); per class finding the
-    class's mean heatmap and up to six example overlays. Pixel sizes fit the printed size at about
-    150 dpi (see ``auditor.outputs.overlay``). Returns the file names, relative to ``folder``."""
+    (``sheets``: file, first number, and per tile its sample and method); per class finding (by
+    position) the class's mean heatmap and up to six example overlays. Pixel sizes fit the printed
+    size at about 150 dpi (see ``auditor.outputs.overlay``). Returns the file names, relative to
+    ``folder``, and writes them to ``PICTURES`` too, so the report can be rendered again."""
     images = folder / "images"
     images.mkdir()
     legend().save(images / "legend.png")
-    ev = res.evidence
     rel = lambda path: f"images/{path.name}"  # noqa: E731
     pictures = {"legend": "images/legend.png", "samples": {}, "classes": {}, "sheets": []}
-    bboxes: dict[int, list] = {}
-    worst_method: dict[int, str | None] = {}  # findings come worst first
-    for f in res.findings:
-        if f.bbox:
-            bboxes.setdefault(f.sample, []).append(f.bbox)
-        worst_method.setdefault(f.sample, f.method)
+    flagged = record.flagged()
 
-    def picture_of(i: int, side: int):
+    def picture_of(s, side: int):
         """(thumbnail, boxes as fractions, the methods with a heatmap of it), or None when the
         file cannot be read now."""
         try:
-            base = thumbnail(read_image(ev.refs[i].path), side)
+            base = thumbnail(read_image(ev.refs[s.id].path), side)
         except (OSError, ValueError):
             return None  # unreadable now: the report lists it in the table instead
-        w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
-        boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for b in bboxes.get(i, [])))
-        return base, boxes, [m for m in ev.heatmaps if i in ev.heatmaps[m]]
+        w, h = s.size
+        boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for f in s.findings
+                                   if (b := f.bbox)))
+        return base, boxes, [m for m in ev.heatmaps if s.id in ev.heatmaps[m]]
 
-    order = flagged_order(res.findings)
-    for n, i in enumerate(order[:limit]):
-        if (got := picture_of(i, PANEL_PX)) is None:
+    for n, s in enumerate(flagged[:limit]):
+        if (got := picture_of(s, PANEL_PX)) is None:
             continue
         base, boxes, have = got
         methods = [None, *have]
-        panels = [base] + [overlay(base, ev.heatmaps[m][i], boxes) for m in methods[1:]]
+        panels = [base] + [overlay(base, ev.heatmaps[m][s.id], boxes) for m in methods[1:]]
         rows = []
         for r in range(0, len(panels), PANELS_PER_ROW):  # one picture per row of panels
             pic = strip(panels[r:r + PANELS_PER_ROW])
             rows.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{r // PANELS_PER_ROW}")),
                          "methods": methods[r:r + PANELS_PER_ROW], "boxed": bool(boxes)})
-        pictures["samples"][i] = {"rows": rows}
+        pictures["samples"][s.id] = {"rows": rows}
     tiles: list = []  # (image, sample, method); one sheet's worth at a time
 
     def save_sheet() -> None:
@@ -143,22 +122,24 @@ def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int =
                                    "first": first, "tiles": [{"sample": i, "method": m} for _, i, m in tiles]})
         tiles.clear()
 
-    for i in order[limit:limit + thumbnails]:
-        if (got := picture_of(i, TILE_PX)) is None:
+    for s in flagged[limit:limit + thumbnails]:
+        if (got := picture_of(s, TILE_PX)) is None:
             continue
         base, boxes, have = got
-        m = worst_method[i] if worst_method[i] in have else next(iter(have), None)
-        tiles.append((overlay(base, ev.heatmaps[m][i], boxes) if m else draw_boxes(base, boxes), i, m))
+        worst = max(s.findings, key=lambda f: (severity_rank(f.severity), f.score)).method
+        m = worst if worst in have else next(iter(have), None)
+        tiles.append((overlay(base, ev.heatmaps[m][s.id], boxes) if m else draw_boxes(base, boxes), s.id, m))
         if len(tiles) == SHEET_COLUMNS * SHEET_ROWS:
             save_sheet()
     if tiles:
         save_sheet()
     explained: dict[str, tuple] = {}  # each method's maps read from the cache once, not per finding
-    for n, f in enumerate(res.class_findings):
+    classes = record.classes
+    for n, f in enumerate(record.class_findings):
         method = f.method if f.method in ev.heatmaps else next(iter(ev.heatmaps), None)
-        if method is None or f.cls not in res.classes:
+        if method is None or f.cls not in classes:
             continue
-        cls = res.classes.index(f.cls)
+        cls = classes.index(f.cls)
         if method not in explained:
             explained[method] = ev.explained(method)
         ids, maps = explained[method]
@@ -176,41 +157,72 @@ def gallery_images(res: AuditResult, folder: Path, limit: int, thumbnails: int =
             except (OSError, ValueError):
                 continue
             pic = overlay(base, ev.heatmaps[method][i], boxes) if i in ev.heatmaps[method] else base
-            entry["exemplars"].append({"file": rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": i})
+            entry["exemplars"].append({"file": rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": int(i)})
         pictures["classes"][n] = entry
+    (folder / PICTURES).write_text(json.dumps(pictures, indent=1))
     return pictures
 
 
-def write_run(res: AuditResult, out: Path | None = None) -> Path:
-    from auditor.outputs.report import render_html, render_pdf  # report imports jinja2/weasyprint: only when writing
+def load_pictures(folder: Path) -> dict:
+    """``gallery_images``' index of a written run (JSON keys are strings; ids and positions are ints)."""
+    pictures = json.loads((folder / PICTURES).read_text())
+    pictures["samples"] = {int(k): v for k, v in pictures["samples"].items()}
+    pictures["classes"] = {int(k): v for k, v in pictures["classes"].items()}
+    return pictures
 
+
+def render_reports(record: RunRecord, folder: Path, pictures: dict, formats) -> list[Path]:
+    """report.html (and report.pdf) in ``folder`` from the record and the pictures alone, each
+    written under a hidden name and renamed into place, so a reader never sees half a report."""
+    from auditor.outputs.report import render_html, render_pdf  # jinja2/weasyprint: only when writing
+
+    html, pdf = folder / ".report.html.partial", folder / ".report.pdf.partial"
+    try:
+        html.write_text(render_html(record, pictures))
+        if "pdf" in formats:
+            render_pdf(html, pdf)
+            os.replace(pdf, folder / "report.pdf")
+        if "html" in formats:
+            os.replace(html, folder / "report.html")
+    finally:
+        html.unlink(missing_ok=True)
+        pdf.unlink(missing_ok=True)
+    return [folder / f"report.{f}" for f in ("html", "pdf") if f in formats]
+
+
+def write_run(res: AuditResult, out: Path | None = None) -> Path:
     out = Path(out or res.cfg.report.out)
     out.mkdir(parents=True, exist_ok=True)
-    rid, tmp = claim_run_folder(res.run["started"], out)
+    rid, tmp = claim_run_folder(res.record.run["started"], out)
     try:
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        doc = findings_document(res, rid, finished)
+        record = res.record.model_copy(update={"run": {"id": rid, **res.record.run, "finished": finished}})
         formats = res.cfg.report.formats
         # findings.json is the machine-readable record: always written, whatever formats say.
-        (tmp / "findings.json").write_text(json.dumps(doc, indent=1, default=_jsonable))
-        if res.diff is not None:  # the comparison with report.baseline
-            (tmp / "diff.json").write_text(json.dumps({"run": rid, **res.diff}, indent=1, default=_jsonable))
+        (tmp / "findings.json").write_text(record.to_json())
+        if record.diff is not None:  # the comparison with report.baseline
+            (tmp / "diff.json").write_text(json.dumps({"run": rid, **record.diff}, indent=1, default=_jsonable))
         if "csv" in formats:
-            samples_table(doc).to_csv(tmp / "samples.csv", index=False)
+            samples_table(record).to_csv(tmp / "samples.csv", index=False)
         if "html" in formats or "pdf" in formats:
-            pictures = gallery_images(res, tmp, res.cfg.report.gallery_limit, res.cfg.report.thumbnail_limit)
-            html = render_html(res, doc, pictures, diff=res.diff)
-            (tmp / "report.html").write_text(html)
-            if "pdf" in formats:
-                render_pdf(tmp / "report.html", tmp / "report.pdf")
-            if "html" not in formats:
-                (tmp / "report.html").unlink()
+            pictures = gallery_images(record, res.evidence, tmp, res.cfg.report.gallery_limit,
+                                      res.cfg.report.thumbnail_limit)
+            render_reports(record, tmp, pictures, formats)
         final = out / rid
         os.rename(tmp, final)  # atomic; refuses a non-empty target, so nothing is overwritten
         return final
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def rerender(folder: Path, formats=("html", "pdf")) -> list[Path]:
+    """A finished run's report rendered again from its folder alone (no model, no data)."""
+    record = RunRecord.load(folder)
+    if not (folder / PICTURES).is_file():
+        raise ConfigError(f"{folder}: has no {PICTURES} (written by runs of schema_version 2 with an html or "
+                          f"pdf report); run the audit again to get a report")
+    return render_reports(record, folder, load_pictures(folder), formats)
 
 
 def _jsonable(v):

@@ -21,18 +21,27 @@ import hashlib
 import inspect
 import warnings
 import weakref
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from auditor.registry import METHODS
 
 
-def register(name: str, passes: Callable[[dict, tuple[int, int] | None], tuple[int, int]],
-             **meta) -> Callable[[Callable], Callable]:
-    """``METHODS.register`` plus ``passes`` (filled with the function's defaults), ``defaults``."""
+# Parameter types with their ranges: the registry validates configured params against them.
+Count = Annotated[int, Field(ge=1)]
+Share = Annotated[float, Field(gt=0, le=1)]
+NonNegative = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+def register(name: str, passes: Callable[[dict, tuple[int, int] | None], tuple[int, int]], *, title: str,
+             glossary: str, needs: tuple[str, ...] = (), **meta) -> Callable[[Callable], Callable]:
+    """``METHODS.register`` plus ``passes`` (filled with the function's defaults), ``defaults``;
+    ``needs_layer`` says to the engine that it must supply ``layer=``."""
 
     def decorate(fn: Callable) -> Callable:
         defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
@@ -42,7 +51,8 @@ def register(name: str, passes: Callable[[dict, tuple[int, int] | None], tuple[i
             n_fwd, n_bwd = passes({**defaults, **(params or {})}, hw)
             return int(n_fwd), int(n_bwd)
 
-        return METHODS.register(name, passes=passes_at, defaults=defaults, **meta)(fn)
+        return METHODS.register(name, title=title, glossary=glossary, needs=needs, passes=passes_at,
+                                defaults=defaults, needs_layer="layer" in needs, **meta)(fn)
 
     return decorate
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from captum.attr import GuidedBackprop, LayerGradCam
 from torch import Tensor, nn
 
-from auditor.explain.methods._common import abs_max, check_inputs, finish, grad_input, in_calls, quiet, register, upsample
+from auditor.explain.methods._common import Count, abs_max, check_inputs, finish, grad_input, in_calls, quiet, register, upsample
 
 
 def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
@@ -23,9 +23,11 @@ def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
     return upsample(cam.detach(), x.shape[2:])
 
 
-@register("gradcam", needs_layer=True, passes=lambda p, hw: (1, 1))
+@register("gradcam", title='Grad-CAM',
+          glossary="Its maps are coarse (the layer's resolution) but class-specific, which makes it good at showing which region of the image the model relies on.",
+          needs=("layer",), passes=lambda p, hw: (1, 1))
 def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None = None,
-            max_rows: int = 256) -> Tensor:
+            max_rows: Count = 256) -> Tensor:
     """Grad-CAM: layer maps weighted by their mean gradient, ReLU, bilinear upsampling.
 
     Selvaraju et al. 2017, through Captum's LayerGradCam on ``layer``.
@@ -35,9 +37,11 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None
                                       lambda xs, ts: _layer_cam("gradcam", model, layer, xs, ts)))
 
 
-@register("guided_gradcam", needs_layer=True, passes=lambda p, hw: (2, 2))
+@register("guided_gradcam", title='Guided Grad-CAM',
+          glossary="It keeps Grad-CAM's region and adds guided backpropagation's fine detail, showing which edges inside the region matter.",
+          needs=("layer",), passes=lambda p, hw: (2, 2))
 def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor,
-                   layer: nn.Module | None = None, max_rows: int = 256) -> Tensor:
+                   layer: nn.Module | None = None, max_rows: Count = 256) -> Tensor:
     """Guided Grad-CAM: guided backprop times upsampled Grad-CAM, |.| max over channels.
 
     Captum's GuidedGradCam with bilinear (not nearest) upsampling, so the CAM matches gradcam.

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from auditor.explain.methods._common import check_inputs, finish, in_calls, pos_sum, register, rows_per_call
+from auditor.explain.methods._common import Count, check_inputs, finish, in_calls, pos_sum, register, rows_per_call
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
@@ -157,7 +157,7 @@ def rescaled(model: nn.Module, baseline: Tensor) -> Iterator[None]:
                 mod.inplace = inplace
 
 
-def attributions(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
+def attributions(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Signed DeepLift attributions [B, C, H, W] from the zero baseline (the mean image).
 
     The baseline, the same for every image, goes through the model once; the images then run in
@@ -176,8 +176,10 @@ def attributions(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 25
         return in_calls(model, x, target, max_rows, attribute)
 
 
-@register("deeplift", passes=lambda p, hw: (1, 1))
-def deeplift(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
+@register("deeplift", title='DeepLift',
+          glossary='It compares the image with a plain baseline and shares the change in the output among the pixels; bright pixels moved the score towards the class.',
+          passes=lambda p, hw: (1, 1))
+def deeplift(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """DeepLift (Rescale rule) from the mean image (0), positive part of the channel sum."""
     target = check_inputs("deeplift", x, target)
     return finish("deeplift", pos_sum(attributions(model, x, target, max_rows)))

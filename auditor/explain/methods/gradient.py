@@ -6,11 +6,13 @@ positive part of the channel sum. Baselines are 0 = the dataset mean in normalis
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from captum.attr import Deconvolution, GuidedBackprop, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
-from auditor.explain.methods._common import (abs_max, check_inputs, chunked_draws, finish, grad_input,
+from auditor.explain.methods._common import (Count, NonNegative, abs_max, check_inputs, chunked_draws, finish, grad_input,
                                      image_generators, in_calls, pos_sum, quiet, register, rows_per_call,
                                      single_use)
 
@@ -24,8 +26,10 @@ def _abs_grads(model: nn.Module, x: Tensor, target: Tensor, max_rows: int, expla
         return in_calls(model, x, target, max_rows, attribute)
 
 
-@register("saliency", passes=lambda p, hw: (1, 1))
-def saliency(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
+@register("saliency", title='Saliency',
+          glossary='It shows which pixels would change the score fastest; fast but noisy, and it can follow image edges more than the model.',
+          passes=lambda p, hw: (1, 1))
+def saliency(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Saliency: |d logit / d input|, max over channels (Simonyan et al. 2014)."""
     target = check_inputs("saliency", x, target)
     return finish("saliency", _abs_grads(model, x, target, max_rows, Saliency(model), abs=True))
@@ -51,9 +55,11 @@ def _noisy_gradients(name: str, model: nn.Module, x: Tensor, target: Tensor, n: 
     return total / n
 
 
-@register("smoothgrad", stochastic=True, passes=lambda p, hw: (p["n_samples"], p["n_samples"]))
-def smoothgrad(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 32,
-               noise_level: float = 0.15, seed: int = 0, max_rows: int = 256) -> Tensor:
+@register("smoothgrad", title='SmoothGrad',
+          glossary="Averaging over noisy copies removes much of plain saliency's speckle, at the cost of one pass per copy.",
+          stochastic=True, passes=lambda p, hw: (p["n_samples"], p["n_samples"]))
+def smoothgrad(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 32,
+               noise_level: NonNegative = 0.15, seed: int = 0, max_rows: Count = 256) -> Tensor:
     """SmoothGrad: saliency averaged over noisy copies, max over channels (Smilkov et al. 2017).
 
     Same quantity as Captum's NoiseTunnel(Saliency) with nt_type="smoothgrad" (mean of |grad|
@@ -75,9 +81,12 @@ def smoothgrad(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 32,
     return finish("smoothgrad", abs_max(total))
 
 
-@register("integrated_gradients", passes=lambda p, hw: (p["n_steps"], p["n_steps"]))
-def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: int = 32,
-                         method: str = "gausslegendre", max_rows: int = 256) -> Tensor:
+@register("integrated_gradients", title='Integrated Gradients',
+          glossary="It adds up gradients along a straight path from the baseline to the image, so the pixel scores sum to the change in the model's output.",
+          passes=lambda p, hw: (p["n_steps"], p["n_steps"]))
+def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: Count = 32,
+                         method: Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
+                                         "riemann_trapezoid"] = "gausslegendre", max_rows: Count = 256) -> Tensor:
     """Integrated Gradients from the mean image (0), positive part of the channel sum."""
     target = check_inputs("integrated_gradients", x, target)
     ig, rows = IntegratedGradients(model), rows_per_call(model, x, max_rows)
@@ -91,11 +100,13 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: i
     return finish("integrated_gradients", pos_sum(torch.cat(out)))
 
 
-@register("gradient_shap", stochastic=True,
+@register("gradient_shap", title='Gradient SHAP',
+          glossary='Averaging over many noisy baselines makes it depend less on one arbitrary reference image than Integrated Gradients does.',
+          stochastic=True,
           passes=lambda p, hw: (p["n_samples"], p["n_samples"]))
-def gradient_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 32,
-                  baseline_std: float = 0.5, stdevs: float = 0.0, seed: int = 0,
-                  max_rows: int = 256) -> Tensor:
+def gradient_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 32,
+                  baseline_std: NonNegative = 0.5, stdevs: NonNegative = 0.0, seed: int = 0,
+                  max_rows: Count = 256) -> Tensor:
     """GradientSHAP (expected gradients) from noisy mean-image baselines, positive channel sum.
 
     Captum's GradientShap estimator with seeded per-image draws (Captum draws from the global
@@ -122,8 +133,10 @@ def gradient_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 
     return finish("gradient_shap", pos_sum(total))
 
 
-@register("guided_backprop", passes=lambda p, hw: (1, 1))
-def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
+@register("guided_backprop", title='Guided backpropagation',
+          glossary='Its maps are sharp, but they often look alike whatever the model has learned, so they are a weak witness on their own.',
+          passes=lambda p, hw: (1, 1))
+def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Guided backprop: gradient with negative signals cut at each nn.ReLU, |.| max over channels.
 
     Works with in-place and reused nn.ReLU modules (the guided rule uses only each call's own
@@ -133,8 +146,10 @@ def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, max_rows: int =
     return finish("guided_backprop", _abs_grads(model, x, target, max_rows, GuidedBackprop(model)))
 
 
-@register("deconvolution", passes=lambda p, hw: (1, 1))
-def deconvolution(model: nn.Module, x: Tensor, target: Tensor, max_rows: int = 256) -> Tensor:
+@register("deconvolution", title='Deconvolution',
+          glossary="It shows which input patterns excite the network, but barely depends on the model's top layers, so read it next to a class-specific method such as Grad-CAM.",
+          passes=lambda p, hw: (1, 1))
+def deconvolution(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Deconvolution: ReLUs pass back only positive gradients, |.| max over channels.
 
     Zeiler & Fergus 2014.

@@ -5,17 +5,17 @@ import torch
 from captum.attr import Occlusion
 from torch import Tensor, nn
 
-from auditor.explain.methods._common import check_inputs, finish, pos_sum, quiet, register, rows_per_call
+from auditor.explain.methods._common import Count, Share, check_inputs, finish, pos_sum, quiet, register, rows_per_call
 
 
-def _window(hw: tuple[int, int], window: float, stride: float) -> tuple[tuple, tuple]:
+def _window(hw: tuple[int, int], window: Share, stride: Share) -> tuple[tuple, tuple]:
     """Window and stride in pixels from fractions of the image side and of the window."""
     win = tuple(min(s, max(1, round(s * window))) for s in hw)
     step = tuple(max(1, round(w * stride)) for w in win)
     return win, step
 
 
-def _n_windows(hw: tuple[int, int], window: float, stride: float) -> int:
+def _n_windows(hw: tuple[int, int], window: Share, stride: Share) -> int:
     win, step = _window(hw, window, stride)
     n = 1
     for s, w, st in zip(hw, win, step):
@@ -23,10 +23,12 @@ def _n_windows(hw: tuple[int, int], window: float, stride: float) -> int:
     return n
 
 
-@register("occlusion",
+@register("occlusion", title='Occlusion',
+          glossary='Where hiding a patch lowers the score most is where the evidence is; slow, but easy to understand and to trust.',
+         
           passes=lambda p, hw: (1 + _n_windows(hw or (224, 224), p["window"], p["stride"]), 0))
-def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: float = 0.125,
-              stride: float = 0.5, max_rows: int = 256) -> Tensor:
+def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: Share = 0.125,
+              stride: Share = 0.5, max_rows: Count = 256) -> Tensor:
     """Occlusion: drop of the target logit when a patch is set to the mean (0), positive part.
 
     Window = ``window`` x the image side (1/8: 8 px at 64, 28 px at 224), stride = ``stride`` x

@@ -13,12 +13,14 @@ logit (``output="logit"``). Each pixel gets its superpixel's coefficient (positi
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
-from auditor.explain.methods._common import (check_inputs, finish, image_generators, image_spans, register,
+from auditor.explain.methods._common import (Count, NonNegative, Positive, check_inputs, finish, image_generators, image_spans, register,
                                      row_chunks, rows_per_call)
 
 SHAP_ENDPOINT_WEIGHT = 1e6  # weight of the empty and full coalitions (Captum's choice)
@@ -32,8 +34,8 @@ def to_skimage(img: np.ndarray) -> np.ndarray:
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
-def segment_one(img: np.ndarray, segmentation: str = "slic", n_segments: int = 50,
-                compactness: float = 20.0) -> np.ndarray:
+def segment_one(img: np.ndarray, segmentation: Literal["slic", "quickshift"] = "slic", n_segments: Count = 50,
+                compactness: Positive = 20.0) -> np.ndarray:
     """Superpixels of one [C, H, W] normalised image as labels 0..K-1 [H, W].
 
     RGB images are segmented in Lab (L in 0..100), so ``compactness`` keeps skimage's scale;
@@ -61,7 +63,7 @@ def _segments(x: Tensor, **kw) -> Tensor:
                            device=x.device)
 
 
-def _lime_coalitions(g: torch.Generator, n: int, k: int, kernel_width: float):
+def _lime_coalitions(g: torch.Generator, n: int, k: int, kernel_width: Positive):
     """lime_image's sampling: uniform on/off, first row all on; cosine-distance kernel to all-on."""
     z = torch.rand(n, k, generator=g, device=g.device) < 0.5
     z[0] = True
@@ -89,7 +91,7 @@ def _shap_coalitions(g: torch.Generator, n: int, k: int):
     return z, w
 
 
-def _weighted_ridge(Z: Tensor, y: Tensor, w: Tensor, valid: Tensor, alpha: float) -> Tensor:
+def _weighted_ridge(Z: Tensor, y: Tensor, w: Tensor, valid: Tensor, alpha: NonNegative) -> Tensor:
     """Batched sklearn-Ridge(alpha, fit_intercept=True) with sample weights: [B, n, K] -> [B, K]."""
     sw = w.sum(1, keepdim=True)
     zc = Z - (w[..., None] * Z).sum(1, keepdim=True) / sw[..., None]
@@ -102,8 +104,8 @@ def _weighted_ridge(Z: Tensor, y: Tensor, w: Tensor, valid: Tensor, alpha: float
 
 
 def superpixel_fit(kind: str, model: nn.Module, x: Tensor, target: Tensor, n_samples: int,
-                   segmentation: str, n_segments: int, compactness: float, output: str,
-                   seed: int, max_rows: int, kernel_width: float = 0.25, alpha: float = 1.0,
+                   segmentation: str, n_segments: Count, compactness: Positive, output: str,
+                   seed: int, max_rows: int, kernel_width: Positive = 0.25, alpha: NonNegative = 1.0,
                    segments: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Signed superpixel coefficients [B, Kmax] (0 on padding) and segment maps [B, H, W].
 
@@ -159,11 +161,13 @@ def _to_pixels(beta: Tensor, seg: Tensor) -> Tensor:
     return torch.gather(beta.clamp_min(0), 1, seg.flatten(1)).view(seg.shape)
 
 
-@register("lime", stochastic=True, passes=lambda p, hw: (p["n_samples"], 0))
-def lime(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 256,
-         n_segments: int = 50, compactness: float = 20.0, segmentation: str = "slic",
-         kernel_width: float = 0.25, alpha: float = 1.0, output: str = "prob", seed: int = 0,
-         max_rows: int = 256) -> Tensor:
+@register("lime", title='LIME',
+          glossary='It hides random sets of superpixels and fits a simple model of which ones the prediction depends on; slow, but it treats the model as a black box.',
+          stochastic=True, passes=lambda p, hw: (p["n_samples"], 0))
+def lime(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 256,
+         n_segments: Count = 50, compactness: Positive = 20.0, segmentation: Literal["slic", "quickshift"] = "slic",
+         kernel_width: Positive = 0.25, alpha: NonNegative = 1.0, output: Literal["prob", "logit"] = "prob", seed: int = 0,
+         max_rows: Count = 256) -> Tensor:
     """LIME on superpixels: weighted ridge surrogate over on/off superpixels (Ribeiro et al. 2016).
 
     As lime_image: coalitions uniform with the first all-on (the original image, counted in
@@ -176,10 +180,12 @@ def lime(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 256,
     return finish("lime", _to_pixels(beta, seg))
 
 
-@register("kernel_shap", stochastic=True, passes=lambda p, hw: (p["n_samples"], 0))
-def kernel_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 256,
-                n_segments: int = 50, compactness: float = 20.0, segmentation: str = "slic",
-                output: str = "prob", seed: int = 0, max_rows: int = 256) -> Tensor:
+@register("kernel_shap", title='Kernel SHAP',
+          glossary="It switches groups of pixels on and off, watches the model, and estimates each group's Shapley value; slow, but it treats the model as a black box.",
+          stochastic=True, passes=lambda p, hw: (p["n_samples"], 0))
+def kernel_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 256,
+                n_segments: Count = 50, compactness: Positive = 20.0, segmentation: Literal["slic", "quickshift"] = "slic",
+                output: Literal["prob", "logit"] = "prob", seed: int = 0, max_rows: Count = 256) -> Tensor:
     """KernelSHAP on superpixels: Shapley-kernel regression over on/off superpixels.
 
     Lundberg & Lee 2017.

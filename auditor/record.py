@@ -1,0 +1,235 @@
+"""The run's record: one typed, immutable account of an audit, built once after intervention.
+
+Its JSON form is findings.json (``schema_version`` 2; version 1 files still load, upgraded on
+reading). The waivers, the comparison with a baseline and the gate are pure functions of records
+(``auditor.judge``); every rendering (findings.json, samples.csv, the report, JUnit) reads only a
+record and the run's pictures, so a run folder can be rendered again without the model.
+
+Coverage says, for every method and rule, whether it ran and on what: a check that could not run
+is never read as one that found nothing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from auditor.inputs.config import SEVERITIES, ConfigError, Severity
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
+
+# ran: it examined ``examined`` images (or classes); not_applicable: what it needs is not there
+# (masks, a layer); no_evidence: every method it reads was unreliable or failed, or nothing was
+# explained; unreliable: a method that ran but failed the trust gate; error: it raised; off:
+# switched off in the config.
+CheckState = Literal["ran", "not_applicable", "no_evidence", "unreliable", "error", "off"]
+STATE_WORDS = {"ran": "ran", "not_applicable": "not run", "no_evidence": "no evidence",
+               "unreliable": "not trusted", "error": "could not run", "off": "switched off"}
+Verdict = Literal["PASS", "FAIL", "INCOMPLETE"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True, serialize_by_alias=True)
+
+
+class Waived(Frozen):
+    waiver: int
+    owner: str
+    reason: str
+    expires: str
+
+
+class FindingRecord(Frozen):
+    """A suspicion about one image; ``bbox`` in the file's pixels."""
+    rule: str
+    method: str | None = None
+    severity: Severity
+    score: float
+    message: str
+    bbox: list[float] | None = None
+    details: dict[str, Any] = {}
+    waived: Waived | None = None
+
+    @property
+    def confirmed(self) -> bool | None:
+        return self.details.get("confirmed")
+
+
+class SampleRecord(Frozen):
+    id: int
+    path: str                       # relative to the data root
+    label: str
+    prediction: str
+    confidence: float
+    correct: bool
+    explained: bool
+    sha256: str | None = None
+    size: list[int]                 # [width, height]
+    findings: tuple[FindingRecord, ...] = ()
+
+    @property
+    def worst(self) -> str | None:
+        return max((f.severity for f in self.findings), key=severity_rank, default=None)
+
+
+class ClassFindingRecord(Frozen):
+    """A suspicion about how the model decides one class; ``region`` as fractions of the image."""
+    cls: str = Field(alias="class")
+    rule: str
+    method: str | None = None
+    severity: Severity
+    score: float
+    share: float
+    message: str
+    region: list[float] | None = None
+    details: dict[str, Any] = {}
+    waived: Waived | None = None
+
+    @property
+    def confirmed(self) -> bool | None:
+        return self.details.get("confirmed")
+
+
+class Check(Frozen):
+    state: CheckState
+    examined: int | None = None     # images (or classes) it looked at
+    reason: str = ""
+    required: bool = False          # named in the config: the verdict needs it to have run with evidence
+
+    @property
+    def words(self) -> str:
+        """'ran on 40 images' / 'not run: needs masks or boxes in the manifest'."""
+        if self.state == "ran":
+            return "ran" + (f" on {self.examined} images" if self.examined is not None else "")
+        return STATE_WORDS[self.state] + (f": {self.reason}" if self.reason else "")
+
+
+class Coverage(Frozen):
+    methods: dict[str, Check] = {}
+    rules: dict[str, Check] = {}
+    trust: Check | None = None
+    intervention: Check | None = None
+
+    def gaps(self) -> list[str]:
+        """What keeps the audit from being complete: a check that was needed and did not run with
+        evidence, one line each. A rule ran by default that does not apply (off_object without
+        masks) is no gap; one the config names is."""
+        out = []
+        for kind, checks in (("method", self.methods), ("check", self.rules)):
+            for name, c in checks.items():
+                if c.state in ("error", "no_evidence") or (c.required and c.state == "not_applicable"):
+                    out.append(f"{kind} {name}: {c.words}")
+        if self.rules and not any(c.state == "ran" for c in self.rules.values()):
+            out.append("no check ran with evidence")
+        for name, c in (("intervention", self.intervention), ("trust gate", self.trust)):
+            if c is not None and c.state == "error":
+                out.append(f"{name}: {c.words}")
+        return out
+
+
+class Metrics(Frozen):
+    accuracy: float
+    images: int
+    misclassified: int
+    explained: int
+    per_class: list[dict[str, Any]]        # class, precision, recall, support
+    confusion: dict[str, Any]              # classes, matrix (rows: true, columns: predicted)
+
+
+class Gate(Frozen):
+    passed: bool
+    verdict: Verdict
+    fail_on: str | None = None
+    worst: str | None = None
+    criteria: dict[str, Any] = {}
+    waived: int = 0
+    conditions: list[dict[str, Any]] = []
+    failed: list[str] = []
+
+
+class RunRecord(Frozen):
+    schema_version: int = SCHEMA_VERSION
+    run: dict[str, Any]
+    coverage: Coverage = Coverage()
+    gate: Gate | None = None
+    metrics: Metrics
+    samples: tuple[SampleRecord, ...]
+    class_findings: tuple[ClassFindingRecord, ...] = ()
+    changes: dict[str, Any] | None = None
+    diff: dict[str, Any] | None = None
+    skipped: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    errors: list[dict[str, Any]] = []
+
+    # ---- reading ------------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metrics.confusion.get("classes") or self.run.get("classes") or [])
+
+    @property
+    def config(self) -> dict:
+        return self.run.get("config") or {}
+
+    def by_id(self) -> dict[int, SampleRecord]:
+        return {s.id: s for s in self.samples}
+
+    def flagged(self) -> list[SampleRecord]:
+        """Samples with findings, worst first (severity, then score; ties by path)."""
+        top = lambda s: max((severity_rank(f.severity), f.score) for f in s.findings)  # noqa: E731
+        return sorted((s for s in self.samples if s.findings), key=lambda s: (*(-v for v in top(s)), s.path))
+
+    def findings(self) -> list[tuple[SampleRecord, FindingRecord]]:
+        return [(s, f) for s in self.samples for f in s.findings]
+
+    def every_finding(self) -> list[FindingRecord | ClassFindingRecord]:
+        return [*self.class_findings, *(f for _, f in self.findings())]
+
+    # ---- JSON ---------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1)
+
+    @classmethod
+    def from_doc(cls, doc: dict, where: str = "findings.json") -> RunRecord:
+        if not isinstance(doc, dict) or not {"run", "samples", "class_findings", "metrics"} <= doc.keys():
+            raise ConfigError(f"{where}: not an auditor findings.json")
+        version = doc.get("schema_version")
+        if version not in READABLE_SCHEMAS:
+            raise ConfigError(f"{where}: schema_version {version!r}; this auditor reads schema_version "
+                              f"{', '.join(map(str, READABLE_SCHEMAS))}")
+        try:
+            return cls.model_validate(upgrade(doc) if version == 1 else doc)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"{where}: '{key}': {err['msg']}") from None
+
+    @classmethod
+    def load(cls, path: Path | str, where: str | None = None) -> RunRecord:
+        """A run's record from its folder or its findings.json; ConfigError (one line) if unusable."""
+        file = Path(path) / "findings.json" if Path(path).is_dir() else Path(path)
+        where = where or str(file)
+        if not file.is_file():
+            raise ConfigError(f"{where}: no audit run at {path} (expected a run folder or its findings.json)")
+        try:
+            doc = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"{where}: {file} is not readable JSON: {str(e).splitlines()[0]}") from None
+        return cls.from_doc(doc, where)
+
+
+def severity_rank(s: str | None) -> int:
+    return -1 if s is None else SEVERITIES.index(s)
+
+
+def upgrade(doc: dict) -> dict:
+    """A schema 1 findings.json in schema 2's shape: sample ids by position, the verdict from
+    ``passed`` (schema 1 had no INCOMPLETE), no coverage (not recorded then)."""
+    doc = {**doc, "schema_version": SCHEMA_VERSION}
+    doc["samples"] = [{"id": k, **s} for k, s in enumerate(doc["samples"])]
+    gate = doc.get("gate")
+    if gate is not None:
+        doc["gate"] = {**gate, "verdict": "PASS" if gate.get("passed") else "FAIL"}
+    return doc
