@@ -65,7 +65,8 @@ class Store:
             db.execute("SELECT key, dtype, shape, data, checksum FROM blobs LIMIT 0")
             problems = [r[0] for r in db.execute("PRAGMA quick_check(3)").fetchall()]
             if problems != ["ok"]:
-                raise sqlite3.DatabaseError("; ".join(problems)[:200])
+                lines = [ln for p in problems for ln in p.splitlines() if ln.strip() and not ln.startswith("***")]
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(lines[:2])[:160]}")
         except BaseException:
             db.close()
             raise

@@ -237,16 +237,21 @@ class AuditConfig(Strict):
 
 def _names_to_params(v):
     """Accept ``[a, {b: {k: 1}}]`` or ``{a: null, b: {k: 1}}``; give ``{name: params}``."""
+    def params(name, p) -> dict:
+        if p is not None and not isinstance(p, dict):
+            raise ValueError(f"the params of {name!r} must be a mapping, got {p!r}")
+        return dict(p or {})
+
     if v is None or isinstance(v, dict):
-        return None if v is None else {k: dict(p or {}) for k, p in v.items()}
+        return None if v is None else {k: params(k, p) for k, p in v.items()}
     if isinstance(v, list):
         out: dict[str, dict] = {}
         for item in v:
             if isinstance(item, str):
                 out[item] = {}
             elif isinstance(item, dict) and len(item) == 1:
-                (name, params), = item.items()
-                out[name] = dict(params or {})
+                (name, p), = item.items()
+                out[name] = params(name, p)
             else:
                 raise ValueError(f"each entry must be a name or {{name: {{params}}}}, got {item!r}")
         return out
@@ -339,8 +344,9 @@ def _bound(node) -> None:
 
 def parse_yaml(text: str, where: str):
     """Plain data from YAML text, or ConfigError naming ``where``, the line and the column."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -356,7 +362,8 @@ def parse_yaml(text: str, where: str):
     except RecursionError:
         raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text(path: Path, what: str, limit: int | None = None) -> str:

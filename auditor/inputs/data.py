@@ -56,15 +56,15 @@ def _inside(path: Path, folder: Path) -> bool:
     """Whether ``path``, with every symlink followed, lies in ``folder`` (itself resolved)."""
     try:
         return path.resolve().is_relative_to(folder)
-    except (OSError, RuntimeError):  # a symlink loop
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL in the name
         return False
 
 
 def _outside_reason(path: Path, where: str) -> str:
     try:
         target = printable(str(path.resolve()))
-    except (OSError, RuntimeError):
-        target = "a loop of symlinks"
+    except (OSError, RuntimeError, ValueError):
+        target = "nowhere it can be followed"
     return f"outside {where} (it resolves to {target}); not read (set data.allow_outside: true to allow)"
 
 
@@ -119,6 +119,8 @@ def _row_path(base: Path, real_base: Path, cell: str, allow_outside: bool) -> tu
     """The absolute path a manifest cell names, and why it is refused (None: it is not)."""
     p = Path(cell)
     full = p if p.is_absolute() else base / p
+    if "\x00" in cell:
+        return full, "the path contains a NUL character; not read"
     if allow_outside or _inside(full, real_base):
         return full, None
     return full, _outside_reason(full, "the manifest's folder")
@@ -310,8 +312,8 @@ class ImageDataset(torch.utils.data.Dataset):
             return i, None, None, None, ref.refused
         try:
             raw = ref.path.read_bytes()
-        except OSError as e:
-            return i, None, None, None, f"cannot read file: {e.strerror or e}"
+        except (OSError, ValueError) as e:
+            return i, None, None, None, f"cannot read file: {getattr(e, 'strerror', None) or e}"
         digest = hashlib.sha256(raw).hexdigest()
         try:
             img = read_image(raw, self.min_size)
