@@ -126,8 +126,17 @@ class TrustSpec(Strict):
     enabled: bool = True
     images: int = Field(16, ge=1, description="explained images each method is tested on")
     steps: int = Field(10, ge=2, description="deletion curve steps")
-    max_spearman: float = Field(0.5, gt=0, le=1, description="rank correlation allowed after full randomisation")
+    max_spearman: float = Field(0.6, gt=0, le=1, description="mean |rank correlation| with the original heatmaps "
+                                "allowed once the top decide_at of the cascade is randomised (docs/trust.md)")
     max_deletion_ratio: float = Field(0.9, gt=0, description="deletion area must be below this share of random's")
+    cascade: Literal["blocks", "modules"] = Field("blocks", description="randomisation steps: blocks (top-level "
+                                                  "children, expanded a level at a time while they fit in "
+                                                  "cascade_steps) or modules (every module with parameters)")
+    cascade_steps: int = Field(24, ge=2, description="most steps of a blocks cascade (a ResNet-50 gives 19)")
+    decide_at: float = Field(0.5, gt=0, le=1, description="share of the cascade steps, from the top, randomised "
+                             "when the similarity is judged (0.5: the top half; 1: the whole model)")
+    max_ssim: float | None = Field(None, gt=0, le=1, description="if set, mean SSIM with the original heatmaps "
+                                   "allowed at that step too (the paper's second measure)")
 
 
 class FailOn(Strict):

@@ -1,8 +1,12 @@
 """Trust gate for explanation methods: does a method explain the model, and is it faithful?
 
-- Cascading model-parameter randomisation (Adebayo et al. 2018): re-initialise the layers
-  from the top down; a method whose heatmaps keep their rank order (Spearman) once the whole
-  model is random explains the input's edges, not the model, and fails.
+- Cascading model-parameter randomisation (Adebayo et al. 2018, "Sanity checks for saliency
+  maps"): randomise the network from the top down, one block at a time, and compare each
+  method's heatmaps with the trained model's (mean |Spearman| over the test images; SSIM too).
+  The decision reads the cascade, not its end: a method fails when its heatmaps are still
+  similar once the top part of the network (``trust.decide_at`` of the steps, half by
+  default) is random, since any method's maps change once the first convolution is random.
+  See docs/trust.md for the choices (blocks, their order, BatchNorm, why not sMPRT/eMPRT).
 - Deletion (Petsiuk et al. 2018): remove pixels from most to least relevant and follow the
   class probability; the area under that curve must be clearly below that of a random order.
   The random order removes random *blobs* (a smoothed noise field, ranked), not scattered
@@ -15,15 +19,20 @@ A failing method is marked unreliable; rules then ignore its heatmaps.
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 from scipy.stats import rankdata
+from torch import nn
 
 from auditor.inputs.config import TrustSpec
 from auditor.explain.engine import method_kwargs
 from auditor.registry import METHODS
+
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -35,28 +44,246 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide((ra * rb).sum(1), den, out=np.zeros(len(a)), where=den > 0)
 
 
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image SSIM of [N, H, W] heatmaps, each scaled to [0, 1] by its maximum (as Adebayo et al.)."""
+    from skimage.metrics import structural_similarity
+
+    def unit(m):
+        top = m.max()
+        return m / top if top > 0 else m
+    side = min(a.shape[1:])
+    win = min(7, side - (1 - side % 2))  # odd, at most the side
+    if win < 3:
+        return np.full(len(a), np.nan)
+    return np.array([structural_similarity(unit(p), unit(q), data_range=1.0, win_size=win)
+                     for p, q in zip(a.astype(np.float64), b.astype(np.float64))])
+
+
 def _heat(name: str, params: dict, model, layer, x, target, seed: int) -> np.ndarray:
     kwargs = method_kwargs(name, params, layer, seed)
     return METHODS.get(name).fn(model, x, target, **kwargs).detach().float().cpu().numpy()
 
 
-def randomisation(name, params, model, layer, x, target, seed: int, heat: np.ndarray) -> list[float]:
-    """Mean Spearman correlation with the original heatmaps ``heat`` after each top-down layer reset."""
-    original = heat.reshape(len(x), -1)
-    rand = copy.deepcopy(model)
-    layer_name = next((n for n, m in model.named_modules() if m is layer), None)
-    rand_layer = rand.get_submodule(layer_name) if layer_name is not None else None
-    with_params = [m for m in rand.modules() if any(True for _ in m.parameters(recurse=False))]
-    gen = torch.Generator().manual_seed(seed)
-    curve = []
-    for module in reversed(with_params):
-        with torch.no_grad():
-            for p in module.parameters(recurse=False):
-                p.copy_(torch.randn(p.shape, generator=gen) * (p.std() if p.numel() > 1 else 1.0) + p.mean())
-        reset = _heat(name, params, rand, rand_layer, x, target, seed).reshape(len(x), -1)
-        curve.append(round(float(np.abs(spearman(original, reset)).mean()), 4))
-    return curve
+# --- the cascade: which parts are randomised, in which order ---------------------------------
 
+@dataclass
+class Step:
+    """One cascade step: the modules (by name) whose parameters it randomises."""
+    label: str
+    names: list[str]
+    own_only: bool = False  # a module's own parameters only (its children are other steps)
+
+
+def _has_params(m: nn.Module, recurse: bool = True) -> bool:
+    return any(True for _ in m.parameters(recurse=recurse))
+
+
+def forward_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Module name -> the rank of its first call in one forward pass of one image. A module
+    never called (its parameters used some other way) takes its nearest called parent's rank."""
+    seen: dict[str, int] = {}
+
+    def hook(name):
+        def note(module, inputs):  # returns None: the inputs pass unchanged
+            seen.setdefault(name, len(seen))
+        return note
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    order = {}
+    for n, _ in model.named_modules():
+        parent = n
+        while parent not in seen and parent:
+            parent = parent.rpartition(".")[0]
+        order[n] = seen.get(parent, 0)
+    return order
+
+
+def cascade_steps(model: nn.Module, x: torch.Tensor, mode: str = "blocks", max_steps: int = 24) -> list[Step]:
+    """The cascade from the top (output) down to the input.
+
+    ``modules``: every module with parameters of its own (Adebayo et al.'s layer-by-layer cascade).
+    ``blocks``: the model's top-level children with parameters, each expanded into its own
+    children while the whole next level still fits in ``max_steps`` (a ResNet-50 gives its 16
+    bottlenecks plus stem and head, 19 steps); consecutive steps are merged when even the top
+    level has more than ``max_steps``. A normalisation layer that would be a step of its own is
+    folded into the step before it (the convolution it normalises), so no step resets only a
+    BatchNorm's scale and shift. Order: the forward pass's, reversed (not definition order,
+    which Binder et al. 2023 warn need not match the data flow).
+    """
+    order = forward_order(model, x)
+    mods = dict(model.named_modules())
+
+    def children(name: str) -> list[Step]:
+        m = mods[name]
+        out = [Step(c, [c]) for c in (f"{name}.{k}" if name else k for k, v in m.named_children())
+               if _has_params(mods[c])]
+        if _has_params(m, recurse=False):
+            out.append(Step(name or "(model)", [name], own_only=True))
+        return out
+
+    if mode == "modules":
+        steps = [Step(n or "(model)", [n], own_only=True) for n, m in mods.items() if _has_params(m, recurse=False)]
+    else:
+        steps = children("")
+        while True:
+            grown = []
+            for s in steps:
+                inner = [] if s.own_only else children(s.names[0])
+                grown += inner if any(not c.own_only for c in inner) else [s]  # a leaf stays itself
+            if len(grown) == len(steps) or len(grown) > max_steps:
+                break
+            steps = grown
+    steps.sort(key=lambda s: order[s.names[0]])
+    if mode != "modules":
+        steps = _fold_norms(steps, mods)
+        if len(steps) > max_steps:
+            steps = _merge(steps, max_steps)
+    return steps[::-1]
+
+
+def _fold_norms(steps: list[Step], mods: dict[str, nn.Module]) -> list[Step]:
+    out: list[Step] = []
+    for s in steps:
+        if out and len(s.names) == 1 and isinstance(mods[s.names[0]], NORMS) and not out[-1].own_only:
+            out[-1] = Step(f"{out[-1].label}+{s.label}", out[-1].names + s.names)
+        else:
+            out.append(s)
+    return out
+
+
+def _merge(steps: list[Step], k: int) -> list[Step]:
+    """``steps`` (forward order) in k runs of consecutive steps."""
+    out = []
+    for run in np.array_split(np.arange(len(steps)), k):
+        part = [steps[i] for i in run]
+        label = part[0].label if len(part) == 1 else f"{part[0].label} to {part[-1].label}"
+        if any(p.own_only for p in part):  # keep a module's own-only step apart from its children
+            out.extend(part)
+        else:
+            out.append(Step(label, [n for p in part for n in p.names]))
+    return out
+
+
+def _params(model: nn.Module, step: Step):
+    for n in step.names:
+        yield from model.get_submodule(n).parameters(recurse=not step.own_only)
+
+
+def _norms(model: nn.Module, step: Step) -> list[nn.Module]:
+    mods = [model.get_submodule(n) for n in step.names]
+    if step.own_only:
+        return [m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for top in mods for m in top.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def _recalibrate(model: nn.Module, norms: list[nn.Module], x: torch.Tensor) -> None:
+    """Re-estimate the running statistics of the randomised BatchNorms on ``x``: a random
+    convolution's output has other statistics than the trained one's, and normalising it with
+    the old ones leaves a residual branch far too small or too large (then the block is barely
+    randomised, or the random part drowns the rest)."""
+    saved = [(m.training, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: this one batch's statistics
+        m.train()
+    try:
+        model(x)
+    finally:
+        for m, (training, momentum) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
+
+
+def randomise_(model: nn.Module, step: Step, gen: torch.Generator) -> None:
+    """Redraw the step's parameters from a normal distribution with each tensor's own mean and
+    standard deviation (the layer keeps its scale, loses what it learned)."""
+    with torch.no_grad():
+        for p in _params(model, step):
+            spread = p.std() if p.numel() > 1 else torch.ones((), device=p.device)
+            p.copy_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * spread + p.mean())
+
+
+def cascade(model: nn.Module, x: torch.Tensor, spec: TrustSpec, seed: int, batchnorm: str = "recalibrate"):
+    """Yield (step, randomised copy) after each step, from the top down; the copy is the same
+    object each time, randomised one step further. ``batchnorm``: recalibrate | keep."""
+    rand = copy.deepcopy(model)
+    steps = cascade_steps(rand, x, spec.cascade, spec.cascade_steps)
+    gen = torch.Generator().manual_seed(seed)
+    norms: list[nn.Module] = []
+    for step in steps:
+        randomise_(rand, step, gen)
+        norms += _norms(rand, step)
+        if norms and batchnorm == "recalibrate":
+            _recalibrate(rand, norms, x)
+        yield step, rand
+
+
+def randomisation(name, params, model, layer, x, target, seed: int, heat: np.ndarray,
+                  spec: TrustSpec | None = None, batchnorm: str = "recalibrate") -> dict:
+    """Similarity to the original heatmaps ``heat`` after each cascade step: step labels,
+    mean |Spearman| and mean SSIM per step."""
+    spec = spec or TrustSpec()
+    layer_name = next((n for n, m in model.named_modules() if m is layer), None)
+    labels, rho, sim = [], [], []
+    for step, rand in cascade(model, x, spec, seed, batchnorm):
+        rand_layer = rand.get_submodule(layer_name) if layer_name is not None else None
+        reset = _heat(name, params, rand, rand_layer, x, target, seed)
+        labels.append(step.label)
+        rho.append(round(float(np.abs(spearman(heat.reshape(len(x), -1), reset.reshape(len(x), -1))).mean()), 4))
+        sim.append(round(float(np.nanmean(ssim(heat, reset))), 4) if heat.ndim == 3 else None)
+    return {"randomisation_steps": labels, "randomisation_spearman": rho, "randomisation_ssim": sim}
+
+
+# --- the decision ------------------------------------------------------------------------------
+
+def decisive_step(n: int, decide_at: float) -> int:
+    """0-based index of the step whose similarity decides: once ``decide_at`` of the n steps
+    (from the top) are randomised, rounded up; the last step at most."""
+    return min(n, max(1, math.ceil(decide_at * n - 1e-9))) - 1
+
+
+def _share(p: float) -> str:
+    named = {1.0: "the whole model", 0.5: "the top half of the model", 0.25: "the top quarter of the model",
+             0.75: "the top three quarters of the model"}
+    return named.get(round(p, 4), f"the top {p:.0%} of the model")
+
+
+def judge_cascade(rho: list[float], ssim_curve: list | None, spec: TrustSpec) -> dict:
+    """The randomisation test's verdict on one method's curves: the decisive step, the first
+    step below the thresholds, and a plain-English reason when it fails (else "")."""
+    n = len(rho)
+    if not n:
+        return {"decisive_step": None, "first_below": None, "max_spearman": spec.max_spearman,
+                "max_ssim": spec.max_ssim, "randomisation_reason": ""}
+    sims = list(ssim_curve or [None] * n)
+
+    def similar(i: int) -> list[str]:
+        why = []
+        if rho[i] > spec.max_spearman:
+            why.append(f"rank correlation {rho[i]:.2f}")
+        if spec.max_ssim is not None and sims[i] is not None and sims[i] > spec.max_ssim:
+            why.append(f"structural similarity {sims[i]:.2f}")
+        return why
+
+    d = decisive_step(n, spec.decide_at)
+    first = next((i for i in range(n) if not similar(i)), None)
+    why = similar(d)
+    reason = ""
+    if why:
+        reason = (f"its heatmaps barely change when {_share(spec.decide_at)} is randomised "
+                  f"({' and '.join(why)} after {d + 1} of {n} steps; at most {spec.max_spearman:.2f} allowed"
+                  + (f", and {spec.max_ssim:.2f} structural similarity" if spec.max_ssim is not None else "") + ")")
+    return {"decisive_step": d, "first_below": first, "max_spearman": spec.max_spearman, "max_ssim": spec.max_ssim,
+            "randomisation_reason": reason}
+
+
+# --- deletion ------------------------------------------------------------------------------------
 
 def random_blobs(b: int, h: int, w: int, seed: int) -> np.ndarray:
     """[b, h*w] smooth random fields (Gaussian-filtered noise, blobs ~1/8 of the side)."""
@@ -107,7 +334,13 @@ def test_images(samples, n: int, seed: int) -> list[int]:
 
 
 def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) -> dict[str, dict]:
-    """Run both tests on a few explained images; return per-method results with ``reliable``."""
+    """Run both tests on a few explained images; return per-method results with ``reliable``.
+
+    Keys per method: reliable, reason, images, deletion_auc, random_deletion_auc, and the
+    cascade's randomisation_steps (labels, top first), randomisation_spearman and
+    randomisation_ssim (one value per step), decisive_step (0-based index of the step that
+    decides), first_below (first step under the thresholds, or None), max_spearman, max_ssim.
+    """
     s = ev.samples
     ids = test_images(s, spec.images, seed)
     if not ids:
@@ -118,19 +351,16 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
     for name, params in methods.items():
         try:
             heat = _heat(name, params, ev.model, layer, x, target, seed)
-            curve = randomisation(name, params, ev.model, layer, x, target, seed, heat)
+            curves = randomisation(name, params, ev.model, layer, x, target, seed, heat, spec)
             deleted, random = deletion(ev.model, x, target, heat, spec.steps, seed)
         except Exception as e:
             out[name] = {"reliable": False, "reason": f"could not be tested: {type(e).__name__}: {e}"}
             continue
-        reasons = []
-        if curve and curve[-1] > spec.max_spearman:
-            reasons.append(f"its heatmaps barely change when the model's weights are randomised "
-                           f"(rank correlation {curve[-1]:.2f})")
+        verdict = judge_cascade(curves["randomisation_spearman"], curves["randomisation_ssim"], spec)
+        reasons = [r for r in [verdict.pop("randomisation_reason")] if r]
         if deleted > random * spec.max_deletion_ratio:
             reasons.append(f"removing the pixels it marks hurts the prediction no more than removing random ones "
                            f"(area {deleted:.2f} vs {random:.2f})")
-        out[name] = {"reliable": not reasons, "reason": "; ".join(reasons),
-                     "randomisation_spearman": curve, "deletion_auc": round(deleted, 4),
-                     "random_deletion_auc": round(random, 4), "images": len(ids)}
+        out[name] = {"reliable": not reasons, "reason": "; ".join(reasons), **curves, **verdict,
+                     "deletion_auc": round(deleted, 4), "random_deletion_auc": round(random, 4), "images": len(ids)}
     return out
