@@ -124,6 +124,8 @@ class Coverage(Frozen):
                     out.append(f"{kind} {name}: {c.words}")
         if self.rules and not any(c.state == "ran" for c in self.rules.values()):
             out.append("no check ran with evidence")
+        elif self.methods and not self.rules:  # (a schema 1 run recorded neither)
+            out.append("no check was asked for (rules is empty)")
         for name, c in (("intervention", self.intervention), ("trust gate", self.trust)):
             if c is not None and c.state == "error":
                 out.append(f"{name}: {c.words}")
@@ -194,10 +196,10 @@ class RunRecord(Frozen):
     @classmethod
     def from_doc(cls, doc: dict, where: str = "findings.json") -> RunRecord:
         if not isinstance(doc, dict) or not {"run", "samples", "class_findings", "metrics"} <= doc.keys():
-            raise ConfigError(f"{where}: not an auditor findings.json")
+            raise ConfigError(f"{where}: is not an auditor findings.json")
         version = doc.get("schema_version")
         if version not in READABLE_SCHEMAS:
-            raise ConfigError(f"{where}: schema_version {version!r}; this auditor reads schema_version "
+            raise ConfigError(f"{where}: has schema_version {version!r}; this auditor reads schema_version "
                               f"{', '.join(map(str, READABLE_SCHEMAS))}")
         try:
             return cls.model_validate(upgrade(doc) if version == 1 else doc)

@@ -72,7 +72,7 @@ class Entry:
             got = self.params.model_validate(params)
         except ValidationError as e:
             err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
+            key = ".".join(str(p) for p in err["loc"] if p != "[key]")
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(self.params.model_fields) or "none"
                 raise BadParams(key, f"unknown parameter; allowed: {allowed}") from None
@@ -83,8 +83,9 @@ class Entry:
 
 
 def _type_name(annotation: Any) -> str:
+    """'float', 'int': the expected type, where it is a plain one (pydantic's message says the rest)."""
     name = getattr(annotation, "__name__", None)
-    return name if name and not typing.get_args(annotation) else str(annotation).replace("typing.", "")
+    return name if name and not typing.get_args(annotation) else ""
 
 
 class Registry:

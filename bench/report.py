@@ -63,10 +63,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from auditor.audit import AuditResult, metrics_tables  # noqa: E402
+from auditor.audit import AuditResult, build_record, settle  # noqa: E402
 from auditor.inputs.config import AuditConfig  # noqa: E402
 from auditor.inputs.data import SampleRef  # noqa: E402
 from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank  # noqa: E402
+from auditor.record import Check, Coverage  # noqa: E402
 
 CLASSES = ["box", "brick", "grass", "gravel", "noise"]
 CORNER = (0.0, 0.85, 0.15, 1.0)  # bottom-left, as fractions
@@ -179,10 +180,6 @@ def synthetic_result(folder: Path, flagged: int, *, classes: list[str] | None = 
                               "intervention": _effect(rng, 31, classes[tag]), "confirmed": True,
                               "severity_before_intervention": "high"}),
     ]
-    y, p = samples["label"].to_numpy(), samples["prediction"].to_numpy()
-    per_class, confusion = metrics_tables(y, p, classes)
-    metrics = {"accuracy": float((y == p).mean()), "images": len(samples), "misclassified": int((y != p).sum()),
-               "explained": len(samples), "per_class": per_class, "confusion": confusion}
     cfg = AuditConfig.model_validate({
         "model": {"factory": "bench.synthetic:net", "classes": classes, "input": {"size": [64, 64]}},
         "data": {"root": str(folder)}, "report": {"gallery_limit": limit}, "source": str(folder / "audit.yaml")})
@@ -192,33 +189,37 @@ def synthetic_result(folder: Path, flagged: int, *, classes: list[str] | None = 
                                                        "randomised (rank correlation 0.52)",
                           "randomisation_spearman": [0.8, 0.52], "deletion_auc": 0.08, "random_deletion_auc": 0.25,
                           "images": 16}}
+    rules = ("corner_border", "fixed_location", "look_alike", "off_object")
     run = {"started": "2026-11-22T06:00:00+00:00", "config": cfg.model_dump(mode="json"),
-           "config_file": str(cfg.source), "weights_sha256": None, "data_fingerprint": "0" * 64,
-           "versions": {"python": sys.version.split()[0]}, "device": "cpu", "seed": seed,
-           "methods": {m: {} for m in methods}, "rules": {r: {} for r in ("corner_border", "fixed_location",
-                                                                          "look_alike", "off_object")},
+           "config_file": str(cfg.source), "classes": classes, "weights_sha256": None, "model_sha256": "1" * 64,
+           "data_fingerprint": "0" * 64, "versions": {"python": sys.version.split()[0]}, "device": "cpu",
+           "seed": seed, "methods": {m: {} for m in methods}, "rules": {r: {} for r in rules},
            "methods_disabled": {}, "trust": trust, "argv": ["run", "audit.yaml"]}
-    gate = {"passed": False, "fail_on": "high", "worst": "critical", "criteria": {"severity": "high"}, "waived": 0,
-            "conditions": [{"name": "severity", "threshold": "high", "value": "critical", "passed": False,
-                            "skipped": False, "message": "findings at or above 'high' (worst: critical)",
-                            "items": []}]}
-    gate["failed"] = [f"severity: {gate['conditions'][0]['message']}"]
+    coverage = Coverage(
+        methods={"gradcam": Check(state="ran", examined=len(samples)),
+                 "saliency": Check(state="unreliable", examined=len(samples),
+                                   reason=f"failed the trust gate: {trust['saliency']['reason']}")},
+        rules={**{r: Check(state="ran", examined=len(samples)) for r in rules[:3]},
+               "off_object": Check(state="not_applicable", reason="needs masks or boxes in the manifest")},
+        trust=Check(state="ran", examined=16), intervention=Check(state="ran", examined=len(findings)))
     skipped = [{"path": "c0/broken.png", "reason": "corrupt or truncated image"}]
-    return AuditResult(cfg, classes, ev, findings, class_findings, [], skipped, [], metrics, run, gate)
+    record = build_record(run, coverage, ev, findings, class_findings, [], skipped, [])
+    return AuditResult(cfg, settle(record, cfg, None), ev, findings, class_findings)
 
 
 def render(res: AuditResult, out: Path, diff: dict | None = None) -> dict[str, float]:
     """Render like write_run: pictures, report.html, report.pdf; seconds per step, and how many
     flagged images got a small picture."""
-    from auditor.outputs.write import findings_document, gallery_images
+    from auditor.outputs.write import gallery_images
     from auditor.outputs.report import render_html, render_pdf
 
     out.mkdir(parents=True)
-    doc = findings_document(res, "bench-run", "2026-11-22T06:01:00+00:00")
+    record = res.record.model_copy(update={"diff": diff, "run": {"id": "bench-run", **res.record.run,
+                                                                  "finished": "2026-11-22T06:01:00+00:00"}})
     t0 = time.perf_counter()
-    pictures = gallery_images(res, out, res.cfg.report.gallery_limit, res.cfg.report.thumbnail_limit)
+    pictures = gallery_images(record, res.evidence, out, res.cfg.report.gallery_limit, res.cfg.report.thumbnail_limit)
     t1 = time.perf_counter()
-    (out / "report.html").write_text(render_html(res, doc, pictures, diff))
+    (out / "report.html").write_text(render_html(record, pictures))
     t2 = time.perf_counter()
     c2 = time.process_time()
     render_pdf(out / "report.html", out / "report.pdf")

@@ -107,6 +107,8 @@ def test_killed_run_resumes_to_identical_findings(project, tmp_path):
 
 
 def test_out_of_memory_batch_is_split_and_retried(project, monkeypatch):
+    import dataclasses
+
     from auditor.registry import METHODS
     entry = METHODS.get("saliency")
     calls = []
@@ -117,7 +119,7 @@ def test_out_of_memory_batch_is_split_and_retried(project, monkeypatch):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return entry.fn(model, x, target, **params)
 
-    monkeypatch.setitem(METHODS._entries, "saliency", entry.__class__(entry.name, flaky, entry.description, entry.meta))
+    monkeypatch.setitem(METHODS._entries, "saliency", dataclasses.replace(entry, fn=flaky))
     project.cfg["run"]["cache"] = False
     project.write()
     doc = run(project)

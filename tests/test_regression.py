@@ -270,12 +270,14 @@ def test_junit_xml_has_a_case_per_rule_and_class(project):
     assert r.exit_code == 1, r.output
     root = ET.parse(xml).getroot()
     cases = {(c.get("classname"), c.get("name")): c for c in root.iter("testcase")}
-    assert set(cases) == {("auditor.rules", "corner_border"), *(("auditor.classes", c) for c in CLASSES)}
+    assert set(cases) == {("auditor.run", "coverage"), ("auditor.rules", "corner_border"),
+                          *(("auditor.classes", c) for c in CLASSES)}
+    assert cases[("auditor.run", "coverage")].find("failure") is None  # every check ran with evidence
     failure = cases[("auditor.rules", "corner_border")].find("failure")
     doc = doc_of(project.runs()[0])
     assert failure is not None and doc["class_findings"][0]["message"] in failure.text
     assert cases[("auditor.classes", "brick")].find("failure") is not None
-    assert root.get("tests") == "4" and int(root.get("failures")) >= 2 and root.get("errors") == "0"
+    assert root.get("tests") == "5" and int(root.get("failures")) >= 2 and root.get("errors") == "0"
 
     r = project.run("--junit", str(xml), "--set", "run.batch_size=0")  # could not run: one error case
     assert r.exit_code == 2
@@ -325,23 +327,32 @@ def test_git_commit_is_recorded_when_there_is_one(tmp_path):
 
 
 def test_the_diff_reads_what_outputs_write():
-    from auditor.judge.diff import READABLE_SCHEMAS
-    from auditor.outputs.write import SCHEMA_VERSION
-    assert SCHEMA_VERSION in READABLE_SCHEMAS
+    from auditor.record import READABLE_SCHEMAS, SCHEMA_VERSION
+    assert SCHEMA_VERSION in READABLE_SCHEMAS and 1 in READABLE_SCHEMAS
 
 
-def _doc(outcomes: dict[str, tuple[str, bool]], findings: dict[str, list] = {}, class_findings=(), **run) -> dict:
-    """A findings.json with the parts the comparison reads: path -> (label, correct)."""
-    return {"schema_version": 1, "metrics": {"confusion": {"classes": ["a", "b"]}},
-            "run": {"id": run.pop("id", "r"), "data_fingerprint": "x", "rules": {"corner_border": {}},
-                    "methods": {"gradcam": {}}, "config": {"model": {"factory": "f:g"}}, **run},
-            "samples": [{"path": p, "sha256": f"h-{p}", "label": lab, "prediction": lab if ok else "?",
-                         "correct": ok, "findings": findings.get(p, [])} for p, (lab, ok) in outcomes.items()],
-            "class_findings": list(class_findings)}
+def _doc(outcomes: dict[str, tuple[str, bool]], findings: dict[str, list] = {}, class_findings=(), **run):
+    """A schema 1 findings.json (path -> (label, correct)), read as a record: the comparison of
+    an old run's file with a new run goes through the same upgrade."""
+    from auditor.record import RunRecord
+    n, wrong = len(outcomes), sum(not ok for _, ok in outcomes.values())
+    doc = {"schema_version": 1,
+           "metrics": {"accuracy": 1 - wrong / n, "images": n, "misclassified": wrong, "explained": wrong,
+                       "per_class": [], "confusion": {"classes": ["a", "b"], "matrix": []}},
+           "run": {"id": run.pop("id", "r"), "data_fingerprint": "x", "rules": {"corner_border": {}},
+                   "methods": {"gradcam": {}}, "config": {"model": {"factory": "f:g"}}, **run},
+           "samples": [{"path": p, "sha256": f"h-{p}", "label": lab, "prediction": lab if ok else "b" if lab == "a"
+                        else "a", "confidence": 0.9, "correct": ok, "explained": not ok, "size": [8, 8],
+                        "findings": findings.get(p, [])} for p, (lab, ok) in outcomes.items()],
+           "class_findings": list(class_findings)}
+    return RunRecord.from_doc(doc)
 
 
 def _f(rule="corner_border", severity="high", waived=None):
-    return {"rule": rule, "severity": severity, "message": "m", "waived": waived}
+    return {"rule": rule, "severity": severity, "score": 1.0, "share": 0.5, "message": "m", "waived": waived}
+
+
+WAIVED = {"waiver": 0, "owner": "o", "reason": "known", "expires": "2099-01-01"}
 
 
 def test_compare_groups_findings_and_pairs_the_bootstrap():
@@ -350,7 +361,7 @@ def test_compare_groups_findings_and_pairs_the_bootstrap():
     base = {f"{c}{i}": (c, True) for c in "ab" for i in range(50)}
     old = _doc(base, {"a0": [_f()], "a1": [_f()]}, [{"class": "a", **_f("fixed_location")}], id="old")
     worse = {**base, **{f"b{i}": ("b", False) for i in range(10)}}
-    new = _doc(worse, {"a1": [_f(severity="low")], "a2": [_f()], "a3": [_f(waived={"owner": "o"})]}, id="new")
+    new = _doc(worse, {"a1": [_f(severity="low")], "a2": [_f()], "a3": [_f(waived=WAIVED)]}, id="new")
     d = compare(old, "old.json", new, seed=0)
     assert [f["path"] for f in d["new"]] == ["a2", "a3"] and [f.get("path") for f in d["persisting"]] == ["a1"]
     assert d["persisting"][0]["previous_severity"] == "high"
@@ -360,12 +371,15 @@ def test_compare_groups_findings_and_pairs_the_bootstrap():
     assert b["delta"] == -0.2 and d["metrics"]["per_class"][0]["ci95"] == [0, 0]
 
     gate = evaluate(FailOn(severity="high", new_findings=2, accuracy_drop=0.05, class_recall_drop=0.25), new, d)
-    verdict = {c["name"]: c["passed"] for c in gate["conditions"]}
-    # a3 is waived: one new finding counts; a2 is high; accuracy fell 10 points; b's recall 20
-    assert verdict == {"severity": False, "new_findings": True, "accuracy_drop": False, "class_recall_drop": True}
-    assert gate["waived"] == 1 and not gate["passed"] and gate["fail_on"] == "high"
-    assert evaluate(FailOn(new_findings=1), new, None)["conditions"][0]["skipped"]
-    assert evaluate(None, new, d)["passed"]
+    verdict = {c["name"]: c["passed"] for c in gate.conditions}
+    # a3 is waived: one new finding counts; a2 is high; accuracy fell 10 points; b's recall 20.
+    # A schema 1 run recorded no coverage: nothing is known to be missing.
+    assert verdict == {"incomplete": True, "severity": False, "new_findings": True, "accuracy_drop": False,
+                       "class_recall_drop": True}
+    assert gate.waived == 1 and not gate.passed and gate.fail_on == "high" and gate.verdict == "FAIL"
+    assert next(c for c in evaluate(FailOn(new_findings=1), new, None).conditions
+                if c["name"] == "new_findings")["skipped"]
+    assert evaluate(None, new, d).passed
 
 
 def test_compare_warns_about_different_data_and_settings():

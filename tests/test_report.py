@@ -3,6 +3,7 @@ data escaped. One synthetic audit (bench/report.py's builder, no model) is rende
 like a real run; one tiny real audit goes through the CLI with hostile class and file names."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import importlib.util
 import re
@@ -56,7 +57,7 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     classes = ["box", "brick", "grass", EVIL_CLASS, "noise"]
     res = _bench().synthetic_result(tmp / "data", 6, classes=classes, names={0: EVIL_FILE}, correct_per_class=4)
-    res.diff = DIFF
+    res = dataclasses.replace(res, record=res.record.model_copy(update={"diff": DIFF}))
     folder = write_run(res, tmp / "reports")
     return res, folder
 
@@ -72,7 +73,7 @@ def test_pdf_text_has_the_verdict_and_every_finding(report):
     text = " ".join(pages)
     assert "FAIL" in pages[0] and "Model audit report".upper() in pages[0].upper()
     from auditor.outputs.report import verdict
-    for line in verdict(res, DIFF)[1]:
+    for line in verdict(res.record)[1]:
         assert _text(line) in text, line
     for f in [*res.class_findings, *res.findings]:
         assert _text(f.message) in text, f.message
@@ -209,13 +210,10 @@ def test_captions_sit_under_their_panels_or_spell_the_order_out():
 def test_class_finding_without_a_region_mentions_no_box(report):
     res, _ = report
     pictures = {"classes": {0: {"mean": "images/c000-mean.png", "method": "gradcam", "images": 12, "exemplars": []}}}
-    boxed = class_findings(res, pictures)[0]["mean_caption"]
+    boxed = class_findings(res.record, pictures)[0]["mean_caption"]
     assert boxed.endswith("; box: the region")
-    res.class_findings[0].region, kept = None, res.class_findings[0].region
-    try:
-        caption = class_findings(res, pictures)[0]["mean_caption"]
-    finally:
-        res.class_findings[0].region = kept
+    unboxed = res.record.class_findings[0].model_copy(update={"region": None})
+    caption = class_findings(res.record.model_copy(update={"class_findings": (unboxed,)}), pictures)[0]["mean_caption"]
     assert "box" not in caption and caption.startswith("Mean of 12 images called")
 
 
@@ -259,8 +257,7 @@ def test_flagged_images_beyond_the_gallery_are_numbered_small_pictures(tmp_path)
     page = page[page.index('<section id="gallery">'):page.index('<section id="methods">')]
     assert page.count('<article class="card') == 2 and page.count('<img class="sheet"') == 1
     assert "and 5 of them as small pictures" in page
-    order = list(dict.fromkeys(f.sample for f in res.findings))
-    paths = [res.evidence.samples.at[i, "path"] for i in order]
+    paths = [s.path for s in res.record.flagged()]
     names = re.search(r'<p class="sheet-names">(.*?)</p>', page).group(1)
     assert names.startswith("All with gradcam: 1 ")   # the worst finding's method, named once
     assert [f"{k + 1} {p}" in names for k, p in enumerate(paths[2:7])] == [True] * 5

@@ -190,7 +190,7 @@ def cue_errors(res, truth: dict, expected: str) -> list[int]:
     """Misclassified images that carry a planted cue and went to the class the cue stands for."""
     s = res.evidence.samples
     return [i for i in s.index if s.at[i, "path"] in truth and not s.at[i, "correct"]
-            and res.classes[s.at[i, "prediction"]] == expected]
+            and res.evidence.classes[s.at[i, "prediction"]] == expected]
 
 
 def flagged(res, truth: dict, i: int, rule: str) -> list[Finding]:
@@ -241,18 +241,22 @@ def test_rule_output_contract(rule, tag_audit):
             assert f.sample in res.evidence.samples.index
             assert f.bbox is None or (len(f.bbox) == 4 and f.bbox[0] < f.bbox[2] and f.bbox[1] < f.bbox[3])
         else:
-            assert f.cls in res.classes and 0 <= f.share <= 1
+            assert f.cls in res.evidence.classes and 0 <= f.share <= 1
 
 
 @pytest.mark.parametrize("rule", RULES.names())
 def test_rule_is_described(rule):
+    """A rule carries its own words (plain name, glossary sentence, effect formatter) and says what it needs."""
     entry = RULES.get(rule)
-    assert entry.description and entry.meta.get("direction") and entry.meta.get("needs")
+    assert entry.description and entry.meta.get("direction") and entry.title and entry.glossary.endswith(".")
+    assert entry.needs and set(entry.needs) <= {"heatmaps", "masks", "model", "layer"}
+    assert callable(entry.effects) and isinstance(entry.effects({}), list)
 
 
 @pytest.fixture
 def boom_rule():
-    @RULES.register("boom_test_only", needs="nothing", direction="n/a")
+    @RULES.register("boom_test_only", title="Always fails", glossary="A rule for tests that raises.",
+                    direction="n/a")
     def boom(ev):
         """Always fails (test only)."""
         raise RuntimeError("kaputt")
@@ -265,8 +269,8 @@ def test_a_failing_rule_becomes_an_error_and_the_audit_goes_on(tag_audit, boom_r
     _, _, path = tag_audit
     cfg = load_config(path, [f"rules={{{boom_rule}: {{}}, corner_border: {{}}}}"])
     res = run_audit(cfg, quiet=True)
-    assert res.errors == [{"rule": boom_rule, "error": "RuntimeError: kaputt"}]
-    assert any(boom_rule in w for w in res.warnings)
+    assert res.record.errors == [{"rule": boom_rule, "error": "RuntimeError: kaputt"}]
+    assert any(boom_rule in w for w in res.record.warnings)
     assert any(f.rule == "corner_border" for f in res.findings)
 
 
@@ -361,7 +365,8 @@ def test_off_object_on_a_manifest_with_boxes_and_masks(tag_audit, tmp_path):
         w = csv.DictWriter(f, ["path", "label", "bbox", "mask"])
         w.writeheader()
         w.writerows(rows)
-    cfg = load_config(path, [f"data={{manifest: {tmp_path / 'data.csv'}}}", "rules=[off_object]",
+    # The manifest names the files where they lie, outside its own folder: allowed on purpose here.
+    cfg = load_config(path, [f"data={{manifest: {tmp_path / 'data.csv'}, allow_outside: true}}", "rules=[off_object]",
                              "intervention.enabled=false"])
     out = run_audit(cfg, quiet=True)
     truth = {str(root / rel): box for rel, box in truth.items()}  # the manifest names files by path
@@ -384,7 +389,7 @@ def test_off_object_is_quiet_without_annotations(tag_audit):
 @pytest.fixture
 def edge_method():
     """A method that ignores the model: the input's edge map (what a broken saliency looks like)."""
-    @METHODS.register("edges_test_only")
+    @METHODS.register("edges_test_only", title="Edges", glossary="A broken method for tests.")
     def edges(model, x, target):
         """Sobel edge magnitude of the input, whatever the model (test only)."""
         g = x.mean(1, keepdim=True)
@@ -412,6 +417,7 @@ def test_untrusted_methods_are_not_used_by_rules(tag_audit, edge_method):
     res, _, path = tag_audit
     cfg = load_config(path, [f"explain.methods=[{edge_method}, gradcam]"])
     out = run_audit(cfg, quiet=True)
-    assert out.run["trust"][edge_method]["reliable"] is False
+    assert out.record.run["trust"][edge_method]["reliable"] is False
+    assert out.record.coverage.methods[edge_method].state == "unreliable"
     assert out.evidence.methods == ["gradcam"]
     assert all(f.method in ("gradcam", None) for f in out.findings + out.class_findings)  # None: no heatmap used

@@ -11,7 +11,7 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
@@ -19,14 +19,23 @@ import pandas as pd
 from auditor.explain.heatmap import normalise, region_mask, region_mass
 from auditor.inputs.config import ConfigError
 from auditor.inputs.data import read_image
+from auditor.inputs.preflight import OWNER, mark_partial
 from auditor.outputs.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS,
                                      TILE_PX, draw_boxes, heat_only, legend, overlay, save_picture, sheet, strip,
                                      thumbnail)
 from auditor.record import RunRecord, severity_rank
 
 if TYPE_CHECKING:
-    from auditor.audit import AuditResult
+    from auditor.inputs.config import AuditConfig
     from auditor.judge.evidence import Evidence
+
+
+class Audited(Protocol):
+    """What writing needs of an audit (``auditor.audit.AuditResult``): the record, and the config
+    and evidence the pictures are drawn from."""
+    cfg: AuditConfig
+    record: RunRecord
+    evidence: Evidence
 
 PICTURES = "images/pictures.json"  # what each picture shows: the report is rendered from it and the record
 
@@ -190,11 +199,12 @@ def render_reports(record: RunRecord, folder: Path, pictures: dict, formats) -> 
     return [folder / f"report.{f}" for f in ("html", "pdf") if f in formats]
 
 
-def write_run(res: AuditResult, out: Path | None = None) -> Path:
+def write_run(res: Audited, out: Path | None = None) -> Path:
     out = Path(out or res.cfg.report.out)
     out.mkdir(parents=True, exist_ok=True)
     rid, tmp = claim_run_folder(res.record.run["started"], out)
     try:
+        mark_partial(tmp)  # so a later run can tell a live partial folder from one a killed run left
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record = res.record.model_copy(update={"run": {"id": rid, **res.record.run, "finished": finished}})
         formats = res.cfg.report.formats
@@ -209,6 +219,7 @@ def write_run(res: AuditResult, out: Path | None = None) -> Path:
                                       res.cfg.report.thumbnail_limit)
             render_reports(record, tmp, pictures, formats)
         final = out / rid
+        (tmp / OWNER).unlink(missing_ok=True)
         os.rename(tmp, final)  # atomic; refuses a non-empty target, so nothing is overwritten
         return final
     except BaseException:
