@@ -103,7 +103,7 @@ def run(config: Path = typer.Argument(..., help="the audit config, e.g. audit.ya
         say(f"  [{f.severity}] {f.cls}: {f.rule}" + (f" ({where})" if where else ""))
     for name, check in {**rec.coverage.methods, **rec.coverage.rules}.items():
         if check.state != "ran":
-            say(f"  not run: {name}: {check.words}")
+            say(f"  {name}: {check.words}")
     for w in rec.warnings:
         say(f"warning: {w}")
     from auditor.judge.diff import summary

@@ -113,15 +113,17 @@ class Coverage(Frozen):
     trust: Check | None = None
     intervention: Check | None = None
 
+    def missing(self) -> list[tuple[str, str, Check]]:
+        """(kind, name, check) of every method or check that was needed and did not run with
+        evidence. A rule run by default that does not apply (off_object without masks) is not
+        missing; one the config names is."""
+        return [(kind, name, c) for kind, checks in (("method", self.methods), ("check", self.rules))
+                for name, c in checks.items()
+                if c.state in ("error", "no_evidence") or (c.required and c.state == "not_applicable")]
+
     def gaps(self) -> list[str]:
-        """What keeps the audit from being complete: a check that was needed and did not run with
-        evidence, one line each. A rule ran by default that does not apply (off_object without
-        masks) is no gap; one the config names is."""
-        out = []
-        for kind, checks in (("method", self.methods), ("check", self.rules)):
-            for name, c in checks.items():
-                if c.state in ("error", "no_evidence") or (c.required and c.state == "not_applicable"):
-                    out.append(f"{kind} {name}: {c.words}")
+        """What keeps the audit from being complete, one line each."""
+        out = [f"{kind} {name}: {c.words}" for kind, name, c in self.missing()]
         if self.rules and not any(c.state == "ran" for c in self.rules.values()):
             out.append("no check ran with evidence")
         elif self.methods and not self.rules:  # (a schema 1 run recorded neither)
@@ -130,6 +132,21 @@ class Coverage(Frozen):
             if c is not None and c.state == "error":
                 out.append(f"{name}: {c.words}")
         return out
+
+
+    def summary(self) -> str:
+        """The gaps in one sentence, alike ones together: 'checks corner_border and look_alike: no
+        evidence: every explanation method it reads failed or was not trusted'."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for kind, name, c in self.missing():
+            groups.setdefault((kind, c.words), []).append(name)
+        parts = [f"{kind}{'s' if len(names) > 1 else ''} {_and(names)}: {words}" for (kind, words), names in groups.items()]
+        rest = [g for g in self.gaps() if not g.startswith(("method ", "check "))]
+        return "; ".join(parts + rest)
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
 class Metrics(Frozen):

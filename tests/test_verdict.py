@@ -279,3 +279,24 @@ def test_no_import_reaches_back_up_the_pipeline():
                 if module in SHARED - {"auditor"} and name not in SHARED and theirs not in (0, None):
                     back.append(f"shared {module} imports {name}")
     assert not back, back
+
+
+def test_a_high_suspicion_intervention_could_not_test_keeps_the_run_from_passing(tmp_path):
+    """Capped at 'low' because it could not be tested, it must not read as refuted."""
+    import importlib.util
+
+    from auditor.inputs.config import FailOn
+    from auditor.judge.gate import evaluate
+    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parent.parent / "bench" / "report.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rec = bench.synthetic_result(tmp_path / "data", 3, correct_per_class=2).record
+    quiet = rec.model_copy(update={"samples": tuple(s.model_copy(update={"findings": ()}) for s in rec.samples),
+                                   "class_findings": ()})
+    assert evaluate(FailOn(severity="high"), quiet, None).verdict == "PASS"
+    untested = rec.class_findings[0].model_copy(update={"severity": "low", "details": {
+        "confirmed": None, "severity_before_intervention": "high",
+        "intervention": {"skipped": "the model classifies no 'gravel' image correctly"}}})
+    gate = evaluate(FailOn(severity="high"), quiet.model_copy(update={"class_findings": (untested,)}), None)
+    assert gate.verdict == "INCOMPLETE" and "could not be tested by intervention" in gate.failed[0]
+    assert "no 'gravel' image correctly" in gate.failed[0]

@@ -38,10 +38,12 @@ def evaluate(fail_on: FailOn | None, record: RunRecord, diff: dict | None) -> Ga
     worst = max((r["severity"] for r in live), key=severity_rank, default=None)
     conditions = []
     if fail_on.incomplete:
-        gaps = record.coverage.gaps()
+        suspicions = untested(record, fail_on.severity or "high")
+        gaps = record.coverage.gaps() + suspicions
+        said = "; ".join(filter(None, [record.coverage.summary(), *suspicions]))
         conditions.append(_condition(
             "incomplete", True, len(gaps), not gaps,
-            f"the audit is incomplete: {'; '.join(gaps)}" if gaps else "every check ran with evidence",
+            f"the audit is incomplete: {said}" if gaps else "every check ran with evidence",
             [{"kind": "coverage", "rule": g.split(":")[0], "severity": "high", "message": g} for g in gaps]))
     if fail_on.severity:
         t = fail_on.severity
@@ -100,6 +102,23 @@ def evaluate(fail_on: FailOn | None, record: RunRecord, diff: dict | None) -> Ga
     return Gate(passed=not failed, verdict=verdict, fail_on=fail_on.severity, worst=worst, criteria=criteria,
                 waived=len(recs) - len(live), conditions=conditions,
                 failed=[f"{c['name']}: {c['message']}" for c in failed])
+
+
+def untested(record: RunRecord, least: str) -> list[str]:
+    """Suspicions at or above ``least`` that intervention could not put to the test: capped at
+    'low' as unconfirmed, they must not let the run pass as if they had been refuted."""
+    out = []
+    for s, f in record.findings():
+        before = f.details.get("severity_before_intervention")
+        if f.details.get("confirmed", False) is None and severity_rank(before) >= severity_rank(least):
+            out.append(f"finding {f.rule} on {s.path} (a {before} suspicion) could not be tested by intervention")
+    for f in record.class_findings:
+        before = f.details.get("severity_before_intervention")
+        if f.details.get("confirmed", False) is None and severity_rank(before) >= severity_rank(least):
+            why = (f.details.get("intervention") or {}).get("skipped", "")
+            out.append(f"class finding {f.rule} on '{f.cls}' (a {before} suspicion) could not be tested by "
+                       f"intervention" + (f": {why}" if why else ""))
+    return out
 
 
 def criteria_of(record: RunRecord) -> FailOn | None:

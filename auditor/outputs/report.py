@@ -125,9 +125,10 @@ def verdict(rec: RunRecord) -> tuple[str, list[str]]:
                    f"{len(diff.get('resolved') or [])} resolved")
     lines.append(counts + ".")
     failed = [c for c in g.conditions if not c["passed"]]
-    gaps = rec.coverage.gaps()
+    incomplete = next((c for c in failed if c["name"] == "incomplete"), None)
+    gaps = incomplete["message"].removeprefix("the audit is incomplete: ") if incomplete else ""
     if word == "INCOMPLETE":
-        lines.append(f"The audit could not examine everything it was asked to ({'; '.join(gaps)}), so it cannot "
+        lines.append(f"The audit could not examine everything it was asked to ({gaps}), so it cannot "
                      f"say the model passed. Fix what kept these checks from running and audit again; until "
                      f"then, treat the model as not reviewed.")
     elif word == "FAIL":
@@ -156,7 +157,7 @@ def verdict(rec: RunRecord) -> tuple[str, list[str]]:
                      "these methods, found nothing; keep this report with the release record.")
     caveats = []
     if word == "FAIL" and gaps:
-        caveats.append(f"besides, the audit is incomplete ({'; '.join(gaps)})")
+        caveats.append(f"besides, the audit is incomplete ({gaps})")
     if rec.coverage.trust is not None and rec.coverage.trust.state == "off":
         caveats.append("the trust gate was switched off, so no explanation method was tested before use")
     if caveats:
