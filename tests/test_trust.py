@@ -116,7 +116,8 @@ def deep_relu_net(width: int = 12, seed: int = 0) -> nn.Sequential:
     return nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c, len(CLASSES)))
 
 
-def gate_on_deep_net(folder, n_per_class: int = 200, epochs: int = 3, images: int = 12, spec=None, seed: int = 0) -> dict:
+def gate_on_deep_net(folder, n_per_class: int = 200, epochs: int = 3, images: int = 12, spec=None,
+                     seed: int = 0) -> dict:
     """Train the deep ReLU net a few seconds, write validation PNGs to ``folder`` and run the gate."""
     mean, std = [0.5] * 3, [0.25] * 3
     x, y = _data(n_per_class, seed=seed)

@@ -132,7 +132,8 @@ class TrustSpec(Strict):
     cascade: Literal["blocks", "modules"] = Field("blocks", description="randomisation steps: blocks (top-level "
                                                   "children, expanded a level at a time while they fit in "
                                                   "cascade_steps) or modules (every module with parameters)")
-    cascade_steps: int = Field(24, ge=2, description="most steps of a blocks cascade (a ResNet-50 gives 19)")
+    cascade_steps: int = Field(24, ge=2, description="most steps of a blocks cascade (a ResNet-50 gives 18: its 16 "
+                               "bottlenecks, the stem and the head)")
     decide_at: float = Field(0.5, gt=0, le=1, description="share of the cascade steps, from the top, randomised "
                              "when the similarity is judged (0.5: the top half; 1: the whole model)")
     max_ssim: float | None = Field(None, gt=0, le=1, description="if set, mean SSIM with the original heatmaps "

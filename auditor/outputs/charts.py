@@ -28,17 +28,16 @@ def cascade_chart(trust: dict[str, dict], path: Path) -> Path | None:
     fig = Figure(figsize=(120 * MM, 60 * MM), dpi=150)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.14, 0.2, 0.54, 0.74))
-    longest = 1
+    longest = max(len(t["randomisation_spearman"]) for t in curves.values())
     for k, (name, t) in enumerate(curves.items()):
         y = t["randomisation_spearman"]
-        longest = max(longest, len(y))
         ax.plot(range(1, len(y) + 1), y, color=OKABE_ITO[k % 8], marker=MARKERS[k % 8],
                 linestyle=LINESTYLES[k % 4], linewidth=1.2, markersize=3.5,
                 label=name + ("" if t.get("reliable") else "\n(not trusted)"))
     for thr in sorted({t["max_spearman"] for t in curves.values() if t.get("max_spearman") is not None}):
         ax.axhline(thr, color="#555555", linestyle=(0, (4, 2)), linewidth=0.9)
-        ax.annotate(f"threshold {thr:.2f}", (1, thr), xytext=(2, 2), textcoords="offset points",
-                    fontsize=6, color="#333333")
+        ax.annotate(f"threshold {thr:.2f}", (longest + 0.5, thr), xytext=(-2, 2), textcoords="offset points",
+                    fontsize=6, color="#333333", ha="right")
     for d in sorted({t["decisive_step"] for t in curves.values() if t.get("decisive_step") is not None}):
         ax.axvline(d + 1, color="#555555", linestyle="-", linewidth=0.8, alpha=0.8)
         ax.annotate("decided here", (d + 1, 1.0), xytext=(2, -8), textcoords="offset points",
