@@ -611,6 +611,8 @@ CASES = [
          xfail=WIRING),
     Case("csv cell starting with =", _hostile_for_csv, 0, "ok", (), images=N + 1, xfail=WIRING,
          check=_csv_neutralised),
+    Case("rich markup in a folder name", lambda p: image(p.folder / "data" / "[/x]" / "a.png"), 2, "error",
+         ("class folder(s) '[/x]' not in",), xfail=WIRING),
     Case("escape sequence in a class name", _escape_in_class, 2, "error", ("class folder(s) 'fox' not in",),
          xfail=WIRING, check=_no_escapes),
 ]

@@ -250,6 +250,9 @@ def check_usable(ctx: Context, rec: Records) -> None:
     reasons: dict[str, list[str]] = {}
     for s in rec.skipped:
         reasons.setdefault(s["reason"], []).append(s["path"])
-    common = sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:3]
-    why = "; ".join(f"{len(paths)} × {reason} (e.g. {paths[0]})" for reason, paths in common)
+    common = sorted(reasons.items(), key=lambda kv: -len(kv[1]))[:2]
+    short = lambda r: r if len(r) <= 160 else r[:159] + "…"  # noqa: E731
+    why = "; ".join(f"{len(paths)} × {short(reason)} (e.g. {paths[0]})" for reason, paths in common)
+    if len(reasons) > 2:
+        why += f"; and {len(rec.skipped) - sum(len(p) for _, p in common)} more for other reasons"
     raise DataError(f"{where}: none of the {len(ctx.refs)} images could be audited: {why or 'no results'}")
