@@ -110,11 +110,11 @@ def untested(record: RunRecord, least: str) -> list[str]:
     out = []
     for s, f in record.findings():
         before = f.details.get("severity_before_intervention")
-        if f.details.get("confirmed", False) is None and severity_rank(before) >= severity_rank(least):
+        if not f.waived and f.details.get("confirmed", False) is None and severity_rank(before) >= severity_rank(least):
             out.append(f"finding {f.rule} on {s.path} (a {before} suspicion) could not be tested by intervention")
     for f in record.class_findings:
         before = f.details.get("severity_before_intervention")
-        if f.details.get("confirmed", False) is None and severity_rank(before) >= severity_rank(least):
+        if not f.waived and f.details.get("confirmed", False) is None and severity_rank(before) >= severity_rank(least):
             why = (f.details.get("intervention") or {}).get("skipped", "")
             out.append(f"class finding {f.rule} on '{f.cls}' (a {before} suspicion) could not be tested by "
                        f"intervention" + (f": {why}" if why else ""))

@@ -191,13 +191,15 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
             continue
         cls = ev.classes.index(f.cls)
         members = tester.correct[tester.correct_labels == cls].tolist()  # correct: label == prediction
+        source = "correctly classified"
+        if not members:  # a model that gets none right still reads its cue in the images it calls cls
+            members, source = s.index[s["prediction"] == cls].tolist(), "called (none of them rightly)"
         if len(members) > spec.class_images:
             members = sorted(tester.rng.choice(members, spec.class_images, replace=False).tolist())
         if not members:
-            _untested(f, f"the model classifies no '{f.cls}' image correctly, so there is nothing to take "
-                         f"the region from")
+            _untested(f, f"the model calls no image '{f.cls}', so there is nothing to take the region from")
             continue
-        effect = tester.test(members, cls, tuple(f.region))
+        effect = tester.test(members, cls, tuple(f.region)) | {"sources": f"images the model {source} '{f.cls}'"}
         _apply(f, effect, f.cls, spec, effect["transfer_rate"] >= spec.transplant_rate)
 
 
