@@ -33,6 +33,9 @@ from auditor.explain.engine import method_kwargs
 from auditor.registry import METHODS
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# After each step: "recalibrate" the randomised BatchNorms' running statistics on the test
+# images (see _recalibrate), or "keep" the trained ones (bench/trust.py --compare measures both).
+BATCHNORM = "recalibrate"
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -214,9 +217,9 @@ def randomise_(model: nn.Module, step: Step, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * spread + p.mean())
 
 
-def cascade(model: nn.Module, x: torch.Tensor, spec: TrustSpec, seed: int, batchnorm: str = "recalibrate"):
+def cascade(model: nn.Module, x: torch.Tensor, spec: TrustSpec, seed: int):
     """Yield (step, randomised copy) after each step, from the top down; the copy is the same
-    object each time, randomised one step further. ``batchnorm``: recalibrate | keep."""
+    object each time, randomised one step further."""
     rand = copy.deepcopy(model)
     steps = cascade_steps(rand, x, spec.cascade, spec.cascade_steps)
     gen = torch.Generator().manual_seed(seed)
@@ -224,24 +227,25 @@ def cascade(model: nn.Module, x: torch.Tensor, spec: TrustSpec, seed: int, batch
     for step in steps:
         randomise_(rand, step, gen)
         norms += _norms(rand, step)
-        if norms and batchnorm == "recalibrate":
+        if norms and BATCHNORM == "recalibrate":
             _recalibrate(rand, norms, x)
         yield step, rand
 
 
 def randomisation(name, params, model, layer, x, target, seed: int, heat: np.ndarray,
-                  spec: TrustSpec | None = None, batchnorm: str = "recalibrate") -> dict:
+                  spec: TrustSpec | None = None) -> dict:
     """Similarity to the original heatmaps ``heat`` after each cascade step: step labels,
     mean |Spearman| and mean SSIM per step."""
     spec = spec or TrustSpec()
     layer_name = next((n for n, m in model.named_modules() if m is layer), None)
     labels, rho, sim = [], [], []
-    for step, rand in cascade(model, x, spec, seed, batchnorm):
+    for step, rand in cascade(model, x, spec, seed):
         rand_layer = rand.get_submodule(layer_name) if layer_name is not None else None
         reset = _heat(name, params, rand, rand_layer, x, target, seed)
         labels.append(step.label)
         rho.append(round(float(np.abs(spearman(heat.reshape(len(x), -1), reset.reshape(len(x), -1))).mean()), 4))
-        sim.append(round(float(np.nanmean(ssim(heat, reset))), 4) if heat.ndim == 3 else None)
+        values = ssim(heat, reset) if heat.ndim == 3 else np.array([np.nan])
+        sim.append(round(float(np.nanmean(values)), 4) if np.isfinite(values).any() else None)  # None: maps too small
     return {"randomisation_steps": labels, "randomisation_spearman": rho, "randomisation_ssim": sim}
 
 
@@ -253,7 +257,8 @@ def decisive_step(n: int, decide_at: float) -> int:
     return min(n, max(1, math.ceil(decide_at * n - 1e-9))) - 1
 
 
-def _share(p: float) -> str:
+def share_words(p: float) -> str:
+    """``trust.decide_at`` in words: 0.5 -> "the top half of the model"."""
     named = {1.0: "the whole model", 0.5: "the top half of the model", 0.25: "the top quarter of the model",
              0.75: "the top three quarters of the model"}
     return named.get(round(p, 4), f"the top {p:.0%} of the model")
@@ -281,7 +286,7 @@ def judge_cascade(rho: list[float], ssim_curve: list | None, spec: TrustSpec) ->
     why = similar(d)
     reason = ""
     if why:
-        reason = (f"its heatmaps barely change when {_share(spec.decide_at)} is randomised "
+        reason = (f"its heatmaps barely change when {share_words(spec.decide_at)} is randomised "
                   f"({' and '.join(why)} after {d + 1} of {n} steps; at most {spec.max_spearman:.2f} allowed"
                   + (f", and {spec.max_ssim:.2f} structural similarity" if spec.max_ssim is not None else "") + ")")
     return {"decisive_step": d, "first_below": first, "max_spearman": spec.max_spearman, "max_ssim": spec.max_ssim,
