@@ -51,16 +51,14 @@ def _writable_folder(folder: Path, what: str) -> None:
 
 def check_outputs(out: Path, junit: Path | None = None) -> None:
     """Raise a one-line ConfigError when the run folder's parent ``out`` (``--out`` or report.out)
-    or the JUnit file's folder cannot be written, before any work is done."""
+    or the JUnit file's folder cannot be written (or, where missing, created), before any work."""
     out = Path(out)
     _writable_folder(out, f"output folder {out}")
     if junit is not None:
         junit = Path(junit)
         if junit.is_dir():
             raise ConfigError(f"--junit {junit}: is a folder; give the path of a file")
-        if not junit.parent.is_dir():
-            raise ConfigError(f"--junit {junit}: folder {junit.parent} does not exist")
-        _probe(junit.parent, f"--junit {junit}")
+        _writable_folder(junit.parent, f"--junit {junit}")
         if junit.exists() and not os.access(junit, os.W_OK):
             raise ConfigError(f"--junit {junit}: the file exists and is read-only")
 
