@@ -120,6 +120,10 @@ class InterventionSpec(Strict):
     transplant_rate: float = Field(0.5, gt=0, le=1, description="share of pasted images that must turn")
     critical_rate: float = Field(0.8, gt=0, le=1, description="transfer rate that makes a confirmed finding critical")
     pad: float = Field(0.02, ge=0, le=0.2, description="margin added around a region, as a share of the image side")
+    controls: int = Field(3, ge=0, le=20, description="placebo regions (random boxes of the same size elsewhere) "
+                                                      "each test is repeated with; 0: no placebo")
+    control_margin: float = Field(0.25, ge=0, le=1, description="how much an effect must beat its placebo's rate "
+                                                                "(and its 95% interval exclude zero) to confirm")
 
 
 class TrustSpec(Strict):
@@ -141,7 +145,10 @@ class TrustSpec(Strict):
 
 
 class FailOn(Strict):
-    """Gate conditions: the run fails when any one that is set is met (``fail_on: high`` = severity only)."""
+    """Gate conditions: the run fails when any one that is set is met (``fail_on: high`` = severity,
+    and, as always unless switched off, ``incomplete``)."""
+    incomplete: bool = Field(True, description="fail (verdict INCOMPLETE) when a method or check could not run "
+                                               "with evidence: exit 0 means examined and passed")
     severity: Severity | None = Field(None, description="a finding (not waived) at or above this severity")
     new_findings: int | None = Field(None, ge=1, description="this many findings new since report.baseline")
     new_severity: Severity = Field("info", description="least severity a new finding must have to count")

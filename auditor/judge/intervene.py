@@ -73,29 +73,48 @@ class Intervener:
             pool = np.sort(self.rng.choice(pool, n, replace=False))
         return pool.tolist()
 
+    def mask(self, box) -> np.ndarray:
+        return region_mask(tuple(self.ev.input_spec.size), grow_box(box, self.spec.pad))
+
     def test(self, sources: list[int], cls: int, box) -> dict:
-        """Remove ``box`` from the source images and paste it onto other classes' images."""
-        h, w = self.ev.input_spec.size
-        mask = region_mask((h, w), grow_box(box, self.spec.pad))
+        """Remove ``box`` from the source images and paste it onto other classes' images; and the
+        same with ``spec.controls`` placebo regions (random boxes of the same size elsewhere)."""
+        controls = [self.mask(c) for c in control_boxes(box, self.spec.controls, self.rng)]
+        mask = self.mask(box)
         x = self.ev.model_inputs(sources)
         before = self.predict(x)
-        after = self.predict(fill(x, mask, self.spec.fill))
-        changed = (after.argmax(1) != cls) & (before.argmax(1) == cls)
+        keep = before.argmax(1) == cls
+
+        def removed(m: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            after = self.predict(fill(x, m, self.spec.fill))
+            return after, (after.argmax(1) != cls) & keep
+
+        after, changed = removed(mask)
+        placebo = torch.stack([removed(m)[1] for m in controls]).float().mean(0) if controls else None
         result = {"removed_from": len(sources),
                   "decision_changed": int(changed.sum()),
                   "confidence_drop": round(float((before[:, cls] - after[:, cls]).mean()), 4),
                   "new_predictions": [self.ev.classes[int(c)] for c in after.argmax(1)[changed].tolist()][:5]}
+        result["removal_rate"] = round(result["decision_changed"] / max(len(sources), 1), 4)
+        if placebo is not None:
+            result |= _against(changed.float().numpy(), placebo.numpy(), "removal", self.rng)
         targets = self.others(cls, self.spec.transplant_images)
         if targets:
             y = self.ev.model_inputs(targets)
-            m = torch.from_numpy(mask).to(y.device)
             src = x[torch.arange(len(targets)) % len(x)]  # cycle through the sources' own regions
-            pasted = self.predict(torch.where(m, src, y))
-            result |= {"pasted_onto": len(targets), "turned": int((pasted.argmax(1) == cls).sum())}
+
+            def turned(m: np.ndarray) -> torch.Tensor:
+                m = torch.from_numpy(m).to(y.device)
+                return self.predict(torch.where(m, src, y)).argmax(1) == cls
+
+            hit = turned(mask)
+            result |= {"pasted_onto": len(targets), "turned": int(hit.sum())}
+            if controls:
+                placebo = torch.stack([turned(m) for m in controls]).float().mean(0)
+                result |= _against(hit.float().numpy(), placebo.numpy(), "transfer", self.rng)
         else:
             result |= {"pasted_onto": 0, "turned": 0}
         result["transfer_rate"] = round(result["turned"] / max(result["pasted_onto"], 1), 4)
-        result["removal_rate"] = round(result["decision_changed"] / max(len(sources), 1), 4)
         return result
 
     def restore(self, i: int, true: int, box, method: str | None) -> dict:
@@ -116,15 +135,34 @@ class Intervener:
                 pool = [have[k] for k in np.lexsort((-np.array(have), -share))]  # ties: higher id first
             self._donors[key] = pool[: self.spec.restore_images]
         donors = self._donors[key]
+        return self.restore_from(i, true, box, donors)
+
+    def restore_from(self, i: int, true: int, box, donors: list[int]) -> dict:
+        """Paste ``box`` from ``donors`` into image i, and random boxes of its size (the placebo)."""
         result = {"true_class": self.ev.classes[true], "donors": len(donors), "restored": 0, "restore_rate": 0.0}
-        if donors:
-            x = self.ev.model_inputs([i])
-            d = self.ev.model_inputs(donors)
-            m = torch.from_numpy(mask).to(d.device)
-            after = self.predict(torch.where(m, d, x.expand_as(d)))
-            result["restored"] = int((after.argmax(1) == true).sum())
-            result["restore_rate"] = round(result["restored"] / len(donors), 4)
+        if not donors:
+            return result
+        x = self.ev.model_inputs([i])
+        d = self.ev.model_inputs(donors)
+
+        def back(m: np.ndarray) -> torch.Tensor:
+            m = torch.from_numpy(m).to(d.device)
+            return self.predict(torch.where(m, d, x.expand_as(d))).argmax(1) == true
+
+        hit = back(self.mask(box))
+        result["restored"] = int(hit.sum())
+        result["restore_rate"] = round(result["restored"] / len(donors), 4)
+        controls = control_boxes(box, self.spec.controls, self.rng)
+        if controls:
+            placebo = torch.stack([back(self.mask(c)) for c in controls]).float().mean(0)
+            result |= _against(hit.float().numpy(), placebo.numpy(), "restore", self.rng)
         return result
+
+    def donors_of(self, true: int) -> list[int]:
+        """The true class's most confident correctly classified images (for a rule's own restore test's control)."""
+        s = self.ev.samples
+        pool = s.loc[self.correct[self.correct_labels == true]]
+        return pool.sort_values("confidence", ascending=False).index[: self.spec.restore_images].tolist()
 
 
 def _box_share(maps: np.ndarray, box) -> np.ndarray:
@@ -133,14 +171,57 @@ def _box_share(maps: np.ndarray, box) -> np.ndarray:
     return heat[:, region_mask(heat.shape[1:], box)].sum(1) / np.maximum(heat.sum((1, 2)), 1e-12)
 
 
+def control_boxes(box, n: int, rng: np.random.Generator) -> list[tuple[float, float, float, float]]:
+    """Up to ``n`` placebo regions: boxes of ``box``'s size at random places that do not overlap
+    it (fewer, or none, when the box leaves no room)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    out = []
+    for _ in range(50 * n):
+        if len(out) == n or w >= 1 or h >= 1:
+            break
+        cx, cy = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+        if cx >= x1 or cx + w <= x0 or cy >= y1 or cy + h <= y0:
+            out.append((float(cx), float(cy), float(cx + w), float(cy + h)))
+    return out
+
+
+RESAMPLES = 1000
+
+
+def _against(effect: np.ndarray, placebo: np.ndarray, name: str, rng: np.random.Generator) -> dict:
+    """The effect per image (0/1) against its placebo (the share of control regions with the same
+    effect): the placebo's rate, and the paired difference with its 95% bootstrap interval."""
+    d = effect - placebo
+    if len(d) > 1:
+        means = d[rng.integers(0, len(d), (RESAMPLES, len(d)))].mean(1)
+        lo, hi = np.percentile(means, [2.5, 97.5])
+    else:
+        lo = hi = float(d.mean())
+    return {f"control_{name}_rate": round(float(placebo.mean()), 4),
+            f"{name}_vs_control": [round(float(d.mean()), 4), round(float(lo), 4), round(float(hi), 4)]}
+
+
+def beats_control(effect: dict, name: str, rate: float, spec: InterventionSpec) -> bool:
+    """``rate`` reaches its threshold and beats its placebo by ``spec.control_margin``, with a
+    95% interval of the difference above zero. Without a placebo (no room for one), the rate alone."""
+    vs = effect.get(f"{name}_vs_control")
+    return bool(rate) and (vs is None or (vs[0] >= spec.control_margin and vs[1] > 0))
+
+
 def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
     parts = []
     if "restore_rate" in effect and not effect.get("own_test"):  # the rule's own sentence says it
         parts.append(f"putting back what {effect['donors']} correctly classified '{effect['true_class']}' images "
                      f"show there gave '{effect['true_class']}' back in {effect['restored']} of them")
+    if "control_restore_rate" in effect and effect.get("donors"):
+        parts.append(f"random regions of the same size from those images gave it back "
+                     f"{effect['control_restore_rate']:.0%} of the time")
     if effect["removed_from"] == 1:
         if effect["decision_changed"]:
-            parts.append(f"hiding this region changed the prediction to '{effect['new_predictions'][0]}'")
+            parts.append(f"hiding this region changed the prediction to '{effect['new_predictions'][0]}'"
+                         + (f" (hiding random regions of the same size: {effect['control_removal_rate']:.0%} "
+                            f"of the time)" if "control_removal_rate" in effect else ""))
         else:
             drop = 100 * effect["confidence_drop"]
             moved = "lowered" if drop >= 0 else "raised"
@@ -148,10 +229,15 @@ def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
                          f"{abs(drop):.0f} points but did not change the prediction")
     else:
         parts.append(f"hiding this region in {effect['removed_from']} such images changed "
-                     f"{effect['decision_changed']} of the decisions")
+                     f"{effect['decision_changed']} of the decisions"
+                     + (f" (random regions of the same size: {effect['control_removal_rate']:.0%})"
+                        if "control_removal_rate" in effect else ""))
     if effect["pasted_onto"]:
         parts.append(f"pasting it onto {effect['pasted_onto']} images of other classes turned "
-                     f"{effect['turned']} of them into '{cls_name}'")
+                     f"{effect['turned']} of them into '{cls_name}'"
+                     + (f"; pasting a random region of the same size turned "
+                        f"{round(effect['control_transfer_rate'] * effect['pasted_onto'])}"
+                        if "control_transfer_rate" in effect else ""))
     verdict = "Confirmed by intervention" if confirmed else "Not confirmed by intervention"
     return f" {verdict}: " + "; ".join(parts) + "."
 
@@ -173,12 +259,17 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         box = (f.bbox[0] / w, f.bbox[1] / h, f.bbox[2] / w, f.bbox[3] / h)
         cls = int(s.at[f.sample, "prediction"])
         effect = tester.test([f.sample], cls, box)
-        confirmed = effect["removal_rate"] >= spec.remove_drop or effect["transfer_rate"] >= spec.transplant_rate
+        confirmed = (beats_control(effect, "removal", effect["removal_rate"] >= spec.remove_drop, spec)
+                     or beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec))
         true = int(s.at[f.sample, "label"])
         if true != cls:  # a misclassified image: does what the true class shows there give it back?
-            # A rule that ran this test itself is taken at its word.
-            effect |= {**own, "own_test": True} if own else tester.restore(f.sample, true, box, f.method)
-            confirmed = confirmed or effect["restore_rate"] >= spec.transplant_rate
+            if own:  # the rule's own restore test, and the placebo: random regions of that size
+                placebo = tester.restore_from(f.sample, true, box, tester.donors_of(true))
+                effect |= {**own, "own_test": True} | {k: v for k, v in placebo.items() if "control" in k}
+            else:
+                effect |= tester.restore(f.sample, true, box, f.method)
+            confirmed = confirmed or beats_control(effect, "restore", effect["restore_rate"] >= spec.transplant_rate,
+                                                   spec)
         _apply(f, effect, ev.classes[cls], spec, confirmed)
     by_sample = {}
     for f in findings:
@@ -200,7 +291,8 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
             _untested(f, f"the model calls no image '{f.cls}', so there is nothing to take the region from")
             continue
         effect = tester.test(members, cls, tuple(f.region)) | {"sources": f"images the model {source} '{f.cls}'"}
-        _apply(f, effect, f.cls, spec, effect["transfer_rate"] >= spec.transplant_rate)
+        _apply(f, effect, f.cls, spec, beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate,
+                                                     spec))
 
 
 def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) -> None:
@@ -208,7 +300,8 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
     most of their regions carried P to other classes' images (removal alone shows that the
     model needs the region, which holds for any evidence, not that the region is a cue)."""
     tested = [g for g in members if "transfer_rate" in g.details.get("intervention", {})]
-    n_ok = sum(g.details["intervention"]["transfer_rate"] >= spec.transplant_rate for g in tested)
+    n_ok = sum(beats_control(g.details["intervention"], "transfer",
+                             g.details["intervention"]["transfer_rate"] >= spec.transplant_rate, spec) for g in tested)
     confirmed = bool(tested) and n_ok >= 0.5 * len(tested)
     effects = [g.details["intervention"] for g in tested]
     total = lambda k: int(sum(e[k] for e in effects))  # noqa: E731

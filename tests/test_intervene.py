@@ -1,0 +1,87 @@
+"""Placebo controls: an intervention's effect counts only beside the same operation on random
+regions of the same size."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from auditor.inputs.config import InputSpec, InterventionSpec
+from auditor.inputs.data import SampleRef
+from auditor.judge.evidence import Evidence, Finding
+from auditor.judge.intervene import beats_control, confirm, control_boxes
+
+
+def test_control_boxes_have_the_size_and_never_overlap():
+    rng = np.random.default_rng(0)
+    box = (0.0, 0.8, 0.2, 1.0)
+    boxes = control_boxes(box, 5, rng)
+    assert len(boxes) == 5
+    for x0, y0, x1, y1 in boxes:
+        assert np.isclose(x1 - x0, 0.2) and np.isclose(y1 - y0, 0.2) and 0 <= x0 and x1 <= 1 and y1 <= 1
+        assert x0 >= 0.2 or y1 <= 0.8                 # outside the box
+    assert control_boxes((0.0, 0.0, 1.0, 1.0), 3, rng) == []   # no room: no placebo
+
+
+def test_an_effect_must_beat_its_placebo():
+    spec = InterventionSpec()
+    assert beats_control({"transfer_vs_control": [0.6, 0.4, 0.8]}, "transfer", True, spec)
+    assert not beats_control({"transfer_vs_control": [0.1, 0.0, 0.2]}, "transfer", True, spec)  # placebo as strong
+    assert not beats_control({"transfer_vs_control": [0.3, -0.1, 0.7]}, "transfer", True, spec)  # interval spans 0
+    assert not beats_control({"transfer_vs_control": [0.9, 0.8, 1.0]}, "transfer", False, spec)  # rate too low
+    assert beats_control({}, "transfer", True, spec)   # no room for a placebo: the rate alone
+
+
+class AnyPatch(nn.Module):
+    """Class 1 whenever the image holds any bright square anywhere (a model that takes any blob for
+    the cue), else class 0: a region's effect is no stronger than a random region's of its size."""
+
+    def forward(self, x):
+        bright = (x.mean(1) > 0.8).float().flatten(1).sum(1)
+        return torch.stack([1 - (bright > 0).float(), (bright > 0).float()], 1) * 10
+
+
+class CornerOnly(nn.Module):
+    """Class 1 when the bottom-left corner is bright: the corner itself is the cue."""
+
+    def forward(self, x):
+        corner = x[:, :, 12:, :4].mean((1, 2, 3))
+        return torch.stack([1 - (corner > 0.8).float(), (corner > 0.8).float()], 1) * 10
+
+
+def _evidence(model, n=12):
+    """n images of class 0 (dark) and n of class 1 (bright everywhere: any pasted region is bright)."""
+    refs, rows = [], []
+    xs = []
+    for i in range(2 * n):
+        label = int(i >= n)
+        xs.append(torch.full((3, 16, 16), 1.0 if label else 0.0))
+        refs.append(SampleRef(None, f"{label}/{i}.png", label))
+        rows.append({"id": i, "path": f"{label}/{i}.png", "label": label, "prediction": label, "confidence": 1.0,
+                     "correct": True, "explained": True, "width": 16, "height": 16, "sha256": str(i)})
+    ev = Evidence(["dark", "bright"], pd.DataFrame(rows).set_index("id"), {}, {}, refs, model=model,
+                  input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
+    ev.model_input = lambda i: xs[i]  # the images live in memory
+    return ev
+
+
+def _tested(model) -> Finding:
+    ev = _evidence(model)
+    f = Finding(sample=20, rule="corner_border", severity="high", score=1.0, message="m.", bbox=[0, 12, 4, 16])
+    confirm(ev, [f], [], InterventionSpec(fill="mean", transplant_images=12), seed=0)
+    return f
+
+
+def test_a_corner_cue_is_confirmed_beside_its_placebo():
+    d = _tested(CornerOnly()).details
+    e = d["intervention"]
+    assert d["confirmed"] and e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0
+
+
+def test_a_region_no_stronger_than_a_random_one_is_not_confirmed():
+    f = _tested(AnyPatch())
+    e = f.details["intervention"]
+    assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 1.0   # pasting anything bright turns it
+    assert f.details["confirmed"] is False and f.severity == "low"
+    assert "turned 12 of them into 'bright'; pasting a random region of the same size turned 12" in f.message
