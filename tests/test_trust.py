@@ -152,6 +152,8 @@ def test_guided_backprop_fails_and_the_others_pass_on_a_deep_relu_net(trained):
     assert not gbp["reliable"]
     assert gbp["reason"].startswith("its heatmaps barely change when the top half of the model is randomised")
     assert f"after {gbp['decisive_step'] + 1} of 11 steps" in gbp["reason"]
+    # the old rule (judged at the end of the cascade) would have trusted it
+    assert judge_cascade(gbp["randomisation_spearman"], None, TrustSpec(decide_at=1.0))["randomisation_reason"] == ""
     for m in ("saliency", "integrated_gradients", "gradcam"):
         assert out[m]["reliable"], (m, out[m]["reason"], out[m]["randomisation_spearman"])
         assert out[m]["first_below"] is not None and out[m]["first_below"] <= out[m]["decisive_step"]
