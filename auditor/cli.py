@@ -174,6 +174,24 @@ def rules() -> None:
         say(f"{e.name:24} {e.title}: {e.description}" + (f" (needs {', '.join(e.needs)})" if e.needs else ""))
 
 
+@app.command()
+def history(dir: Path = typer.Argument(..., help="the folder holding the run folders, e.g. reports"),
+            out: Optional[Path] = typer.Option(None, "--out", help="the HTML file to write (default: "
+                                               "DIR/history.html); the PDF goes beside it"),
+            debug: bool = DEBUG) -> None:
+    """Read every run folder in DIR and write history.html and history.pdf: per model family, the
+    runs over time, when findings appeared and were resolved, and which runs failed and why."""
+    with one_line_errors(debug):
+        from auditor.outputs.history import write_history
+
+        written, n, skipped = write_history(dir, out)
+    for s in skipped:
+        say(f"skipped {s['folder']}: {s['reason']}")
+    say(f"{n} runs read")
+    for path in written:
+        say(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

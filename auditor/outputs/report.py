@@ -258,6 +258,35 @@ def key_numbers(rec: RunRecord) -> tuple[list[tuple], list[dict]]:
     return numbers, per_class
 
 
+PAGE_MM = 184  # the printed text width (A4 less the margins of report.css)
+
+
+def _chart(pic: dict | None, alt: str, caption: str) -> dict | None:
+    """A chart of gallery_images (file and printed width) as the template places it."""
+    if not pic:
+        return None
+    return {"file": pic["file"], "width": f"{min(float(pic['width_mm']), PAGE_MM):.1f}mm", "alt": alt,
+            "caption": caption}
+
+
+def key_charts(rec: RunRecord, pictures: dict) -> list[dict]:
+    """Section 2's pictures: the confusion matrix, and per-class precision and recall with intervals."""
+    n = len(rec.classes)
+    return [c for c in (
+        _chart(pictures.get("class_rates"),
+               f"Bar chart of precision and recall for each of the {n} classes, each with its 95% interval; "
+               f"the same numbers are in the table above.",
+               "Precision (solid bars) and recall (hatched bars) of each class. The whisker is the 95% interval: "
+               "wide when a class has few images, so two classes whose whiskers overlap may not truly differ."),
+        _chart(pictures.get("confusion"),
+               f"Confusion matrix of the {n} classes: one row per true class, one column per predicted class; "
+               f"each cell gives a number of images and is shaded by its share of the row.",
+               "Where the model's answers go: each row is a true class, each column the class the model said. A "
+               "cell counts images; its shading" + (" and percentage give" if n <= 10 else " gives") + " its share "
+               "of the row, so the diagonal is each class's recall and a dark cell off it is a frequent mix-up."),
+    ) if c]
+
+
 # --- 3. class-level findings ----------------------------------------------------------------
 
 def _intervention_rows(f, cls: str) -> list[tuple[str, str]]:
@@ -425,8 +454,18 @@ def sheets(rec: RunRecord, pictures: dict) -> tuple[list[dict], int]:
 
 # --- 5. method reliability ------------------------------------------------------------------
 
-def reliability(rec: RunRecord) -> dict:
+def _cascade_rule(trust: dict) -> str:
+    """How to read the cascade chart, naming only what the chart draws."""
+    if not any(t.get("max_spearman") is not None for t in trust.values()):
+        return "the lower a method's line falls, the more its heatmaps depend on the model."
+    if any(t.get("decisive_step") is not None for t in trust.values()):
+        return "a method passes when its line is below the dashed threshold at the step marked 'decided here'."
+    return "a method passes when its line falls below the dashed threshold."
+
+
+def reliability(rec: RunRecord, pictures: dict | None = None) -> dict:
     trust, spec = rec.run.get("trust") or {}, _Spec(rec.config.get("trust") or {})
+    pictures = pictures or {}
     rows = []
     for name in rec.run["methods"]:
         t, check = trust.get(name), rec.coverage.methods.get(name)
@@ -459,7 +498,12 @@ def reliability(rec: RunRecord) -> dict:
         intro = (f"{n_ok} of {_plural(len(rows), 'method')} passed the trust gate. A method passes when its "
                  f"heatmaps depend on the model (they change once its weights are randomised) and are faithful "
                  f"(removing the pixels it marks hurts the prediction more than removing random ones).")
-    return {"intro": intro, "rows": rows}
+    cascade = pictures.get("cascade")
+    chart = {"file": cascade, "alt": "Line chart: for each method, how much its heatmaps still resemble the "
+                                     "originals as more of the model is randomised, with the threshold dashed",
+             "caption": "How much each method's heatmaps still look like the originals as more and more of the "
+                        "model is randomised, from the top down: " + _cascade_rule(trust)} if cascade else None
+    return {"intro": intro, "rows": rows, "chart": chart}
 
 
 # --- 6. changes since the previous audit ----------------------------------------------------
@@ -589,11 +633,11 @@ def context(rec: RunRecord, pictures: dict) -> dict:
         "verdict_lines": lines, "checks": checks_table(rec), "gate": gate_rows(rec),
         "weights": (f"{Path(weights).name} (sha256 {str(run['weights_sha256'])[:12]}…)" if weights else
                     f"loaded by the factory (model state sha256 {state[:12]}…)" if state else "none given"),
-        "numbers": numbers, "per_class": per_class,
+        "numbers": numbers, "per_class": per_class, "key_charts": key_charts(rec, pictures),
         "class_findings": class_findings(rec, pictures),
         "gallery": cards, "rest": rest_groups(rest), "gallery_note": gallery_note,
         "sheets": small, "sheets_note": sheets_note,
-        "reliability": reliability(rec), "changes": changes(rec.diff),
+        "reliability": reliability(rec, pictures), "changes": changes(rec.diff),
         "skipped": [{"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))} for s in rec.skipped],
         "warnings": [str(w) for w in rec.warnings],
         "errors": [f"check {e['rule']} failed: {e['error']}" for e in rec.errors],

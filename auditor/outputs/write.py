@@ -89,7 +89,9 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
     boxed); the next ``thumbnails`` flagged images as numbered tiles, many to a picture
     (``sheets``: file, first number, and per tile its sample and method); per class finding (by
     position) the class's mean heatmap and up to six example overlays. Pixel sizes fit the printed
-    size at about 150 dpi (see ``auditor.outputs.overlay``). Returns the file names, relative to
+    size at about 150 dpi (see ``auditor.outputs.overlay``). Charts: the trust gate's cascade
+    (``cascade``, a file name), the confusion matrix (``confusion``) and per-class precision and
+    recall (``class_rates``), each a file name and its printed width. Returns the file names, relative to
     ``folder``, and writes them to ``PICTURES`` too, so the report can be rendered again."""
     images = folder / "images"
     images.mkdir()
@@ -168,6 +170,14 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
             pic = overlay(base, ev.heatmaps[method][i], boxes) if i in ev.heatmaps[method] else base
             entry["exemplars"].append({"file": rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": int(i)})
         pictures["classes"][n] = entry
+    from auditor.outputs.charts import cascade_chart
+    from auditor.outputs.plots import class_rates_chart, confusion_chart, width_mm
+    if cascade_chart(record.run.get("trust") or {}, folder / "images" / "cascade.png"):
+        pictures["cascade"] = "images/cascade.png"  # the trust gate's randomisation curves (section 5)
+    confusion = record.metrics.confusion  # section 2: the confusion matrix, precision and recall per class
+    for key, draw in (("confusion", confusion_chart), ("class_rates", class_rates_chart)):
+        if path := draw(confusion.get("classes") or classes, confusion.get("matrix") or [], images / f"{key}.png"):
+            pictures[key] = {"file": rel(path), "width_mm": width_mm(path)}
     (folder / PICTURES).write_text(json.dumps(pictures, indent=1))
     return pictures
 
