@@ -22,6 +22,8 @@ def test_control_boxes_have_the_size_and_never_overlap():
         assert np.isclose(x1 - x0, 0.2) and np.isclose(y1 - y0, 0.2) and 0 <= x0 and x1 <= 1 and y1 <= 1
         assert x0 >= 0.2 or y1 <= 0.8                 # outside the box
     assert control_boxes((0.0, 0.0, 1.0, 1.0), 3, rng) == []   # no room: no placebo
+    strips = control_boxes((0.0, 0.85, 1.0, 1.0), 3, rng)        # a border strip: the same strip higher up
+    assert len(strips) == 3 and all(x0 == 0 and x1 == 1 and y1 <= 0.85 for x0, _, x1, y1 in strips)
 
 
 def test_an_effect_must_beat_its_placebo():

@@ -178,9 +178,9 @@ def control_boxes(box, n: int, rng: np.random.Generator) -> list[tuple[float, fl
     w, h = x1 - x0, y1 - y0
     out = []
     for _ in range(50 * n):
-        if len(out) == n or w >= 1 or h >= 1:
+        if len(out) == n or (w >= 1 and h >= 1):
             break
-        cx, cy = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+        cx, cy = rng.uniform(0, max(0.0, 1 - w)), rng.uniform(0, max(0.0, 1 - h))  # a full-width strip moves up or down
         if cx >= x1 or cx + w <= x0 or cy >= y1 or cy + h <= y0:
             out.append((float(cx), float(cy), float(cx + w), float(cy + h)))
     return out
