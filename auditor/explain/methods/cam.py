@@ -1,9 +1,19 @@
-"""Class-activation methods on a layer, through Captum: Grad-CAM and guided Grad-CAM."""
+"""Class-activation methods on a layer: Grad-CAM and guided Grad-CAM.
+
+Grad-CAM reads the layer's output and its gradient through a forward hook, as Captum's
+LayerGradCam does, but first turns both into a feature map [B, C, h, w] with
+``auditor.explain.layers.feature_map``: a convolution's map as it is, a channels-last map
+permuted, a transformer's tokens without their class (and register) tokens reshaped to the patch
+grid. The hook also counts the layer's calls: a module called several times per forward (a
+shared ReLU) has no one feature map, and is refused with its name rather than read at one call.
+"""
 from __future__ import annotations
 
-from captum.attr import GuidedBackprop, LayerGradCam
+import torch
+from captum.attr import GuidedBackprop
 from torch import Tensor, nn
 
+from auditor.explain.layers import feature_map, layout, module_name
 from auditor.explain.methods._common import Count, abs_max, check_inputs, finish, grad_input, in_calls, quiet, register, upsample
 
 
@@ -13,14 +23,33 @@ def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
     if not isinstance(layer, nn.Module):
         raise ValueError(f"{name} needs layer= (an nn.Module of the model), "
                          f"got {type(layer).__name__}")
-    with quiet():
-        cam = LayerGradCam(model, layer).attribute(x.detach(), target=target,
-                                                   relu_attributions=True)
-    if isinstance(cam, tuple) or cam.dim() != 4 or cam.shape[1] != 1:
-        shape = [tuple(c.shape) for c in cam] if isinstance(cam, tuple) else tuple(cam.shape)
-        raise ValueError(f"{name}: layer {type(layer).__name__} must output one feature map "
-                         f"[B, C, h, w]; Grad-CAM there has shape {shape}")
-    return upsample(cam.detach(), x.shape[2:])
+    outs: list = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: outs.append(output))
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().requires_grad_(True))  # a graph even where weights are frozen
+            where = f"{name}: layer {module_name(model, layer)!r} ({type(layer).__name__})"
+            if len(outs) != 1:
+                raise ValueError(f"{where} is called {len(outs)} times per forward pass, so Grad-CAM has no "
+                                 f"one feature map to read; set model.target_layer to a module called once "
+                                 f"(e.g. the block around it)" if outs else
+                                 f"{where} is not called in the model's forward pass")
+            act = outs[0]
+            if not isinstance(act, Tensor):
+                raise ValueError(f"{where} outputs {type(act).__name__}, not one tensor")
+            grad, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), act, allow_unused=True)
+    finally:
+        handle.remove()
+    hw = tuple(x.shape[2:])
+    grad = torch.zeros_like(act) if grad is None else grad
+    a, g = feature_map(act.detach(), hw, where), feature_map(grad, hw, where)
+    lay = layout(tuple(act.shape), hw)
+    if lay.kind == "tokens" and lay.extra and not g.any() and grad.any():
+        raise ValueError(f"{where}: the target's gradient reaches only its {lay.extra} leading (class) "
+                         f"token(s), none of the patch tokens, so its map would be empty; choose an earlier "
+                         f"layer, e.g. the last block's first norm (the default)")
+    cam = (g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True).clamp_min(0)
+    return upsample(cam.detach(), hw)
 
 
 @register("gradcam", title='Grad-CAM',
@@ -30,7 +59,7 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None
             max_rows: Count = 256) -> Tensor:
     """Grad-CAM: layer maps weighted by their mean gradient, ReLU, bilinear upsampling.
 
-    Selvaraju et al. 2017, through Captum's LayerGradCam on ``layer``.
+    Selvaraju et al. 2017; on a transformer's tokens, the reshape of pytorch-grad-cam's recipe.
     """
     target = check_inputs("gradcam", x, target)
     return finish("gradcam", in_calls(model, x, target, max_rows,
@@ -46,6 +75,7 @@ def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor,
 
     Captum's GuidedGradCam with bilinear (not nearest) upsampling, so the CAM matches gradcam.
     Two passes: Grad-CAM needs the plain gradient at the layer, guided backprop the modified one.
+    On a model without nn.ReLU modules (a ViT) the guided part is the plain gradient.
     """
     target = check_inputs("guided_gradcam", x, target)
 

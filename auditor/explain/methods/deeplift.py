@@ -15,9 +15,15 @@ Rules, as in Captum (Shrikumar et al. 2017): an elementwise non-linearity f gets
 multiplier (f(a) - f(a0)) / (a - a0), or f'(a) where a and a0 coincide; a MaxPool2d sends
 the change of each window's maximum to the position that is the maximum in the input (when
 the input's maximum is larger) or in the baseline (otherwise), through scatter-add, which
-stays exact for overlapping windows. Linear modules need no rule. Activations called as
-functions (F.relu in ``forward``) are not modules, so they pass the plain gradient: the sum of
-the attributions then no longer equals f(x) - f(baseline) exactly.
+stays exact for overlapping windows. Linear modules need no rule.
+
+DeepLift has no rule for LayerNorm, softmax or attention (products of two inputs): through them
+the multipliers are plain gradients, and on a ViT or a ConvNeXt the result is input x gradient
+to the bit, missing the change of the logit by half or more. A model holding such modules is
+refused before any pass (``no_rule``). Activations called as functions (F.relu or F.gelu in
+``forward``) are not modules and pass the plain gradient too; they are caught afterwards by
+summation to delta: the attributions of each image must add up to logit(x) - logit(baseline)
+within ``SUM_TOLERANCE`` of that change, or the method refuses rather than show them.
 """
 from __future__ import annotations
 
@@ -34,6 +40,30 @@ ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GEL
                nn.Mish, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
                nn.Hardsigmoid)
 EPS = 1e-10  # Captum's: below this difference the multiplier is the local derivative
+SUM_TOLERANCE = 0.01  # share of |logit(x) - logit(baseline)| the attributions' sum may miss
+# Non-linear modules with no DeepLift rule here; also any class whose name says it is one.
+NO_RULE = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.instancenorm._InstanceNorm,
+           nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.MultiheadAttention, nn.GLU,
+           nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+NO_RULE_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm", "Attention", "Softmax")
+ACTIVATION_NAMES = ("GELU", "SiLU", "Swish", "Mish", "ReLU", "Sigmoid", "Tanh", "Activation")
+
+
+def no_rule(model: nn.Module) -> str | None:
+    """Why DeepLift cannot explain ``model`` (its modules without a rule), or None."""
+    found: dict[str, str] = {}
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        ruled = isinstance(m, ELEMENTWISE) or (isinstance(m, nn.MaxPool2d) and not m.return_indices)
+        if not ruled and (isinstance(m, NO_RULE) or any(w in kind for w in NO_RULE_NAMES)
+                          or (next(m.children(), None) is None and any(w in kind for w in ACTIVATION_NAMES))):
+            found.setdefault(kind, name)
+    if not found:
+        return None
+    kinds = ", ".join(found)
+    first = next(iter(found.values()))
+    return (f"DeepLift has no rule for {kinds} (e.g. {first!r}: normalisation, attention or an activation "
+            f"it does not know); its attributions would not sum to the output change")
 
 
 class _Rescale(torch.autograd.Function):
@@ -107,7 +137,7 @@ def rescaled(model: nn.Module, baseline: Tensor) -> Iterator[None]:
     On entry the baseline (one row) goes through the model once, and every swapped module keeps
     what it saw at each of its calls (a module may be called several times per forward); each
     later forward of the inputs takes the k-th call's baseline for a module's k-th call, so no
-    call carries a baseline row."""
+    call carries a baseline row. Yields the model's output for the baseline."""
     seen: dict[nn.Module, list] = {}   # module -> per call: the baseline's input and output(s)
     calls: dict[nn.Module, int] = {}   # module -> calls so far in the current forward
     recording = [True]
@@ -144,9 +174,9 @@ def rescaled(model: nn.Module, baseline: Tensor) -> Iterator[None]:
     reset = model.register_forward_pre_hook(lambda *_: calls.clear())
     try:
         with torch.no_grad():
-            model(baseline)
+            out0 = model(baseline)
         recording[0] = False
-        yield
+        yield out0
     finally:
         reset.remove()
         for mod, own_forward, inplace in swapped:
@@ -163,22 +193,44 @@ def attributions(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 
     The baseline, the same for every image, goes through the model once; the images then run in
     chunks of ``rows_per_call``, one forward and one backward per image. The attribution is
     (x - baseline) times the DeepLift multipliers, which for a network of modules sums to
-    logit(x) - logit(baseline)."""
+    logit(x) - logit(baseline); ValueError where the model's modules have no rule, or an image's
+    attributions miss that change by more than ``SUM_TOLERANCE`` of it (summation to delta)."""
+    why = no_rule(model)
+    if why:
+        raise ValueError(f"deeplift: {why}")
+
     def attribute(xs, ts):
         xs = xs.detach().requires_grad_(True)
-        grad, = torch.autograd.grad(model(xs).gather(1, ts[:, None]).sum(), xs)
-        return xs.detach() * grad
+        y = model(xs).gather(1, ts[:, None])[:, 0]
+        grad, = torch.autograd.grad(y.sum(), xs)
+        attr = xs.detach() * grad
+        summed_to_delta(attr, y.detach() - y0[0, ts], y.detach().abs() + y0[0, ts].abs())
+        return attr
 
     if not x.shape[0]:
         return torch.zeros_like(x)
     rows_per_call(model, x, max_rows)  # sizes the calls on the model as it is, before the swap
-    with rescaled(model, torch.zeros_like(x[:1])), torch.enable_grad():
+    with rescaled(model, torch.zeros_like(x[:1])) as y0, torch.enable_grad():
         return in_calls(model, x, target, max_rows, attribute)
+
+
+def summed_to_delta(attr: Tensor, delta: Tensor, scale: Tensor) -> None:
+    """Refuse attributions whose per-image sums miss ``delta`` (the logit's change) by more than
+    ``SUM_TOLERANCE`` of it (plus float rounding at the logits' ``scale``); NaN is left to finish."""
+    miss = (attr.flatten(1).sum(1) - delta).abs()
+    bad = miss > SUM_TOLERANCE * delta.abs() + 1e-4 * scale + 1e-6
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        share = miss[i] / delta[i].abs().clamp_min(1e-12)
+        raise ValueError(f"deeplift: the attributions miss the change of the target logit by {share:.0%} "
+                         f"on {int(bad.sum())} of {len(bad)} images (summation to delta); a non-linear "
+                         f"function called in forward (F.relu, F.gelu, a product) has no DeepLift rule "
+                         f"here, so they are refused rather than shown")
 
 
 @register("deeplift", title='DeepLift',
           glossary='It compares the image with a plain baseline and shares the change in the output among the pixels; bright pixels moved the score towards the class.',
-          passes=lambda p, hw: (1, 1))
+          passes=lambda p, hw: (1, 1), not_applicable=no_rule)
 def deeplift(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """DeepLift (Rescale rule) from the mean image (0), positive part of the channel sum."""
     target = check_inputs("deeplift", x, target)

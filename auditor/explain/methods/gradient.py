@@ -133,22 +133,40 @@ def gradient_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count 
     return finish("gradient_shap", pos_sum(total))
 
 
+def no_relu(model: nn.Module) -> str | None:
+    """Why guided backprop and deconvolution mean nothing here (no nn.ReLU module), or None."""
+    if any(isinstance(m, nn.ReLU) for m in model.modules()):
+        return None
+    acts = sorted({type(m).__name__ for m in model.modules() if next(m.children(), None) is None
+                   and any(w in type(m).__name__ for w in ("GELU", "SiLU", "Swish", "Mish", "Activation", "Tanh"))})
+    return (f"the model has no nn.ReLU module ({'its activations: ' + ', '.join(acts) if acts else 'none is hooked'}); "
+            f"this method changes only how ReLU modules pass gradients back, so here it would be exactly saliency")
+
+
+def _refuse_without_relu(name: str, model: nn.Module) -> None:
+    why = no_relu(model)
+    if why:
+        raise ValueError(f"{name}: {why}")
+
+
 @register("guided_backprop", title='Guided backpropagation',
           glossary='Its maps are sharp, but they often look alike whatever the model has learned, so they are a weak witness on their own.',
-          passes=lambda p, hw: (1, 1))
+          passes=lambda p, hw: (1, 1), not_applicable=no_relu)
 def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Guided backprop: gradient with negative signals cut at each nn.ReLU, |.| max over channels.
 
     Works with in-place and reused nn.ReLU modules (the guided rule uses only each call's own
-    input gradient); functional F.relu is not hooked and acts as a plain ReLU gradient.
+    input gradient); functional F.relu is not hooked and acts as a plain ReLU gradient. Refuses
+    a model with no nn.ReLU module (a ViT, a ConvNeXt): there it would be saliency exactly.
     """
     target = check_inputs("guided_backprop", x, target)
+    _refuse_without_relu("guided_backprop", model)
     return finish("guided_backprop", _abs_grads(model, x, target, max_rows, GuidedBackprop(model)))
 
 
 @register("deconvolution", title='Deconvolution',
           glossary="It shows which input patterns excite the network, but barely depends on the model's top layers, so read it next to a class-specific method such as Grad-CAM.",
-          passes=lambda p, hw: (1, 1))
+          passes=lambda p, hw: (1, 1), not_applicable=no_relu)
 def deconvolution(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Deconvolution: ReLUs pass back only positive gradients, |.| max over channels.
 
@@ -157,6 +175,7 @@ def deconvolution(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count =
     Refuses a reused nn.ReLU module: Captum keeps one output gradient per module.
     """
     target = check_inputs("deconvolution", x, target)
+    _refuse_without_relu("deconvolution", model)
     why = "Captum's Deconvolution keeps one output gradient per ReLU module, so reuse can mix them."
     with single_use("deconvolution", model, (nn.ReLU,), why):
         heat = _abs_grads(model, x, target, max_rows, Deconvolution(model))

@@ -5,7 +5,7 @@ import torch
 from captum.attr import Occlusion
 from torch import Tensor, nn
 
-from auditor.explain.methods._common import Count, Share, check_inputs, finish, pos_sum, quiet, register, rows_per_call
+from auditor.explain.methods._common import Count, Share, check_inputs, finish, quiet, register, rows_per_call
 
 
 def _window(hw: tuple[int, int], window: Share, stride: Share) -> tuple[tuple, tuple]:
@@ -34,6 +34,8 @@ def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: Share = 0.125
     Window = ``window`` x the image side (1/8: 8 px at 64, 28 px at 224), stride = ``stride`` x
     the window; each pixel averages the windows covering it (Captum's Occlusion). Forwards
     per image: 1 + number of windows (225 at the defaults when the side is a multiple of 16).
+    A window spans every channel, so Captum gives each of a pixel's C channels the same drop:
+    one channel is the map (their sum would be C times the drop).
     """
     target = check_inputs("occlusion", x, target)
     C, H, W = x.shape[1:]
@@ -46,4 +48,4 @@ def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: Share = 0.125
             out.append(occ.attribute(xs, sliding_window_shapes=(C, *win), strides=(C, *step),
                                      baselines=0.0, target=target[s:s + rows],
                                      perturbations_per_eval=max(1, rows // xs.shape[0])))
-    return finish("occlusion", pos_sum(torch.cat(out)))
+    return finish("occlusion", torch.cat(out)[:, 0].clamp_min(0))
