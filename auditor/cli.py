@@ -175,7 +175,7 @@ def rules() -> None:
 
 
 @app.command()
-def history(dir: Path = typer.Argument(..., help="the folder holding the run folders, e.g. reports"),
+def history(folder: Path = typer.Argument(..., metavar="DIR", help="the folder holding the run folders, e.g. reports"),
             out: Optional[Path] = typer.Option(None, "--out", help="the HTML file to write (default: "
                                                "DIR/history.html); the PDF goes beside it"),
             debug: bool = DEBUG) -> None:
@@ -184,7 +184,7 @@ def history(dir: Path = typer.Argument(..., help="the folder holding the run fol
     with one_line_errors(debug):
         from auditor.outputs.history import write_history
 
-        written, n, skipped = write_history(dir, out)
+        written, n, skipped = write_history(folder, out)
     for s in skipped:
         say(f"skipped {s['folder']}: {s['reason']}")
     say(f"{n} runs read")

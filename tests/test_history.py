@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from auditor.cli import app
 from auditor.outputs import history, plots
 from auditor.outputs.write import load_pictures, rerender, write_run
+from auditor.record import Waived
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL = "<script>alert(1)</script>$x$"
@@ -35,9 +36,9 @@ def _bench():
     return mod
 
 
-def _run(res, out: Path, day: int, *, drop=(), data="0", factory=None, trust=None, passed=False):
+def _run(res, out: Path, day: int, *, drop=(), data="0", factory=None, trust=None, passed=False, waive=False):
     """Write one variant of the synthetic run: its date, data fingerprint, class findings dropped
-    by rule, another model.factory, other trust settings, a passing gate."""
+    by rule, another model.factory, other trust settings, a passing gate, its class findings waived."""
     rec = res.record
     cfg = json.loads(json.dumps(rec.run["config"]))
     if factory:
@@ -45,7 +46,9 @@ def _run(res, out: Path, day: int, *, drop=(), data="0", factory=None, trust=Non
     if trust:
         cfg["trust"].update(trust)
     run = {**rec.run, "started": f"2026-11-{day:02d}T02:15:00+00:00", "data_fingerprint": data * 64, "config": cfg}
-    update = {"run": run, "class_findings": tuple(f for f in rec.class_findings if f.rule not in drop)}
+    waiver = Waived(waiver=0, owner="jane@example.com", reason=f"TICKET-1 {EVIL}", expires="2026-12-31")
+    update = {"run": run, "class_findings": tuple(f.model_copy(update={"waived": waiver}) if waive else f
+                                                  for f in rec.class_findings if f.rule not in drop)}
     if passed:
         update["gate"] = rec.gate.model_copy(update={"passed": True, "verdict": "PASS", "failed": []})
     return write_run(dataclasses.replace(res, record=rec.model_copy(update=update)), out)
@@ -85,7 +88,7 @@ def runs(tmp_path_factory):
     _run(a, out, 2, drop=("fixed_location",))                   # fixed_location resolved here
     _run(a, out, 3, drop=("fixed_location", "corner_border"), data="1")   # new data (A): corner resolved
     _run(a, out, 4, drop=("fixed_location", "corner_border"), data="1", trust={"max_spearman": 0.3}, passed=True)
-    _run(a, out, 6, drop=("fixed_location",), data="1", trust={"max_spearman": 0.3})  # corner is back
+    _run(a, out, 6, drop=("fixed_location",), data="1", trust={"max_spearman": 0.3}, waive=True)  # back, waived
     _run(a, out, 5, factory="other.py:make")                    # family C
     b = bench.synthetic_result(tmp / "data-b", 3, classes=[EVIL, "cat", "dog", "emu"], correct_per_class=3)
     b.cfg.report.formats = ["json"]
@@ -128,6 +131,8 @@ def test_runs_are_grouped_by_family_in_time_order(runs):
     assert a["rows"][0]["verdict"] == "FAIL" and a["rows"][4]["verdict"] == "PASS"
     assert a["rows"][1]["confirmed"] == ["corner_border: gravel", "fixed_location: gravel"]
     assert re.fullmatch(r"\d+\.\d% to \d+\.\d%", a["rows"][1]["interval"])
+    assert a["rows"][5]["waivers"] == [f"jane@example.com until 2026-12-31 (1 finding): TICKET-1 {EVIL}"]
+    assert a["rows"][4]["waivers"] == []
     assert [x["date"][:10] for x in a["failures"]] == ["2026-10-31", "2026-11-01", "2026-11-02", "2026-11-03",
                                                        "2026-11-06"]
     assert a["failures"][0]["lines"] == ["severity: 1 finding(s) at or above 'high' (worst: high)"]

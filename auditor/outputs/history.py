@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.resources import files
@@ -30,14 +31,17 @@ from auditor.outputs.report import _env, _list, _plural, render_pdf, wilson
 from auditor.record import RunRecord, severity_rank
 
 IMAGES = "history-images"
+IDENT = ("weights_sha256", "model_sha256", "data_fingerprint")
+VERDICT_CSS = {"PASS": "pass", "FAIL": "fail", "INCOMPLETE": "fail"}
 WORST_FIRST = tuple(reversed(SEVERITIES))
 
 
 @dataclass
 class Run:
-    """What the history shows of one run, read from its record."""
+    """What the history shows of one run, read from its record (not kept: a year of nightly runs
+    with thousands of images each would not fit in memory)."""
     folder: Path
-    record: RunRecord
+    ident: dict                               # weights_sha256, model_sha256, data_fingerprint
     id: str
     started: str
     family: tuple
@@ -53,8 +57,8 @@ class Run:
     failed: list[str]
     settings: dict
     mark: str = ""                            # footnote letter where data or settings changed
-    notes: list[str] = field(default_factory=list)
-    new_model: bool = False
+    changed: list[str] = field(default_factory=list)   # "data", "settings"
+    new_model: bool = False                   # other weights (or model state) than the run before
 
 
 def _when(started: str) -> datetime:
@@ -111,14 +115,16 @@ def read_run(folder: Path) -> Run:
             k = (f.cls, f.rule)
             if k not in keys or severity_rank(f.severity) > severity_rank(keys[k]["severity"]):
                 keys[k] = {"severity": f.severity, "confirmed": bool(f.confirmed)}
-        return Run(folder=folder, record=rec, id=str(run.get("id") or folder.name), started=str(run.get("started") or ""),
+        return Run(folder=folder, ident={k: run.get(k) for k in IDENT}, id=str(run.get("id") or folder.name),
+                   started=str(run.get("started") or ""),
                    family=(tuple(map(str, classes_of(rec))), str(factory_of(rec) or "") or None),
                    verdict=rec.gate.verdict if rec.gate else "no gate", accuracy=m.accuracy, lo=lo, hi=hi,
                    images=m.images, severities={s: sum(f.severity == s for f in everything) for s in WORST_FIRST},
                    confirmed=confirmed, class_keys=keys, waivers=_waivers(rec), failed=_failed(rec),
                    settings=_settings(rec))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{folder.name}/findings.json: could not be read as a run: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{folder.name}/findings.json: could not be read as a run: "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def collect(folder: Path) -> tuple[list[Run], list[dict]]:
@@ -161,23 +167,19 @@ def mark_changes(runs: list[Run]) -> list[dict]:
     in the table, not marked as a change of the measuring."""
     notes = []
     for prev, run in zip(runs, runs[1:]):
-        a, b = prev.record.run, run.record.run
-        what = []
+        a, b = prev.ident, run.ident
+        what = {}
         if a.get("data_fingerprint") != b.get("data_fingerprint"):
-            what.append(f"the data changed (fingerprint {str(a.get('data_fingerprint'))[:10]}… → "
-                        f"{str(b.get('data_fingerprint'))[:10]}…; {prev.images} → {run.images} images)")
-        changed = _changes(prev.settings, run.settings)
-        if changed:
-            what.append(f"the audit settings changed ({_brief(changed)})")
-        run.new_model = (a.get("weights_sha256"), a.get("model_sha256")) != (b.get("weights_sha256"),
-                                                                             b.get("model_sha256"))
+            what["data"] = (f"the data changed (fingerprint {str(a.get('data_fingerprint'))[:10]}… → "
+                            f"{str(b.get('data_fingerprint'))[:10]}…; {prev.images} → {run.images} images)")
+        if settings := _changes(prev.settings, run.settings):
+            what["settings"] = f"the audit settings changed ({_brief(settings)})"
+        run.new_model = any(a.get(k) != b.get(k) for k in ("weights_sha256", "model_sha256"))
         if what:
-            run.mark = _letter(len(notes))
-            run.notes = ["data" if what[0].startswith("the data") else "settings"] + \
-                        (["settings"] if len(what) == 2 else [])
+            run.mark, run.changed = _letter(len(notes)), list(what)
             notes.append({"letter": run.mark, "run": run.id, "date": run.started[:10],
                           "text": f"Run {run.id} ({run.started[:10]}) differs from run {prev.id}: "
-                                  f"{' and '.join(what)}. Changes from this run on may come from that, "
+                                  f"{' and '.join(what.values())}. Changes from this run on may come from that, "
                                   f"not from the model."})
     return notes
 
@@ -216,7 +218,7 @@ def _labels(runs: list[Run]) -> list[str]:
 
 
 def _hash(run: Run) -> str:
-    w, s = run.record.run.get("weights_sha256"), run.record.run.get("model_sha256")
+    w, s = run.ident["weights_sha256"], run.ident["model_sha256"]
     return f"weights {str(w)[:8]}…" if w else f"state {str(s)[:8]}…" if s else "not recorded"
 
 
@@ -233,12 +235,12 @@ def family_context(k: int, runs: list[Run], images: Path) -> dict:
     rows = []
     for r in runs:
         sev = [f"{n} {s}" for s, n in r.severities.items() if n]
-        rows.append({"date": r.started[:16].replace("T", " "), "id": r.id, "hash": _hash(r), "new_model": r.new_model,
-                     "verdict": r.verdict, "css": {"PASS": "pass", "FAIL": "fail", "INCOMPLETE": "fail"}.get(r.verdict, "skip"),
+        rows.append({"date": r.started[:16].replace("T", " "), "id": r.id, "hash": _hash(r),
+                     "new_model": r.new_model, "verdict": r.verdict, "css": VERDICT_CSS.get(r.verdict, "skip"),
                      "accuracy": f"{r.accuracy:.1%}", "interval": f"{r.lo:.1%} to {r.hi:.1%}", "images": r.images,
                      "findings": ", ".join(sev) or "none",
                      "confirmed": [f"{rule}: {', '.join(cls)}" for rule, cls in sorted(r.confirmed.items())],
-                     "waivers": r.waivers, "mark": r.mark, "mark_what": " and ".join(r.notes)})
+                     "waivers": r.waivers, "mark": r.mark, "mark_what": " and ".join(r.changed)})
     classes, factory = runs[0].family
     failures = [{"date": r.started[:16].replace("T", " "), "id": r.id, "verdict": r.verdict, "lines": r.failed}
                 for r in runs if r.verdict != "PASS"]
@@ -247,17 +249,18 @@ def family_context(k: int, runs: list[Run], images: Path) -> dict:
              f"{'passed' if last.verdict == 'PASS' else 'did not pass'} its gate ({last.verdict}) with accuracy "
              f"{last.accuracy:.1%} (95% interval {last.lo:.1%} to {last.hi:.1%})."]
     if len(runs) > 1:
-        lines.append(f"{_plural(len(failures), 'run')} of {len(runs)} did not pass; "
+        lines.append((f"{_plural(len(failures), 'run')} of {len(runs)} did not pass; " if failures else
+                      "Every run passed its gate; ")
                      + (f"{_plural(len(notes), 'run')} audited other data or used other settings than the run "
                         f"before (marked {_list([n['letter'] for n in notes])}): read changes across those marks "
                         f"with care." if notes else "every run audited the same data with the same settings."))
-    shown = list(classes[:12])
+    shown, more = list(classes[:12]), len(classes) - 12
     return {"title": str(factory or "model (factory not recorded)"), "anchor": f"family-{k}",
-            "classes": ", ".join(shown) + (f" and {len(classes) - len(shown)} more" if len(classes) > len(shown) else ""),
+            "classes": ", ".join(shown) + (f" and {more} more" if more > 0 else ""),
             "n_classes": len(classes), "lines": lines, "rows": rows, "notes": notes,
             "accuracy_chart": f"{IMAGES}/{acc.name}" if acc else None,
             "findings_chart": f"{IMAGES}/{found.name}" if found else None,
-            "accuracy_alt": f"Accuracy of each of the {len(runs)} runs in time order, with its 95% interval as a band"
+            "accuracy_alt": f"Accuracy of each of the {len(runs)} runs in time order, with its 95% interval"
                             + (f"; dashed lines mark the runs {_list([m for _, m in marks])}, where the data or "
                                f"settings changed" if marks else ""),
             "findings_alt": "Number of findings of each severity in each run, in time order",
@@ -301,15 +304,18 @@ def write_history(folder: Path, out: Path | None = None) -> tuple[list[Path], in
         where.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {html}: cannot create its folder: {e.strerror or e}") from None
-    new, old = where / f".{IMAGES}.new", where / f".{IMAGES}.old"
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir()
-    partial_html, pdf, partial_pdf = where / f".{html.name}.new", html.with_suffix(".pdf"), where / f".{html.stem}.pdf.new"
+    # Written under hidden names of their own and renamed into place: a reader (or a second history
+    # written at the same time) never sees half of one.
+    new = Path(tempfile.mkdtemp(prefix=f".{IMAGES}.", dir=where))
+    old = where / f"{new.name}.old"
+    pdf = html.with_suffix(".pdf")
+    partial_html, partial_pdf = where / f"{new.name}.html", where / f"{new.name}.pdf"
     try:
         page = render_html(context(folder, runs, skipped, new))
-        if (where / IMAGES).exists():
-            shutil.rmtree(old, ignore_errors=True)
+        try:
             os.rename(where / IMAGES, old)
+        except FileNotFoundError:
+            pass
         os.rename(new, where / IMAGES)
         shutil.rmtree(old, ignore_errors=True)
         partial_html.write_text(page)
