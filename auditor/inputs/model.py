@@ -43,6 +43,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                               f"(code, not tensors); only state dicts of tensors are loaded (weights_only=True)") from None
         why = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in why if "GLOBAL" in ln or "central directory" in ln), why[-1] if why else "")
+        why = why.split(". ")[0]  # torch's first sentence says what; the rest is advice
         raise ConfigError(f"model.weights: {path} cannot be loaded safely (weights_only=True): "
                           f"{type(e).__name__}: {why[:300]}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -138,7 +139,8 @@ def dry_run(model: nn.Module, cfg: AuditConfig, num_classes: int, device: torch.
         raise ConfigError(f"{cfg.source}: model output has shape {got} for one image; expected (1, {num_classes}) "
                           f"= one logit per class in model.classes")
     if not torch.isfinite(out).all():
-        raise ConfigError(f"{cfg.source}: 'model.weights': the model's output is NaN or infinite for a plain "
+        key = "model.weights" if cfg.model.weights is not None else "model.factory"
+        raise ConfigError(f"{cfg.source}: '{key}': the model's output is NaN or infinite for a plain "
                           f"{c}×{h}×{w} input; its weights or its forward are broken")
 
 

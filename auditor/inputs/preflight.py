@@ -23,7 +23,7 @@ OWNER = ".owner"                 # "<hostname> <pid>" of the run writing a parti
 STALE_AFTER_S = 6 * 3600         # no write for this long: no live run is writing there
 
 
-def _probe(folder: Path, what: str) -> None:
+def _probe(folder: Path, prefix: str) -> None:
     """Create and remove a file in ``folder``: the only test of writability that root, ACLs and
     read-only mounts all answer truthfully."""
     try:
@@ -31,29 +31,28 @@ def _probe(folder: Path, what: str) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise ConfigError(f"{what}: cannot write in {folder}: {e.strerror or e}") from None
+        raise ConfigError(f"{prefix}: cannot write in {folder}: {e.strerror or e}") from None
 
 
-def _writable_folder(folder: Path, what: str) -> None:
+def _writable_folder(folder: Path, prefix: str) -> None:
     """``folder`` exists as a writable folder, or can be created (its nearest existing parent is one)."""
     if folder.exists():
         if not folder.is_dir():
-            raise ConfigError(f"{what}: {folder} is not a folder")
-        _probe(folder, what)
+            raise ConfigError(f"{prefix}: {folder} is not a folder")
+        _probe(folder, prefix)
         return
     parent = folder.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"{what}: cannot create {folder}: {parent} is not a folder")
-    _probe(parent, what)
+        raise ConfigError(f"{prefix}: cannot create {folder}: {parent} is not a folder")
+    _probe(parent, prefix)
 
 
 def check_outputs(out: Path, junit: Path | None = None) -> None:
     """Raise a one-line ConfigError when the run folder's parent ``out`` (``--out`` or report.out)
     or the JUnit file's folder cannot be written (or, where missing, created), before any work."""
-    out = Path(out)
-    _writable_folder(out, f"output folder {out}")
+    _writable_folder(Path(out), "output folder")
     if junit is not None:
         junit = Path(junit)
         if junit.is_dir():
