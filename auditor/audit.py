@@ -253,8 +253,8 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     warnings += rec.warnings
     if store.corrupt:
         warnings.append(f"{store.corrupt} corrupted cache entries were detected and recomputed")
-    if not rec.rows:
-        raise ConfigError(f"{cfg.data.root or cfg.data.manifest}: none of the {len(refs)} images could be decoded")
+    if not rec.rows:  # (the engine says why no image could be audited before it gets here)
+        raise ConfigError(f"{cfg.data.root or cfg.data.manifest}: none of the {len(refs)} images could be audited")
 
     samples = pd.DataFrame(rec.rows).set_index("id").sort_index()
     samples.insert(0, "path", [refs[i].rel for i in samples.index])

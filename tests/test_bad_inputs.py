@@ -607,15 +607,13 @@ CASES = [
     Case("cache pages are garbage", _cache_pages, 0, "warning", ("was damaged", "malformed"), check=_moved_aside),
     Case("cache path is a folder", _cache_is_folder, 2, "error", ("run.cache", "cachedir")),
     # ---- outputs and the CLI (the lead wires these)
-    Case("--out is a file", _out_is_file, 2, "error", ("taken", "not a folder"), xfail=WIRING),
-    Case("--junit under a file", _junit_under_a_file, 2, "error", ("junit.xml", "taken is not a folder"),
-         xfail=WIRING),
-    Case("csv cell starting with =", _hostile_for_csv, 0, "ok", (), images=N + 1, xfail=WIRING,
+    Case("--out is a file", _out_is_file, 2, "error", ("taken", "not a folder")),
+    Case("--junit under a file", _junit_under_a_file, 2, "error", ("junit.xml", "taken is not a folder")),
+    Case("csv cell starting with =", _hostile_for_csv, 0, "ok", (), images=N + 1,
          check=_csv_neutralised),
     Case("rich markup in a class name", lambda p: p.cfg["model"].update(classes=["cat", "dog", "[/x]"]) or p.write()
-         and None, 2, "error", ("class folder(s) 'fox' not in model.classes (cat, dog, [/x])",), xfail=WIRING),
-    Case("escape sequence in a class name", _escape_in_class, 2, "error", ("class folder(s) 'fox' not in",),
-         xfail=WIRING, check=_no_escapes),
+         and None, 2, "error", ("class folder(s) 'fox' not in model.classes (cat, dog, [/x])",)),
+    Case("escape sequence in a class name", _escape_in_class, 2, "error", ("class folder(s) 'fox' not in",), check=_no_escapes),
 ]
 
 
@@ -659,7 +657,6 @@ def test_bad_input(proj, case: Case):
         case.check(proj, doc, out)
 
 
-@pytest.mark.xfail(strict=False, reason=WIRING)
 def test_a_crash_is_one_line_without_a_traceback(proj, monkeypatch):
     """A bug inside the pipeline (not a bad input) still exits 2 with one line."""
     import auditor.explain.engine as engine
