@@ -114,9 +114,10 @@ class _Seen:
 
 
 def default_layer(model: nn.Module, input_shape: tuple[int, int, int],
-                  device: torch.device | None = None) -> tuple[str, nn.Module] | None:
-    """(name, module) of the default Grad-CAM layer (module docstring), or None when no module
-    called once gives a spatial map the output depends on. The model's modes are restored."""
+                  device: torch.device | None = None) -> nn.Module | None:
+    """The default Grad-CAM layer (module docstring) for inputs [C, H, W] = ``input_shape``, or
+    None when no module called once gives a spatial map the output depends on (``module_name``
+    names it). One forward and backward pass of one row; the model's modes are restored."""
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     hw = tuple(input_shape[1:])
     calls: dict[str, int] = {}
@@ -165,5 +166,4 @@ def default_layer(model: nn.Module, input_shape: tuple[int, int, int],
         norms = [s for s in live if layout(tuple(s.tensor.shape), hw).kind != "nchw"
                  and _is_norm(mods[s.names[-1]])]
         last = norms[-1] if norms else last
-    name = last.names[-1]  # the outermost: it finished last among those returning this tensor
-    return name, mods[name]
+    return mods[last.names[-1]]  # the outermost: it finished last among those returning this tensor

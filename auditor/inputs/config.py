@@ -50,18 +50,20 @@ class InputSpec(Strict):
 
 
 class ModelSpec(Strict):
-    factory: str = Field(description="package.module:function or path/to/file.py:function")
+    factory: str | None = Field(None, description="package.module:function or path/to/file.py:function")
+    huggingface: Path | None = Field(None, description="instead of factory: a Hugging Face save_pretrained folder "
+                                     "(config.json, model.safetensors, preprocessor_config.json)")
     kwargs: dict[str, Any] = {}
     weights: Path | None = None
     classes: list[str] | None = None
     classes_file: Path | None = None
-    input: InputSpec
+    input: InputSpec | None = None
     target_layer: str | None = None
 
     @field_validator("factory")
     @classmethod
-    def _factory_form(cls, v: str) -> str:
-        if ":" not in v:
+    def _factory_form(cls, v: str | None) -> str | None:
+        if v is not None and ":" not in v:
             raise ValueError("must be 'package.module:function' or 'path/to/file.py:function'")
         return v
 
@@ -74,9 +76,42 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _one_class_source(self):
+        if (self.factory is None) == (self.huggingface is None):
+            raise ValueError("give exactly one of model.factory (a function that builds the model) or "
+                             "model.huggingface (a save_pretrained folder)")
+        if self.huggingface is not None:
+            if self.kwargs or self.weights is not None:
+                raise ValueError("model.kwargs and model.weights do not go with model.huggingface "
+                                 "(its folder's model.safetensors is loaded)")
+            if self.__dict__["classes"] is not None and self.classes_file is not None:  # as given: no folder read
+                raise ValueError("give at most one of model.classes or model.classes_file "
+                                 "(none: config.json's id2label)")
+            # The folder's weights: resolved against the config's folder and checked like any weights
+            # file (after prepare), hashed into the record; ``huggingface_folder`` is their folder.
+            self.weights = self.huggingface / "model.safetensors"
+            return self
         if (self.classes is None) == (self.classes_file is None):
             raise ValueError("give exactly one of model.classes or model.classes_file")
+        if self.input is None:
+            raise ValueError("model.input is required with model.factory: {size: [H, W], channels, mean, std}")
         return self
+
+    @property
+    def huggingface_folder(self) -> Path | None:
+        """The model.huggingface folder, resolved (the parent of its resolved weights file)."""
+        return None if self.huggingface is None else self.weights.parent
+
+    def __getattribute__(self, name: str):
+        """With model.huggingface, ``classes`` and ``input`` not given are read from the folder at
+        first use (after ``prepare``, which may write it): id2label, preprocessor_config.json."""
+        value = super().__getattribute__(name)
+        if value is None and name in ("classes", "input") and super().__getattribute__("huggingface") is not None \
+                and not (name == "classes" and super().__getattribute__("classes_file") is not None):
+            from auditor.inputs import huggingface
+            folder = self.huggingface_folder
+            value = huggingface.class_names(folder) if name == "classes" else huggingface.input_spec(folder)
+            self.__dict__[name] = value
+        return value
 
 
 class DataSpec(Strict):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from auditor.inputs import huggingface
 from auditor.inputs.config import AuditConfig, ConfigError, describe_exception, import_object
 
 # What a state dict's pickle may import; anything else is code and the file is refused.
@@ -82,6 +83,8 @@ def _names(keys, limit: int = 5) -> str:
 
 
 def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.Module:
+    if cfg.model.huggingface is not None:  # a save_pretrained folder: auditor/inputs/huggingface.py
+        return huggingface.build(cfg, num_classes, device)
     factory = import_object(cfg.model.factory, cfg.folder, "model.factory", cfg.source)
     try:
         model = factory(**cfg.model.kwargs)
@@ -108,7 +111,7 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
                 parts.append("shape differs: " + _names(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                        for k in shape))
             raise ConfigError(f"{cfg.source}: 'model.weights': {cfg.model.weights.name} does not fit the model "
-                              f"({'; '.join(parts)})")
+                              f"({'; '.join(parts)}){huggingface.prefix_hint(set(own), set(state))}")
         try:
             model.load_state_dict(state)
         except Exception as e:  # e.g. a dtype the module refuses
@@ -121,6 +124,7 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
                           f"{describe_exception(e)}") from None
     for p in model.parameters():
         p.requires_grad_(False)  # explanations need input gradients only
+    model = huggingface.unwrap_logits(model, cfg, device)  # an output with .logits: its logits, with a note
     dry_run(model, cfg, num_classes, device)
     return model
 

@@ -1,0 +1,203 @@
+"""Hugging Face image classifiers: a ``save_pretrained`` folder as a model returning logits.
+
+``model: {huggingface: path/to/folder}`` loads the folder with
+``AutoModelForImageClassification.from_pretrained(folder, local_files_only=True,
+use_safetensors=True, trust_remote_code=False)``: nothing is downloaded, no pickle is read and
+no code from the folder runs. The model is wrapped in ``Logits``, whose forward returns the
+output's ``.logits`` tensor. Where the config gives no ``model.classes`` (or ``classes_file``),
+the class names are ``config.json``'s ``id2label``; where it gives no ``model.input``, the size,
+channels, mean and std come from ``preprocessor_config.json`` (and ``config.json``'s
+``num_channels``).
+
+A factory's model whose output is such an object (``.logits``) or a dict with ``"logits"`` is
+wrapped the same way by ``unwrap_logits``, with a note (``Logits.note``) instead of a refusal.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from auditor.inputs.config import AuditConfig, ConfigError, InputSpec, describe_exception
+
+CONFIG, PREPROCESSOR = "config.json", "preprocessor_config.json"
+
+
+def logits_of(out: Any) -> Any:
+    """The logits tensor of a model's output: the output itself, its ``.logits`` or its
+    ``["logits"]``; anything else is returned as it is (the dry run then says what it is)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    return out.logits if isinstance(getattr(out, "logits", None), Tensor) else out
+
+
+class Logits(nn.Module):
+    """``model`` whose forward returns the logits tensor of the wrapped model's output."""
+
+    def __init__(self, model: nn.Module, note: str = ""):
+        super().__init__()
+        self.model, self.note = model, note
+
+    def forward(self, x: Tensor) -> Tensor:
+        return logits_of(self.model(x))
+
+
+def unwrap_logits(model: nn.Module, cfg: AuditConfig, device: torch.device) -> nn.Module:
+    """``model``, or ``Logits(model)`` with a note where one all-zero input shows that its output
+    is an object with ``.logits`` (a Hugging Face output) or a dict with ``"logits"``."""
+    c, (h, w) = cfg.model.input.channels, cfg.model.input.size
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, c, h, w, device=device))
+    except (Exception, SystemExit):  # the dry run that follows reports it
+        return model
+    if isinstance(out, Tensor) or logits_of(out) is out:
+        return model
+    field = ".logits" if isinstance(getattr(out, "logits", None), Tensor) else '["logits"]'
+    return Logits(model, f"model.factory: the model returns {type(out).__name__}, not a tensor; "
+                         f"its {field} are audited")
+
+
+def _read_json(path: Path, key: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"'{key}': not given, and {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"'{key}': not given, and {path} is not readable JSON: {describe_exception(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{key}': not given, and {path} is not a JSON object")
+    return data
+
+
+def class_names(folder: Path) -> list[str]:
+    """``config.json``'s ``id2label`` in index order (0..K-1, every index once)."""
+    labels = _read_json(folder / CONFIG, "model.classes").get("id2label")
+    where = f"'model.classes': not given, and {folder / CONFIG}"
+    if not isinstance(labels, dict) or not labels:
+        raise ConfigError(f"{where} has no id2label; give model.classes")
+    try:
+        index = {int(k): str(v) for k, v in labels.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: id2label keys must be class indices, got {sorted(labels)[:3]}") from None
+    if sorted(index) != list(range(len(index))):
+        raise ConfigError(f"{where}: id2label must number the classes 0..{len(index) - 1}, got {sorted(index)[:8]}")
+    return [index[i] for i in range(len(index))]
+
+
+def _side(value: Any) -> tuple[int, int] | None:
+    """(H, W) from a processor's ``size``/``crop_size``: {height, width}, {shortest_edge}, or an int."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, dict):
+        if "height" in value and "width" in value:
+            return int(value["height"]), int(value["width"])
+        if "shortest_edge" in value:  # resize the short side, then (ConvNeXt, CLIP) crop a square
+            return int(value["shortest_edge"]), int(value["shortest_edge"])
+    return None
+
+
+def input_spec(folder: Path) -> InputSpec:
+    """Size, channels, mean and std from ``preprocessor_config.json`` (see docs/models.md for what
+    differs from the processor: the image is resized straight to the size, no crop)."""
+    proc = _read_json(folder / PREPROCESSOR, "model.input")
+    where = f"'model.input': not given, and {folder / PREPROCESSOR}"
+    size = _side(proc.get("crop_size")) if proc.get("do_center_crop") else None
+    size = size or _side(proc.get("size"))
+    if size is None:
+        raise ConfigError(f"{where} gives no usable size ({proc.get('size')!r}); give model.input.size")
+    try:
+        channels = int(_read_json(folder / CONFIG, "model.input").get("num_channels", 3))
+    except (TypeError, ValueError):
+        channels = 3
+    # The processor feeds (p * 255 * r - mean) / std for pixels p in [0, 1] (r = rescale_factor
+    # where do_rescale); auditor feeds (p - mean') / std', so mean' = mean / (255 r), std' = std / (255 r).
+    scale = 255.0 * (float(proc.get("rescale_factor", 1 / 255)) if proc.get("do_rescale", True) else 1.0)
+    if proc.get("do_normalize", True):
+        mean, std = proc.get("image_mean", [0.0]), proc.get("image_std", [1.0])
+    else:
+        mean, std = [0.0], [1.0]
+    mean = [float(m) / scale for m in (mean if isinstance(mean, list) else [mean])]
+    std = [float(s) / scale for s in (std if isinstance(std, list) else [std])]
+    try:
+        return InputSpec(size=size, channels=channels, mean=mean, std=std)
+    except Exception as e:  # pydantic's ValidationError: a channel count or stats that do not fit
+        raise ConfigError(f"{where} gives an input auditor cannot use ({describe_exception(e, 200)}); "
+                          f"give model.input") from None
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or load reports on the console for the duration."""
+    from transformers.utils import logging
+    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load(folder: Path, source: Path = Path("audit.yaml")) -> Logits:
+    """The folder's image classifier, on the CPU, wrapped to return logits."""
+    try:
+        from transformers import AutoModelForImageClassification
+    except ImportError:
+        raise ConfigError(f"{source}: 'model.huggingface': needs the transformers package "
+                          f"(pip install 'auditor[hf]')") from None
+    if not (folder / CONFIG).is_file():
+        raise ConfigError(f"{source}: 'model.huggingface': {folder} has no {CONFIG}; give a folder "
+                          f"written by save_pretrained")
+    try:
+        with _quiet_transformers():
+            model = AutoModelForImageClassification.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True, trust_remote_code=False)
+    except (Exception, SystemExit) as e:
+        raise ConfigError(f"{source}: 'model.huggingface': {folder} does not load as an image classifier "
+                          f"(from_pretrained, safetensors only, no remote code): {describe_exception(e)}") from None
+    return Logits(model)
+
+
+def prefix_hint(own: set[str], found: set[str]) -> str:
+    """Where the model's keys are the file's with one prefix added (or removed), e.g. a wrapper's
+    ``model.``: a sentence that says so; else ''."""
+    for a, b, how in ((own, found, "add"), (found, own, "lack")):
+        for key in sorted(a)[:1]:
+            for cut in range(1, key.count(".") + 1):
+                prefix = ".".join(key.split(".")[:cut]) + "."
+                if {k[len(prefix):] for k in a if k.startswith(prefix)} == b and all(k.startswith(prefix) for k in a):
+                    return (f"; the model's keys {how} the prefix {prefix!r} to the file's"
+                            f" (a wrapper module?): load the weights inside the factory, or save the"
+                            f" wrapper's state dict, or use model.huggingface for a save_pretrained folder"
+                            if how == "add" else
+                            f"; the file's keys carry the prefix {prefix!r} the model's lack (saved from a "
+                            f"wrapper?): save the inner model's state dict")
+    return ""
+
+
+def build(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The ``model.huggingface`` folder's classifier on ``device``, in eval mode, frozen, checked
+    by the dry run, with ``input_shape`` = (C, H, W) for the default-layer probe."""
+    from auditor.inputs.model import dry_run  # model.py dispatches here
+    model = load(cfg.model.huggingface_folder, cfg.source)
+    try:
+        model = model.to(device).eval()
+    except Exception as e:
+        raise ConfigError(f"{cfg.source}: 'run.device': the model cannot move to {device}: "
+                          f"{describe_exception(e)}") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.input_shape = (cfg.model.input.channels, *cfg.model.input.size)
+    dry_run(model, cfg, num_classes, device)
+    return model
+
