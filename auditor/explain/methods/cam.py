@@ -4,7 +4,8 @@ Grad-CAM reads the layer's output and its gradient through a forward hook, as Ca
 LayerGradCam does, but first turns both into a feature map [B, C, h, w] with
 ``auditor.explain.layers.feature_map``: a convolution's map as it is, a channels-last map
 permuted, a transformer's tokens without their class (and register) tokens reshaped to the patch
-grid. The hook also counts the layer's calls: a module called several times per forward (a
+grid. As in Captum, the model continues with a copy of the layer's output, so an in-place op
+after the layer changes neither the map nor its gradient. The hook also counts the layer's calls: a module called several times per forward (a
 shared ReLU) has no one feature map, and is refused with its name rather than read at one call.
 """
 from __future__ import annotations
@@ -24,7 +25,12 @@ def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
         raise ValueError(f"{name} needs layer= (an nn.Module of the model), "
                          f"got {type(layer).__name__}")
     outs: list = []
-    handle = layer.register_forward_hook(lambda module, inputs, output: outs.append(output))
+
+    def keep(module, inputs, output):  # the model goes on with a copy: its in-place ops (a ReLU's)
+        outs.append(output)            # must not change the map read here, nor its gradient
+        return output.clone() if isinstance(output, Tensor) else None
+
+    handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():
             logits = model(x.detach().requires_grad_(True))  # a graph even where weights are frozen
