@@ -20,7 +20,11 @@ from auditor.explain.layers import default_layer, feature_map, layout, module_na
 from auditor.explain.methods import METHODS  # noqa: E402
 from auditor.inputs.huggingface import Logits  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+
+
+def hf():
+    """transformers, imported at first use (about 10 s here), so collecting this file costs nothing."""
+    return pytest.importorskip("transformers")
 
 CLASSES = ["cat", "dog", "fox"]  # conftest's ImageFolder classes
 ID2LABEL = {i: c for i, c in enumerate(CLASSES)}
@@ -30,6 +34,7 @@ ID2LABEL = {i: c for i, c in enumerate(CLASSES)}
 
 def tiny_vit(seed: int = 0, cls=None, **kw) -> nn.Module:
     torch.manual_seed(seed)
+    transformers = hf()
     cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=64, num_labels=3,
                                  id2label=ID2LABEL, label2id={c: i for i, c in ID2LABEL.items()}, **kw)
@@ -38,6 +43,7 @@ def tiny_vit(seed: int = 0, cls=None, **kw) -> nn.Module:
 
 def tiny_convnext(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
+    transformers = hf()
     cfg = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 2], num_stages=2,
                                       num_labels=3, id2label=ID2LABEL, label2id={c: i for i, c in ID2LABEL.items()})
     return transformers.ConvNextForImageClassification(cfg).eval()
@@ -117,7 +123,7 @@ def test_a_hugging_face_folder_is_audited_end_to_end(project, tmp_path):
     """Classes from id2label, input from preprocessor_config.json; methods that do not apply to a
     ViT are recorded with their reason (exit 1: incomplete), never a crash (exit 2)."""
     save_folder(tiny_vit(), tmp_path / "vit")
-    r = hf_project(project, tmp_path / "vit", ["gradcam", "saliency", "deeplift", "guided_backprop"])
+    r = hf_project(project, "vit", ["gradcam", "saliency", "deeplift", "guided_backprop"])  # relative to audit.yaml
     assert r.exit_code in (0, 1), r.output
     doc = findings_of(project, r.output)
     assert doc["run"]["classes"] == CLASSES
