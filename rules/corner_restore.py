@@ -65,9 +65,10 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
     members = best_correct.groupby("label").groups
     findings = []
     for t, todo in wrong.groupby("label").groups.items():  # one true class's donors in memory at a time
-        d = _donors(ev, list(members.get(t, [])), int(t), masks, donors)
-        if d is None:
+        got = _donors(ev, list(members.get(t, [])), int(t), masks, donors)
+        if got is None:
             continue
+        d, donor_ids = got
         todo = list(todo)
         per_call = max(1, ROWS // (d.shape[0] * d.shape[1]))
         for start in range(0, len(todo), per_call):
@@ -84,12 +85,14 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
                     continue
                 alone = best - second >= min_gap
                 where = int(order[0]) if alone else _own_mark(xi, masks, ring, b >= min_rate, min_mark)
-                findings.append(_finding(ev, i, corners, where, alone, b >= min_rate, b, d.shape[1], severity))
+                findings.append(_finding(ev, i, corners, where, alone, b >= min_rate, b, donor_ids, severity))
     return findings
 
 
-def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor, k: int) -> torch.Tensor | None:
-    """[corners, k, C, h, w]: correctly classified images of class t to take each corner from.
+def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor,
+            k: int) -> tuple[torch.Tensor, list[list[int]]] | None:
+    """[corners, k, C, h, w]: correctly classified images of class t to take each corner from,
+    and their sample ids per corner.
 
     What a class's images show in a corner differs from image to image (a Decoy swatch sits in a
     random corner), so each corner gets its own donors: of the class's most confident correct
@@ -103,7 +106,7 @@ def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor, k: in
         p = torch.cat([ev.model(v).softmax(1)[:, t] for v in torch.cat([x, blank.flatten(0, 1)]).split(ROWS)])
     reliance = p[: len(x)][None] - p[len(x):].view(len(masks), len(x))            # [4, n]
     top = reliance.argsort(dim=1, descending=True, stable=True)[:, :min(k, len(x))]
-    return x[top]
+    return x[top], [[int(members[j]) for j in row] for row in top.tolist()]
 
 
 def _own_mark(x: torch.Tensor, masks: torch.Tensor, ring: torch.Tensor, candidates: np.ndarray,
@@ -126,12 +129,13 @@ def _own_mark(x: torch.Tensor, masks: torch.Tensor, ring: torch.Tensor, candidat
 
 
 def _finding(ev: Evidence, i: int, corners: dict, where: int | None, alone: bool, restoring: np.ndarray,
-             back: np.ndarray, k: int, severity: dict) -> Finding:
+             back: np.ndarray, donor_ids: list[list[int]], severity: dict) -> Finding:
     s = ev.samples
     pred, true = ev.classes[s.at[i, "prediction"]], ev.classes[s.at[i, "label"]]
     names, boxes = list(corners), list(corners.values())
     restoring = [n for n, r in zip(names, restoring) if r]
     rate = float(back.max()) if where is None else float(back[where])
+    k = len(donor_ids[0])
     head = f"The model called this '{true}' image '{pred}'. "
     if alone:
         text = (f"Putting back the {names[where]} as it looks in {k} correctly recognised '{true}' images gave "
@@ -150,6 +154,7 @@ def _finding(ev: Evidence, i: int, corners: dict, where: int | None, alone: bool
                  "restore_rates": {n: round(float(b), 4) for n, b in zip(names, back)},
                  # The restore test this rule ran, in the intervention's own keys: it confirms the finding.
                  "own_test": {"true_class": true, "donors": k, "restored": round(rate * k),
-                              "restore_rate": round(rate, 4)},
+                              "restore_rate": round(rate, 4),
+                              "donor_ids": donor_ids[int(np.argmax(back)) if where is None else where]},
                  "located_by": (
                      None if where is None else "the model" if alone else "the image's own mark")})

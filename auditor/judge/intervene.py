@@ -263,9 +263,9 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
                      or beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec))
         true = int(s.at[f.sample, "label"])
         if true != cls:  # a misclassified image: does what the true class shows there give it back?
-            if own:  # the rule's own restore test, and the placebo: random regions of that size
-                placebo = tester.restore_from(f.sample, true, box, tester.donors_of(true))
-                effect |= {**own, "own_test": True} | {k: v for k, v in placebo.items() if "control" in k}
+            if own:  # the rule's restore test again, with its own donors, beside its placebo
+                effect |= tester.restore_from(f.sample, true, box, own.get("donor_ids") or tester.donors_of(true)) | {
+                    "own_test": True}
             else:
                 effect |= tester.restore(f.sample, true, box, f.method)
             confirmed = confirmed or beats_control(effect, "restore", effect["restore_rate"] >= spec.transplant_rate,
