@@ -52,7 +52,7 @@ from PIL import Image  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from auditor import synth  # noqa: E402
+from auditor.demo import synth  # noqa: E402
 from auditor.judge.evidence import severity_rank  # noqa: E402
 import cases as case_lib  # noqa: E402
 import nets  # noqa: E402
