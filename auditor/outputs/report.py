@@ -16,6 +16,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.judge.diff import pts
+from auditor.judge.trust import share_words
 from auditor.outputs.overlay import EXEMPLAR_MM, GAP_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS, TILE_MM
 from auditor.record import ClassFindingRecord, RunRecord, severity_rank
 from auditor.registry import METHODS, RULES
@@ -477,9 +478,11 @@ def reliability(rec: RunRecord, pictures: dict | None = None) -> dict:
                                                       "It produced no heatmaps to test.")
         elif t["reliable"]:
             curve = t.get("randomisation_spearman") or [float("nan")]
+            d = t.get("decisive_step", len(curve) - 1)
             status, css = "trusted", "pass"
-            text = (f"When the model's weights were randomised layer by layer its heatmaps changed: their rank "
-                    f"correlation with the originals fell to {curve[-1]:.2f} (at most {spec.max_spearman:.2f} "
+            text = (f"When {share_words(spec.decide_at)} was randomised, block by block from the output, its "
+                    f"heatmaps changed: their rank correlation with the originals fell to {curve[d]:.2f} after "
+                    f"{d + 1} of {len(curve)} steps (at most {t.get('max_spearman', spec.max_spearman):.2f} "
                     f"allowed). Removing the pixels it marks lowered the prediction faster than removing random "
                     f"pixels (area under the curve {t['deletion_auc']:.2f} against {t['random_deletion_auc']:.2f}; "
                     f"it must stay below {spec.max_deletion_ratio:.0%} of random). Tested on "
@@ -496,7 +499,8 @@ def reliability(rec: RunRecord, pictures: dict | None = None) -> dict:
         intro = "The trust gate was switched off (trust.enabled: false): no method was tested before use."
     else:
         intro = (f"{n_ok} of {_plural(len(rows), 'method')} passed the trust gate. A method passes when its "
-                 f"heatmaps depend on the model (they change once its weights are randomised) and are faithful "
+                 f"heatmaps depend on the model (they change once {share_words(spec.decide_at)} is randomised) "
+                 f"and are faithful "
                  f"(removing the pixels it marks hurts the prediction more than removing random ones).")
     cascade = pictures.get("cascade")
     chart = {"file": cascade, "alt": "Line chart: for each method, how much its heatmaps still resemble the "
