@@ -25,6 +25,7 @@ import torch
 import auditor.explain.methods  # noqa: F401  (registers the methods)
 import auditor.rules  # noqa: F401  (registers the rules)
 from auditor.explain.engine import Context, run_local
+from auditor.explain.layers import default_layer
 from auditor.explain.store import LazyMaps, Store, digest
 from auditor.inputs.config import AuditConfig, ConfigError, check_files, import_object
 from auditor.inputs.data import discover, load_classes
@@ -38,7 +39,7 @@ from auditor.judge.trust import trust_gate
 from auditor.record import Check, Coverage, RunRecord
 from auditor.registry import METHODS, RULES, BadParams, UnknownName
 
-CACHE_VERSION = 2  # bump when a change makes cached predictions or heatmaps stale
+CACHE_VERSION = 3  # bump when a change makes cached predictions or heatmaps stale
 
 # Used when the config names none: each costs one forward and backward pass, and between them
 # they see coarse regions (a layer's view) and fine ones (the input's own pixels). On the demo
@@ -232,9 +233,13 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     warnings += notes
     device = pick_device(cfg.run.device)
     model = build_model(cfg, len(classes), device)
-    layer = target_layer(model, cfg.model.target_layer, cfg.source)
-    inapplicable = {m: "the model has no Conv2d layer to explain; set model.target_layer"
+    layer = (target_layer(model, cfg.model.target_layer, cfg.source) if cfg.model.target_layer
+             else default_layer(model, (cfg.model.input.channels, *cfg.model.input.size), device))
+    inapplicable = {m: "no layer of the model gives a spatial feature map to explain; set model.target_layer"
                     for m in methods if layer is None and "layer" in METHODS.get(m).needs}
+    inapplicable |= {m: why for m in methods if m not in inapplicable
+                     and (why := (METHODS.get(m).meta.get("not_applicable") or (lambda _: None))(model))}
+    warnings += [model.note] if getattr(model, "note", "") else []
     support = pd.Series([r.label for r in refs]).value_counts().to_dict()
 
     weights_sha = file_sha256(cfg.model.weights) if cfg.model.weights else None

@@ -124,8 +124,10 @@ def explain(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) -> n
 
 
 def map_key(ctx: Context, image_sha: str, method: str, target: int) -> str:
+    # A method that reads a layer gets another map for another layer (model.target_layer).
+    layer = ctx.cfg.model.target_layer if METHODS.get(method).meta.get("needs_layer") else None
     return digest("map", ctx.model_key, image_sha, method, ctx.methods[method], target,
-                  ctx.cfg.explain.resolution, ctx.cfg.run.seed)
+                  ctx.cfg.explain.resolution, ctx.cfg.run.seed, *([layer] if layer else []))
 
 
 def _softmax(row: np.ndarray) -> np.ndarray:

@@ -36,7 +36,9 @@ class AuditWorker:
 
         device = pick_device(cfg.run.device)
         model = build_model(cfg, len(load_classes(cfg)), device)
-        layer = target_layer(model, cfg.model.target_layer, cfg.source)
+        from auditor.explain.layers import default_layer
+        layer = (target_layer(model, cfg.model.target_layer, cfg.source) if cfg.model.target_layer
+                 else default_layer(model, (cfg.model.input.channels, *cfg.model.input.size), device))
         self.ctx = Context(cfg, model, device, layer, methods, support, refs, model_key)
         self.dataset = ImageDataset(refs, cfg.model.input, cfg.data.min_size)
         shards = shard_folder(Path(cache))
