@@ -483,6 +483,11 @@ def resolve_paths(cfg: AuditConfig) -> AuditConfig:
 
 def check_files(cfg: AuditConfig) -> None:
     """After ``prepare`` has run: every file the config names must exist."""
+    hf = cfg.model.huggingface_folder
+    if hf is not None and not (hf / "model.safetensors").is_file():
+        raise ConfigError(f"{cfg.source}: 'model.huggingface': no model.safetensors in {hf} (expected a "
+                          f"save_pretrained folder with safetensors weights)" if hf.is_dir() else
+                          f"{cfg.source}: 'model.huggingface': folder not found: {hf}")
     for key, p in [("model.weights", cfg.model.weights), ("model.classes_file", cfg.model.classes_file),
                    ("data.manifest", cfg.data.manifest)]:
         if p is not None and not p.is_file():
