@@ -271,3 +271,29 @@ def test_charts_draw_nothing_without_data(tmp_path):
     assert not list(tmp_path.iterdir())
     assert plots.rates(["a", "b"], [[3, 1], [0, 2]]) == [{"class": "a", "precision": (3, 3), "recall": (3, 4)},
                                                        {"class": "b", "precision": (2, 3), "recall": (2, 2)}]
+
+
+def test_five_nightly_runs_a_cue_appears_in_the_third_and_is_waived_in_the_fifth(tmp_path):
+    """The issue's own case: history.html names the run where the finding first appeared, the
+    waiver, and each run's verdict."""
+    res = _bench().synthetic_result(tmp_path / "data", 4, correct_per_class=3)
+    res.cfg.report.formats = ["json"]
+    out = tmp_path / "reports"
+    out.mkdir()
+    clean = ("fixed_location", "corner_border")
+    runs = [_run(res, out, 1, drop=clean, passed=True), _run(res, out, 2, drop=clean, passed=True),
+            _run(res, out, 3, drop=("fixed_location",)), _run(res, out, 4, drop=("fixed_location",)),
+            _run(res, out, 5, drop=("fixed_location",), waive=True)]
+    r = runner.invoke(app, ["history", str(out)])
+    assert r.exit_code == 0, r.output
+    page = (out / "history.html").read_text()
+    fams, _ = _families(out)
+    (fam,) = fams.values()
+    corner = {(x["class"], x["rule"]): x for x in fam["timeline"]}[("gravel", "corner_border")]
+    assert corner["first"].startswith("2026-11-03") and corner["open"] and corner["runs"] == "3 of 5"
+    assert runs[2].name in corner["first"] or "2026-11-03" in page
+    verdicts = [row["verdict"] for row in fam["rows"]]
+    assert verdicts[:2] == ["PASS", "PASS"] and verdicts[2] in ("FAIL", "INCOMPLETE") and len(verdicts) == 5
+    assert fam["rows"][4]["waivers"] and "jane@example.com" in " ".join(fam["rows"][4]["waivers"])
+    assert "jane@example.com" in page and all(v in page for v in ("PASS", "FAIL"))
+    assert all(run.name in page for run in runs)
