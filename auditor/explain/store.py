@@ -151,8 +151,10 @@ class Store:
         Entries keep their checksums, so a shard damaged on disk is caught when read."""
         self.db.execute("ATTACH DATABASE ? AS shard", (str(shard),))
         try:
+            # A worker stopped before it made its table leaves an empty shard: nothing to copy.
+            made = self.db.execute("SELECT 1 FROM shard.sqlite_master WHERE type='table' AND name='blobs'").fetchone()
             with self.db:
-                n = self.db.execute("INSERT OR IGNORE INTO blobs SELECT * FROM shard.blobs").rowcount
+                n = self.db.execute("INSERT OR IGNORE INTO blobs SELECT * FROM shard.blobs").rowcount if made else 0
         finally:
             self.db.execute("DETACH DATABASE shard")
         for suffix in ("", "-wal", "-shm"):
