@@ -16,4 +16,4 @@ from auditor.registry import METHODS
 __all__ = ["METHODS"]
 
 # Importing the method modules registers them (one decorated function per method).
-from auditor.explain.methods import cam, deeplift, gradient, perturbation, surrogate  # noqa: E402,F401
+from auditor.explain.methods import cam, class_map, deeplift, gradient, layer_shap, perturbation, surrogate  # noqa: E402,F401
