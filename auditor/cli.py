@@ -107,7 +107,28 @@ def run(config: Path = typer.Argument(..., help="the audit config, e.g. audit.ya
         say(line)
     say(f"verdict: {g.verdict}")
     say(f"report: {folder}")
+    for name in ("report.html", "report.pdf"):
+        if (Path(folder) / name).is_file():
+            say(f"  {Path(folder) / name}")
+    say("exit code 0: the release gate passed" if g.passed else
+        f"exit code 1: the release gate did not pass (verdict {g.verdict}); see page 1 of the report")
     raise typer.Exit(0 if g.passed else 1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            say(f"auditor {version('auditor')}")
+        except PackageNotFoundError:
+            say("auditor (version unknown: not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="print the version and exit")) -> None:
+    """Audit a PyTorch image classifier for spurious cues."""
 
 
 @app.command()

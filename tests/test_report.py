@@ -75,8 +75,11 @@ def test_pdf_text_has_the_verdict_and_every_finding(report):
     from auditor.outputs.report import verdict
     for line in verdict(res.record)[1]:
         assert _text(line) in text, line
-    for f in [*res.class_findings, *res.findings]:
-        assert _text(f.message) in text, f.message
+    paths = {s.id: s.path for s in res.record.samples}
+    for f in [*res.class_findings, *res.findings]:   # the intervention's account is on lines of its own;
+        # an image that only repeats a class finding is one picture in that finding's group
+        assert (_text(f.message.split(" Confirmed by intervention")[0]) in text or
+                (getattr(f, "sample", None) is not None and paths[f.sample] in text.replace(" ", ""))), f.message
     assert EVIL_CLASS in text and EVIL_FILE in text            # shown as text, not interpreted
     assert "New findings (1)" in text and "Resolved findings (1)" in text and "-5.0 points" in text
     assert all(f"Page {k} of {len(pages)}" in p for k, p in enumerate(pages, 1))
@@ -186,13 +189,15 @@ def test_gallery_card_is_one_picture_with_a_caption_under_each_panel(report):
     page = (folder / "report.html").read_text()
     gallery = page[page.index('<section id="gallery">'):page.index('<section id="methods">')]
     flagged = len(dict.fromkeys(f.sample for f in res.findings))
-    assert gallery.count('<img class="strip w3"') == gallery.count('<article class="card') == flagged
-    assert gallery.count("original\tgradcam\tsaliency (not trusted)</p>") == flagged
-    strips = sorted((folder / "images").glob("s*"))
-    assert len(strips) == flagged and all(p.stem.endswith("-0") for p in strips)
-    with Image.open(strips[0]) as im:   # three panel slots and two gaps, at the printed 150 dpi
-        from auditor.outputs.overlay import GAP_PX, PANEL_PX
-        assert im.size == (3 * PANEL_PX + 2 * GAP_PX, PANEL_PX)
+    cards = gallery.count('<article class="card')
+    assert cards and cards + gallery.count('<img class="inset"') == flagged   # the rest: in a class's group
+    assert gallery.count('<img class="strip" style="width: calc(') == cards
+    assert gallery.count("original\tgradcam\tsaliency\tregion, enlarged\n\t\tnot trusted</p>") == cards
+    strips = sorted((folder / "images").glob("s*-0.*"))
+    assert len(strips) == flagged
+    with Image.open(strips[0]) as im:   # three panel slots and the enlarged region, at the printed 150 dpi
+        from auditor.outputs.overlay import GAP_PX, INSET_PX, PANEL_PX
+        assert im.size == (3 * PANEL_PX + 3 * GAP_PX + INSET_PX, PANEL_PX)
 
 
 def test_captions_sit_under_their_panels_or_spell_the_order_out():
@@ -255,7 +260,8 @@ def test_flagged_images_beyond_the_gallery_are_numbered_small_pictures(tmp_path)
     folder = write_run(res, tmp_path / "reports")
     page = (folder / "report.html").read_text()
     page = page[page.index('<section id="gallery">'):page.index('<section id="methods">')]
-    assert page.count('<article class="card') == 2 and page.count('<img class="sheet"') == 1
+    assert page.count('<article class="card') + page.count('<img class="inset"') == 2
+    assert page.count('<img class="sheet"') == 1
     assert "and 5 of them as small pictures" in page
     paths = [s.path for s in res.record.flagged()]
     names = re.search(r'<p class="sheet-names">(.*?)</p>', page).group(1)

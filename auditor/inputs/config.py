@@ -59,6 +59,12 @@ class ModelSpec(Strict):
     classes_file: Path | None = None
     input: InputSpec | None = None
     target_layer: str | None = None
+    output: str | int | None = Field(None, description="which element of the model's output is the logits: "
+                                     "a field or key NAME, or an INDEX into a tuple (default: the output itself, "
+                                     "or its .logits)")
+    reshape: Literal["auto", "vit", "swin", "none"] = Field(
+        "auto", description="how Grad-CAM reads a token layer: auto (from its shape), vit (class token, then "
+        "a patch grid), swin (a patch grid, or channels last), none (a [B, C, h, w] map as it is)")
 
     @field_validator("factory")
     @classmethod
@@ -262,6 +268,15 @@ class RunSpec(Strict):
     ray_workers: int = Field(2, ge=1, description="actors, each holding one copy of the model")
 
 
+class AuditSpec(Strict):
+    """Who and what the audit is about, for page 1 of the report (all optional)."""
+    name: str | None = Field(None, description="the model's name; default: the factory or Hugging Face folder's name")
+    version: str | None = None
+    owner: str | None = Field(None, description="the team or person answerable for the model")
+    intended_use: str | None = Field(None, description="what the model is for, in a sentence")
+    data_description: str | None = Field(None, description="what the audited images are, in a sentence")
+
+
 class AuditConfig(Strict):
     prepare: str | None = Field(None, description="module:function called with the config folder first")
     model: ModelSpec
@@ -273,6 +288,7 @@ class AuditConfig(Strict):
     report: ReportSpec = ReportSpec()
     run: RunSpec = RunSpec()
     waivers: list[Waiver] = []
+    audit: AuditSpec = AuditSpec()
 
     # Set by load_config, not by the user.
     source: Path = Field(Path("audit.yaml"), exclude=True)

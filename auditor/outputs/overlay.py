@@ -21,6 +21,10 @@ RIM = (0, 0, 0)
 # PANEL_MM wide, GAP_MM apart, so a row printed at its slots' width keeps 150 dpi.
 PRINT_DPI = 150
 PANEL_MM, EXEMPLAR_MM, MEAN_MM, GAP_MM = 30, 20, 40, 2
+# A finding's flagged region, cut out and enlarged (nearest neighbour: a small image's pixels stay
+# crisp squares): INSET_MM wide in print, over 160 CSS px (42.3 mm) on screen and paper alike.
+INSET_MM = 44
+DARKEN = 0.6   # an overlay's image is darkened to this share of its brightness, so the evidence stands out
 PANELS_PER_ROW = 5   # 5 * 30 + 4 * 2 = 158 mm: fits a card on A4 (about 176 mm inside)
 # Flagged images beyond the gallery: small numbered tiles, SHEET_COLUMNS x SHEET_ROWS per picture.
 TILE_MM, SHEET_COLUMNS, SHEET_ROWS = 21, 7, 5   # 7 * 21 + 6 * 2 = 159 mm wide
@@ -31,6 +35,8 @@ def px(mm: float) -> int:
 
 
 PANEL_PX, EXEMPLAR_PX, MEAN_PX, GAP_PX = px(PANEL_MM), px(EXEMPLAR_MM), px(MEAN_MM), px(GAP_MM)
+INSET_PX = px(INSET_MM)
+_DARK = [int(v * DARKEN) for v in range(256)] * 3
 TILE_PX = px(TILE_MM)
 _PALETTE = LUT.tobytes()
 _ALPHA = bytes(51 + (v * 166) // 255 for v in range(256))   # 0.2..0.85 opacity in 1/255 steps
@@ -73,7 +79,37 @@ def overlay(base: Image.Image, heat: np.ndarray, boxes=()) -> Image.Image:
     evidence itself strong. All in PIL: about 0.5 ms for a 176-px thumbnail.
     """
     lv = level(heat, base.size)
-    return draw_boxes(Image.composite(colorize(lv), base.convert("RGB"), lv.point(_ALPHA)), boxes)
+    dark = base.convert("RGB").point(_DARK)   # the image darkened, so the colour of the evidence reads
+    return draw_boxes(Image.composite(colorize(lv), dark, lv.point(_ALPHA)), boxes)
+
+
+def inset(img: Image.Image, box_frac, width: int = INSET_PX, height: int = PANEL_PX) -> Image.Image:
+    """The flagged region of ``img`` (the file at full size) with a margin around it, enlarged to
+    ``width`` x ``height`` px (as tall as a panel, so a card grows no taller; nearest neighbour, so
+    a 64-px image's pixels stay sharp) and its box drawn in."""
+    w, h = img.size
+    x0, y0, x1, y1 = (float(v) * s for v, s in zip(box_frac, (w, h, w, h)))   # in pixels
+    aspect = height / width
+    cw = max(x1 - x0, (y1 - y0) / aspect, 0.08 * max(w, h)) * 1.8
+    cw, ch = min(cw, w), min(cw * aspect, h)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    lx, ly = min(max(cx - cw / 2, 0.0), w - cw), min(max(cy - ch / 2, 0.0), h - ch)
+    crop = (round(lx), round(ly), max(round(lx) + 1, round(lx + cw)), max(round(ly) + 1, round(ly + ch)))
+    part = img.convert("RGB").crop(crop)
+    scale = width / part.width
+    big = part.resize((width, min(height, max(1, round(part.height * scale)))),
+                      Image.NEAREST if scale >= 1.5 else Image.LANCZOS)
+    pw, ph = crop[2] - crop[0], crop[3] - crop[1]
+    inner = ((x0 - crop[0]) / pw, (y0 - crop[1]) / ph, (x1 - crop[0]) / pw, (y1 - crop[1]) / ph)
+    return draw_boxes(big, [tuple(min(max(v, 0.0), 1.0) for v in inner)])
+
+
+def mean_image(images: list[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """The pixel-wise mean of ``images``, each resized to ``size`` (w, h): what a class looks like on average."""
+    acc = np.zeros((size[1], size[0], 3), np.float32)
+    for im in images:
+        acc += np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), np.float32)
+    return Image.fromarray((acc / max(len(images), 1)).clip(0, 255).astype(np.uint8))
 
 
 def heat_only(heat: np.ndarray, side: int, boxes=()) -> Image.Image:
@@ -109,9 +145,10 @@ def strip(panels: list[Image.Image], slot: int = PANEL_PX, gap: int = GAP_PX) ->
     with tab stops one slot apart, sit under the panels (see report.css, ``p.cap``).
     """
     height = max(p.height for p in panels)
-    out = Image.new("RGB", (len(panels) * slot + (len(panels) - 1) * gap, height), "white")
-    for k, p in enumerate(panels):
-        out.paste(p, (k * (slot + gap), 0))
+    xs = [k * (slot + gap) for k in range(len(panels))]   # a wider last panel (an inset) takes its own width
+    out = Image.new("RGB", (xs[-1] + max(slot, panels[-1].width), height), "white")
+    for x, p in zip(xs, panels):
+        out.paste(p, (x, 0))
     return out
 
 
@@ -138,6 +175,21 @@ def sheet(tiles: list[Image.Image], first: int) -> Image.Image:
 def legend(width: int = 256, height: int = 12) -> Image.Image:
     ramp = np.linspace(0, 255, width).astype(np.uint8)
     return Image.fromarray(np.repeat(LUT[ramp][None], height, axis=0))
+
+
+def scale_bar(width: int = 420, bar: int = 16) -> Image.Image:
+    """The colour scale with its words drawn in: 'no evidence' under the dark end, 'most evidence'
+    under the bright end, over the darkened image colour the overlays use."""
+    font = ImageFont.load_default(size=15)
+    out = Image.new("RGB", (width, bar + 22), "white")
+    ramp = np.linspace(0, 255, width).astype(np.uint8)
+    out.paste(Image.fromarray(np.repeat(LUT[ramp][None], bar, axis=0)), (0, 0))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle([0, 0, width - 1, bar - 1], outline=(120, 120, 120))
+    draw.text((0, bar + 3), "no evidence", fill=RIM, font=font)
+    right = "most evidence"
+    draw.text((width - draw.textlength(right, font=font), bar + 3), right, fill=RIM, font=font)
+    return out
 
 
 def save_picture(img: Image.Image, stem: Path) -> Path:

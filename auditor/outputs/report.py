@@ -8,6 +8,7 @@ text and is escaped there (autoescape is on; nothing from the data is marked saf
 from __future__ import annotations
 
 import math
+import os
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -17,7 +18,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.judge.diff import pts
 from auditor.judge.trust import share_words
-from auditor.outputs.overlay import EXEMPLAR_MM, GAP_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS, TILE_MM
+from auditor.outputs.overlay import (EXEMPLAR_MM, GAP_MM, INSET_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS,
+                                     TILE_MM)
 from auditor.record import ClassFindingRecord, RunRecord, severity_rank
 from auditor.registry import METHODS, RULES
 
@@ -86,6 +88,223 @@ def _trusted(rec: RunRecord) -> list[str]:
 
 def _is_class(f) -> bool:
     return isinstance(f, ClassFindingRecord)
+
+
+# --- the intervention tests, one line each ------------------------------------------------
+
+def _beats(e: dict, name: str, rate_ok: bool, margin: float) -> bool:
+    """As the intervention decided (auditor.judge.intervene.beats_control): the rate reaches its
+    threshold and beats its placebo by the margin, the placebo's interval above zero."""
+    vs = e.get(f"{name}_vs_control")
+    return bool(rate_ok) and (vs is None or (vs[0] >= margin and vs[1] > 0))
+
+
+def _placebo(e: dict, name: str, n: int) -> str:
+    rate = e.get(f"control_{name}_rate")
+    return "" if rate is None else f" (random region of the same size: {round(rate * n)})"
+
+
+def tests(rec: RunRecord, f) -> list[dict]:
+    """Each intervention test of a finding on its own line: passed or not (✓/✗), its numbers and
+    its placebo's. ``name`` is the test's short name, for "confirmed by ...". """
+    e = f.details.get("intervention")
+    if e is None:
+        return []
+    if e.get("skipped"):
+        return [{"ok": False, "mark": "–", "name": "", "text": f"not tested: {e['skipped']}"}]
+    spec = {"remove_drop": 0.5, "transplant_rate": 0.5, "control_margin": 0.25} | (rec.config.get("intervention") or {})
+    cls = f.cls if _is_class(f) else next((s.prediction for s in rec.samples if any(g is f for g in s.findings)), "")
+    out = []
+    if "samples_tested" in e:  # a class finding made of image findings: their pasting tests decide
+        out.append({"ok": bool(f.confirmed), "name": "pasting",
+                    "text": f"pasting each of the {_plural(e['samples_tested'], 'flagged region')} onto images of "
+                            f"other classes: {e['samples_transferring']} turned at least half of them into '{cls}' "
+                            f"({e['turned']} of {e['pasted_onto']} images in all)"})
+    else:
+        n = e.get("removed_from") or 0
+        if n == 1:
+            ok = _beats(e, "removal", e["removal_rate"] >= spec["remove_drop"], spec["control_margin"])
+            text = (f"hiding the region changed the prediction to '{e['new_predictions'][0]}'"
+                    if e.get("decision_changed") and e.get("new_predictions") else
+                    f"hiding the region did not change the prediction (confidence in '{cls}' "
+                    f"{'fell' if e['confidence_drop'] >= 0 else 'rose'} by {abs(100 * e['confidence_drop']):.0f} "
+                    f"points)")
+            if e.get("control_removal_rate") is not None:
+                text += f" (random region of the same size: {e['control_removal_rate']:.0%} of the time)"
+            out.append({"ok": ok, "name": "hiding", "text": text})
+        elif n:
+            ok = _beats(e, "removal", e["removal_rate"] >= spec["remove_drop"], spec["control_margin"])
+            out.append({"ok": ok, "name": "hiding",
+                        "text": f"hiding the region in {n} images the model calls '{cls}' changed "
+                                f"{e['decision_changed']} of the decisions" + _placebo(e, "removal", n)})
+        if e.get("pasted_onto"):
+            ok = _beats(e, "transfer", e["transfer_rate"] >= spec["transplant_rate"], spec["control_margin"])
+            out.append({"ok": ok, "name": "pasting",
+                        "text": f"pasting the region onto {e['pasted_onto']} other images turned {e['turned']} into "
+                                f"'{cls}'" + _placebo(e, "transfer", e["pasted_onto"])})
+        if e.get("donors"):
+            ok = _beats(e, "restore", e["restore_rate"] >= spec["transplant_rate"], spec["control_margin"])
+            true = e.get("true_class", "the true class")
+            out.append({"ok": ok, "name": "restoring",
+                        "text": f"putting back what {e['donors']} correctly classified '{true}' images show there "
+                                f"gave '{true}' back in {e['restored']}" + _placebo(e, "restore", e["donors"])})
+    for t in out:
+        t["mark"] = "✓" if t["ok"] else "✗"
+    return out
+
+
+def confirmed_by(rec: RunRecord, f) -> str:
+    """'' when not confirmed; else 'confirmed by pasting' / 'confirmed by hiding and pasting'."""
+    if not f.confirmed:
+        return ""
+    names = [t["name"] for t in tests(rec, f) if t["ok"] and t["name"]]
+    return "confirmed" + (f" by {_list(names)}" if names else "")
+
+
+def _badge(rec: RunRecord, f) -> str:
+    """'high · confirmed by restoring' / 'low · not confirmed' / 'medium · not tested'."""
+    tag = confirmed_by(rec, f) or ("not confirmed" if f.confirmed is False else "not tested")
+    return f"{f.severity} · {tag}"
+
+
+# --- 1. page 1: identity, problems, what did not run, waivers -----------------------------
+
+def _relative(path, rec: RunRecord) -> str:
+    """A data path relative to the config file's folder, never absolute (a reader gets no host's layout)."""
+    if not path:
+        return ""
+    p, base = Path(str(path)), Path(str(rec.run.get("config_file") or ".")).parent
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return Path(os.path.relpath(p, base.resolve() if not base.is_absolute() else base)).as_posix()
+    except ValueError:
+        return p.name
+
+
+def identity(rec: RunRecord) -> dict:
+    """The model's identity from the config's ``audit`` section, with defaults from the model."""
+    cfg = rec.config
+    a, model, data = cfg.get("audit") or {}, cfg.get("model") or {}, cfg.get("data") or {}
+    name = a.get("name") or (Path(str(model["huggingface"])).name if model.get("huggingface")
+                             else str(model.get("factory") or "the model"))
+    data_path = _relative(data.get("root") or data.get("manifest"), rec)
+    rows = [(k, str(v)) for k, v in (("Version", a.get("version")), ("Owner", a.get("owner")),
+                                      ("Intended use", a.get("intended_use"))) if v]
+    rows.append(("Data set", (f"{a['data_description']} ({data_path})" if a.get("data_description")
+                              else data_path) + f"; {_plural(rec.metrics.images, 'image')}"))
+    return {"name": name, "rows": rows, "code": str(model.get("factory") or model.get("huggingface") or "")}
+
+
+def _predicted(rec: RunRecord) -> dict[str, int]:
+    """How many images the model called each class (the confusion matrix's columns)."""
+    classes, matrix = rec.metrics.confusion.get("classes") or rec.classes, rec.metrics.confusion.get("matrix") or []
+    return {c: int(sum(row[k] for row in matrix)) for k, c in enumerate(classes)} if matrix else {}
+
+
+def _links(rec: RunRecord) -> dict[int, int]:
+    """id(image finding) -> position of the class finding it belongs to: the class finding names
+    its image (``details.samples``), or is the same check on the class the image was called."""
+    out = {}
+    for s in rec.samples:
+        for f in s.findings:
+            for n, c in enumerate(rec.class_findings):
+                if s.id in (c.details.get("samples") or []) or (c.rule == f.rule and c.cls == s.prediction):
+                    out[id(f)] = n
+                    break
+    return out
+
+
+def _without_tests(f) -> str:
+    """A finding's message less its closing account of the intervention, which the test lines
+    under it give one by one (findings.json keeps the whole message)."""
+    if not tests_of(f):
+        return f.message
+    for cut in (" Confirmed by intervention", " Not confirmed by intervention"):
+        if cut in f.message:
+            return f.message[:f.message.index(cut)]
+    return f.message
+
+
+def tests_of(f) -> bool:
+    e = f.details.get("intervention")
+    return bool(e) and not e.get("skipped")
+
+
+def _first_sentence(text: str) -> str:
+    head = text.split(". ")[0].rstrip(".")
+    return head + "."
+
+
+def _minor(f) -> bool:
+    """An unconfirmed low (or info) finding: listed in the appendix, not in the gallery."""
+    return not f.confirmed and severity_rank(f.severity) <= severity_rank("low")
+
+
+def problems(rec: RunRecord, pictures: dict) -> list[dict]:
+    """Page 1: one plain sentence per problem, worst first, each with a small picture: every class
+    finding, then the image findings no class finding covers, grouped by check and predicted class."""
+    out, links, called = [], _links(rec), _predicted(rec)
+    for n, f in enumerate(rec.class_findings):
+        pic = pictures["classes"].get(n, {})
+        members = {s.id for s in rec.samples for g in s.findings if links.get(id(g)) == n}  # images, not findings
+        t = [x for x in tests(rec, f) if x["ok"]]
+        said = (f" {confirmed_by(rec, f).capitalize()}: {t[0]['text']}." if f.confirmed and t else
+                f" {confirmed_by(rec, f).capitalize()}." if f.confirmed else
+                " Not confirmed by the intervention tests." if f.confirmed is False else " Not tested by intervention.")
+        also = f" {_plural(len(members), 'misclassified image')} show it too (section 4)." if members else ""
+        picture = (pic.get("inset") or {}).get("file") or pic.get("mean")
+        out.append({"severity": f.severity, "badge": _badge(rec, f), "check": _title(RULES, f.rule),
+                    "subject": f"class '{f.cls}'", "waived": bool(f.waived),
+                    "sentence": _first_sentence(f.message) + said + also, "picture": picture,
+                    "alt": f"the evidence for class {f.cls}: " + ("its flagged region, enlarged" if pic.get("inset")
+                                                                 else "the mean explanation"),
+                    "rank": (severity_rank(f.severity), bool(f.confirmed))})
+    groups: dict[tuple, list] = {}
+    for s in rec.flagged():
+        for f in s.findings:
+            if id(f) not in links and not _minor(f):
+                groups.setdefault((f.rule, s.prediction), []).append((s, f))
+    for (rule, pred), items in groups.items():
+        s0, f0 = max(items, key=lambda x: (severity_rank(x[1].severity), x[1].score))
+        paths = dict.fromkeys(s.path for s, _ in items)
+        labels = sorted({s.label for s, _ in items})
+        k, confirmed = len(paths), sum(bool(f.confirmed) for _, f in items)
+        denominator = called.get(pred)
+        of = f"{k} of the {denominator} images the model calls '{pred}'" if denominator else             f"{_plural(k, 'image')} the model calls '{pred}'"
+        pic = pictures["samples"].get(s0.id, {})
+        out.append({"severity": f0.severity, "badge": _badge(rec, f0), "check": _title(RULES, rule),
+                    "subject": f"images called '{pred}'", "waived": all(f.waived for _, f in items),
+                    "sentence": f"{of} (truly {_list(labels)}) were flagged, {confirmed} of them confirmed by "
+                                f"intervention. For example {s0.path}: {_first_sentence(f0.message)}",
+                    "picture": pic.get("inset") or (pic.get("rows") or [{}])[0].get("file"),
+                    "alt": f"{s0.path}: its flagged region, enlarged",
+                    "rank": (severity_rank(f0.severity), bool(f0.confirmed))})
+    return sorted(out, key=lambda p: (-p["rank"][0], not p["rank"][1]))
+
+
+def not_run(rec: RunRecord) -> list[str]:
+    """Every check and method that could not run (or was not trusted), named as such, never as passed."""
+    out = [f"{_title(RULES, n)}: {c.words}" for n, c in rec.coverage.rules.items() if c.state != "ran"]
+    out += [f"{_title(METHODS, n)}: {c.words}" for n, c in rec.coverage.methods.items() if c.state != "ran"]
+    return out
+
+
+def waiver_rows(rec: RunRecord) -> list[dict]:
+    """The config's waivers: who accepted what, why, until when, and how many findings each covers now."""
+    count: dict[int, int] = {}
+    for f in rec.every_finding():
+        if f.waived:
+            count[f.waived.waiver] = count.get(f.waived.waiver, 0) + 1
+    rows = []
+    for k, w in enumerate(rec.config.get("waivers") or []):
+        cls = w.get("class") or w.get("class_")
+        what = _title(RULES, w.get("rule", "")) + (f", class '{cls}'" if cls else "")
+        if w.get("paths") or w.get("hashes"):
+            what += f", {_plural(len(w.get('paths') or []) + len(w.get('hashes') or []), 'image pattern')}"
+        rows.append({"owner": str(w.get("owner", "")), "what": what, "reason": str(w.get("reason", "")),
+                     "expires": str(w.get("expires", "")), "covers": _plural(count.get(k, 0), "finding")})
+    return rows
 
 
 # --- 1. verdict ---------------------------------------------------------------------------
@@ -325,7 +544,16 @@ def class_findings(rec: RunRecord, pictures: dict) -> list[dict]:
                      for e in pic.get("exemplars", [])]
         how = ("the images the rule grouped together" if f.details.get("exemplars")
                else "the class's images with the most evidence in the region")
-        out.append({"class": f.cls, "rule": _title(RULES, f.rule), "severity": f.severity, "message": f.message,
+        called = _predicted(rec).get(f.cls)
+        out.append({"class": f.cls, "rule": _title(RULES, f.rule), "severity": f.severity,
+                    "message": _without_tests(f),
+                    "badge": _badge(rec, f), "tests": tests(rec, f),
+                    "inset": (pic.get("inset") or {}).get("file"),
+                    "inset_caption": (f"The region in {samples[pic['inset']['sample']].path}, enlarged"
+                                      if pic.get("inset") else ""),
+                    "called": (f"The model calls {called} images '{f.cls}'; {pic['images']} of them "
+                               f"{'was' if pic['images'] == 1 else 'were'} explained and examined."
+                               if called is not None and pic.get("images") is not None else ""),
                     "waived": _waiver(f),
                     "confirmed": f.details.get("confirmed"), "method": f.method or "",
                     "share": _pct(f.share), "agree": _list(f.details["methods_agreeing"])
@@ -333,7 +561,8 @@ def class_findings(rec: RunRecord, pictures: dict) -> list[dict]:
                     "mean": pic.get("mean"), "mean_alt": f"mean explanation ({pic.get('method', '')}) of "
                                                         f"{pic.get('images', 0)} images the model called {f.cls}",
                     "mean_caption": f"Mean of {_plural(pic.get('images', 0), 'image')} called '{f.cls}' "
-                                    f"({pic.get('method', '')})" + ("; box: the region" if f.region else ""),
+                                    f"({pic.get('method', '')}), over their mean image"
+                                    + ("; box: the region" if f.region else ""),
                     "exemplars": exemplars, "exemplar_note": f"Examples: {how}.",
                     "intervention": _intervention_rows(f, f.cls)})
     return out
@@ -347,19 +576,6 @@ def _effects(f) -> list[str]:
     d = f.details
     entry = RULES.get(f.rule) if f.rule in RULES else None
     out = list(entry.effects(d)) if entry and entry.effects else []
-    e = d.get("intervention")
-    if e and e.get("removed_from"):
-        out.append(f"hiding: decision {'changed' if e['decision_changed'] else 'kept'}, confidence "
-                   f"{-100 * e['confidence_drop']:+.0f} points")
-    if e:
-        if e.get("pasted_onto"):
-            out.append(f"pasting: {e['turned']} of {e['pasted_onto']} turned ({e['transfer_rate']:.0%})")
-        if e.get("donors"):
-            out.append(f"restoring from {e['donors']} '{e['true_class']}' images: {e['restored']} gave "
-                       f"'{e['true_class']}' back")
-        out.append("confirmed" if d.get("confirmed") else "not confirmed")
-    direction = RULES.get(f.rule).meta.get("direction") if f.rule in RULES else None
-    out.append(f"score {f.score:.2f}" + (f" ({direction})" if direction else ""))
     agree = d.get("methods_agreeing") or []
     if len(agree) > 1 or (agree and agree != [f.method]):
         out.append(f"methods agreeing: {_list(agree)}")
@@ -379,8 +595,8 @@ def _captions(methods: list, trusted: set) -> str:
     follows the last panel's name, or goes on a second line under a panel in the middle. A name
     too long for its slot gets the order spelled out instead.
     """
-    names = ["original" if m is None else m for m in methods]
-    flags = [m is not None and m not in trusted for m in methods]
+    names = ["original" if m is None else "region, enlarged" if m == "@inset" else m for m in methods]
+    flags = [m is not None and m != "@inset" and m not in trusted for m in methods]
     if any(len(n) > CAPTION_CHARS for n in names[:-1]):
         return "left to right: " + ", ".join(n + (" (not trusted)" if f else "") for n, f in zip(names, flags))
     if flags[-1]:
@@ -389,11 +605,51 @@ def _captions(methods: list, trusted: set) -> str:
     return "\t".join(names) + ("\n" + "\t".join(under).rstrip("\t") if any(under) else "")
 
 
+def shared(rec: RunRecord, pictures: dict) -> tuple[list[dict], set[int]]:
+    """Flagged images whose findings all belong to a class finding (section 3): per class finding
+    one paragraph and a grid of their enlarged regions, instead of a card each; and their ids."""
+    links, groups, done = _links(rec), {}, set()
+    for s in rec.flagged():
+        main = [f for f in s.findings if not _minor(f)]
+        pic = pictures["samples"].get(s.id) or {}
+        if not main or not pic.get("inset") or any(id(f) not in links for f in main):
+            continue
+        groups.setdefault(links[id(main[0])], []).append((s, main))
+        done.add(s.id)
+    out = []
+    for n, items in sorted(groups.items()):
+        c = rec.class_findings[n]
+        found = [f for _, fs in items for f in fs]
+        passed: dict[str, int] = {}
+        for f in found:
+            for t in tests(rec, f):
+                if t["ok"] and t["name"]:
+                    passed[t["name"]] = passed.get(t["name"], 0) + 1
+        labels = sorted({s.label for s, _ in items})
+        rules = _list(list(dict.fromkeys(f"“{_title(RULES, f.rule)}”" for f in found)))
+        confirmed = sum(any(f.confirmed for f in fs) for _, fs in items)
+        text = (f"{_plural(len(items), 'misclassified image')} the model calls '{c.cls}' (truly {_list(labels)}) "
+                f"show what the class-level finding “{_title(RULES, c.rule)}” describes, flagged by {rules}; "
+                f"intervention confirmed {confirmed} of them"
+                + (f" ({'; '.join(f'{k} passed in {v}' for k, v in passed.items())})" if passed else "") + ".")
+        out.append({"severity": max((f.severity for f in found), key=severity_rank), "class": c.cls,
+                    "check": _title(RULES, c.rule), "text": text,
+                    "shots": [{"file": pictures["samples"][s.id]["inset"], "path": s.path,
+                               "caption": f"{s.path}: {s.label} → {s.prediction}; " + "; ".join(
+                                   dict.fromkeys(_badge(rec, f).split(" · ", 1)[1] for f in fs))}
+                              for s, fs in items]})
+    return out, done
+
+
 def gallery(rec: RunRecord, pictures: dict) -> tuple[list[dict], list[dict]]:
-    """Flagged images worst first: those with pictures as cards, the rest as table rows."""
+    """Flagged images worst first: those with pictures as cards, the rest as table rows. Images
+    that only repeat a class finding (``shared``) and minor ones (``minor_findings``) are shown there."""
     trusted = set(_trusted(rec))
     cards, rest = [], []
+    _, grouped = shared(rec, pictures)
     for s in rec.flagged():
+        if all(_minor(f) for f in s.findings) or s.id in grouped:
+            continue  # unconfirmed and low: the appendix lists it (minor_findings); or in a group
         mine = sorted(s.findings, key=lambda f: (-severity_rank(f.severity), -f.score))
         worst = s.worst
         item = {"path": s.path, "label": s.label, "prediction": s.prediction,
@@ -405,18 +661,30 @@ def gallery(rec: RunRecord, pictures: dict) -> tuple[list[dict], list[dict]]:
         if pic is None:
             rest.append(item)
             continue
-        item["badge"] = " · ".join([worst] + (["confirmed"] if item["confirmed"] else []))
+        item["badge"] = _badge(rec, mine[0])
+        item["inset"] = pic.get("inset")
         item["rows"] = [{"file": r["file"], "n": len(r["methods"]), "captions": _captions(r["methods"], trusted),
+                         "width": (f"{(len(r['methods']) - 1) * (PANEL_MM + GAP_MM) + INSET_MM}mm"
+                                   if r["methods"][-1] == "@inset" else ""),
                          "alt": f"{s.path}, left to right: " + ", ".join(
-                             "the image as given" if m is None else
+                             "the image as given" if m is None else "the flagged region, enlarged" if m == "@inset" else
                              f"{m} explanation{'' if m in trusted else ' (not trusted)'}" for m in r["methods"])
                                 + ("; flagged region boxed" if r.get("boxed") and any(r["methods"]) else "")}
                         for r in pic["rows"]]
         item["findings"] = [{"severity": f.severity, "rule": _title(RULES, f.rule), "method": f.method or "",
-                             "message": f.message, "effects": _effects(f), "waived": _waiver(f)}
+                             "message": _without_tests(f), "effects": _effects(f), "waived": _waiver(f),
+                             "badge": _badge(rec, f), "tests": tests(rec, f)}
                             for f in mine]
         cards.append(item)
     return cards, rest
+
+
+def minor_findings(rec: RunRecord) -> list[dict]:
+    """Images whose every finding is unconfirmed and low: one table row each, in the appendix."""
+    return [{"path": s.path, "label": s.label, "prediction": s.prediction,
+             "checks": ", ".join(dict.fromkeys(_title(RULES, f.rule) for f in s.findings)),
+             "outcome": "; ".join(dict.fromkeys(_badge(rec, f) for f in s.findings))}
+            for s in rec.flagged() if all(_minor(f) for f in s.findings)]
 
 
 def rest_groups(rest: list[dict]) -> list[dict]:
@@ -615,6 +883,8 @@ def context(rec: RunRecord, pictures: dict) -> dict:
     word, lines = verdict(rec)
     numbers, per_class = key_numbers(rec)
     cards, rest = gallery(rec, pictures)
+    groups, grouped = shared(rec, pictures)
+    minor = minor_findings(rec)
     flagged = len(cards) + len(rest)
     limit = (cfg.get("report") or {}).get("gallery_limit")
     small, n_small = sheets(rec, pictures)
@@ -629,10 +899,14 @@ def context(rec: RunRecord, pictures: dict) -> dict:
                    "the numbers with their file names and that method (named once when all share it).")
     model, data = cfg.get("model") or {}, cfg.get("data") or {}
     weights, state = model.get("weights"), run.get("model_sha256")
+    who = identity(rec)
     return {
-        "title": f"Model audit: {model.get('factory')}", "run_id": run["id"], "date": run["started"][:10],
-        "started": run["started"].replace("T", " "), "model": model.get("factory"),
-        "data": str(data.get("root") or data.get("manifest")), "classes": ", ".join(rec.classes),
+        "identity": who, "problems": problems(rec, pictures), "not_run": not_run(rec),
+        "waivers": waiver_rows(rec), "data_warnings": [str(w) for w in (rec.diff or {}).get("warnings") or []],
+        "minor": minor, "scale": pictures.get("scale"), "groups": groups,
+        "title": f"Model audit: {who['name']}", "run_id": run["id"], "date": run["started"][:10],
+        "started": run["started"].replace("T", " "), "model": who["name"],
+        "data": _relative(data.get("root") or data.get("manifest"), rec), "classes": ", ".join(rec.classes),
         "verdict": word, "verdict_class": VERDICT_STYLE[word][0], "verdict_symbol": VERDICT_STYLE[word][1],
         "verdict_lines": lines, "checks": checks_table(rec), "gate": gate_rows(rec),
         "weights": (f"{Path(weights).name} (sha256 {str(run['weights_sha256'])[:12]}…)" if weights else
@@ -649,7 +923,7 @@ def context(rec: RunRecord, pictures: dict) -> dict:
         "glossary": glossary(rec), "terms": TERMS,
         "review": review(cfg),
         "legend": pictures.get("legend", "images/legend.png"),
-        "sizes": {"panel": PANEL_MM, "gap": GAP_MM, "per_row": PANELS_PER_ROW, "exemplar": EXEMPLAR_MM,
+        "sizes": {"inset": INSET_MM, "panel": PANEL_MM, "gap": GAP_MM, "per_row": PANELS_PER_ROW, "exemplar": EXEMPLAR_MM,
                   "mean": MEAN_MM, "tile": TILE_MM, "columns": SHEET_COLUMNS},
     }
 

@@ -21,8 +21,8 @@ from auditor.inputs.config import ConfigError
 from auditor.inputs.data import read_image
 from auditor.inputs.preflight import OWNER, mark_partial
 from auditor.outputs.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS,
-                                     TILE_PX, draw_boxes, heat_only, legend, overlay, save_picture, sheet, strip,
-                                     thumbnail)
+                                     TILE_PX, draw_boxes, inset, legend, mean_image, overlay, save_picture, scale_bar,
+                                     sheet, strip, thumbnail)
 from auditor.record import RunRecord, severity_rank
 
 if TYPE_CHECKING:
@@ -96,8 +96,10 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
     images = folder / "images"
     images.mkdir()
     legend().save(images / "legend.png")
+    scale_bar().save(images / "scale.png")
     rel = lambda path: f"images/{path.name}"  # noqa: E731
-    pictures = {"legend": "images/legend.png", "samples": {}, "classes": {}, "sheets": []}
+    pictures = {"legend": "images/legend.png", "scale": "images/scale.png", "samples": {}, "classes": {},
+                "sheets": []}
     flagged = record.flagged()
 
     def picture_of(s, side: int):
@@ -118,12 +120,19 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
         base, boxes, have = got
         methods = [None, *have]
         panels = [base] + [overlay(base, ev.heatmaps[m][s.id], boxes) for m in methods[1:]]
+        worst = max(s.findings, key=lambda f: (severity_rank(f.severity), f.score))
+        box = worst.bbox or next((f.bbox for f in s.findings if f.bbox), None)
+        zoom = inset(read_image(ev.refs[s.id].path), (box[0] / s.size[0], box[1] / s.size[1], box[2] / s.size[0],
+                                                      box[3] / s.size[1])) if box else None
+        cuts = [0, *range(min(3, len(panels)) if zoom else PANELS_PER_ROW, len(panels), PANELS_PER_ROW), len(panels)]
         rows = []
-        for r in range(0, len(panels), PANELS_PER_ROW):  # one picture per row of panels
-            pic = strip(panels[r:r + PANELS_PER_ROW])
-            rows.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{r // PANELS_PER_ROW}")),
-                         "methods": methods[r:r + PANELS_PER_ROW], "boxed": bool(boxes)})
-        pictures["samples"][s.id] = {"rows": rows}
+        for k, (a, b) in enumerate(zip(cuts, cuts[1:])):  # one picture per row of panels; the inset ends the first
+            extra = [zoom] if zoom and k == 0 else []
+            pic = strip(panels[a:b] + extra)
+            rows.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{k}")),
+                         "methods": methods[a:b] + (["@inset"] if extra else []), "boxed": bool(boxes)})
+        pictures["samples"][s.id] = {"rows": rows} | (
+            {"inset": rel(save_picture(zoom, images / f"s{n:04d}-z"))} if zoom else {})
     tiles: list = []  # (image, sample, method); one sheet's worth at a time
 
     def save_sheet() -> None:
@@ -159,9 +168,17 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
             continue
         ids, maps = [ids[k] for k in keep], normalise(maps[keep])
         boxes = [f.region] if f.region else []
-        mean = heat_only(maps.mean(axis=0), MEAN_PX, boxes)
+        looks = []  # the class's mean image under its mean heatmap (at most 64 images read)
+        for i in ids[:64]:
+            try:
+                looks.append(read_image(ev.refs[i].path))
+            except (OSError, ValueError):
+                continue
+        h, w = maps.shape[1:]
+        size = (MEAN_PX, max(1, round(MEAN_PX * h / w))) if w >= h else (max(1, round(MEAN_PX * w / h)), MEAN_PX)
+        mean = overlay(mean_image(looks, size), maps.mean(axis=0), boxes)
         entry = {"mean": rel(save_picture(mean, images / f"c{n:03d}-mean")), "method": method,
-                 "images": len(ids), "exemplars": []}
+                 "images": len(ids), "mean_of": len(looks), "exemplars": []}
         for k, i in enumerate(class_exemplars(ev, f, ids, maps)):
             try:
                 base = thumbnail(read_image(ev.refs[i].path), EXEMPLAR_PX)
@@ -169,6 +186,9 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
                 continue
             pic = overlay(base, ev.heatmaps[method][i], boxes) if i in ev.heatmaps[method] else base
             entry["exemplars"].append({"file": rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": int(i)})
+            if f.region and "inset" not in entry:  # the region of the first example, cut out and enlarged
+                entry["inset"] = {"file": rel(save_picture(inset(read_image(ev.refs[i].path), f.region),
+                                                           images / f"c{n:03d}-inset")), "sample": int(i)}
         pictures["classes"][n] = entry
     from auditor.outputs.charts import cascade_chart
     from auditor.outputs.plots import class_rates_chart, confusion_chart, width_mm
@@ -193,6 +213,8 @@ def load_pictures(folder: Path) -> dict:
 def render_reports(record: RunRecord, folder: Path, pictures: dict, formats) -> list[Path]:
     """report.html (and report.pdf) in ``folder`` from the record and the pictures alone, each
     written under a hidden name and renamed into place, so a reader never sees half a report."""
+    import auditor.explain.methods  # noqa: F401  (the registries hold each check's and method's own words:
+    import auditor.rules  # noqa: F401  a re-render without the audit must find them too)
     from auditor.outputs.report import render_html, render_pdf  # jinja2/weasyprint: only when writing
 
     html, pdf = folder / ".report.html.partial", folder / ".report.pdf.partial"
