@@ -8,7 +8,7 @@ image, a look-alike finding on every third, two class findings, trust results) r
 way ``write_run`` renders a run: pictures (``gallery_images``), report.html (``render_html``),
 report.pdf (``render_pdf``). Times are medians over ``--repeats`` renders into fresh folders
 (wall clock, and the PDF's CPU time too, which a busy shared machine disturbs less; print the
-load average with them); sizes are report.html plus images/, and report.pdf. The gallery holds
+load average with them); sizes are report.html (self-contained: its pictures inside it) and report.pdf. The gallery holds
 at most ``--limit`` images (report.gallery_limit, default 100), the rest go to a table; ``--all``
 adds a row with every flagged image in the gallery (limit = size), the worst case.
 
@@ -211,7 +211,7 @@ def render(res: AuditResult, out: Path, diff: dict | None = None) -> dict[str, f
     """Render like write_run: pictures, report.html, report.pdf; seconds per step, and how many
     flagged images got a small picture."""
     from auditor.outputs.write import gallery_images
-    from auditor.outputs.report import render_html, render_pdf
+    from auditor.outputs.report import inline_pictures, render_html, render_pdf
 
     out.mkdir(parents=True)
     record = res.record.model_copy(update={"diff": diff, "run": {"id": "bench-run", **res.record.run,
@@ -219,10 +219,12 @@ def render(res: AuditResult, out: Path, diff: dict | None = None) -> dict[str, f
     t0 = time.perf_counter()
     pictures = gallery_images(record, res.evidence, out, res.cfg.report.gallery_limit, res.cfg.report.thumbnail_limit)
     t1 = time.perf_counter()
-    (out / "report.html").write_text(render_html(record, pictures))
+    page = render_html(record, pictures)
+    (out / "linked.html").write_text(page)
+    (out / "report.html").write_text(inline_pictures(page, out))   # report.self_contained, the default
     t2 = time.perf_counter()
     c2 = time.process_time()
-    render_pdf(out / "report.html", out / "report.pdf")
+    render_pdf(out / "linked.html", out / "report.pdf")
     t3 = time.perf_counter()
     return {"images": t1 - t0, "html": t2 - t1, "pdf": t3 - t2, "pdf_cpu": time.process_time() - c2,
             "small": sum(len(sh["tiles"]) for sh in pictures["sheets"])}
@@ -277,7 +279,7 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; overlay "
           f"{overlay_ms():.2f} ms each (median of 500); medians of {args.repeats} renders")
     head = (f"{'flagged':>7} {'gallery':>7} {'small':>5} {'format':>6} {'pictures s':>10} {'HTML s':>7} {'PDF s':>7} "
-            f"{'PDF cpu s':>9} {'total s':>7} {'HTML+img MB':>11} {'PDF MB':>7} {'pages':>5} {'files':>5}")
+            f"{'PDF cpu s':>9} {'total s':>7} {'HTML MB':>11} {'PDF MB':>7} {'pages':>5} {'files':>5}")
     print(head)
     print("-" * len(head))
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,7 +290,7 @@ def main() -> None:
             outputs.save_picture = save_picture
             keep = Path(tmp) / f"run{n}-{limit}-0"
             med = {k: statistics.median(t[k] for t in times) for k in times[0]}
-            html_mb = _mb(keep / "report.html") + _mb(keep / "images")
+            html_mb = _mb(keep / "report.html")   # self-contained: its pictures are inside it
             pages = len(PdfReader(str(keep / "report.pdf")).pages)
             files = len(list((keep / "images").iterdir()))
             small = int(med["small"])

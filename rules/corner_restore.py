@@ -42,7 +42,7 @@ def _effects(d: dict) -> list[str]:
     return [f"true class back from the {k}: {v:.0%} of donors" for k, v in rates.items() if v]
 
 
-@RULES.register("corner_restore", title='Missing or wrong mark in a corner',
+@RULES.register("corner_restore", title='Answer changes when a corner is replaced',
                 glossary='It asks the model directly rather than a heatmap, so it also catches a mark that works by its absence or its shade (a missing watermark, a swatch of the wrong grey), which heatmaps cannot show.',
                 effects=_effects, level="sample", needs=("model",), direction="higher is more suspicious")
 def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidates: Count = 64, min_rate: Share = 0.75,

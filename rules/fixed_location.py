@@ -81,7 +81,7 @@ def _effects(d: dict) -> list[str]:
     return out + ([f"evidence {d['lift']:.0f}× denser at the spot than on average"] if "lift" in d else [])
 
 
-@RULES.register("fixed_location", title='Evidence at one fixed spot',
+@RULES.register("fixed_location", title='Same spot in many images',
                 glossary='When many images of one class are decided from the same small spot, something placed there (a logo, a ruler, a tag) is probably doing the work.',
                 effects=_effects, level="class", needs=("heatmaps",), direction="higher is more suspicious")
 def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, min_lift: Positive = 5.0,

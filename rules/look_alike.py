@@ -129,7 +129,7 @@ def _effects(d: dict) -> list[str]:
     return [f"shape {d['distance']:.1f} spreads from the class's usual evidence (0: the same)"] if "distance" in d else []
 
 
-@RULES.register("look_alike", title="Object that merely looks like the class's cue",
+@RULES.register("look_alike", title="Looks like the class's usual evidence",
                 glossary='It catches a model that takes any object of the right shape (a bright blob, a rectangle) for the mark it learned for a class.',
                 effects=_effects, level="sample+class", needs=("heatmaps",), direction="lower distance is more suspicious")
 def look_alike(ev: Evidence, min_examples: Count = 5, max_distance: Positive = 2.5, min_contrast: NonNegative = 0.15,

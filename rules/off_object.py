@@ -50,7 +50,7 @@ def _effects(d: dict) -> list[str]:
     return [f"on the object: {d['on_object_mean']:.0%} of the evidence on average"] if "on_object_mean" in d else []
 
 
-@RULES.register("off_object", title='Evidence off the annotated object',
+@RULES.register("off_object", title='Evidence off the object',
                 glossary='It needs object masks or boxes in the data; evidence outside them means the model decides from the background or the context.',
                 effects=_effects, level="sample+class", needs=("heatmaps", "masks"), direction="lower is more suspicious")
 def off_object(ev: Evidence, min_on_object: Share = 0.4, class_min_on_object: Share = 0.5,

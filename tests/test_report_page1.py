@@ -94,7 +94,7 @@ def test_every_inset_is_at_least_160_px_wide_on_the_page(run):
     page = (folder / "report.html").read_text()
     from auditor.outputs.overlay import INSET_MM, INSET_PX
     assert INSET_MM / 25.4 * 96 >= 160 and INSET_PX >= 160
-    insets = re.findall(r'<img class="inset" src="([^"]+)"', page)
+    insets = re.findall(r'<img class="inset" src="data:[^"]+" data-src="([^"]+)"', page)
     strips = re.findall(r'<img class="strip" style="width: calc\(([\d.]+)mm', page)
     assert insets and strips
     for src in insets:
@@ -102,3 +102,19 @@ def test_every_inset_is_at_least_160_px_wide_on_the_page(run):
             assert im.width >= 160
     css = (ROOT / "templates" / "report.css").read_text()
     assert re.search(r"img\.inset \{ width: calc\(var\(--inset\)", css)
+
+
+def test_report_html_carries_its_pictures_unless_told_not_to(run, tmp_path):
+    from auditor.outputs.write import load_pictures, render_reports
+    res, folder = run
+    page = (folder / "report.html").read_text()
+    assert ' src="images/' not in page and page.count(' src="data:image/') > 10
+    from auditor.record import RunRecord
+    rec = RunRecord.load(folder)
+    linked = rec.model_copy(update={"run": {**rec.run, "config": {
+        **rec.config, "report": {**rec.config["report"], "self_contained": False}}}})
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(folder, copy)
+    render_reports(linked, copy, load_pictures(copy), ["html"])
+    assert ' src="images/' in (copy / "report.html").read_text()

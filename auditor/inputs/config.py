@@ -216,6 +216,8 @@ class ReportSpec(Strict):
     gallery_limit: int = Field(100, ge=0, description="flagged images shown as full cards, worst first")
     thumbnail_limit: int = Field(1000, ge=0, description="further flagged images shown as small numbered "
                                                          "pictures after the cards")
+    self_contained: bool = Field(True, description="report.html carries its pictures inside it (one file to "
+                                                   "send); false: it links to images/ beside it. The PDF is the same")
 
     @field_validator("fail_on", mode="before")
     @classmethod

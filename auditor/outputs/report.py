@@ -7,8 +7,10 @@ text and is escaped there (autoescape is on; nothing from the data is marked saf
 """
 from __future__ import annotations
 
+import base64
 import math
 import os
+import re
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -39,6 +41,17 @@ TERMS = [
                      "pasting it carries the decision over, the finding is confirmed."),
     ("Severity", "info, low, medium, high, critical: the check's own measure graded by thresholds. Confirmation "
                  "raises a finding to at least high; a suspicion that fails both tests is lowered to low."),
+    ("Rank correlation", "How alike two heatmaps are in the order of their places, from most to least evidence: "
+                         "1 means the same order, 0 no relation at all. The trust gate uses it to see whether "
+                         "a method's heatmaps change when the model is scrambled."),
+    ("Area under the curve", "Remove an image's pixels step by step, most marked first, and follow how the "
+                             "model's confidence falls. The area under that curve is small when the marked pixels "
+                             "truly matter, so a good method's area is well below that of removing random pixels."),
+    ("Pointing game", "Whether the place a heatmap marks most lies on the annotated object. Counted over many "
+                      "images, it says how often a method points at the object rather than beside it."),
+    ("Placebo (random region)", "Each intervention is repeated with a random region of the same size elsewhere in "
+                                "the image. A finding counts as confirmed only when the real region does clearly "
+                                "more than the random one."),
     ("Precision and recall", "Precision: of the images the model gave a class, the share that truly are. Recall: of "
                              "the images that truly are the class, the share the model found."),
 ]
@@ -341,8 +354,9 @@ def verdict(rec: RunRecord) -> tuple[str, list[str]]:
     if g.waived:
         counts += f"; {g.waived} {'is' if g.waived == 1 else 'are'} waived"
     if diff:
-        counts += (f"; since the previous audit {len(diff.get('new') or [])} new, "
-                   f"{len(diff.get('resolved') or [])} resolved")
+        gone, unaudited = resolved_split(diff, rec)
+        counts += (f"; since the previous audit {len(diff.get('new') or [])} new, {len(gone)} resolved"
+                   + (f" ({len(unaudited)} more on images not audited this time)" if unaudited else ""))
     lines.append(counts + ".")
     failed = [c for c in g.conditions if not c["passed"]]
     incomplete = next((c for c in failed if c["name"] == "incomplete"), None)
@@ -389,10 +403,16 @@ def gate_rows(rec: RunRecord) -> list[dict]:
     """The release gate's conditions (report.fail_on), each with its outcome in words."""
     rows = []
     for c in rec.gate.conditions:
-        state, css = ("not checked", "skip") if c.get("skipped") else (("passed", "pass") if c["passed"]
+        state, css = ("not checked", "skip") if c.get("skipped") else (("met", "pass") if c["passed"]
                                                                        else ("failed", "fail"))
+        message = c["message"]
+        skipped = [n for n, k in rec.coverage.rules.items() if k.state != "ran"]
+        if c["name"] == "incomplete" and c["passed"] and skipped:
+            message = (message.replace("every check ran", "every check that applies ran") +
+                       f"; {_list(skipped)} did not apply and {'was' if len(skipped) == 1 else 'were'} not run "
+                       f"(see 'Not checked')")
         rows.append({"name": c["name"].replace("_", " "), "threshold": str(c["threshold"]), "state": state,
-                     "css": css, "message": c["message"]})
+                     "css": css, "message": message})
     return rows
 
 
@@ -791,15 +811,33 @@ def _rate_change(d: dict | None) -> str:
     return text + ")"
 
 
-def changes(diff: dict | None) -> dict:
-    """The comparison with the baseline run (diff.json, from auditor/diff.py), or a note that there is none."""
+def resolved_split(diff: dict, rec: RunRecord | None) -> tuple[list[dict], list[dict]]:
+    """The baseline's findings that are gone: (truly resolved, gone only because this run did not
+    audit the image: not in its data, or not explained)."""
+    explained = ({s.sha256 or s.path for s in rec.samples if s.explained} | {s.path for s in rec.samples if s.explained}
+                 if rec is not None else None)
+    gone, unaudited = [], []
+    for f in diff.get("resolved") or []:
+        image = f.get("kind") != "class" and f.get("path")
+        missing = f.get("note") == "image not in this run" or (
+            image and explained is not None and (f.get("sha256") or f.get("path")) not in explained)
+        (unaudited if missing else gone).append(f)
+    return gone, unaudited
+
+
+def changes(diff: dict | None, rec: RunRecord | None = None) -> dict:
+    """The comparison with the baseline run (diff.json, from auditor/diff.py), or a note that there is none.
+    Persisting findings are counted here and listed in the appendix; a finding on an image this run
+    did not audit is not counted as resolved."""
     if not diff:
         return {"given": False}
+    gone, unaudited = resolved_split(diff, rec)
     groups = []
-    for key, title in (("new", "New findings"), ("resolved", "Resolved findings"),
-                       ("persisting", "Persisting findings")):
+    for key, title, items in (("new", "New findings", diff.get("new")), ("resolved", "Resolved findings", gone),
+                              ("unaudited", "Gone only because the image was not audited this time", unaudited),
+                              ("persisting", "Persisting findings", diff.get("persisting"))):
         rows = []
-        for f in diff.get(key) or []:
+        for f in items or []:
             notes = [str(f["note"])] if f.get("note") else []
             if f.get("previous_severity") and f["previous_severity"] != f.get("severity"):
                 notes.append(f"was {f['previous_severity']}")
@@ -809,7 +847,7 @@ def changes(diff: dict | None) -> dict:
                          "kind": "class" if f.get("kind") == "class" or not f.get("path") else "image",
                          "rule": str(f.get("rule", "")), "severity": str(f.get("severity", "")),
                          "message": str(f.get("message", "")), "note": "; ".join(notes)})
-        groups.append({"title": title, "count": len(rows), "rows": rows})
+        groups.append({"key": key, "title": title, "count": len(rows), "rows": rows})
     metrics = diff.get("metrics") or {}
     rows = []
     if "accuracy" in metrics:
@@ -830,8 +868,12 @@ def changes(diff: dict | None) -> dict:
     n = {g["title"]: g["count"] for g in groups}
     summary = (f"Compared with the previous audit{f' (run {baseline})' if baseline else ''}: "
                f"{n['New findings']} new, {n['Resolved findings']} resolved and {n['Persisting findings']} "
-               f"persisting {'finding' if n['Persisting findings'] == 1 else 'findings'}.")
-    return {"given": True, "summary": summary, "groups": groups, "metrics": rows, "per_class": per_class,
+               f"persisting {'finding' if n['Persisting findings'] == 1 else 'findings'}"
+               + (f"; {len(unaudited)} more are gone only because their images were not audited this time "
+                  f"(a smaller or different data sample), so they do not count as resolved" if unaudited else "")
+               + (". The persisting ones are listed in the appendix." if n['Persisting findings'] else "."))
+    return {"given": True, "summary": summary, "groups": [g for g in groups if g["key"] != "persisting"],
+            "persisting": next(g for g in groups if g["key"] == "persisting"), "metrics": rows, "per_class": per_class,
             "warnings": [str(w) for w in diff.get("warnings") or []],
             "source": str(diff.get("baseline_path") or "")}
 
@@ -841,9 +883,30 @@ def changes(diff: dict | None) -> dict:
 def glossary(rec: RunRecord) -> list[dict]:
     used = set(rec.run["methods"]) | set(rec.run["rules"])
     return ([{"name": _title(METHODS, e.name), "kind": "explanation method", "used": e.name in used,
-              "text": " ".join(filter(None, [e.description, e.glossary]))} for e in METHODS] +
+              "text": e.glossary or e.description} for e in METHODS] +   # in words; the formula is in section 5
             [{"name": _title(RULES, e.name), "kind": "check", "used": e.name in used,
               "text": " ".join(filter(None, [e.description, e.glossary]))} for e in RULES])
+
+
+def model_card(rec: RunRecord) -> dict:
+    """Where this report's sections belong in a model card (Mitchell et al., "Model Cards for Model
+    Reporting"), and what an audit of this kind does not cover."""
+    a = rec.config.get("audit") or {}
+    rows = [("Model details", "Page 1 (name, version, owner, weights) and the provenance table below"),
+            ("Intended use", f"Page 1: {a['intended_use']}" if a.get("intended_use") else
+             "not given (set audit.intended_use in the config)"),
+            ("Factors", "Per class: sections 2 and 3 (the audit looks at classes, not at groups of people)"),
+            ("Metrics", "Section 2: accuracy with its 95% interval, precision and recall per class"),
+            ("Evaluation data", f"Page 1 and the configuration below: {_plural(rec.metrics.images, 'image')}"),
+            ("Quantitative analyses", "Sections 2 to 4: the confusion matrix, the findings and their intervention "
+                                      "tests; section 6: the change since the previous audit"),
+            ("Caveats and recommendations", "Page 1: the verdict, every confirmed problem, what was not checked "
+                                            "and the waivers; section 5: which explanation methods can be trusted")]
+    gaps = ["the training data and how it was collected (this audit sees only the validation images it is given)",
+            "fairness across groups of people, and any other factor the data set does not label",
+            "ethical considerations, privacy and the model's behaviour on data unlike the audited images",
+            "shortcuts no check looks for, and those that no trusted explanation method can show"]
+    return {"rows": rows, "gaps": gaps}
 
 
 def provenance(rec: RunRecord) -> list[tuple[str, str]]:
@@ -915,12 +978,12 @@ def context(rec: RunRecord, pictures: dict) -> dict:
         "class_findings": class_findings(rec, pictures),
         "gallery": cards, "rest": rest_groups(rest), "gallery_note": gallery_note,
         "sheets": small, "sheets_note": sheets_note,
-        "reliability": reliability(rec, pictures), "changes": changes(rec.diff),
+        "reliability": reliability(rec, pictures), "changes": changes(rec.diff, rec),
         "skipped": [{"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))} for s in rec.skipped],
         "warnings": [str(w) for w in rec.warnings],
         "errors": [f"check {e['rule']} failed: {e['error']}" for e in rec.errors],
         "config": yaml.safe_dump(run["config"], sort_keys=False), "provenance": provenance(rec),
-        "glossary": glossary(rec), "terms": TERMS,
+        "glossary": glossary(rec), "terms": TERMS, "model_card": model_card(rec),
         "review": review(cfg),
         "legend": pictures.get("legend", "images/legend.png"),
         "sizes": {"inset": INSET_MM, "panel": PANEL_MM, "gap": GAP_MM, "per_row": PANELS_PER_ROW, "exemplar": EXEMPLAR_MM,
@@ -933,6 +996,19 @@ def render_html(rec: RunRecord, pictures: dict) -> str:
     script, no remote resource."""
     css = (Path(str(files("auditor.templates"))) / "report.css").read_text()
     return _env().get_template("report.html.j2").render(css=css, **context(rec, pictures))
+
+
+_PICTURE = re.compile(r'src="(images/[\w.-]+\.(png|jpg))"')
+_MIME = {"png": "image/png", "jpg": "image/jpeg"}
+
+
+def inline_pictures(html: str, folder: Path) -> str:
+    """report.html with every picture of images/ inside it as a data: URI, so the one file can be
+    sent on its own; ``data-src`` keeps the name of the file in images/ that each one is."""
+    def one(m: re.Match) -> str:
+        data = base64.b64encode((folder / m.group(1)).read_bytes()).decode("ascii")
+        return f'src="data:{_MIME[m.group(2)]};base64,{data}" data-src="{m.group(1)}"'
+    return _PICTURE.sub(one, html)
 
 
 def allowed_url(url: str, root: Path) -> bool:

@@ -215,15 +215,18 @@ def render_reports(record: RunRecord, folder: Path, pictures: dict, formats) -> 
     written under a hidden name and renamed into place, so a reader never sees half a report."""
     import auditor.explain.methods  # noqa: F401  (the registries hold each check's and method's own words:
     import auditor.rules  # noqa: F401  a re-render without the audit must find them too)
-    from auditor.outputs.report import render_html, render_pdf  # jinja2/weasyprint: only when writing
+    from auditor.outputs.report import inline_pictures, render_html, render_pdf  # jinja2/weasyprint: only when writing
 
     html, pdf = folder / ".report.html.partial", folder / ".report.pdf.partial"
     try:
-        html.write_text(render_html(record, pictures))
+        page = render_html(record, pictures)
+        html.write_text(page)
         if "pdf" in formats:
-            render_pdf(html, pdf)
+            render_pdf(html, pdf)  # from the linked page: the PDF is the same either way
             os.replace(pdf, folder / "report.pdf")
         if "html" in formats:
+            if (record.config.get("report") or {}).get("self_contained", True):
+                html.write_text(inline_pictures(page, folder))
             os.replace(html, folder / "report.html")
     finally:
         html.unlink(missing_ok=True)
