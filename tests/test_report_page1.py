@@ -118,3 +118,20 @@ def test_report_html_carries_its_pictures_unless_told_not_to(run, tmp_path):
     shutil.copytree(folder, copy)
     render_reports(linked, copy, load_pictures(copy), ["html"])
     assert ' src="images/' in (copy / "report.html").read_text()
+
+
+def test_a_finding_gone_because_its_image_was_not_audited_is_not_resolved(run):
+    from auditor.outputs.report import changes
+    res, _ = run
+    here = res.record.samples[0]
+    diff = {"baseline_run": "b", "new": [], "persisting": [{"kind": "class", "class": "gravel", "rule": "x",
+                                                            "severity": "high", "message": "m"}],
+            "resolved": [{"kind": "sample", "path": here.path, "sha256": here.sha256, "rule": "corner_border",
+                          "severity": "low", "message": "gone"},
+                         {"kind": "sample", "path": "c9/elsewhere.png", "sha256": "f" * 64, "rule": "corner_border",
+                          "severity": "low", "message": "not audited", "note": "image not in this run"}]}
+    c = changes(diff, res.record)
+    counts = {g["key"]: g["count"] for g in c["groups"]}
+    assert counts["resolved"] == 1 and counts["unaudited"] == 1
+    assert "1 resolved" in c["summary"] and "not audited this time" in c["summary"]
+    assert c["persisting"]["count"] == 1 and "listed in the appendix" in c["summary"]

@@ -187,12 +187,12 @@ def _relative(path, rec: RunRecord) -> str:
     if not path:
         return ""
     p, base = Path(str(path)), Path(str(rec.run.get("config_file") or ".")).parent
-    if not p.is_absolute():
-        return p.as_posix()
-    try:
-        return Path(os.path.relpath(p, base.resolve() if not base.is_absolute() else base)).as_posix()
-    except ValueError:
-        return p.name
+    if p.is_absolute():
+        try:
+            p = Path(os.path.relpath(p, base.resolve() if not base.is_absolute() else base))
+        except ValueError:
+            p = Path(p.name)
+    return "the config file's folder" if p.as_posix() == "." else p.as_posix()
 
 
 def identity(rec: RunRecord) -> dict:
@@ -649,10 +649,12 @@ def shared(rec: RunRecord, pictures: dict) -> tuple[list[dict], set[int]]:
         rules = _list(list(dict.fromkeys(f"“{_title(RULES, f.rule)}”" for f in found)))
         confirmed = sum(any(f.confirmed for f in fs) for _, fs in items)
         text = (f"{_plural(len(items), 'misclassified image')} the model calls '{c.cls}' (truly {_list(labels)}) "
-                f"show what the class-level finding “{_title(RULES, c.rule)}” describes, flagged by {rules}; "
+                f"{'shows' if len(items) == 1 else 'show'} what the class-level finding “{_title(RULES, c.rule)}” describes"
+                + (f", flagged by {rules}" if {f.rule for f in found} != {c.rule} else "") + "; "
                 f"intervention confirmed {confirmed} of them"
                 + (f" ({'; '.join(f'{k} passed in {v}' for k, v in passed.items())})" if passed else "") + ".")
         out.append({"severity": max((f.severity for f in found), key=severity_rank), "class": c.cls,
+                    "small": len(items) <= 6,
                     "check": _title(RULES, c.rule), "text": text,
                     "shots": [{"file": pictures["samples"][s.id]["inset"], "path": s.path,
                                "caption": f"{s.path}: {s.label} → {s.prediction}; " + "; ".join(
@@ -941,6 +943,14 @@ class _Spec(dict):
         return self[key] if key in self else getattr(TrustSpec(), key)
 
 
+def _strip_home(text: str, rec: RunRecord) -> str:
+    """``text`` with the config file's folder left out of every path in it: paths relative to
+    the config, as the reader's own copy would have them, never this machine's layout."""
+    config = str(rec.run.get("config_file") or "")
+    base = str(Path(config).parent) if Path(config).is_absolute() else ""
+    return text.replace(base + "/", "") if base and base != "/" else text
+
+
 def context(rec: RunRecord, pictures: dict) -> dict:
     cfg, run = rec.config, rec.run
     word, lines = verdict(rec)
@@ -982,7 +992,8 @@ def context(rec: RunRecord, pictures: dict) -> dict:
         "skipped": [{"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))} for s in rec.skipped],
         "warnings": [str(w) for w in rec.warnings],
         "errors": [f"check {e['rule']} failed: {e['error']}" for e in rec.errors],
-        "config": yaml.safe_dump(run["config"], sort_keys=False), "provenance": provenance(rec),
+        "config": _strip_home(yaml.safe_dump(run["config"], sort_keys=False), rec),
+        "provenance": [(k, _strip_home(v, rec)) for k, v in provenance(rec)],
         "glossary": glossary(rec), "terms": TERMS, "model_card": model_card(rec),
         "review": review(cfg),
         "legend": pictures.get("legend", "images/legend.png"),
