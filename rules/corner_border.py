@@ -56,7 +56,7 @@ def corner_border(ev: Evidence, band: Band = 0.15, min_lift: NonNegative = 2.0, 
                   min_mass: Share | None = None, standout_floor: NonNegative = 0.3, class_min_lift: Positive = 4.0,
                   z_min: float = 3.0, min_images: Count = 5, sample_severity: Thresholds = None,
                   class_severity: Thresholds = None) -> list:
-    """Attribution concentrated in an image corner or border band (watermarks, tags, frames)."""
+    """Evidence piled into a corner of the image or along an edge, where watermarks, tags and frames sit."""
     # One knob for the per-image test: unless given, the region must also stand out from the
     # rest of the frame 2x min_lift times and hold min_lift/40 of the evidence (4 and 5 % at 2).
     min_standout = 2 * min_lift if min_standout is None else min_standout

@@ -87,7 +87,7 @@ def _effects(d: dict) -> list[str]:
 def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, min_lift: Positive = 5.0,
                    z_min: float = 3.0, min_tightness: Share = 0.5, max_images: Count = 1500,
                    severity: Thresholds = None) -> list:
-    """A tight group of a class's explanations pointing at one small fixed spot (SpRAy-style)."""
+    """Many images of one class decided from the same small spot (grouped as SpRAy does)."""
     severity = severity or SEVERITY
     out: dict[tuple, ClassFinding] = {}
     for method in ev.methods:

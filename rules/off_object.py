@@ -55,7 +55,7 @@ def _effects(d: dict) -> list[str]:
                 effects=_effects, level="sample+class", needs=("heatmaps", "masks"), direction="lower is more suspicious")
 def off_object(ev: Evidence, min_on_object: Share = 0.4, class_min_on_object: Share = 0.5,
                min_images: Count = 5, sample_severity: Thresholds = None) -> list:
-    """Evidence that lies off the annotated object (relevance mass accuracy, energy pointing game)."""
+    """Evidence that lies outside the object the data marks (its mask or box)."""
     sample_severity = sample_severity or SAMPLE_SEVERITY
     if not any(r.mask is not None or r.bbox is not None for r in ev.refs):
         return []  # nothing to compare with: the rule does not apply to this data set
