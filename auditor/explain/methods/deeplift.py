@@ -229,7 +229,7 @@ def summed_to_delta(attr: Tensor, delta: Tensor, scale: Tensor) -> None:
 
 
 @register("deeplift", title='DeepLift',
-          glossary='It compares the image with a plain baseline and shares the change in the output among the pixels; bright pixels moved the score towards the class.',
+          glossary='It explains the difference between the model\'s score on the image and on a plain grey image. It compares the image with a plain baseline and shares the change in the output among the pixels; bright pixels moved the score towards the class.',
           passes=lambda p, hw: (1, 1), not_applicable=no_rule)
 def deeplift(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """DeepLift (Rescale rule) from the mean image (0), positive part of the channel sum."""

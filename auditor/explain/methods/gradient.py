@@ -27,7 +27,7 @@ def _abs_grads(model: nn.Module, x: Tensor, target: Tensor, max_rows: int, expla
 
 
 @register("saliency", title='Saliency',
-          glossary='It shows which pixels would change the score fastest; fast but noisy, and it can follow image edges more than the model.',
+          glossary='For every pixel it asks how much a tiny change there would move the model\'s score for the class. It shows which pixels would change the score fastest; fast but noisy, and it can follow image edges more than the model.',
           passes=lambda p, hw: (1, 1))
 def saliency(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Saliency: |d logit / d input|, max over channels (Simonyan et al. 2014)."""
@@ -56,7 +56,7 @@ def _noisy_gradients(name: str, model: nn.Module, x: Tensor, target: Tensor, n: 
 
 
 @register("smoothgrad", title='SmoothGrad',
-          glossary="Averaging over noisy copies removes much of plain saliency's speckle, at the cost of one pass per copy.",
+          glossary="It is saliency computed on many slightly noisy copies of the image and averaged. Averaging over noisy copies removes much of plain saliency's speckle, at the cost of one pass per copy.",
           stochastic=True, passes=lambda p, hw: (p["n_samples"], p["n_samples"]))
 def smoothgrad(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 32,
                noise_level: NonNegative = 0.15, seed: int = 0, max_rows: Count = 256) -> Tensor:
@@ -82,7 +82,7 @@ def smoothgrad(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 3
 
 
 @register("integrated_gradients", title='Integrated Gradients',
-          glossary="It adds up gradients along a straight path from the baseline to the image, so the pixel scores sum to the change in the model's output.",
+          glossary="It fades the image in from a plain grey one and adds up, pixel by pixel, how the score rises on the way. It adds up gradients along a straight path from the baseline to the image, so the pixel scores sum to the change in the model's output.",
           passes=lambda p, hw: (p["n_steps"], p["n_steps"]))
 def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: Count = 32,
                          method: Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
@@ -101,7 +101,7 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: C
 
 
 @register("gradient_shap", title='Gradient SHAP',
-          glossary='Averaging over many noisy baselines makes it depend less on one arbitrary reference image than Integrated Gradients does.',
+          glossary='It is Integrated Gradients started from many random plain images instead of one, and averaged: an estimate of each pixel\'s SHAP value. Averaging over many noisy baselines makes it depend less on one arbitrary reference image than Integrated Gradients does.',
           stochastic=True,
           passes=lambda p, hw: (p["n_samples"], p["n_samples"]))
 def gradient_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 32,
@@ -150,7 +150,7 @@ def _refuse_without_relu(name: str, model: nn.Module) -> None:
 
 
 @register("guided_backprop", title='Guided backpropagation',
-          glossary='Its maps are sharp, but they often look alike whatever the model has learned, so they are a weak witness on their own.',
+          glossary='It traces the score back to the pixels, keeping only the signals that increase it at every layer. Its maps are sharp, but they often look alike whatever the model has learned, so they are a weak witness on their own.',
           passes=lambda p, hw: (1, 1), not_applicable=no_relu)
 def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Guided backprop: gradient with negative signals cut at each nn.ReLU, |.| max over channels.
@@ -165,7 +165,7 @@ def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count
 
 
 @register("deconvolution", title='Deconvolution',
-          glossary="It shows which input patterns excite the network, but barely depends on the model's top layers, so read it next to a class-specific method such as Grad-CAM.",
+          glossary="It runs the network backwards from the score to the pixels, keeping the patterns that excite it. It shows which input patterns excite the network, but barely depends on the model's top layers, so read it next to a class-specific method such as Grad-CAM.",
           passes=lambda p, hw: (1, 1), not_applicable=no_relu)
 def deconvolution(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """Deconvolution: ReLUs pass back only positive gradients, |.| max over channels.

@@ -24,7 +24,7 @@ def _n_windows(hw: tuple[int, int], window: Share, stride: Share) -> int:
 
 
 @register("occlusion", title='Occlusion',
-          glossary='Where hiding a patch lowers the score most is where the evidence is; slow, but easy to understand and to trust.',
+          glossary='It covers the image with a grey patch, one place at a time, and records how much the score falls. Where hiding a patch lowers the score most is where the evidence is; slow, but easy to understand and to trust.',
          
           passes=lambda p, hw: (1 + _n_windows(hw or (224, 224), p["window"], p["stride"]), 0))
 def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: Share = 0.125,

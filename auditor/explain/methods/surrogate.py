@@ -162,7 +162,7 @@ def _to_pixels(beta: Tensor, seg: Tensor) -> Tensor:
 
 
 @register("lime", title='LIME',
-          glossary='It hides random sets of superpixels and fits a simple model of which ones the prediction depends on; slow, but it treats the model as a black box.',
+          glossary='It explains one prediction with a simple stand-in model that only looks at which parts of the image are shown. It hides random sets of superpixels and fits a simple model of which ones the prediction depends on; slow, but it treats the model as a black box.',
           stochastic=True, passes=lambda p, hw: (p["n_samples"], 0))
 def lime(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 256,
          n_segments: Count = 50, compactness: Positive = 20.0, segmentation: Literal["slic", "quickshift"] = "slic",
@@ -181,7 +181,7 @@ def lime(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 256,
 
 
 @register("kernel_shap", title='Kernel SHAP',
-          glossary="It switches groups of pixels on and off, watches the model, and estimates each group's Shapley value; slow, but it treats the model as a black box.",
+          glossary="It shares the prediction fairly among the image's parts, as game theory's Shapley values share a payout among players. It switches groups of pixels on and off, watches the model, and estimates each group's Shapley value; slow, but it treats the model as a black box.",
           stochastic=True, passes=lambda p, hw: (p["n_samples"], 0))
 def kernel_shap(model: nn.Module, x: Tensor, target: Tensor, n_samples: Count = 256,
                 n_segments: Count = 50, compactness: Positive = 20.0, segmentation: Literal["slic", "quickshift"] = "slic",
