@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -163,6 +164,17 @@ def _plain(v):
     return v.tolist() if hasattr(v, "tolist") else str(v)
 
 
+@contextmanager
+def phase(what: str, quiet: bool):
+    """A spinner on stderr while a phase that can take a while runs (nothing when quiet)."""
+    if quiet:
+        yield
+        return
+    from rich.console import Console
+    with Console(stderr=True).status(what):
+        yield
+
+
 def run_rules(ev: Evidence, rules: dict[str, dict], required: bool) -> tuple[list, list, list, dict[str, Check]]:
     """Every rule that applies, with its coverage; a rule that raises is recorded, the audit goes on."""
     findings, class_findings, errors, coverage = [], [], [], {}
@@ -217,7 +229,8 @@ def method_coverage(methods: dict, inapplicable: dict[str, str], disabled: dict[
 def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     started = datetime.now(timezone.utc)
     if cfg.prepare:
-        import_object(cfg.prepare, cfg.folder, "prepare", cfg.source)(cfg.folder)
+        with phase("preparing (the first run of the demo generates its images and trains its model)", quiet):
+            import_object(cfg.prepare, cfg.folder, "prepare", cfg.source)(cfg.folder)
     check_files(cfg)
     methods = checked_params(cfg, "explain.methods", cfg.explain.methods if cfg.explain.methods is not None
                              else RECOMMENDED_METHODS, METHODS)
@@ -268,7 +281,9 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
                   {m: LazyMaps(store, rec.contrast.get(m, {})) for m in used}, refs,
                   model=model, input_spec=cfg.model.input, device=device)
 
-    trust = cached_trust(ev, {m: methods[m] for m in used}, layer, cfg, store, model_key) if cfg.trust.enabled else {}
+    with phase("testing the explanation methods (trust gate)", quiet):
+        trust = (cached_trust(ev, {m: methods[m] for m in used}, layer, cfg, store, model_key)
+                 if cfg.trust.enabled else {})
     ev.reliable = {m: t["reliable"] for m, t in trust.items()}
     for m, t in trust.items():
         if not t["reliable"]:
@@ -276,10 +291,12 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     if ev.heatmaps and not ev.methods:
         warnings.append("no explanation method passed the trust gate: the rules had no evidence to work with")
 
-    findings, class_findings, errors, rule_checks = run_rules(ev, rules, required=cfg.rules is not None)
+    with phase("running the checks", quiet):
+        findings, class_findings, errors, rule_checks = run_rules(ev, rules, required=cfg.rules is not None)
     for e in errors:
         warnings.append(f"rule {e['rule']!r} failed: {e['error']}")
-    cached_confirm(ev, findings, class_findings, cfg, store, model_key)
+    with phase(f"testing {len(findings) + len(class_findings)} findings by intervention", quiet):
+        cached_confirm(ev, findings, class_findings, cfg, store, model_key)
     order = lambda f: (-severity_rank(f.severity), -f.score)  # noqa: E731
     findings.sort(key=order)
     class_findings.sort(key=order)

@@ -86,7 +86,9 @@ def run(config: Path = typer.Argument(..., help="the audit config, e.g. audit.ya
         for note in clean_stale_partials(target):
             say(f"note: {note}")
         result = run_audit(cfg, quiet=quiet)
-        folder = write_run(result, out)
+        from auditor.audit import phase
+        with phase("writing the report", quiet):
+            folder = write_run(result, out)
         if junit:
             junit_xml.write(result.record, junit)
     rec = result.record
