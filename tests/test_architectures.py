@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -351,3 +352,400 @@ def test_occlusion_is_the_logit_drop(hw, window, stride):
             count[i:i + wh, j:j + ww] += 1
     oracle = (total / count.clamp_min(1)).clamp_min(0)
     torch.testing.assert_close(heat, oracle, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- model.output, model.reshape, the record
+
+FACTORY_PY = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.conv, self.fc = kind, nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        feat = self.conv(x).relu().mean((2, 3))
+        logits = self.fc(feat)
+        return (feat, logits) if self.kind == "tuple" else {"features": feat, "scores": logits}
+
+def make(kind="tuple"):
+    return Net(kind)
+"""
+
+
+def test_model_output_names_the_logits(project, tmp_path):
+    """model.output: an INDEX into a tuple, a NAME in a dict (or a field); a wrong one names the key
+    and what the output holds."""
+    from auditor.inputs.config import ConfigError, load_config
+    from auditor.inputs.model import build_model
+
+    (project.folder / "multi.py").write_text(FACTORY_PY)
+    project.cfg["model"] = {"factory": "multi.py:make", "classes": CLASSES, "input": {"size": [24, 24]}}
+    project.write()
+    x = torch.randn(2, 3, 24, 24)
+    for kind, output in (("tuple", 1), ("tuple", -1), ("dict", "scores"), ("dict", 1)):
+        model = build_model(load_config(project.path, [f"model.kwargs={{kind: {kind}}}", f"model.output={output}"]),
+                            3, torch.device("cpu"))
+        assert isinstance(model, Logits)
+        torch.testing.assert_close(model(x), model.model.fc(model.model.conv(x).relu().mean((2, 3))))
+    for kind, output, says in (("tuple", 2, "(a tuple of 2) has no element 2"),
+                               ("tuple", "logits", "(a tuple of 2) has no element 'logits'"),
+                               ("dict", "logits", "(dict with keys features, scores) has no element 'logits'")):
+        with pytest.raises(ConfigError, match=re.escape(f"'model.output': the model's output {says}")):
+            build_model(load_config(project.path, [f"model.kwargs={{kind: {kind}}}", f"model.output={output}"]),
+                        3, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="model output has shape tuple"):  # no model.output: the dry run says what it is
+        build_model(load_config(project.path, ["model.kwargs={kind: tuple}"]), 3, torch.device("cpu"))
+
+
+def test_model_output_on_a_hugging_face_folder(project, tmp_path):
+    from auditor.inputs.config import load_config
+    from auditor.inputs.model import build_model
+    save_folder(tiny_vit(), tmp_path / "vit")
+    project.cfg["model"] = {"huggingface": str(tmp_path / "vit"), "output": "logits", "reshape": "vit"}
+    project.write()
+    model = build_model(load_config(project.path), 3, torch.device("cpu"))
+    assert model.output == "logits" and model.input_shape == (3, 32, 32)
+    from auditor.explain.layers import reading_of
+    assert reading_of(model, None) == "vit"
+
+
+class ChannelsLast(nn.Module):
+    """A 4x4 map of 4 channels, read channels last by a LayerNorm (ConvNeXt's inner layout): the
+    shape [B, 4, 4, 4] is ambiguous, and auto reads it channels first."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.norm, self.fc = nn.Conv2d(3, 4, 4, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def test_model_reshape_says_how_a_layer_is_read():
+    """auto guesses from the shape; swin reads an ambiguous [B, 4, 4, 4] channels last (the map
+    pytorch-grad-cam's Swin reshape gives); vit / none refuse a shape that is not theirs, saying so.
+    The reading rides on the model, so the trust gate's deep copies keep it."""
+    import copy
+    from auditor.inputs.model import set_reading
+    from auditor.explain.layers import describe_layer, reading_of
+    model = ChannelsLast().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    gradcam = METHODS.get("gradcam")
+    auto = gradcam(model, x, t, layer=model.norm)
+    set_reading(model, "swin")
+    swin = gradcam(model, x, t, layer=model.norm)
+    acts = []
+    h = model.norm.register_forward_hook(lambda m, i, o: acts.append(o))
+    out = model(x)
+    h.remove()
+    grad, = torch.autograd.grad(out.gather(1, t[:, None]).sum(), acts[0])
+    a, g = acts[0].detach().permute(0, 3, 1, 2), grad.permute(0, 3, 1, 2)
+    ref = nn.functional.interpolate(torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)),
+                                    size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(swin, ref)
+    assert not torch.allclose(auto, swin)
+    assert reading_of(copy.deepcopy(model), None) == "swin"
+    assert describe_layer(model, model.norm, None, (3, 16, 16))["reading"] == \
+        "channels-last feature map (4×4) (model.reshape: swin)"
+    for reading, says in (("vit", "model.reshape is vit: expected tokens .B, 1 . h.w, C."),
+                          ("none", "model.reshape is none: expected a feature map")):
+        with pytest.raises(ValueError, match=says):
+            _refused(reading, model, x, t)
+
+
+def _refused(reading, model, x, t):
+    from auditor.inputs.model import set_reading
+    if reading == "vit":  # a channels-last map is no token sequence
+        return METHODS.get("gradcam")(set_reading(model, "vit"), x, t, layer=model.norm)
+    vit = Logits(tiny_vit())
+    layer = default_layer(vit, (3, 32, 32))
+    set_reading(vit, "none")  # tokens are no [B, C, h, w] map
+    return METHODS.get("gradcam")(vit, torch.randn(1, 3, 32, 32), torch.tensor([0]), layer=layer)
+
+
+def test_vit_and_swin_readings_match_auto_on_their_models():
+    from auditor.inputs.model import set_reading
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    for make, reading in ((lambda: Logits(tiny_vit()), "vit"), (lambda: Logits(tiny_swin()), "swin")):
+        model = make()
+        layer = default_layer(model, (3, 32, 32))
+        auto = METHODS.get("gradcam")(model, x, t, layer=layer)
+        torch.testing.assert_close(METHODS.get("gradcam")(set_reading(model, reading), x, t, layer=layer), auto)
+
+
+def test_the_layer_is_described_for_the_record():
+    from auditor.explain.layers import describe_layer
+    vit = Logits(tiny_vit())
+    assert describe_layer(vit, default_layer(vit, (3, 32, 32)), None, (3, 32, 32)) == {
+        "name": "model.vit.layers.1.layernorm_before", "kind": "LayerNorm",
+        "reading": "tokens (class token dropped, 4×4 grid)", "why": "the last block's norm (token model)"}
+    swin = Logits(tiny_swin())
+    assert describe_layer(swin, default_layer(swin, (3, 32, 32)), None, (3, 32, 32))["reading"] == \
+        "tokens (no class token, 4×4 grid)"
+    resnet = ResNet50().eval()
+    assert describe_layer(resnet, resnet.layer4, None, (3, 64, 64)) == {
+        "name": "layer4", "kind": "Sequential", "reading": "feature map (2×2)",
+        "why": "the last spatial feature map before pooling"}
+    assert describe_layer(resnet, resnet.layer3[0].conv1, "layer3.0.conv1", (3, 64, 64))["why"] == "model.target_layer"
+    assert describe_layer(resnet, resnet.layer4[2].relu, "layer4.2.relu", (3, 64, 64))["reading"] == \
+        "none: called 3 times per forward pass"
+    assert describe_layer(resnet, None, None)["name"] is None
+
+
+# ------------------------------------------------------------------------------- architecture zoo
+#
+# Every registered method on every architecture below, with its default layer (``default_layer``):
+# it works (finite, [B, H, W], non-negative), or says why not, before running (its registry entry's
+# ``not_applicable``) or as a ValueError. ``zoo_table()`` is the table in docs/models.md
+# (``python tests/test_architectures.py`` prints it).
+
+ZOO_SIZE = 32
+# Few samples, steps and windows: the cells check that a method runs and what it refuses, not its maps.
+ZOO_PARAMS = {"n_samples": 4, "n_steps": 4, "n_segments": 8, "window": 0.25, "stride": 1.0}
+ZOO_SURROGATE_SAMPLES = 16  # lime, kernel_shap: a few coalitions beyond the full and the empty one
+
+
+class PlainCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN, add, ReLU: one in-place nn.ReLU called twice."""
+
+    def __init__(self, c_in: int, c: int, stride: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None if stride == 1 and c_in == c else nn.Sequential(
+            nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResidualBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.layer1, self.layer2 = BasicBlock(8, 8), BasicBlock(8, 16, 2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, r: int = 4):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.act, self.fc2, self.gate = nn.Conv2d(c, c // r, 1), nn.SiLU(), nn.Conv2d(c // r, c, 1), nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: expand 1x1, depthwise 3x3, squeeze-excite, project 1x1 (SiLU)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int = 2):
+        super().__init__()
+        c = c_in * expand
+        self.expand = nn.Sequential(nn.Conv2d(c_in, c, 1, bias=False), nn.BatchNorm2d(c), nn.SiLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.SiLU())
+        self.se = SqueezeExcite(c)
+        self.project = nn.Sequential(nn.Conv2d(c, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        out = self.project(self.se(self.depthwise(self.expand(x))))
+        return out + x if self.residual else out
+
+
+class DepthwiseSE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(8, 8, 1), MBConv(8, 16, 2))
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class GNGELUNet(nn.Module):  # (a class name with "GroupNorm" in it would itself be named by deeplift's refusal)
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1), nn.GroupNorm(2, 8), nn.GELU(),
+            nn.Conv2d(8, 16, 3, 2, 1), nn.GroupNorm(4, 16), nn.GELU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def tiny_hf_resnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    transformers = hf()
+    cfg = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                    layer_type="bottleneck", num_labels=3, id2label=ID2LABEL,
+                                    label2id={c: i for i, c in ID2LABEL.items()})
+    return transformers.ResNetForImageClassification(cfg).eval()
+
+
+def tiny_swin(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    transformers = hf()
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                  window_size=4, mlp_ratio=2.0, num_labels=3, id2label=ID2LABEL,
+                                  label2id={c: i for i, c in ID2LABEL.items()})
+    return transformers.SwinForImageClassification(cfg).eval()
+
+
+ZOO = {  # architecture -> a model returning logits
+    "plain CNN": lambda: PlainCNN().eval(),
+    "residual, BatchNorm, reused in-place ReLU": lambda: ResidualBN().eval(),
+    "depthwise, SiLU, squeeze-excite": lambda: DepthwiseSE().eval(),
+    "GroupNorm, GELU": lambda: GNGELUNet().eval(),
+    "HF ResNet": lambda: Logits(tiny_hf_resnet()),
+    "HF ConvNeXt": lambda: Logits(tiny_convnext()),
+    "HF ViT": lambda: Logits(tiny_vit()),
+    "HF Swin": lambda: Logits(tiny_swin()),
+}
+_zoo_models: dict[str, tuple[nn.Module, nn.Module | None]] = {}
+_zoo_cells: dict[tuple[str, str], str] = {}
+
+
+def zoo_model(arch: str) -> tuple[nn.Module, nn.Module | None]:
+    """The architecture's model (BatchNorm statistics that are not the identity) and its default layer."""
+    if arch not in _zoo_models:
+        model = ZOO[arch]()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _zoo_models[arch] = model, default_layer(model, (3, ZOO_SIZE, ZOO_SIZE))
+    return _zoo_models[arch]
+
+
+def zoo_params(name: str) -> dict:
+    entry = METHODS.get(name)
+    defaults = entry.meta["defaults"]
+    out = {k: v for k, v in ZOO_PARAMS.items() if k in defaults}
+    if "n_segments" in defaults:  # lime, kernel_shap
+        out["n_samples"] = ZOO_SURROGATE_SAMPLES
+    return out
+
+
+def zoo_cell(name: str, arch: str) -> str:
+    """'works', or 'not applicable: REASON' (declared) or 'refused: REASON' (a ValueError)."""
+    if (name, arch) in _zoo_cells:
+        return _zoo_cells[name, arch]
+    entry = METHODS.get(name)
+    model, layer = zoo_model(arch)
+    why = (entry.meta.get("not_applicable") or (lambda _: None))(model)
+    if why:
+        cell = f"not applicable: {why}"
+    else:
+        torch.manual_seed(0)
+        x, target = torch.randn(2, 3, ZOO_SIZE, ZOO_SIZE), torch.tensor([0, 2])
+        kwargs = zoo_params(name) | ({"layer": layer} if entry.meta.get("needs_layer") else {})
+        try:
+            heat = entry(model, x, target, **kwargs)
+        except ValueError as e:
+            cell = f"refused: {e}"
+        else:
+            assert heat.shape == (2, ZOO_SIZE, ZOO_SIZE), (name, arch, heat.shape)
+            assert torch.isfinite(heat).all() and (heat >= 0).all(), (name, arch)
+            cell = "works"
+    _zoo_cells[name, arch] = cell
+    return cell
+
+
+def zoo_names() -> list[str]:
+    import auditor.explain.methods  # noqa: F401  (registers every method)
+    return list(METHODS.names())
+
+
+@pytest.mark.parametrize("arch", list(ZOO))
+@pytest.mark.parametrize("name", zoo_names())
+def test_every_method_on_every_architecture(name, arch):
+    """Each cell works or gives a reason that names what is missing (never an empty or cryptic one)."""
+    cell = zoo_cell(name, arch)
+    assert cell == "works" or len(cell.split(": ", 1)[1]) > 40, cell
+    if cell.startswith("refused"):
+        assert cell.startswith(f"refused: {name}: "), cell  # the method names itself
+    if arch.startswith("HF") and arch != "HF ResNet" and name in ("deeplift", "guided_backprop", "deconvolution"):
+        assert cell.startswith("not applicable"), cell  # LayerNorm, attention, GELU: decided before running
+    if arch == "plain CNN":
+        assert cell == "works", cell
+
+
+def test_every_architecture_has_a_default_layer():
+    names = {arch: module_name(zoo_model(arch)[0], zoo_model(arch)[1]) for arch in ZOO}
+    assert names == {
+        "plain CNN": "features",
+        "residual, BatchNorm, reused in-place ReLU": "layer2",
+        "depthwise, SiLU, squeeze-excite": "head.1",   # the head's 1x1 conv + SiLU, before pooling
+        "GroupNorm, GELU": "features",
+        "HF ResNet": "model.resnet.encoder.stages.1",  # the encoder returns an output object
+        "HF ConvNeXt": "model.convnext.encoder.stages.1",
+        "HF ViT": "model.vit.layers.1.layernorm_before",
+        "HF Swin": "model.swin.layernorm",
+    }, names
+
+
+def short(cell: str) -> str:
+    """A cell for the docs table: its state and the first clause of its reason."""
+    if cell == "works":
+        return "works"
+    state, why = cell.split(": ", 1)
+    why = why.split(": ", 1)[1] if why.split(": ", 1)[0] in METHODS.names() else why
+    why = why.split(";")[0].split(" (e.g.")[0].replace(" per forward pass", " per forward")
+    why = re.sub(r"^(the model|DeepLift) has ", "", why).replace(" module (its activations: ", " (")
+    return f"{state}: {why}"
+
+
+def zoo_table() -> str:
+    """The method × architecture table in Markdown."""
+    archs = list(ZOO)
+    lines = ["| method | " + " | ".join(archs) + " |", "|---" * (len(archs) + 1) + "|",
+             "| default layer | " + " | ".join(f"`{module_name(*zoo_model(a))}`" for a in archs) + " |"]
+    for name in zoo_names():
+        lines.append(f"| `{name}` | " + " | ".join(short(zoo_cell(name, a)) for a in archs) + " |")
+    return "\n".join(lines)
+
+
+def test_the_zoo_table_in_the_docs_is_current():
+    from pathlib import Path
+    docs = (Path(__file__).parent.parent / "docs" / "models.md").read_text()
+    assert zoo_table() in docs, "docs/models.md: paste the table from `python tests/test_architectures.py`"
+
+
+if __name__ == "__main__":
+    print(zoo_table())

@@ -18,6 +18,10 @@ last map is made of tokens (a transformer), take the last normalisation layer wi
 gradient instead: the last block's first norm on a ViT (``layernorm_before`` in Hugging Face's,
 ``blocks[-1].norm1`` in timm's), the recipe of pytorch-grad-cam; later layers see patch tokens
 that no longer reach a class-token head, so their gradient there is zero.
+
+``model.reshape`` replaces the guess from the shape with a stated reading (``read_as``), carried
+by the model (``reading_of``); ``describe_layer`` says for the record which layer was read, how,
+and why it was chosen.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from auditor.inputs.model import READING_ATTR, READINGS, set_reading  # noqa: F401  (set_reading: re-exported)
 
 MAX_EXTRA_TOKENS = 8   # class + distillation + register tokens a token layout may lead with
 ASPECT_SLACK = math.log(1.25)  # a grid's aspect may differ this much from the input's (padding, rounding)
@@ -75,14 +81,52 @@ def layout(shape: tuple[int, ...], hw: tuple[int, int]) -> Layout | None:
     return None
 
 
-def feature_map(t: Tensor, hw: tuple[int, int], what: str = "the layer") -> Tensor:
-    """``t`` (an output or its gradient) as [B, C, h, w]; ValueError when it is no spatial map."""
-    lay = layout(tuple(t.shape), hw) if isinstance(t, Tensor) else None
+# How a layer's output is read (model.reshape; see auditor.inputs.model.set_reading): "auto"
+# guesses from the shape (``layout``); the others say it: "vit" tokens [B, 1 + h*w, C] (the class
+# token dropped), "swin" tokens [B, h*w, C] or channels-last [B, h, w, C], "none" a map
+# [B, C, h, w] as it is. The reading rides on the model (or a layer) as an attribute, so deep
+# copies (the trust gate's randomised models) keep it.
+
+
+def reading_of(model: nn.Module | None, layer: nn.Module | None) -> str:
+    """The layer's reading, else the model's, else "auto"."""
+    for m in (layer, model):
+        if m is not None and getattr(m, READING_ATTR, None):
+            return getattr(m, READING_ATTR)
+    return "auto"
+
+
+def read_as(shape: tuple[int, ...], hw: tuple[int, int], reading: str = "auto") -> Layout | None:
+    """``layout`` under a given reading: None when the shape does not fit it."""
+    if reading == "auto":
+        return layout(shape, hw)
+    if reading == "none":
+        return Layout("nchw", grid=tuple(shape[2:])) if len(shape) == 4 and min(shape[2:]) > 1 else None
+    if len(shape) == 4 and reading == "swin":
+        return Layout("nhwc", grid=tuple(shape[1:3])) if min(shape[1:3]) > 1 else None
+    if len(shape) != 3:
+        return None
+    extra = 1 if reading == "vit" else 0
+    grid = _token_grid(shape[1] - extra, hw) if shape[1] - extra >= 4 else None
+    return Layout("tokens", extra, grid) if grid else None
+
+
+_EXPECTED = {"auto": "neither [B, C, h, w] nor channels-last [B, h, w, C] nor tokens [B, k + h*w, C] "
+                     "with a patch grid of the input's aspect ratio",
+             "vit": "model.reshape is vit: expected tokens [B, 1 + h*w, C] (a class token, then a patch grid "
+                    "of the input's aspect ratio)",
+             "swin": "model.reshape is swin: expected tokens [B, h*w, C] (a patch grid of the input's aspect "
+                     "ratio, no class token) or channels-last [B, h, w, C]",
+             "none": "model.reshape is none: expected a feature map [B, C, h, w] with h, w > 1"}
+
+
+def feature_map(t: Tensor, hw: tuple[int, int], what: str = "the layer", reading: str = "auto") -> Tensor:
+    """``t`` (an output or its gradient) as [B, C, h, w]; ValueError when it is no spatial map
+    (under ``reading``: see ``READINGS``)."""
+    lay = read_as(tuple(t.shape), hw, reading) if isinstance(t, Tensor) else None
     if lay is None:
         shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{what} outputs {shape}, which is no spatial feature map: neither "
-                         f"[B, C, h, w] nor channels-last [B, h, w, C] nor tokens [B, k + h*w, C] "
-                         f"with a patch grid of the input's aspect ratio")
+        raise ValueError(f"{what} outputs {shape}, which is no spatial feature map: {_EXPECTED[reading]}")
     if lay.kind == "nchw":
         return t
     if lay.kind == "nhwc":
@@ -91,9 +135,9 @@ def feature_map(t: Tensor, hw: tuple[int, int], what: str = "the layer") -> Tens
     return t[:, lay.extra:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
 
 
-def spatial_part(t: Tensor, hw: tuple[int, int]) -> Tensor:
+def spatial_part(t: Tensor, hw: tuple[int, int], reading: str = "auto") -> Tensor:
     """The patch tokens of a token layout (the rest of ``t`` otherwise), for gradient checks."""
-    lay = layout(tuple(t.shape), hw)
+    lay = read_as(tuple(t.shape), hw, reading)
     return t[:, lay.extra:] if lay is not None and lay.kind == "tokens" else t
 
 
@@ -167,3 +211,57 @@ def default_layer(model: nn.Module, input_shape: tuple[int, int, int],
                  and _is_norm(mods[s.names[-1]])]
         last = norms[-1] if norms else last
     return mods[last.names[-1]]  # the outermost: it finished last among those returning this tensor
+
+
+def describe(lay: Layout) -> str:
+    """A layout in words, for the record."""
+    h, w = lay.grid
+    if lay.kind == "nchw":
+        return f"feature map ({h}×{w})"
+    if lay.kind == "nhwc":
+        return f"channels-last feature map ({h}×{w})"
+    dropped = {0: "no class token", 1: "class token dropped"}.get(lay.extra, f"{lay.extra} leading tokens dropped")
+    return f"tokens ({dropped}, {h}×{w} grid)"
+
+
+def describe_layer(model: nn.Module, layer: nn.Module | None, configured: str | None,
+                   input_shape: tuple[int, int, int] | None = None) -> dict:
+    """The Grad-CAM layer for the record: its dotted name, class, how its output is read and why
+    it was chosen. The reading comes from one forward pass of a seeded input of ``input_shape``
+    (default: ``model.input_shape``, else 3×224×224); None where no layer was found."""
+    if layer is None:
+        return {"name": None, "kind": None, "reading": None,
+                "why": "no module gives a spatial feature map the output depends on; set model.target_layer"}
+    name = next((n for n, m in model.named_modules() if m is layer), None)
+    shape = input_shape or getattr(model, "input_shape", None) or (3, 224, 224)
+    reading = reading_of(model, layer)
+    seen: list = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape) if isinstance(o, Tensor) else None))
+    modes = [(m, m.training) for m in model.modules()]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(device))
+    except Exception as e:  # noqa: BLE001  (the record says so; Grad-CAM reports its own error)
+        seen = [f"not read: the forward pass failed ({type(e).__name__})"]
+    finally:
+        handle.remove()
+        for m, training in modes:
+            m.train(training)
+    lay = read_as(seen[0], tuple(shape[1:]), reading) if len(seen) == 1 and isinstance(seen[0], tuple) else None
+    if lay is not None:
+        words = describe(lay)
+    elif len(seen) == 1:
+        words = seen[0] if isinstance(seen[0], str) else f"none: {seen[0]} is no spatial feature map"
+    else:
+        words = f"none: called {len(seen)} times per forward pass"
+    if reading != "auto":
+        words += f" (model.reshape: {reading})"
+    if configured:
+        why = "model.target_layer"
+    elif lay is not None and lay.kind != "nchw" and _is_norm(layer):  # step 4 of default_layer
+        why = "the last block's norm (token model)" if lay.extra else "the last norm over the tokens (token model)"
+    else:
+        why = "the last spatial feature map before pooling"
+    return {"name": name, "kind": type(layer).__name__, "reading": words, "why": why}

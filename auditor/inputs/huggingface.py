@@ -11,6 +11,7 @@ channels, mean and std come from ``preprocessor_config.json`` (and ``config.json
 
 A factory's model whose output is such an object (``.logits``) or a dict with ``"logits"`` is
 wrapped the same way by ``unwrap_logits``, with a note (``Logits.note``) instead of a refusal.
+``model.output`` names another element (a field or key, or an index into a tuple), for either.
 """
 from __future__ import annotations
 
@@ -38,26 +39,67 @@ def logits_of(out: Any) -> Any:
     return out.logits if isinstance(getattr(out, "logits", None), Tensor) else out
 
 
-class Logits(nn.Module):
-    """``model`` whose forward returns the logits tensor of the wrapped model's output."""
+def structure(out: Any) -> str:
+    """What an output is made of, in words, for errors."""
+    if isinstance(out, Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        return f"{type(out).__name__} with keys {', '.join(map(str, list(out)[:8])) or 'none'}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}"
+    fields = [k for k, v in vars(out).items() if not k.startswith("_")] if hasattr(out, "__dict__") else []
+    return f"{type(out).__name__}" + (f" with fields {', '.join(fields[:8])}" if fields else "")
 
-    def __init__(self, model: nn.Module, note: str = ""):
+
+def pick(out: Any, output: str | int | None) -> Any:
+    """The element ``output`` (``model.output``: a key or field NAME, or an INDEX into a tuple, a
+    list or a dict's values) of a model's output; ``logits_of`` where None. ValueError when there
+    is no such element or it is not a tensor."""
+    if output is None:
+        return logits_of(out)
+    if isinstance(output, int):
+        seq = list(out.values()) if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else None
+        found = seq[output] if seq is not None and -len(seq) <= output < len(seq) else None
+    elif isinstance(out, Mapping):
+        found = out.get(output)
+    else:
+        found = getattr(out, output, None)
+    if not isinstance(found, Tensor):
+        what = "has no element" if found is None else f"has a {type(found).__name__}, not a tensor, at"
+        raise ValueError(f"the model's output ({structure(out)}) {what} {output!r}")
+    return found
+
+
+class Logits(nn.Module):
+    """``model`` whose forward returns the logits tensor of the wrapped model's output: its
+    ``output`` element (``model.output``), else the output itself or its ``.logits``."""
+
+    def __init__(self, model: nn.Module, note: str = "", output: str | int | None = None):
         super().__init__()
-        self.model, self.note = model, note
+        self.model, self.note, self.output = model, note, output
 
     def forward(self, x: Tensor) -> Tensor:
-        return logits_of(self.model(x))
+        return pick(self.model(x), self.output)
 
 
 def unwrap_logits(model: nn.Module, cfg: AuditConfig, device: torch.device) -> nn.Module:
-    """``model``, or ``Logits(model)`` with a note where one all-zero input shows that its output
-    is an object with ``.logits`` (a Hugging Face output) or a dict with ``"logits"``."""
+    """``model``, or ``Logits(model)``: with ``model.output``, its element (checked on one
+    all-zero input: a ConfigError naming the key where there is none); else with a note where that
+    input shows that its output is an object with ``.logits`` (a Hugging Face output) or a dict
+    with ``"logits"``."""
     c, (h, w) = cfg.model.input.channels, cfg.model.input.size
+    chosen = cfg.model.output
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, c, h, w, device=device))
     except (Exception, SystemExit):  # the dry run that follows reports it
-        return model
+        return model if chosen is None else Logits(model, output=chosen)
+    if chosen is not None:
+        try:
+            pick(out, chosen)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source}: 'model.output': {e}") from None
+        return Logits(model, output=chosen)
     if isinstance(out, Tensor) or logits_of(out) is out:
         return model
     field = ".logits" if isinstance(getattr(out, "logits", None), Tensor) else '["logits"]'
@@ -188,7 +230,7 @@ def prefix_hint(own: set[str], found: set[str]) -> str:
 def build(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The ``model.huggingface`` folder's classifier on ``device``, in eval mode, frozen, checked
     by the dry run, with ``input_shape`` = (C, H, W) for the default-layer probe."""
-    from auditor.inputs.model import dry_run  # model.py dispatches here
+    from auditor.inputs.model import dry_run, set_reading  # model.py dispatches here
     model = load(cfg.model.huggingface_folder, cfg.source)
     try:
         model = model.to(device).eval()
@@ -198,6 +240,10 @@ def build(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.Module
     for p in model.parameters():
         p.requires_grad_(False)
     model.input_shape = (cfg.model.input.channels, *cfg.model.input.size)
+    if cfg.model.output is not None:  # another element than .logits
+        model = unwrap_logits(model.model, cfg, device)
+        model.input_shape = (cfg.model.input.channels, *cfg.model.input.size)
+    set_reading(model, cfg.model.reshape)
     dry_run(model, cfg, num_classes, device)
     return model
 

@@ -18,6 +18,20 @@ SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "
                         "builtins.frozenset", "builtins.slice")
 
 
+# model.reshape: how Grad-CAM reads the layer's output (auditor.explain.layers.read_as).
+READINGS = ("auto", "vit", "swin", "none")
+READING_ATTR = "_auditor_reading"  # a plain attribute: deep copies of the model keep it
+
+
+def set_reading(module: nn.Module, reading: str) -> nn.Module:
+    """Say how Grad-CAM reads layers of ``module``: set on a layer, that layer; on the model,
+    every layer of it without a reading of its own. Returns ``module``."""
+    if reading not in READINGS:
+        raise ValueError(f"reshape must be one of {', '.join(READINGS)}, got {reading!r}")
+    object.__setattr__(module, READING_ATTR, reading)  # not a submodule, parameter or buffer
+    return module
+
+
 def pick_device(wanted: str) -> torch.device:
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device is 'cuda' but no CUDA device is available (use auto or cpu)")
@@ -125,6 +139,7 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
     for p in model.parameters():
         p.requires_grad_(False)  # explanations need input gradients only
     model = huggingface.unwrap_logits(model, cfg, device)  # an output with .logits: its logits, with a note
+    set_reading(model, cfg.model.reshape)  # how Grad-CAM reads the layer (model.reshape)
     dry_run(model, cfg, num_classes, device)
     return model
 

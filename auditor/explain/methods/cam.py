@@ -4,7 +4,8 @@ Grad-CAM reads the layer's output and its gradient through a forward hook, as Ca
 LayerGradCam does, but first turns both into a feature map [B, C, h, w] with
 ``auditor.explain.layers.feature_map``: a convolution's map as it is, a channels-last map
 permuted, a transformer's tokens without their class (and register) tokens reshaped to the patch
-grid. As in Captum, the model continues with a copy of the layer's output, so an in-place op
+grid; how is guessed from the shape unless ``model.reshape`` says it (``layers.set_reading``,
+carried by the model). As in Captum, the model continues with a copy of the layer's output, so an in-place op
 after the layer changes neither the map nor its gradient. The hook also counts the layer's calls: a module called several times per forward (a
 shared ReLU) has no one feature map, and is refused with its name rather than read at one call.
 """
@@ -14,7 +15,7 @@ import torch
 from captum.attr import GuidedBackprop
 from torch import Tensor, nn
 
-from auditor.explain.layers import feature_map, layout, module_name
+from auditor.explain.layers import feature_map, module_name, read_as, reading_of
 from auditor.explain.methods._common import Count, abs_max, check_inputs, finish, grad_input, in_calls, quiet, register, upsample
 
 
@@ -48,8 +49,9 @@ def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
         handle.remove()
     hw = tuple(x.shape[2:])
     grad = torch.zeros_like(act) if grad is None else grad
-    a, g = feature_map(act.detach(), hw, where), feature_map(grad, hw, where)
-    lay = layout(tuple(act.shape), hw)
+    reading = reading_of(model, layer)  # model.reshape (auto: from the shape)
+    a, g = feature_map(act.detach(), hw, where, reading), feature_map(grad, hw, where, reading)
+    lay = read_as(tuple(act.shape), hw, reading)
     if lay.kind == "tokens" and lay.extra and not g.any() and grad.any():
         raise ValueError(f"{where}: the target's gradient reaches only its {lay.extra} leading (class) "
                          f"token(s), none of the patch tokens, so its map would be empty; choose an earlier "

@@ -1,0 +1,203 @@
+"""Where an audit's time goes on real architectures: a Hugging Face ResNet-50 and a ViT-S/16.
+
+Each model is built from its config (random init, nothing downloaded), saved with
+``save_pretrained`` into a temporary folder, and audited end to end as ``auditor run`` does
+(``run_audit`` then ``write_run``) on an ImageFolder of random 224-px images (3 classes ×
+``--per-class``), methods gradcam and saliency, trust gate on, cache off. Each phase is timed by
+wrapping the function that runs it, from the outside:
+
+  predict+explain  auditor.audit.run_local          (decode, predict, explain: the batches)
+  trust            auditor.audit.cached_trust       (randomisation cascade and deletion test)
+  rules            auditor.audit.run_rules
+  interventions    auditor.audit.cached_confirm
+  report           auditor.audit... write_run       (findings.json, pictures, HTML, PDF), of which
+  render           auditor.outputs.write.render_reports (HTML and PDF alone)
+
+beside the model's own floor, measured on the same images in the same process: one forward pass
+of every image (no gradient), and one forward and backward pass (input gradients) of every image.
+Printed: seconds per phase, each as a multiple of the forward+backward floor, and the trust gate's
+time as a share of the explain phase (issue 14's goal: at most 25% on ResNet-50).
+
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py                 # both models
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py --models vit-s --per-class 2
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import auditor.audit  # noqa: E402
+import auditor.outputs.write  # noqa: E402
+from auditor.inputs.config import load_config  # noqa: E402
+
+CLASSES = ("cat", "dog", "fox")
+SIZE = 224
+PHASES = {  # phase -> (module, function) wrapped to time it
+    "predict+explain": (auditor.audit, "run_local"),
+    "trust": (auditor.audit, "cached_trust"),
+    "rules": (auditor.audit, "run_rules"),
+    "interventions": (auditor.audit, "cached_confirm"),
+    "render": (auditor.outputs.write, "render_reports"),
+}
+
+
+def build(name: str):
+    import transformers
+    torch.manual_seed(0)
+    labels = {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
+    if name == "resnet50":  # microsoft/resnet-50's layout
+        cfg = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
+                                        layer_type="bottleneck", num_labels=3, **labels)
+        return transformers.ResNetForImageClassification(cfg).eval()
+    if name == "vit-s":  # ViT-S/16 (timm's vit_small_patch16_224 sizes)
+        cfg = transformers.ViTConfig(image_size=SIZE, patch_size=16, hidden_size=384, num_hidden_layers=12,
+                                     num_attention_heads=6, intermediate_size=1536, num_labels=3, **labels)
+        return transformers.ViTForImageClassification(cfg).eval()
+    raise SystemExit(f"unknown model {name!r}: resnet50 or vit-s")
+
+
+def write_project(folder: Path, model, per_class: int) -> Path:
+    model.save_pretrained(folder / "model")
+    (folder / "model" / "preprocessor_config.json").write_text(json.dumps({
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "rescale_factor": 1 / 255, "size": {"height": SIZE, "width": SIZE}}))
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        (folder / "data" / c).mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / "data" / c / f"{k}.png")
+    cfg = {"model": {"huggingface": "model"}, "data": {"root": "data"},
+           "explain": {"methods": ["gradcam", "saliency"]}, "trust": {"enabled": True},
+           "run": {"device": "cpu", "cache": False, "batch_size": 16}, "report": {"out": "reports"}}
+    (folder / "audit.yaml").write_text(yaml.safe_dump(cfg))
+    return folder / "audit.yaml"
+
+
+def timed(times: dict, phase: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times[phase] = times.get(phase, 0.0) + time.perf_counter() - t0
+    return wrapper
+
+
+def floor(model, n: int) -> dict:
+    """The model's own cost on n images of the audit's size: forward (no gradient) and
+    forward + backward to the input, in batches of 16 as the audit's run.batch_size."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, SIZE, SIZE, generator=gen)
+    out = {}
+    with torch.no_grad():
+        model(x[:1])  # warm-up
+        t0 = time.perf_counter()
+        for s in range(0, n, 16):
+            model(x[s:s + 16])
+        out["forward"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s in range(0, n, 16):
+        xs = x[s:s + 16].clone().requires_grad_(True)
+        torch.autograd.grad(model(xs).max(1).values.sum(), xs)
+    out["forward+backward"] = time.perf_counter() - t0
+    return out
+
+
+def bench(name: str, per_class: int) -> dict:
+    from auditor.inputs.huggingface import Logits
+    model = build(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_project(Path(tmp), model, per_class)
+        times: dict[str, float] = {}
+        saved = {phase: getattr(mod, fn) for phase, (mod, fn) in PHASES.items()}
+        for phase, (mod, fn) in PHASES.items():
+            setattr(mod, fn, timed(times, phase, saved[phase]))
+        try:
+            t0 = time.perf_counter()
+            res = auditor.audit.run_audit(load_config(path), quiet=True)
+            times["audit (all)"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            try:
+                auditor.outputs.write.write_run(res, Path(tmp) / "reports")
+            except Exception as e:  # noqa: BLE001  (the report is one phase; the others stand)
+                print(f"{name}: the report failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                times.pop("render", None)
+                times["report failed"] = 1.0
+            times["report"] = time.perf_counter() - t0
+        finally:
+            for phase, (mod, fn) in PHASES.items():
+                setattr(mod, fn, saved[phase])
+        record = res.record
+        explained = int(record.metrics.explained)
+    lean = Logits(model)
+    for p in lean.parameters():
+        p.requires_grad_(False)
+    base = floor(lean, per_class * len(CLASSES))
+    print(f"{name}: {json.dumps({k: round(v, 2) for k, v in (times | base).items()})}", file=sys.stderr, flush=True)
+    return {"model": name, "images": per_class * len(CLASSES), "explained": explained, "times": times,
+            "floor": base, "trust_steps": {m: len(t.get("randomisation_steps", [])) for m, t in record.run["trust"].items()},
+            "trust_images": {m: t.get("images") for m, t in record.run["trust"].items()}}
+
+
+def table(results: list[dict]) -> str:
+    rows = ["predict+explain", "trust", "rules", "interventions", "report", "render", "audit (all)"]
+    head = "| phase | " + " | ".join(f"{r['model']} s | × fwd+bwd" for r in results) + " |"
+    lines = [head, "|---" * (1 + 2 * len(results)) + "|"]
+    for phase in rows:
+        cells = []
+        for r in results:
+            t, fb = r["times"].get(phase, 0.0), r["floor"]["forward+backward"]
+            cells += [f"{t:.2f}", f"{t / fb:.1f}"]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    for what in ("forward", "forward+backward"):
+        cells = []
+        for r in results:
+            cells += [f"{r['floor'][what]:.2f}", f"{r['floor'][what] / r['floor']['forward+backward']:.1f}"]
+        lines.append(f"| floor: {what} of every image | " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in results:
+        t = r["times"]
+        share = t.get("trust", 0.0) / max(t.get("predict+explain", 1e-9), 1e-9)
+        lines.append(f"{r['model']}: {r['images']} images ({r['explained']} explained); trust gate = "
+                     f"{100 * share:.0f}% of the explain phase (goal: at most 25%); cascade steps "
+                     f"{r['trust_steps']}, on {r['trust_images']} images"
+                     + ("; the report failed (its time is to the failure)" if "report failed" in t else ""))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet50,vit-s")
+    ap.add_argument("--per-class", type=int, default=4, help="images per class (3 classes); at least 2")
+    ap.add_argument("--save", help="a folder: each model's result as <model>.json")
+    ap.add_argument("results", nargs="*", help="results saved earlier (--save), put in the table first")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    results = [json.loads(Path(f).read_text()) for f in args.results]
+    for name in filter(None, args.models.split(",")):
+        t0 = time.perf_counter()
+        results.append(bench(name, max(2, args.per_class)))
+        print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if args.save:
+            Path(args.save, f"{name}.json").write_text(json.dumps(results[-1]))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
