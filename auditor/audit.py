@@ -26,7 +26,7 @@ import torch
 import auditor.explain.methods  # noqa: F401  (registers the methods)
 import auditor.rules  # noqa: F401  (registers the rules)
 from auditor.explain.engine import Context, run_local
-from auditor.explain.layers import default_layer
+from auditor.explain.layers import default_layer, describe_layer
 from auditor.explain.store import LazyMaps, Store, digest
 from auditor.inputs.config import AuditConfig, ConfigError, check_files, import_object
 from auditor.inputs.data import discover, load_classes
@@ -248,6 +248,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     model = build_model(cfg, len(classes), device)
     layer = (target_layer(model, cfg.model.target_layer, cfg.source) if cfg.model.target_layer
              else default_layer(model, (cfg.model.input.channels, *cfg.model.input.size), device))
+    layer_info = describe_layer(model, layer, cfg.model.target_layer, (cfg.model.input.channels, *cfg.model.input.size))
     inapplicable = {m: "no layer of the model gives a spatial feature map to explain; set model.target_layer"
                     for m in methods if layer is None and "layer" in METHODS.get(m).needs}
     inapplicable |= {m: why for m in methods if m not in inapplicable
@@ -257,7 +258,8 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
 
     weights_sha = file_sha256(cfg.model.weights) if cfg.model.weights else None
     state_sha = model_digest(model)
-    model_key = digest(CACHE_VERSION, state_sha, cfg.model.factory, cfg.model.input.model_dump(mode="json"))
+    model_key = digest(CACHE_VERSION, state_sha, cfg.model.factory, cfg.model.input.model_dump(mode="json"),
+                       cfg.model.output, cfg.model.reshape)
     store = open_store(cfg)
     ctx = Context(cfg, model, device, layer, {m: p for m, p in methods.items() if m not in inapplicable},
                   support, refs, model_key)
@@ -312,7 +314,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
            "config": cfg.model_dump(mode="json"), "config_file": str(cfg.source), "classes": classes,
            "weights_sha256": weights_sha, "model_sha256": state_sha, "computed": rec.computed,
            "data_fingerprint": fingerprint(samples), "versions": versions(), "device": str(device),
-           "seed": cfg.run.seed, "methods": methods, "rules": rules,
+           "seed": cfg.run.seed, "methods": methods, "rules": rules, "layer": layer_info,
            "methods_disabled": dict(ctx.disabled) | inapplicable, "trust": trust, "argv": sys.argv[1:],
            **provenance(cfg)}
     record = build_record(run, coverage, ev, findings, class_findings, errors, rec.skipped, warnings)

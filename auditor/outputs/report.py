@@ -911,11 +911,19 @@ def model_card(rec: RunRecord) -> dict:
     return {"rows": rows, "gaps": gaps}
 
 
+def _layer_words(layer: dict | None) -> str:
+    """'features (Sequential), feature map (8×8): the last spatial feature map before pooling'."""
+    if not layer or not layer.get("name"):
+        return "(none: the model has no layer to read)" if layer else "(not recorded)"
+    return f"{layer['name']} ({layer.get('kind')}), {layer.get('reading')}: {layer.get('why')}"
+
+
 def provenance(rec: RunRecord) -> list[tuple[str, str]]:
     run = rec.run
     rows = [("Run id", run["id"]), ("Started (UTC)", run["started"]), ("Finished (UTC)", run["finished"]),
             ("Config file", run["config_file"]), ("Weights file sha256", run["weights_sha256"] or "none"),
             ("Model state sha256", run.get("model_sha256") or "(not recorded)"),
+            ("Layer read by Grad-CAM and kin", _layer_words(run.get("layer"))),
             ("Data fingerprint (sha256)", run["data_fingerprint"]), ("Device", run["device"]),
             ("Seed", run["seed"]), ("Config sha256", run.get("config_hash") or "(not recorded)"),
             ("Git commit", run.get("git_commit") or "(not in a git work tree)"),
