@@ -144,9 +144,11 @@ def cascade_steps(model: nn.Module, x: torch.Tensor, mode: str = "blocks", max_s
             for n in ([] if s.own_only else s.names):
                 inner = children(n)
                 parts += inner if any(not c.own_only for c in inner) else [Step(n, [n])]  # a leaf stays
-            grown += parts if len(parts) > len(s.names) else [s]
+            # More parts, or one container's only child (an HF encoder's ``stages``): descend.
+            deeper = len(parts) > len(s.names) or (len(parts) == 1 == len(s.names) and parts[0].names != s.names)
+            grown += parts if deeper else [s]
         grown = _fold_norms(in_order(grown), mods)
-        if len(grown) == len(steps) or len(grown) > max_steps:
+        if [g.names for g in grown] == [s.names for s in steps] or len(grown) > max_steps:
             break
         steps = grown
     if len(steps) > max_steps:
@@ -303,26 +305,33 @@ def random_blobs(b: int, h: int, w: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def deletion(model, x, target, heat: np.ndarray, steps: int, seed: int) -> tuple[float, float]:
-    """Area under the probability curve as pixels are removed by relevance, and in a random order."""
+def deletion(model, x, target, heat: np.ndarray, steps: int, seed: int,
+             random_auc: float | None = None) -> tuple[float, float]:
+    """Area under the probability curve as pixels are removed by relevance, and in a random order
+    (the same for every method on the same images: pass it back as ``random_auc`` to skip it)."""
     b, c, h, w = x.shape
     field = random_blobs(b, h, w, seed)
     flat = heat.reshape(b, -1)
     # Most relevant first; equal relevance (e.g. Grad-CAM's zeros) in random-blob order.
     order = np.stack([np.lexsort((-field[k], -flat[k])) for k in range(b)])
-    rand_order = np.argsort(-field, axis=1)
-    aucs = []
-    for o in (order, rand_order):
-        curve = []
-        for k in np.linspace(0, h * w, steps + 1).astype(int):
-            keep = np.ones((b, h * w), np.float32)
-            np.put_along_axis(keep, o[:, :k], 0.0, axis=1)
-            m = torch.from_numpy(keep).view(b, 1, h, w).to(x.device)
-            p = model(x * m).float().softmax(1).gather(1, target[:, None])[:, 0]   # 0 = the mean in input space
-            curve.append(p.cpu().numpy())
-        curve = np.stack(curve, 1)
-        aucs.append(float(((curve[:, 1:] + curve[:, :-1]) / 2).mean()))
-    return aucs[0], aucs[1]
+    relevant = _deletion_auc(model, x, target, order, steps)
+    if random_auc is None:
+        random_auc = _deletion_auc(model, x, target, np.argsort(-field, axis=1), steps)
+    return relevant, random_auc
+
+
+@torch.no_grad()
+def _deletion_auc(model, x, target, order: np.ndarray, steps: int) -> float:
+    b, c, h, w = x.shape
+    curve = []
+    for k in np.linspace(0, h * w, steps + 1).astype(int):
+        keep = np.ones((b, h * w), np.float32)
+        np.put_along_axis(keep, order[:, :k], 0.0, axis=1)
+        m = torch.from_numpy(keep).view(b, 1, h, w).to(x.device)
+        p = model(x * m).float().softmax(1).gather(1, target[:, None])[:, 0]   # 0 = the mean in input space
+        curve.append(p.cpu().numpy())
+    curve = np.stack(curve, 1)
+    return float(((curve[:, 1:] + curve[:, :-1]) / 2).mean())
 
 
 def test_images(samples, n: int, seed: int) -> list[int]:
@@ -358,11 +367,12 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
     x = ev.model_inputs(ids)
     target = torch.tensor(s.loc[ids, "prediction"].to_numpy(), device=ev.device)
     out = {}
+    random = None  # the random-order deletion curve: computed once, shared by every method
     for name, params in methods.items():
         try:
             heat = _heat(name, params, ev.model, layer, x, target, seed)
             curves = randomisation(name, params, ev.model, layer, x, target, seed, heat, spec)
-            deleted, random = deletion(ev.model, x, target, heat, spec.steps, seed)
+            deleted, random = deletion(ev.model, x, target, heat, spec.steps, seed, random)
         except Exception as e:
             out[name] = {"reliable": False, "reason": f"could not be tested: {type(e).__name__}: {e}"}
             continue
