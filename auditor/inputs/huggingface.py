@@ -230,15 +230,8 @@ def prefix_hint(own: set[str], found: set[str]) -> str:
 def build(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The ``model.huggingface`` folder's classifier on ``device``, in eval mode, frozen, checked
     by the dry run, with ``input_shape`` = (C, H, W) for the default-layer probe."""
-    from auditor.inputs.model import dry_run, set_reading  # model.py dispatches here
-    model = load(cfg.model.huggingface_folder, cfg.source)
-    try:
-        model = model.to(device).eval()
-    except Exception as e:
-        raise ConfigError(f"{cfg.source}: 'run.device': the model cannot move to {device}: "
-                          f"{describe_exception(e)}") from None
-    for p in model.parameters():
-        p.requires_grad_(False)
+    from auditor.inputs.model import dry_run, on_device, set_reading  # model.py dispatches here
+    model = on_device(load(cfg.model.huggingface_folder, cfg.source), cfg, device)
     model.input_shape = (cfg.model.input.channels, *cfg.model.input.size)
     if cfg.model.output is not None:  # another element than .logits
         model = unwrap_logits(model.model, cfg, device)

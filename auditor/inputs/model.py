@@ -96,6 +96,19 @@ def _names(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def on_device(model: nn.Module, cfg: AuditConfig, device: torch.device) -> nn.Module:
+    """The model on ``device`` in eval mode with its parameters frozen (explanations need input
+    gradients only); a device it cannot move to is a one-line error."""
+    try:
+        model = model.to(device).eval()
+    except Exception as e:
+        raise ConfigError(f"{cfg.source}: 'run.device': the model cannot move to {device}: "
+                          f"{describe_exception(e)}") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.Module:
     if cfg.model.huggingface is not None:  # a save_pretrained folder: auditor/inputs/huggingface.py
         return huggingface.build(cfg, num_classes, device)
@@ -131,13 +144,7 @@ def build_model(cfg: AuditConfig, num_classes: int, device: torch.device) -> nn.
         except Exception as e:  # e.g. a dtype the module refuses
             raise ConfigError(f"{cfg.source}: 'model.weights': {cfg.model.weights.name} does not load: "
                               f"{describe_exception(e)}") from None
-    try:
-        model = model.to(device).eval()
-    except Exception as e:
-        raise ConfigError(f"{cfg.source}: 'run.device': the model cannot move to {device}: "
-                          f"{describe_exception(e)}") from None
-    for p in model.parameters():
-        p.requires_grad_(False)  # explanations need input gradients only
+    model = on_device(model, cfg, device)
     model = huggingface.unwrap_logits(model, cfg, device)  # an output with .logits: its logits, with a note
     set_reading(model, cfg.model.reshape)  # how Grad-CAM reads the layer (model.reshape)
     dry_run(model, cfg, num_classes, device)

@@ -122,8 +122,6 @@ class Intervener:
 
         Donors are the true class's images whose own heatmap (``method``) puts the most evidence
         in the box: what the model expects to see there for that class."""
-        h, w = self.ev.input_spec.size
-        mask = region_mask((h, w), grow_box(box, self.spec.pad))
         key = (true, method, tuple(np.round(box, 3)))
         if key not in self._donors:
             pool = self.correct[self.correct_labels == true].tolist()
