@@ -61,7 +61,7 @@ def _layer_cam(name: str, model: nn.Module, layer: nn.Module | None, x: Tensor,
 
 
 @register("gradcam", title='Grad-CAM',
-          glossary="Its maps are coarse (the layer's resolution) but class-specific, which makes it good at showing which region of the image the model relies on.",
+          glossary="It looks at a layer deep in the network, where each position stands for a region of the image, and weighs the regions by how much they raise the class's score. Its maps are coarse (the layer's resolution) but class-specific, which makes it good at showing which region of the image the model relies on.",
           needs=("layer",), passes=lambda p, hw: (1, 1))
 def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None = None,
             max_rows: Count = 256) -> Tensor:
@@ -75,7 +75,7 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None
 
 
 @register("guided_gradcam", title='Guided Grad-CAM',
-          glossary="It keeps Grad-CAM's region and adds guided backpropagation's fine detail, showing which edges inside the region matter.",
+          glossary="It multiplies Grad-CAM's coarse map by guided backpropagation's sharp one. It keeps Grad-CAM's region and adds guided backpropagation's fine detail, showing which edges inside the region matter.",
           needs=("layer",), passes=lambda p, hw: (2, 2))
 def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor,
                    layer: nn.Module | None = None, max_rows: Count = 256) -> Tensor:

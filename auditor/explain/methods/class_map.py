@@ -185,7 +185,7 @@ def no_gap_head(model: nn.Module) -> str | None:
 
 
 @register("cam", title="CAM (class activation map)",
-          glossary="For a model that averages its last feature maps and weighs them with one linear layer, it shows exactly how much each region adds to the class score, with no gradient.",
+          glossary="For a model that averages its last feature maps and weighs them with one linear layer, it shows exactly how much each region adds to the class score, with no gradient. It works only for that kind of head; for any other the audit says so and does not run it.",
           passes=lambda p, hw: (1, 0), not_applicable=no_gap_head)
 def cam(model: nn.Module, x: Tensor, target: Tensor, max_rows: Count = 256) -> Tensor:
     """CAM: the last feature maps weighed by the linear head's class weights, ReLU, upsampled.

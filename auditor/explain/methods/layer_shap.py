@@ -98,7 +98,7 @@ def attributions(model: nn.Module, layer: nn.Module, x: Tensor, target: Tensor, 
 
 
 @register(NAME, title="Layer Gradient SHAP",
-          glossary="It averages, over many noisy plain baselines, how much each position of a layer's feature maps moved the class score, so its maps are coarse like Grad-CAM's but estimate SHAP values instead of reading one gradient.",
+          glossary="It averages, over many noisy plain baselines, how much each position of a layer's feature maps moved the class score, so its maps are coarse like Grad-CAM's but estimate SHAP values instead of reading one gradient. It is slower than Grad-CAM (many passes per image) but depends less on one arbitrary reference.",
           needs=("layer",), stochastic=True,
           passes=lambda p, hw: (2 * p["n_samples"] + (1 if p["stdevs"] == 0 else p["n_samples"]), p["n_samples"]))
 def layer_gradient_shap(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None = None,
