@@ -127,15 +127,19 @@ def open_store(cfg: AuditConfig) -> Store:
     return Store(path if path.is_absolute() else cfg.folder / path)
 
 
-def cached_trust(ev: Evidence, methods: dict, layer, cfg: AuditConfig, store: Store, model_key: str) -> dict:
-    """The trust gate, computed once per model, method settings and explained images."""
+def cached_trust(ev: Evidence, methods: dict, layer, cfg: AuditConfig, store: Store, model_key: str,
+                 layer_info: dict | None = None) -> dict:
+    """The trust gate, computed once per model, layer, method settings and explained images; a
+    method that could not be tested (say, out of memory) is not cached, so a rerun tries again."""
     explained = sorted(ev.samples.loc[ev.samples["explained"], "sha256"])
-    key = digest("trust", model_key, methods, cfg.trust.model_dump(mode="json"), cfg.run.seed, explained)
+    key = digest("trust", model_key, methods, cfg.trust.model_dump(mode="json"), cfg.run.seed, explained,
+                 (layer_info or {}).get("name"))
     hit = store.get_json(key)
     if hit is not None:
         return hit
     trust = trust_gate(ev, methods, layer, cfg.trust, cfg.run.seed)
-    store.put_json(key, trust)
+    if not any(str(t.get("reason", "")).startswith("could not be tested") for t in trust.values()):
+        store.put_json(key, trust)
     return trust
 
 
@@ -147,8 +151,11 @@ def cached_confirm(ev: Evidence, findings: list, class_findings: list, cfg: Audi
     their tests (most of a rules pass's time) then come from the cache, outcome for outcome."""
     s = ev.samples
     every = [f.to_json() | {"image": s.at[f.sample, "sha256"]} for f in findings] + [f.to_json() for f in class_findings]
+    # Restore donors are ranked by the explained images' heatmaps: what was explained, and how, counts too.
     key = digest("intervention", model_key, cfg.intervention.model_dump(mode="json"), cfg.run.seed,
-                 sorted(zip(s["sha256"], s["label"].astype(int))), every)
+                 sorted(zip(s["sha256"], s["label"].astype(int))), every,
+                 sorted(s.loc[s["explained"], "sha256"]), cfg.explain.model_dump(mode="json"),
+                 cfg.model.target_layer)
     hit = store.get_json(key)
     if hit is not None:
         for f, (severity, message, details) in zip([*findings, *class_findings], hit):
@@ -258,8 +265,11 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
 
     weights_sha = file_sha256(cfg.model.weights) if cfg.model.weights else None
     state_sha = model_digest(model)
-    model_key = digest(CACHE_VERSION, state_sha, cfg.model.factory, cfg.model.input.model_dump(mode="json"),
-                       cfg.model.output, cfg.model.reshape)
+    # The weights that run, and what else shapes the forward pass: the factory's kwargs, an HF config.
+    hf_config = cfg.model.huggingface_folder and cfg.model.huggingface_folder / "config.json"
+    model_key = digest(CACHE_VERSION, state_sha, cfg.model.factory, cfg.model.kwargs,
+                       file_sha256(hf_config) if hf_config and hf_config.is_file() else None,
+                       cfg.model.input.model_dump(mode="json"), cfg.model.output, cfg.model.reshape)
     store = open_store(cfg)
     ctx = Context(cfg, model, device, layer, {m: p for m, p in methods.items() if m not in inapplicable},
                   support, refs, model_key)
@@ -284,7 +294,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
                   model=model, input_spec=cfg.model.input, device=device)
 
     with phase("testing the explanation methods (trust gate)", quiet):
-        trust = (cached_trust(ev, {m: methods[m] for m in used}, layer, cfg, store, model_key)
+        trust = (cached_trust(ev, {m: methods[m] for m in used}, layer, cfg, store, model_key, layer_info)
                  if cfg.trust.enabled else {})
     ev.reliable = {m: t["reliable"] for m, t in trust.items()}
     for m, t in trust.items():

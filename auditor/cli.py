@@ -81,7 +81,9 @@ def run(config: Path = typer.Argument(..., help="the audit config, e.g. audit.ya
         from auditor.outputs.write import write_run
 
         cfg = load_config(config, set_)
-        target = Path(out or cfg.report.out)
+        if out is not None:  # the run folder, the cache under it and last_passed all follow --out
+            cfg.report.out = out.resolve()
+        target = cfg.report.out
         check_outputs(target, junit)           # before any work: an unwritable --out costs nothing
         for note in clean_stale_partials(target):
             say(f"note: {note}")

@@ -97,7 +97,8 @@ class Check(Frozen):
     state: CheckState
     examined: int | None = None     # images (or classes) it looked at
     reason: str = ""
-    required: bool = False          # named in the config: the verdict needs it to have run with evidence
+    required: bool = False          # named in the config: the verdict needs it to have run (a method the
+                                    # trust gate set aside did run: its verdict is evidence too)
 
     @property
     def words(self) -> str:

@@ -300,3 +300,25 @@ def test_a_high_suspicion_intervention_could_not_test_keeps_the_run_from_passing
     gate = evaluate(FailOn(severity="high"), quiet.model_copy(update={"class_findings": (untested,)}), None)
     assert gate.verdict == "INCOMPLETE" and "could not be tested by intervention" in gate.failed[0]
     assert "no 'gravel' image correctly" in gate.failed[0]
+
+
+def test_last_passed_takes_the_newest_passing_run_of_the_same_family(tmp_path):
+    from auditor.judge.diff import last_passed
+
+    def run(name, started, classes, factory="f:g", passed=True):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "findings.json").write_text(json.dumps({
+            "schema_version": 2, "gate": {"passed": passed},
+            "run": {"started": started, "classes": classes, "config": {"model": {"factory": factory}}}}))
+
+    run("a", "2026-11-01", ["x", "y"])
+    run("b", "2026-11-02", ["x", "y"], factory="other:h")   # another model in the same folder
+    run("c", "2026-11-03", ["p", "q"])                      # another model's classes
+    run("d", "2026-11-04", ["x", "y"], passed=False)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "findings.json").write_text("[1, 2]")  # not a run: passed over, no crash
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "findings.json").write_text(json.dumps({"schema_version": 2, "gate": None, "run": {}}))
+    assert last_passed(tmp_path, ["x", "y"], "f:g") == tmp_path / "a"
+    assert last_passed(tmp_path, ["x", "y"], "other:h") == tmp_path / "b"
+    assert last_passed(tmp_path, ["z"], "f:g") is None

@@ -55,15 +55,22 @@ def load_run(path: Path, where: str) -> RunRecord:
     return RunRecord.load(path, where)
 
 
-def last_passed(out: Path) -> Path | None:
-    """The newest run folder under ``out`` whose gate passed."""
+def last_passed(out: Path, classes: list[str] | None = None, factory: str | None = None) -> Path | None:
+    """The newest run folder under ``out`` whose gate passed, of the model family given (the same
+    classes and factory; runs of other models sharing the folder are passed over)."""
     best = None
     for folder in sorted(p for p in Path(out).glob("*/findings.json") if not p.parent.name.startswith(".")):
         try:
             doc = json.loads(folder.read_text())
         except (OSError, ValueError):
             continue
-        if doc.get("gate", {}).get("passed") and doc.get("schema_version") in READABLE_SCHEMAS:
+        if not isinstance(doc, dict) or not isinstance(doc.get("run"), dict):
+            continue
+        model = (doc["run"].get("config") or {}).get("model") or {}
+        theirs = doc["run"].get("classes") or ((doc.get("metrics") or {}).get("confusion") or {}).get("classes")
+        if classes is not None and (theirs != classes or model.get("factory") != factory):
+            continue
+        if (doc.get("gate") or {}).get("passed") and doc.get("schema_version") in READABLE_SCHEMAS:
             key = (doc["run"].get("started", ""), folder.parent.name)
             if best is None or key > best[0]:
                 best = (key, folder.parent)
@@ -96,7 +103,7 @@ def load_baseline(cfg: AuditConfig, classes: list[str]) -> tuple[tuple[RunRecord
     wanted, where = cfg.report.baseline, f"{cfg.source}: 'report.baseline'"
     if wanted is None:
         return None, []
-    path = last_passed(cfg.report.out) if wanted == "last_passed" else wanted
+    path = last_passed(cfg.report.out, classes, cfg.model.factory) if wanted == "last_passed" else wanted
     if path is None:
         return None, [f"report.baseline is last_passed, but {cfg.report.out} holds no passing run yet: "
                       f"nothing to compare with"]

@@ -256,18 +256,22 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         w, h = s.at[f.sample, "width"], s.at[f.sample, "height"]
         box = (f.bbox[0] / w, f.bbox[1] / h, f.bbox[2] / w, f.bbox[3] / h)
         cls = int(s.at[f.sample, "prediction"])
-        effect = tester.test([f.sample], cls, box)
-        confirmed = (beats_control(effect, "removal", effect["removal_rate"] >= spec.remove_drop, spec)
-                     or beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec))
-        true = int(s.at[f.sample, "label"])
-        if true != cls:  # a misclassified image: does what the true class shows there give it back?
-            if own:  # the rule's restore test again, with its own donors, beside its placebo
-                effect |= tester.restore_from(f.sample, true, box, own.get("donor_ids") or tester.donors_of(true)) | {
-                    "own_test": True}
-            else:
-                effect |= tester.restore(f.sample, true, box, f.method)
-            confirmed = confirmed or beats_control(effect, "restore", effect["restore_rate"] >= spec.transplant_rate,
-                                                   spec)
+        try:  # a test that fails (an unreadable image, out of memory) leaves an untested suspicion
+            effect = tester.test([f.sample], cls, box)
+            confirmed = (beats_control(effect, "removal", effect["removal_rate"] >= spec.remove_drop, spec)
+                         or beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec))
+            true = int(s.at[f.sample, "label"])
+            if true != cls:  # a misclassified image: does what the true class shows there give it back?
+                if own:  # the rule's restore test again, with its own donors, beside its placebo
+                    donors = own.get("donor_ids") or tester.donors_of(true)
+                    effect |= tester.restore_from(f.sample, true, box, donors) | {"own_test": True}
+                else:
+                    effect |= tester.restore(f.sample, true, box, f.method)
+                confirmed = confirmed or beats_control(effect, "restore",
+                                                       effect["restore_rate"] >= spec.transplant_rate, spec)
+        except Exception as e:
+            _untested(f, f"the test failed: {type(e).__name__}: {e}".splitlines()[0])
+            continue
         _apply(f, effect, ev.classes[cls], spec, confirmed)
     by_sample = {}
     for f in findings:
@@ -288,7 +292,11 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         if not members:
             _untested(f, f"the model calls no image '{f.cls}', so there is nothing to take the region from")
             continue
-        effect = tester.test(members, cls, tuple(f.region)) | {"sources": f"images the model {source} '{f.cls}'"}
+        try:
+            effect = tester.test(members, cls, tuple(f.region)) | {"sources": f"images the model {source} '{f.cls}'"}
+        except Exception as e:
+            _untested(f, f"the test failed: {type(e).__name__}: {e}".splitlines()[0])
+            continue
         _apply(f, effect, f.cls, spec, beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate,
                                                      spec))
 
