@@ -172,18 +172,29 @@ class ShardedStore:
     folder on a shared filesystem) can work at once; the driver absorbs the shards."""
 
     def __init__(self, shared: Path, shard: Path):
-        self.shared, self.shard = Store(shared), Store(shard)
+        self.shared, self.shard_path, self._shard = Store(shared), shard, None
+
+    @property
+    def shard(self) -> Store:
+        """The worker's own file, made at its first write: a worker that Ray starts late and
+        stops unused leaves no file behind for the driver to absorb."""
+        if self._shard is None:
+            self._shard = Store(self.shard_path)
+        return self._shard
 
     def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
         out = self.shared.get_many(keys)
-        return out | self.shard.get_many([k for k in keys if k not in out])
+        rest = [k for k in keys if k not in out]
+        return out | (self._shard.get_many(rest) if self._shard and rest else {})
 
     def has_many(self, keys: list[str]) -> set[str]:
         found = self.shared.has_many(keys)
-        return found | self.shard.has_many([k for k in keys if k not in found])
+        rest = [k for k in keys if k not in found]
+        return found | (self._shard.has_many(rest) if self._shard and rest else set())
 
     def put_many(self, items: dict[str, np.ndarray]) -> None:
-        self.shard.put_many(items)
+        if items:
+            self.shard.put_many(items)
 
 
 class LazyMaps(Mapping):
