@@ -138,7 +138,7 @@ def cached_trust(ev: Evidence, methods: dict, layer, cfg: AuditConfig, store: St
     if hit is not None:
         return hit
     trust = trust_gate(ev, methods, layer, cfg.trust, cfg.run.seed)
-    if not any(str(t.get("reason", "")).startswith("could not be tested") for t in trust.values()):
+    if not any(t.get("untestable") for t in trust.values()):
         store.put_json(key, trust)
     return trust
 
@@ -221,7 +221,7 @@ def method_coverage(methods: dict, inapplicable: dict[str, str], disabled: dict[
             out[m] = Check(state="not_applicable", reason=inapplicable[m], required=required)
         elif m in disabled:
             out[m] = Check(state="error", reason=disabled[m].splitlines()[0], required=required)
-        elif t.get("untestable") or str(t.get("reason", "")).startswith("could not be tested"):
+        elif t.get("untestable"):
             out[m] = Check(state="error", reason=t["reason"], required=required)
         elif t and not t["reliable"]:
             out[m] = Check(state="unreliable", examined=len(ev.heatmaps.get(m, {})),

@@ -42,20 +42,25 @@ class Waived(Frozen):
     expires: str
 
 
-class FindingRecord(Frozen):
-    """A suspicion about one image; ``bbox`` in the file's pixels."""
+class Suspicion(Frozen):
+    """What an image finding and a class finding share: the rule's numbers and words, the
+    intervention's outcome (in ``details``), and a waiver if one covers it."""
     rule: str
     method: str | None = None
     severity: Severity
     score: float
     message: str
-    bbox: list[float] | None = None
     details: dict[str, Any] = {}
     waived: Waived | None = None
 
     @property
     def confirmed(self) -> bool | None:
         return self.details.get("confirmed")
+
+
+class FindingRecord(Suspicion):
+    """A suspicion about one image; ``bbox`` in the file's pixels."""
+    bbox: list[float] | None = None
 
 
 class SampleRecord(Frozen):
@@ -75,22 +80,11 @@ class SampleRecord(Frozen):
         return max((f.severity for f in self.findings), key=severity_rank, default=None)
 
 
-class ClassFindingRecord(Frozen):
+class ClassFindingRecord(Suspicion):
     """A suspicion about how the model decides one class; ``region`` as fractions of the image."""
     cls: str = Field(alias="class")
-    rule: str
-    method: str | None = None
-    severity: Severity
-    score: float
     share: float
-    message: str
     region: list[float] | None = None
-    details: dict[str, Any] = {}
-    waived: Waived | None = None
-
-    @property
-    def confirmed(self) -> bool | None:
-        return self.details.get("confirmed")
 
 
 class Check(Frozen):

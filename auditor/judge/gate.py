@@ -108,16 +108,14 @@ def untested(record: RunRecord, least: str) -> list[str]:
     """Suspicions at or above ``least`` that intervention could not put to the test: capped at
     'low' as unconfirmed, they must not let the run pass as if they had been refuted."""
     out = []
-    for s, f in record.findings():
+    for what, f in [*((f"finding {f.rule} on {s.path}", f) for s, f in record.findings()),
+                    *((f"class finding {f.rule} on '{f.cls}'", f) for f in record.class_findings)]:
         before = f.details.get("severity_before_intervention")
-        if not f.waived and f.details.get("confirmed", False) is None and severity_rank(before) >= severity_rank(least):
-            out.append(f"finding {f.rule} on {s.path} (a {before} suspicion) could not be tested by intervention")
-    for f in record.class_findings:
-        before = f.details.get("severity_before_intervention")
-        if not f.waived and f.details.get("confirmed", False) is None and severity_rank(before) >= severity_rank(least):
+        if not f.waived and f.confirmed is None and "confirmed" in f.details \
+                and severity_rank(before) >= severity_rank(least):
             why = (f.details.get("intervention") or {}).get("skipped", "")
-            out.append(f"class finding {f.rule} on '{f.cls}' (a {before} suspicion) could not be tested by "
-                       f"intervention" + (f": {why}" if why else ""))
+            out.append(f"{what} (a {before} suspicion) could not be tested by intervention"
+                       + (f": {why}" if why else ""))
     return out
 
 

@@ -374,7 +374,8 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
             curves = randomisation(name, params, ev.model, layer, x, target, seed, heat, spec)
             deleted, random = deletion(ev.model, x, target, heat, spec.steps, seed, random)
         except Exception as e:
-            out[name] = {"reliable": False, "reason": f"could not be tested: {type(e).__name__}: {e}"}
+            out[name] = {"reliable": False, "untestable": True,
+                         "reason": f"could not be tested: {type(e).__name__}: {e}"}
             continue
         verdict = judge_cascade(curves["randomisation_spearman"], curves["randomisation_ssim"], spec)
         reasons = [r for r in [verdict.pop("randomisation_reason")] if r]

@@ -103,26 +103,26 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
     flagged = record.flagged()
 
     def picture_of(s, side: int):
-        """(thumbnail, boxes as fractions, the methods with a heatmap of it), or None when the
-        file cannot be read now."""
+        """(the decoded file, its thumbnail, boxes as fractions, the methods with a heatmap of it),
+        or None when the file cannot be read now."""
         try:
-            base = thumbnail(read_image(ev.refs[s.id].path), side)
+            img = read_image(ev.refs[s.id].path)
         except (OSError, ValueError):
             return None  # unreadable now: the report lists it in the table instead
         w, h = s.size
         boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for f in s.findings
                                    if (b := f.bbox)))
-        return base, boxes, [m for m in ev.heatmaps if s.id in ev.heatmaps[m]]
+        return img, thumbnail(img, side), boxes, [m for m in ev.heatmaps if s.id in ev.heatmaps[m]]
 
     for n, s in enumerate(flagged[:limit]):
         if (got := picture_of(s, PANEL_PX)) is None:
             continue
-        base, boxes, have = got
+        img, base, boxes, have = got
         methods = [None, *have]
         panels = [base] + [overlay(base, ev.heatmaps[m][s.id], boxes) for m in methods[1:]]
         worst = max(s.findings, key=lambda f: (severity_rank(f.severity), f.score))
         box = worst.bbox or next((f.bbox for f in s.findings if f.bbox), None)
-        zoom = inset(read_image(ev.refs[s.id].path), (box[0] / s.size[0], box[1] / s.size[1], box[2] / s.size[0],
+        zoom = inset(img, (box[0] / s.size[0], box[1] / s.size[1], box[2] / s.size[0],
                                                       box[3] / s.size[1])) if box else None
         cuts = [0, *range(min(3, len(panels)) if zoom else PANELS_PER_ROW, len(panels), PANELS_PER_ROW), len(panels)]
         rows = []
@@ -145,7 +145,7 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
     for s in flagged[limit:limit + thumbnails]:
         if (got := picture_of(s, TILE_PX)) is None:
             continue
-        base, boxes, have = got
+        _, base, boxes, have = got
         worst = max(s.findings, key=lambda f: (severity_rank(f.severity), f.score)).method
         m = worst if worst in have else next(iter(have), None)
         tiles.append((overlay(base, ev.heatmaps[m][s.id], boxes) if m else draw_boxes(base, boxes), s.id, m))
@@ -181,13 +181,14 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
                  "images": len(ids), "mean_of": len(looks), "exemplars": []}
         for k, i in enumerate(class_exemplars(ev, f, ids, maps)):
             try:
-                base = thumbnail(read_image(ev.refs[i].path), EXEMPLAR_PX)
+                img = read_image(ev.refs[i].path)
             except (OSError, ValueError):
                 continue
+            base = thumbnail(img, EXEMPLAR_PX)
             pic = overlay(base, ev.heatmaps[method][i], boxes) if i in ev.heatmaps[method] else base
             entry["exemplars"].append({"file": rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": int(i)})
             if f.region and "inset" not in entry:  # the region of the first example, cut out and enlarged
-                entry["inset"] = {"file": rel(save_picture(inset(read_image(ev.refs[i].path), f.region),
+                entry["inset"] = {"file": rel(save_picture(inset(img, f.region),
                                                            images / f"c{n:03d}-inset")), "sample": int(i)}
         pictures["classes"][n] = entry
     from auditor.outputs.charts import cascade_chart
