@@ -35,6 +35,16 @@ class InputSpec(Strict):
     channels: Literal[1, 3] = 3
     mean: list[float] = [0.0]
     std: list[float] = [1.0]
+    # How the file becomes the model input (auditor.inputs.data.input_view): resized, then cropped to ``size``.
+    resize: Literal["squash", "shorter_side"] = Field(
+        "squash", description="squash: the whole file stretched to resize_to [H, W]; shorter_side: its shorter "
+        "side scaled to resize_to, keeping its aspect (torchvision's Resize(int), HF's shortest_edge)")
+    resize_to: int | tuple[int, int] | None = Field(
+        None, description="squash: [H, W] (default: size); shorter_side: the shorter side's length "
+        "(default: size's larger side)")
+    crop: Literal["none", "center"] = Field("none", description="center: the middle size of the resized image "
+                                            "(needed with shorter_side, or a squash resize_to larger than size)")
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
 
     @model_validator(mode="after")
     def _stats_fit_channels(self):
@@ -46,6 +56,23 @@ class InputSpec(Strict):
             raise ValueError("std values must be positive")
         if min(self.size) < 8:
             raise ValueError("size must be at least [8, 8]")
+        h, w = self.size
+        if self.resize == "shorter_side":
+            if isinstance(self.resize_to, tuple):
+                raise ValueError(f"resize_to must be one length with resize: shorter_side, got {list(self.resize_to)}")
+            if self.crop != "center":
+                raise ValueError("resize: shorter_side needs crop: center (resized files differ in shape; "
+                                 "the crop gives them one size)")
+            if self.resize_to is not None and self.resize_to < max(h, w):
+                raise ValueError(f"resize_to ({self.resize_to}) is below size's larger side ({max(h, w)}): "
+                                 f"the centre crop would not fit")
+        else:
+            to = (self.resize_to, self.resize_to) if isinstance(self.resize_to, int) else self.resize_to or (h, w)
+            if to[0] < h or to[1] < w:
+                raise ValueError(f"resize_to {list(to)} is smaller than size {[h, w]}: the crop would not fit")
+            if tuple(to) != (h, w) and self.crop != "center":
+                raise ValueError(f"resize_to {list(to)} differs from size {[h, w]}: give crop: center")
+            self.resize_to = tuple(to) if self.resize_to is not None else None
         return self
 
 

@@ -1,7 +1,8 @@
 """Find the labelled images (ImageFolder tree or CSV manifest) and decode them for the model.
 
 Any common mode (grayscale, RGBA, palette, 16-bit, float) becomes the model's channels and
-size; the file's own size is kept so regions map back to its pixels. A file that cannot be
+size, resized and cropped as ``model.input`` says (``input_view``: squash, or the shorter side
+and a centre crop); the file's own size is kept so regions map back to its pixels through the crop. A file that cannot be
 decoded, is too large to decode safely or too small to audit is skipped with its reason,
 never fatal. Nothing outside the declared data is read: a symlink under ``data.root`` that
 points out of it, or a manifest path that leaves the manifest's folder, is refused (skipped
@@ -283,12 +284,82 @@ def read_image(source: Path | bytes, min_size: int = 1) -> Image.Image:
     return img
 
 
+@dataclass(frozen=True)
+class View:
+    """How a file of ``file`` (w, h) px becomes the model input: resized to ``resized`` (w, h), then
+    the pixels ``crop`` (left, top, right, bottom) of that taken. PIL's resize maps pixel edges
+    linearly, so the model input shows exactly the file's rectangle ``box``."""
+    file: tuple[int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int]
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """The part of the file the model input shows, in file pixels [x0, y0, x1, y1]."""
+        sx, sy = self.file[0] / self.resized[0], self.file[1] / self.resized[1]
+        left, top, right, bottom = self.crop
+        return left * sx, top * sy, right * sx, bottom * sy
+
+    @property
+    def frac(self) -> tuple[float, float, float, float]:
+        """``box`` as fractions of the file (0, 0, 1, 1 when the model sees all of it)."""
+        (w, h), (x0, y0, x1, y1) = self.file, self.box
+        return x0 / w, y0 / h, x1 / w, y1 / h
+
+    def to_file(self, frac_box) -> tuple[float, float, float, float]:
+        """A box as fractions of the model input [x0, y0, x1, y1] in file pixels."""
+        x0, y0, x1, y1 = self.box
+        w, h = x1 - x0, y1 - y0
+        return (x0 + frac_box[0] * w, y0 + frac_box[1] * h, x0 + frac_box[2] * w, y0 + frac_box[3] * h)
+
+    def to_file_frac(self, frac_box) -> tuple[float, float, float, float]:
+        """A box as fractions of the model input in fractions of the file (to draw on the file)."""
+        (w, h), (x0, y0, x1, y1) = self.file, self.to_file(frac_box)
+        return x0 / w, y0 / h, x1 / w, y1 / h
+
+    def to_input(self, file_box) -> tuple[float, float, float, float]:
+        """A box in file pixels as fractions of the model input, clipped to what the model saw
+        (empty, x0 == x1 or y0 == y1, where it saw none of it)."""
+        x0, y0, x1, y1 = self.box
+        w, h = x1 - x0, y1 - y0
+        fx0, fx1 = (min(max((file_box[k] - x0) / w, 0.0), 1.0) for k in (0, 2))
+        fy0, fy1 = (min(max((file_box[k] - y0) / h, 0.0), 1.0) for k in (1, 3))
+        return fx0, fy0, max(fx0, fx1), max(fy0, fy1)
+
+
+def input_view(file_size: tuple[int, int], spec: InputSpec | None) -> View:
+    """Where the model input lies in a file of ``file_size`` (w, h), by ``model.input``'s resize and
+    crop, with torchvision's arithmetic: ``Resize(int)`` keeps the aspect with the long side
+    truncated, ``CenterCrop`` rounds its offset. No spec: the whole file."""
+    w, h = (int(v) for v in file_size)
+    if spec is None:
+        return View((w, h), (w, h), (0, 0, w, h))
+    ch, cw = spec.size
+    if spec.resize == "shorter_side":
+        short = spec.resize_to or max(ch, cw)
+        rw, rh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    else:
+        rh, rw = spec.resize_to or spec.size
+    if spec.crop == "none":
+        return View((w, h), (rw, rh), (0, 0, rw, rh))
+    left, top = int(round((rw - cw) / 2.0)), int(round((rh - ch) / 2.0))
+    return View((w, h), (rw, rh), (left, top, left + cw, top + ch))
+
+
+def to_input_mask(mask: Image.Image, v: View, shape: tuple[int, int]) -> np.ndarray:
+    """A mask in file pixels (any non-zero value marks) as the model input shows it, at ``shape``
+    (h, w): the view's box of it, nearest-neighbour resampled."""
+    return np.asarray(mask.convert("L").resize(shape[::-1], Image.NEAREST, box=v.box)) > 0
+
+
 def to_model_input(img: Image.Image, spec: InputSpec) -> torch.Tensor:
-    """Resize (bilinear) and normalise a decoded image into a float tensor [C, H, W]."""
+    """Resize, crop (``input_view``) and normalise a decoded image into a float tensor [C, H, W]."""
     img = img.convert("RGB" if spec.channels == 3 else "L")
-    h, w = spec.size
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
+    v = input_view(img.size, spec)
+    if img.size != v.resized:
+        img = img.resize(v.resized, Image.Resampling[spec.interpolation.upper()])
+    if v.crop != (0, 0, *v.resized):
+        img = img.crop(v.crop)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
     x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)

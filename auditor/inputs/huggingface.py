@@ -6,8 +6,8 @@ use_safetensors=True, trust_remote_code=False)``: nothing is downloaded, no pick
 no code from the folder runs. The model is wrapped in ``Logits``, whose forward returns the
 output's ``.logits`` tensor. Where the config gives no ``model.classes`` (or ``classes_file``),
 the class names are ``config.json``'s ``id2label``; where it gives no ``model.input``, the size,
-channels, mean and std come from ``preprocessor_config.json`` (and ``config.json``'s
-``num_channels``).
+resize, centre crop, resampling, mean and std come from ``preprocessor_config.json`` (and the
+channels from ``config.json``'s ``num_channels``).
 
 A factory's model whose output is such an object (``.logits``) or a dict with ``"logits"`` is
 wrapped the same way by ``unwrap_logits``, with a note (``Logits.note``) instead of a refusal.
@@ -135,26 +135,78 @@ def class_names(folder: Path) -> list[str]:
 
 
 def _side(value: Any) -> tuple[int, int] | None:
-    """(H, W) from a processor's ``size``/``crop_size``: {height, width}, {shortest_edge}, or an int."""
-    if isinstance(value, int):
+    """(H, W) from a processor's ``size``/``crop_size`` given as {height, width} or an int."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return value, value
-    if isinstance(value, dict):
-        if "height" in value and "width" in value:
-            return int(value["height"]), int(value["width"])
-        if "shortest_edge" in value:  # resize the short side, then (ConvNeXt, CLIP) crop a square
-            return int(value["shortest_edge"]), int(value["shortest_edge"])
+    if isinstance(value, dict) and "height" in value and "width" in value:
+        return int(value["height"]), int(value["width"])
     return None
 
 
+# PIL's resampling numbers, as processors save them (PILImageResampling).
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def geometry(proc: dict) -> dict:
+    """``model.input``'s size, resize, resize_to and crop as the processor resizes and crops.
+
+    The generic processor resizes to ``size`` ({height, width}: squash; {shortest_edge}: the
+    shorter side) and then, where ``do_center_crop``, crops ``crop_size`` from the centre. Three
+    processors resize their own way (transformers' ``image_processing_pil_*.py``): ConvNeXt
+    (also ResNet's and RegNet's) scales the shorter side to ``shortest_edge / crop_pct`` and crops
+    ``shortest_edge``, or squashes at 384 and above; PoolFormer scales by ``1 / crop_pct`` too; LeViT
+    scales the shorter side by 256/224. ValueError says why the processor cannot be followed."""
+    kind = str(proc.get("image_processor_type") or "").removesuffix("Fast").removesuffix("Pil")
+    size, crop_pct = proc.get("size"), proc.get("crop_pct")
+    short = size.get("shortest_edge") if isinstance(size, dict) else None
+    if not proc.get("do_resize", True):
+        raise ValueError("do_resize is false: the model takes each file at its own size")
+    if isinstance(size, dict) and {"longest_edge", "max_height", "max_width"} & set(size):
+        raise ValueError(f"size {size} bounds the longer side, so inputs have no one size")
+    out: dict = {"size": _side(size), "resize": "squash", "resize_to": None, "crop": "none"}
+    if kind == "ConvNextImageProcessor" and short is not None:
+        if short < 384:
+            pct = float(crop_pct if crop_pct is not None else 224 / 256)
+            out = {"size": (short, short), "resize": "shorter_side", "resize_to": int(short / pct), "crop": "center"}
+        else:
+            out["size"] = (short, short)
+    elif kind == "PoolFormerImageProcessor" and crop_pct is not None:
+        hw = (short, short) if short is not None else _side(size)
+        if hw is None:
+            raise ValueError(f"size {size!r} is not {{shortest_edge}} or {{height, width}}")
+        if hw[0] == hw[1]:  # one side given: the shorter side scaled
+            out.update(size=None, resize="shorter_side", resize_to=int(hw[0] / float(crop_pct)))
+        else:
+            out["size"] = (int(hw[0] / float(crop_pct)), int(hw[1] / float(crop_pct)))
+    elif short is not None:
+        scaled = int(256 / 224 * short) if kind == "LevitImageProcessor" else int(short)
+        out.update(size=None, resize="shorter_side", resize_to=scaled)
+    if proc.get("do_center_crop"):
+        crop = _side(proc.get("crop_size"))
+        if crop is None:
+            raise ValueError(f"do_center_crop with no usable crop_size ({proc.get('crop_size')!r})")
+        if out["resize"] == "squash" and out["resize_to"] is None:
+            out["resize_to"] = out["size"]  # squash to size, then crop crop_size of it
+        out.update(size=crop, crop="center")
+    if out["size"] is None:
+        if out["resize"] == "shorter_side":
+            raise ValueError(f"size {size} resizes the shorter side with no crop, so inputs have no one size")
+        raise ValueError(f"gives no usable size ({size!r})")
+    if out["resize_to"] is not None and out["resize_to"] == out["size"]:
+        out["resize_to"] = None
+    return out
+
+
 def input_spec(folder: Path) -> InputSpec:
-    """Size, channels, mean and std from ``preprocessor_config.json`` (see docs/models.md for what
-    differs from the processor: the image is resized straight to the size, no crop)."""
+    """Size, resize, crop, interpolation, channels, mean and std from ``preprocessor_config.json``
+    (``geometry``; see docs/models.md)."""
     proc = _read_json(folder / PREPROCESSOR, "model.input")
     where = f"'model.input': not given, and {folder / PREPROCESSOR}"
-    size = _side(proc.get("crop_size")) if proc.get("do_center_crop") else None
-    size = size or _side(proc.get("size"))
-    if size is None:
-        raise ConfigError(f"{where} gives no usable size ({proc.get('size')!r}); give model.input.size")
+    try:
+        geo = geometry(proc)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        why = str(e) if type(e) is ValueError else describe_exception(e, 200)  # ours, or a malformed value
+        raise ConfigError(f"{where}: {why}; give model.input") from None
     try:
         channels = int(_read_json(folder / CONFIG, "model.input").get("num_channels", 3))
     except (TypeError, ValueError):
@@ -168,8 +220,9 @@ def input_spec(folder: Path) -> InputSpec:
         mean, std = [0.0], [1.0]
     mean = [float(m) / scale for m in (mean if isinstance(mean, list) else [mean])]
     std = [float(s) / scale for s in (std if isinstance(std, list) else [std])]
+    interpolation = RESAMPLE.get(proc.get("resample"), "bilinear")
     try:
-        return InputSpec(size=size, channels=channels, mean=mean, std=std)
+        return InputSpec(channels=channels, mean=mean, std=std, interpolation=interpolation, **geo)
     except Exception as e:  # pydantic's ValidationError: a channel count or stats that do not fit
         raise ConfigError(f"{where} gives an input auditor cannot use ({describe_exception(e, 200)}); "
                           f"give model.input") from None

@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from auditor.inputs.config import Severity
-from auditor.inputs.data import SampleRef, read_image, to_model_input
+from auditor.inputs.data import SampleRef, input_view, read_image, to_model_input
 from auditor.record import severity_rank  # noqa: F401  (rules grade with it)
 
 
@@ -149,7 +149,7 @@ class Evidence:
             i, lambda: np.asarray(read_image(self.refs[i].path).convert("RGB"), np.float32) / 255.0)
 
     def to_file_bbox(self, i: int, frac_box) -> list[float]:
-        """A box given as fractions of the image [x0, y0, x1, y1] in image i's file pixels."""
-        w, h = self.samples.at[i, "width"], self.samples.at[i, "height"]
-        x0, y0, x1, y1 = frac_box
-        return [round(float(x0 * w), 1), round(float(y0 * h), 1), round(float(x1 * w), 1), round(float(y1 * h), 1)]
+        """A box given as fractions of the model input [x0, y0, x1, y1] in image i's file pixels,
+        through the resize and crop the model input was made by (``input_view``)."""
+        v = input_view((self.samples.at[i, "width"], self.samples.at[i, "height"]), self.input_spec)
+        return [round(float(c), 1) for c in v.to_file(frac_box)]

@@ -3,6 +3,10 @@
 The colormap is inferno: perceptually uniform, readable by colour-blind readers and in greyscale
 print. Each heatmap is scaled to its own maximum. Flagged regions are boxed in cyan with a dark
 rim, a colour inferno never uses, so a box is never mistaken for evidence.
+
+A heatmap covers the model input, which is the part of the file ``seen`` (fractions of the file,
+``auditor.inputs.data.View.frac``): it is drawn over that part only, and the rest of the file,
+which a centre crop kept from the model, is dimmed further (``UNSEEN``) with no colour on it.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ PANEL_MM, EXEMPLAR_MM, MEAN_MM, GAP_MM = 30, 20, 40, 2
 # crisp squares): INSET_MM wide in print, over 160 CSS px (42.3 mm) on screen and paper alike.
 INSET_MM = 44
 DARKEN = 0.6   # an overlay's image is darkened to this share of its brightness, so the evidence stands out
+UNSEEN = 0.25  # the part of the file the model input does not show, darkened to this share
+FULL = (0.0, 0.0, 1.0, 1.0)   # ``seen`` when the model input shows the whole file
 PANELS_PER_ROW = 5   # 5 * 30 + 4 * 2 = 158 mm: fits a card on A4 (about 176 mm inside)
 # Flagged images beyond the gallery: small numbered tiles, SHEET_COLUMNS x SHEET_ROWS per picture.
 TILE_MM, SHEET_COLUMNS, SHEET_ROWS = 21, 7, 5   # 7 * 21 + 6 * 2 = 159 mm wide
@@ -37,6 +43,7 @@ def px(mm: float) -> int:
 PANEL_PX, EXEMPLAR_PX, MEAN_PX, GAP_PX = px(PANEL_MM), px(EXEMPLAR_MM), px(MEAN_MM), px(GAP_MM)
 INSET_PX = px(INSET_MM)
 _DARK = [int(v * DARKEN) for v in range(256)] * 3
+_UNSEEN = [int(v * UNSEEN) for v in range(256)] * 3
 TILE_PX = px(TILE_MM)
 _PALETTE = LUT.tobytes()
 _ALPHA = bytes(51 + (v * 166) // 255 for v in range(256))   # 0.2..0.85 opacity in 1/255 steps
@@ -72,21 +79,45 @@ def colorize(lv: Image.Image) -> Image.Image:
     return p.convert("RGB")
 
 
-def overlay(base: Image.Image, heat: np.ndarray, boxes=()) -> Image.Image:
-    """``base`` (an RGB thumbnail) with the heatmap blended in where it is strong; ``boxes`` as fractions.
+def seen_box(seen, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The fractional box ``seen`` in whole pixels of a picture of ``size`` (w, h), never empty."""
+    w, h = size
+    x0, y0 = min(round(seen[0] * w), w - 1), min(round(seen[1] * h), h - 1)
+    return x0, y0, max(x0 + 1, min(round(seen[2] * w), w)), max(y0 + 1, min(round(seen[3] * h), h))
 
-    Opacity = 0.2 + 0.65 * level: a faint tint everywhere, so the colour scale reads, and the
-    evidence itself strong. All in PIL: about 0.5 ms for a 176-px thumbnail.
+
+def dim_unseen(img: Image.Image, seen=FULL) -> Image.Image:
+    """``img`` (RGB) with the part outside the fractional box ``seen`` darkened to ``UNSEEN``: what
+    the model was not shown. A new image; ``img`` itself where the model saw all of it."""
+    box = seen_box(seen, img.size)
+    if box == (0, 0, *img.size):
+        return img
+    out = img.point(_UNSEEN)
+    out.paste(img.crop(box), box[:2])
+    return out
+
+
+def overlay(base: Image.Image, heat: np.ndarray, boxes=(), seen=FULL) -> Image.Image:
+    """``base`` (an RGB thumbnail of the file) with the heatmap blended in where it is strong, over
+    the part ``seen`` (the model input's box, as fractions of the file); ``boxes`` as fractions.
+
+    Opacity = 0.2 + 0.65 * level: a faint tint everywhere the model looked, so the colour scale
+    reads, and the evidence itself strong. All in PIL: about 0.5 ms for a 176-px thumbnail.
     """
-    lv = level(heat, base.size)
+    box = seen_box(seen, base.size)
+    lv = level(heat, (box[2] - box[0], box[3] - box[1]))
     dark = base.convert("RGB").point(_DARK)   # the image darkened, so the colour of the evidence reads
-    return draw_boxes(Image.composite(colorize(lv), dark, lv.point(_ALPHA)), boxes)
+    out = dim_unseen(base.convert("RGB"), seen)
+    out.paste(Image.composite(colorize(lv), dark.crop(box), lv.point(_ALPHA)), box[:2])
+    return draw_boxes(out, boxes)
 
 
-def inset(img: Image.Image, box_frac, width: int = INSET_PX, height: int = PANEL_PX) -> Image.Image:
-    """The flagged region of ``img`` (the file at full size) with a margin around it, enlarged to
-    ``width`` x ``height`` px (as tall as a panel, so a card grows no taller; nearest neighbour, so
-    a 64-px image's pixels stay sharp) and its box drawn in."""
+def inset(img: Image.Image, box_frac, width: int = INSET_PX, height: int = PANEL_PX, seen=FULL) -> Image.Image:
+    """The flagged region of ``img`` (the file at full size; ``box_frac`` as fractions of it) with a
+    margin around it, enlarged to ``width`` x ``height`` px (as tall as a panel, so a card grows no
+    taller; nearest neighbour, so a 64-px image's pixels stay sharp) and its box drawn in; where the
+    margin reaches past the part ``seen`` by the model, that is dimmed."""
+    img = dim_unseen(img.convert("RGB"), seen)
     w, h = img.size
     x0, y0, x1, y1 = (float(v) * s for v, s in zip(box_frac, (w, h, w, h)))   # in pixels
     aspect = height / width
@@ -104,11 +135,15 @@ def inset(img: Image.Image, box_frac, width: int = INSET_PX, height: int = PANEL
     return draw_boxes(big, [tuple(min(max(v, 0.0), 1.0) for v in inner)])
 
 
-def mean_image(images: list[Image.Image], size: tuple[int, int]) -> Image.Image:
-    """The pixel-wise mean of ``images``, each resized to ``size`` (w, h): what a class looks like on average."""
+def mean_image(images: list[Image.Image], size: tuple[int, int], seen=None) -> Image.Image:
+    """The pixel-wise mean of ``images``, each resized to ``size`` (w, h): what a class looks like on
+    average; with ``seen`` (one fractional box per image), of the part the model input shows of each."""
     acc = np.zeros((size[1], size[0], 3), np.float32)
-    for im in images:
-        acc += np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), np.float32)
+    for k, im in enumerate(images):
+        w, h = im.size
+        part = seen[k] if seen is not None else FULL
+        box = (part[0] * w, part[1] * h, part[2] * w, part[3] * h)
+        acc += np.asarray(im.convert("RGB").resize(size, Image.BILINEAR, box=box), np.float32)
     return Image.fromarray((acc / max(len(images), 1)).clip(0, 255).astype(np.uint8))
 
 
