@@ -228,3 +228,33 @@ def test_to_model_input_matches_the_hugging_face_processor(tmp_path, proc):
     got = to_model_input(img, input_spec(hf_folder(tmp_path, proc))).numpy()
     assert got.shape == want["pixel_values"][0].shape == (3, 224, 224)
     np.testing.assert_allclose(got, want["pixel_values"][0], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+@pytest.mark.slow   # a whole audit (~30 s on a shared machine)
+def test_a_cropped_audit_boxes_only_what_the_model_saw(project):
+    """Non-square files (28×24) cropped to 16×16 from a shorter side of 18: every finding's box,
+    in the file's pixels, lies inside the part of the file the model input shows."""
+    from typer.testing import CliRunner
+
+    from auditor.cli import app
+    from conftest import report_folder
+    rows = ["path,label,bbox"] + [f"{p.parent.name}/{p.name},{p.parent.name},2 3 12 20"
+                                  for p in sorted((project.folder / "data").rglob("*.png"))]
+    (project.folder / "data" / "boxes.csv").write_text("\n".join(rows) + "\n")
+    given = {"size": [16, 16], "mean": [0.5], "std": [0.25], "resize": "shorter_side", "resize_to": 18,
+             "crop": "center"}
+    project.cfg["model"]["input"] = given
+    project.cfg["data"] = {"manifest": "data/boxes.csv"}
+    project.cfg["explain"]["methods"] = ["saliency", "gradcam"]
+    project.write()
+    r = CliRunner().invoke(app, ["run", str(project.path), "--quiet"])
+    assert r.exit_code in (0, 1), r.output
+    doc = json.loads((report_folder(project, r.output) / "findings.json").read_text())
+    assert doc["run"]["config"]["model"]["input"]["resize"] == "shorter_side"
+    x0, y0, x1, y1 = input_view((28, 24), InputSpec(**given)).box
+    boxes = [f["bbox"] for s in doc["samples"] for f in s.get("findings", []) if f.get("bbox")]
+    assert boxes and (x0, y0) != (0, 0)
+    for b in boxes:
+        assert x0 - 0.05 <= b[0] < b[2] <= x1 + 0.05 and y0 - 0.05 <= b[1] < b[3] <= y1 + 0.05, (b, (x0, y0, x1, y1))
