@@ -22,10 +22,15 @@ import numpy as np
 from auditor.demo import synth
 
 
+# Input normalisation (mean, std) per channel; "none" feeds [0, 1] pixels as they are.
+NORMS = {"half": ([0.5] * 3, [0.25] * 3), "none": ([0.0] * 3, [1.0] * 3),
+         "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
 @dataclass
 class Case:
     name: str
-    kind: str                       # decoy | horse | lookalike
+    kind: str                       # decoy | horse | lookalike | planted (generator.py)
     poisoned: bool
     classes: list[str]
     arch: str
@@ -37,6 +42,7 @@ class Case:
     dose: float = 1.0               # share of the cue class's training images carrying the cue
     params: dict = field(default_factory=dict)
     seed: int = 0
+    norm: str = "half"              # input normalisation: half (0.5/0.25), none (0/1), imagenet
 
     @property
     def net_kwargs(self) -> dict:
@@ -44,17 +50,21 @@ class Case:
 
     @property
     def mean(self):
-        return [0.5] * self.channels
+        return NORMS[self.norm][0][:self.channels]
 
     @property
     def std(self):
-        return [0.25] * self.channels
+        return NORMS[self.norm][1][:self.channels]
 
     def describe(self) -> str:
         p = self.params
         bits = [self.arch, f"{self.image_size}px->{self.input_size}"]
         if self.kind == "horse":
             bits += [p["corner"], f"tag {min(p['tag_sizes'])}-{max(p['tag_sizes'])}px"]
+        if self.kind == "planted":
+            where = {"corner": p["corner"], "edge": p["edge"]}.get(p["placement"], p["placement"])
+            bits = [f"{p['cue']} {where} {p['cue_frac']:.0%}", p["base"], *bits, self.norm,
+                    f"dose {p['dose']:.0%}"]
         return ", ".join(bits)
 
     def build(self):

@@ -81,7 +81,53 @@ class LeNet(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHS = {"maxnet": MaxNet, "resnet": ResNetLite, "wide": WideShallow, "lenet": LeNet}
+class ResReLU(nn.Module):
+    """Residual network with BatchNorm whose every activation is ONE ``nn.ReLU(inplace=True)``
+    module called again and again in ``forward``, as many hand-written ResNets do: a module
+    hook on it fires many times per pass, and in-place edits overwrite what a hook kept."""
+
+    def __init__(self, num_classes, channels=3, width=16):
+        super().__init__()
+        w = width
+        self.relu = nn.ReLU(inplace=True)
+        self.stem = nn.Sequential(nn.Conv2d(channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w))
+        self.stages = nn.ModuleList()
+        for c_in, c_out in ((w, w), (w, 2 * w), (2 * w, 4 * w)):
+            self.stages.append(nn.ModuleDict({
+                "conv1": nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), "bn1": nn.BatchNorm2d(c_out),
+                "conv2": nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), "bn2": nn.BatchNorm2d(c_out),
+                "skip": nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out))}))
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        for s in self.stages:
+            y = self.relu(s["bn1"](s["conv1"](x)))
+            x = self.relu(s["bn2"](s["conv2"](y)) + s["skip"](x))
+        return self.fc(x.mean((2, 3)))
+
+
+class DepthwiseSiLU(nn.Module):
+    """Depthwise-separable blocks (3x3 per-channel conv, then 1x1 mixing) with BatchNorm and
+    SiLU, as in MobileNet/EfficientNet: smooth activations, strided, global average pooling."""
+
+    def __init__(self, num_classes, channels=3, width=16):
+        super().__init__()
+        w = width
+        layers = [nn.Conv2d(channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.SiLU()]
+        for c_in, c_out, stride in ((w, 2 * w, 2), (2 * w, 2 * w, 1), (2 * w, 4 * w, 2), (4 * w, 4 * w, 2)):
+            layers += [nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
+                       nn.BatchNorm2d(c_in), nn.SiLU(),
+                       nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+ARCHS = {"maxnet": MaxNet, "resnet": ResNetLite, "wide": WideShallow, "lenet": LeNet,
+         "resrelu": ResReLU, "dwsilu": DepthwiseSiLU}
 
 
 def build(arch="maxnet", num_classes=2, channels=3, **kwargs):
