@@ -198,7 +198,8 @@ def hf_folder(tmp_path, proc: dict):
     ({"image_processor_type": "LevitImageProcessor", "size": {"shortest_edge": 224}, "do_center_crop": True,
       "crop_size": {"height": 224, "width": 224}}, {"resize": "shorter_side", "resize_to": 256}),
     ({"image_processor_type": "PoolFormerImageProcessor", "size": {"shortest_edge": 224}, "crop_pct": 0.9,
-      "do_center_crop": True, "crop_size": {"height": 224, "width": 224}}, {"resize": "shorter_side", "resize_to": 248}),
+      "do_center_crop": True, "crop_size": {"height": 224, "width": 224}},
+     {"resize": "shorter_side", "resize_to": 248}),
 ], ids=["convnext", "convnext-384", "clip", "beit", "vit", "levit", "poolformer"])
 def test_a_preprocessor_config_yields_the_spec(tmp_path, proc, want):
     spec = input_spec(hf_folder(tmp_path, proc))

@@ -2,11 +2,11 @@
 
 Any common mode (grayscale, RGBA, palette, 16-bit, float) becomes the model's channels and
 size, resized and cropped as ``model.input`` says (``input_view``: squash, or the shorter side
-and a centre crop); the file's own size is kept so regions map back to its pixels through the crop. A file that cannot be
-decoded, is too large to decode safely or too small to audit is skipped with its reason,
-never fatal. Nothing outside the declared data is read: a symlink under ``data.root`` that
-points out of it, or a manifest path that leaves the manifest's folder, is refused (skipped
-with the reason) unless ``data.allow_outside`` is set. A mask or box that does not fit its
+and a centre crop); the file's own size is kept so regions map back to its pixels through the
+crop. A file that cannot be decoded, is too large to decode safely or too small to audit is
+skipped with its reason, never fatal. Nothing outside the declared data is read: a symlink
+under ``data.root`` that points out of it, or a manifest path that leaves the manifest's folder,
+is refused (skipped with the reason) unless ``data.allow_outside`` is set. A mask or box that does not fit its
 image is dropped with a warning, so a silent ``off_object`` is explained.
 """
 from __future__ import annotations
