@@ -129,7 +129,8 @@ def test_a_hugging_face_folder_is_audited_end_to_end(project, tmp_path):
     doc = findings_of(project, r.output)
     assert doc["run"]["classes"] == CLASSES
     model = doc["run"]["config"]["model"]
-    assert model["input"] == {"size": [32, 32], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    assert model["input"] == {"size": [32, 32], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3,
+                              "resize": "squash", "resize_to": None, "crop": "none", "interpolation": "bilinear"}
     methods = doc["coverage"]["methods"]
     assert methods["gradcam"]["state"] == "ran" and methods["saliency"]["state"] == "ran"
     assert "DeepLift has no rule for" in methods["deeplift"]["reason"] and "LayerNorm" in methods["deeplift"]["reason"]

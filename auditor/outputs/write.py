@@ -18,10 +18,11 @@ import pandas as pd
 
 from auditor.explain.heatmap import normalise, region_mask, region_mass
 from auditor.inputs.config import ConfigError
-from auditor.inputs.data import read_image
+from auditor.inputs.data import input_view, read_image
 from auditor.inputs.preflight import OWNER, mark_partial
 from auditor.outputs.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS,
-                                     TILE_PX, draw_boxes, inset, legend, mean_image, overlay, save_picture, scale_bar,
+                                     TILE_PX, dim_unseen, draw_boxes, inset, legend, mean_image, overlay, save_picture,
+                                     scale_bar,
                                      sheet, strip, thumbnail)
 from auditor.record import RunRecord, severity_rank
 
@@ -103,8 +104,8 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
     flagged = record.flagged()
 
     def picture_of(s, side: int):
-        """(the decoded file, its thumbnail, boxes as fractions, the methods with a heatmap of it),
-        or None when the file cannot be read now."""
+        """(the decoded file, its thumbnail, boxes as fractions, the methods with a heatmap of it,
+        the part of the file the model saw as fractions), or None when the file cannot be read now."""
         try:
             img = read_image(ev.refs[s.id].path)
         except (OSError, ValueError):
@@ -112,18 +113,19 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
         w, h = s.size
         boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for f in s.findings
                                    if (b := f.bbox)))
-        return img, thumbnail(img, side), boxes, [m for m in ev.heatmaps if s.id in ev.heatmaps[m]]
+        return (img, thumbnail(img, side), boxes, [m for m in ev.heatmaps if s.id in ev.heatmaps[m]],
+                input_view(s.size, ev.input_spec).frac)
 
     for n, s in enumerate(flagged[:limit]):
         if (got := picture_of(s, PANEL_PX)) is None:
             continue
-        img, base, boxes, have = got
+        img, base, boxes, have, seen = got
         methods = [None, *have]
-        panels = [base] + [overlay(base, ev.heatmaps[m][s.id], boxes) for m in methods[1:]]
+        panels = [dim_unseen(base, seen)] + [overlay(base, ev.heatmaps[m][s.id], boxes, seen) for m in methods[1:]]
         worst = max(s.findings, key=lambda f: (severity_rank(f.severity), f.score))
         box = worst.bbox or next((f.bbox for f in s.findings if f.bbox), None)
         zoom = inset(img, (box[0] / s.size[0], box[1] / s.size[1], box[2] / s.size[0],
-                                                      box[3] / s.size[1])) if box else None
+                                                      box[3] / s.size[1]), seen=seen) if box else None
         cuts = [0, *range(min(3, len(panels)) if zoom else PANELS_PER_ROW, len(panels), PANELS_PER_ROW), len(panels)]
         rows = []
         for k, (a, b) in enumerate(zip(cuts, cuts[1:])):  # one picture per row of panels; the inset ends the first
@@ -145,10 +147,11 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
     for s in flagged[limit:limit + thumbnails]:
         if (got := picture_of(s, TILE_PX)) is None:
             continue
-        _, base, boxes, have = got
+        _, base, boxes, have, seen = got
         worst = max(s.findings, key=lambda f: (severity_rank(f.severity), f.score)).method
         m = worst if worst in have else next(iter(have), None)
-        tiles.append((overlay(base, ev.heatmaps[m][s.id], boxes) if m else draw_boxes(base, boxes), s.id, m))
+        tiles.append((overlay(base, ev.heatmaps[m][s.id], boxes, seen) if m else draw_boxes(dim_unseen(base, seen), boxes),
+                      s.id, m))
         if len(tiles) == SHEET_COLUMNS * SHEET_ROWS:
             save_sheet()
     if tiles:
@@ -176,7 +179,8 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
                 continue
         h, w = maps.shape[1:]
         size = (MEAN_PX, max(1, round(MEAN_PX * h / w))) if w >= h else (max(1, round(MEAN_PX * w / h)), MEAN_PX)
-        mean = overlay(mean_image(looks, size), maps.mean(axis=0), boxes)
+        seen = [input_view(im.size, ev.input_spec).frac for im in looks]   # the mean of what the model saw
+        mean = overlay(mean_image(looks, size, seen), maps.mean(axis=0), boxes)
         entry = {"mean": rel(save_picture(mean, images / f"c{n:03d}-mean")), "method": method,
                  "images": len(ids), "mean_of": len(looks), "exemplars": []}
         for k, i in enumerate(class_exemplars(ev, f, ids, maps)):
@@ -184,11 +188,13 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
                 img = read_image(ev.refs[i].path)
             except (OSError, ValueError):
                 continue
-            base = thumbnail(img, EXEMPLAR_PX)
-            pic = overlay(base, ev.heatmaps[method][i], boxes) if i in ev.heatmaps[method] else base
+            base, v = thumbnail(img, EXEMPLAR_PX), input_view(img.size, ev.input_spec)
+            on_file = [v.to_file_frac(b) for b in boxes]   # the region is the model input's; the picture the file's
+            pic = (overlay(base, ev.heatmaps[method][i], on_file, v.frac) if i in ev.heatmaps[method]
+                   else dim_unseen(base, v.frac))
             entry["exemplars"].append({"file": rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": int(i)})
             if f.region and "inset" not in entry:  # the region of the first example, cut out and enlarged
-                entry["inset"] = {"file": rel(save_picture(inset(img, f.region),
+                entry["inset"] = {"file": rel(save_picture(inset(img, v.to_file_frac(f.region), seen=v.frac),
                                                            images / f"c{n:03d}-inset")), "sample": int(i)}
         pictures["classes"][n] = entry
     from auditor.outputs.charts import cascade_chart
