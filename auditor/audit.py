@@ -215,9 +215,13 @@ def run_rules(ev: Evidence, rules: dict[str, dict], required: bool) -> tuple[lis
 def method_coverage(methods: dict, inapplicable: dict[str, str], disabled: dict[str, str], trust: dict,
                     ev: Evidence, required: bool) -> dict[str, Check]:
     out = {}
-    for m in methods:
+    # The configured methods, then a fallback the audit ran because none of them passed the trust gate.
+    for m in [*methods, *(k for k, t in trust.items() if t.get("fallback") and k not in methods)]:
         t = trust.get(m) or {}
-        if m in inapplicable:
+        if t.get("fallback"):
+            out[m] = (Check(state="ran", examined=len(ev.heatmaps.get(m, {})), reason=t["note"]) if t["reliable"]
+                      else Check(state="error", reason=t["reason"]))
+        elif m in inapplicable:
             out[m] = Check(state="not_applicable", reason=inapplicable[m], required=required)
         elif m in disabled:
             out[m] = Check(state="error", reason=disabled[m].splitlines()[0], required=required)
@@ -229,7 +233,7 @@ def method_coverage(methods: dict, inapplicable: dict[str, str], disabled: dict[
         elif not ev.heatmaps.get(m):
             out[m] = Check(state="no_evidence", reason="no image was chosen to be explained", required=required)
         else:
-            out[m] = Check(state="ran", examined=len(ev.heatmaps[m]), required=required)
+            out[m] = Check(state="ran", examined=len(ev.heatmaps[m]), reason=t.get("note", ""), required=required)
     return out
 
 
@@ -300,6 +304,17 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     for m, t in trust.items():
         if not t["reliable"]:
             warnings.append(f"explanation method {m!r} failed the trust gate and was not used by the rules: {t['reason']}")
+        elif t.get("note"):
+            warnings.append(f"explanation method {m!r} was kept, a trust test being inconclusive: {t['note']}")
+    backup = cfg.trust.fallback
+    if trust and ev.heatmaps and not ev.methods and backup and backup not in ctx.methods:
+        # Every method failed on evidence: the rules read a model-only method rather than nothing.
+        from auditor.judge.trust import fallback_maps
+        with phase(f"no method passed the trust gate: explaining the images with {backup}", quiet):
+            fb = trust[backup] = fallback_maps(ctx, ev, store, backup, quiet)
+        warnings.append(f"no explanation method passed the trust gate: the rules read {backup}'s heatmaps instead "
+                        f"(a model-only method) on {fb['images']} explained images" if fb["reliable"] else
+                        f"no explanation method passed the trust gate, and the fallback {backup!r} {fb['reason']}")
     if ev.heatmaps and not ev.methods:
         warnings.append("no explanation method passed the trust gate: the rules had no evidence to work with")
 

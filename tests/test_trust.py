@@ -147,27 +147,34 @@ def trained(tmp_path_factory):
 def test_guided_backprop_fails_and_the_others_pass_on_a_deep_relu_net(trained):
     out = trained
     steps = out["saliency"]["randomisation_steps"]
-    assert len(steps) == 11 and steps[0] == "24" and steps[-1] == "0"  # linear head first, first conv last
+    # 11 layers grouped into 8 steps (trust.cascade_steps): linear head first, the first convolutions last
+    assert len(steps) == 8 and steps[0] == "24" and steps[-1] == "0 to 2"
     gbp = out["guided_backprop"]
-    assert not gbp["reliable"]
+    assert not gbp["reliable"] and gbp["randomisation"] == "failed"
     assert gbp["reason"].startswith("its heatmaps barely change when the top half of the model is randomised")
-    assert f"after {gbp['decisive_step'] + 1} of 11 steps" in gbp["reason"]
-    # the old rule (judged at the end of the cascade) would have trusted it
-    assert judge_cascade(gbp["randomisation_spearman"], None, TrustSpec(decide_at=1.0))["randomisation_reason"] == ""
+    assert f"after {gbp['decisive_step'] + 1} of 8 steps" in gbp["reason"]
+    assert gbp["randomisation_ci"][0] > TrustSpec().max_spearman  # failed on evidence: the whole interval above
     for m in ("saliency", "integrated_gradients", "gradcam"):
         assert out[m]["reliable"], (m, out[m]["reason"], out[m]["randomisation_spearman"])
         assert out[m]["first_below"] is not None and out[m]["first_below"] <= out[m]["decisive_step"]
+        # On 12 images a method's deletion interval can reach below 0 (inconclusive): kept either way.
+        assert out[m]["deletion"] in ("passed", "inconclusive") and out[m]["deletion_benefit"] > 0, out[m]
+    # The cascade stops at the decisive step: the steps below it cannot change the decision.
+    assert len(gbp["randomisation_spearman"]) == gbp["decisive_step"] + 1 == 4
 
 
 def test_result_keys_stay_backward_compatible(trained):
     t = trained["saliency"]
     old = {"reliable", "reason", "randomisation_spearman", "deletion_auc", "random_deletion_auc", "images"}
-    new = {"randomisation_steps", "randomisation_ssim", "decisive_step", "first_below", "max_spearman", "max_ssim"}
+    new = {"randomisation_steps", "randomisation_ssim", "decisive_step", "first_below", "max_spearman", "max_ssim",
+           "note", "randomisation", "randomisation_ci", "fill", "fill_check", "deletion", "deletion_benefit",
+           "deletion_ci", "deletion_effect", "cascade_images", "seconds"}
     assert old | new <= set(t)
     n = len(t["randomisation_spearman"])
     assert all(isinstance(v, float) for v in t["randomisation_spearman"])
-    assert len(t["randomisation_steps"]) == len(t["randomisation_ssim"]) == n and 0 <= t["decisive_step"] < n
-    assert t["max_spearman"] == TrustSpec().max_spearman and t["images"] == 12
+    assert len(t["randomisation_ssim"]) == n <= len(t["randomisation_steps"]) and 0 <= t["decisive_step"] < n
+    assert t["max_spearman"] == TrustSpec().max_spearman and t["images"] == 12 and t["cascade_images"] == 8
+    assert set(t["fill_check"]) == {"road", "blur", "mean", "zero"} and t["fill"] in t["fill_check"]
 
 
 def test_cascade_chart_writes_a_png(trained, tmp_path):
@@ -179,3 +186,204 @@ def test_cascade_chart_writes_a_png(trained, tmp_path):
     assert 600 <= w <= 800 and 300 <= h <= 420   # about 120 x 60 mm at 150 dpi
     assert cascade_chart({"x": {"reliable": False, "reason": "could not be tested"}}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+# --- removal that creates no new signal --------------------------------------------------------------
+
+def test_linear_imputation_reproduces_a_plane_and_fills_an_empty_image_with_its_mean():
+    """Oracle: a weighted mean of symmetric neighbours reproduces any linear image exactly."""
+    from auditor.judge.trust import _impute, road_impute
+    r, c = np.mgrid[0:24, 0:20].astype(np.float64)
+    img = np.stack([0.3 * r - 0.2 * c + 1, 0.05 * c])
+    removed = np.zeros((24, 20), bool)
+    removed[5:15, 3:12] = True  # inside: at the border a one-sided mean flattens the plane (as it should)
+    np.testing.assert_allclose(_impute(img, removed), img, atol=2e-2)
+    assert np.allclose(_impute(img, np.ones_like(removed)), img.mean((1, 2))[:, None, None])
+    # The noisy version: small noise on the removed pixels only; a large image solved on a coarse grid.
+    out = road_impute(img, removed, np.random.default_rng(0))
+    assert np.array_equal(out[:, ~removed], img[:, ~removed]) and 0 < np.abs(out - img)[:, removed].max() < 0.2
+    r, c = np.mgrid[0:200, 0:150].astype(np.float64)
+    big = (0.01 * r + 0.02 * c)[None]
+    hole = np.zeros((200, 150), bool)
+    hole[60:140, 40:110] = True
+    assert np.abs(road_impute(big, hole, np.random.default_rng(0), noise=0) - big).max() < 0.05
+
+
+def test_deletion_verdicts_fail_only_on_evidence():
+    from auditor.judge.trust import judge_deletion
+    spec, rng = TrustSpec(), np.random.default_rng(0)
+    start = np.full(16, 0.9)
+    rand = rng.uniform(0.4, 0.6, 16)
+    good = judge_deletion(rand - 0.2, rand, start, spec, 0)
+    assert good["deletion"] == "passed" and good["deletion_ci"][0] > 0
+    same = judge_deletion(rand, rand, start, spec, 0)  # the random order itself (a constant map)
+    assert same["deletion"] == "failed" and same["deletion_ci"] == [0.0, 0.0]
+    assert same["deletion_reason"].startswith("removing the pixels it marks hurts the prediction no more than")
+    noisy = judge_deletion(rand + rng.normal(0, 0.3, 16).clip(-0.4, 0.3), rand, start, spec, 0)
+    assert noisy["deletion"] == "inconclusive" and noisy["deletion_note"].startswith("deletion inconclusive")
+    flat = judge_deletion(np.full(16, 0.89), np.full(16, 0.9), start, spec, 0)  # removal changes nothing
+    assert flat["deletion"] == "inconclusive" and "barely changes the prediction" in flat["deletion_note"]
+
+
+def test_randomisation_fails_only_when_the_interval_is_above_the_threshold():
+    spec = TrustSpec(max_spearman=0.6)
+    rho = [0.9, 0.8, 0.7, 0.65]
+    tight = [np.full(8, v) + np.linspace(-0.02, 0.02, 8) for v in rho]
+    wide = [np.full(8, v) + np.linspace(-0.4, 0.4, 8) for v in rho]
+    assert judge_cascade(rho, None, spec, 8, tight)["randomisation"] == "failed"
+    v = judge_cascade(rho, None, spec, 8, wide)
+    assert v["randomisation"] == "inconclusive" and v["randomisation_reason"] == ""
+    assert v["randomisation_ci"][0] < 0.6 < v["randomisation_ci"][1] and "inconclusive" in v["randomisation_note"]
+
+
+# --- un-normalised inputs, black-background data, wrong methods, the fallback -----------------------
+
+def _small_cnn(classes: int, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, classes))
+
+
+def _evidence(model, images, labels, folder, classes, spec: InputSpec) -> Evidence:
+    refs = []
+    for i, (img, label) in enumerate(zip(images, labels)):
+        Image.fromarray(img).save(folder / f"{i}.png")
+        refs.append(SampleRef(path=folder / f"{i}.png", rel=f"{i}.png", label=int(label)))
+    ev = Evidence(classes=list(classes), samples=pd.DataFrame(), heatmaps={}, contrast={}, refs=refs, model=model,
+                  input_spec=spec, device=torch.device("cpu"))
+    with torch.no_grad():
+        pred = model(ev.model_inputs(range(len(refs)))).argmax(1).numpy()
+    ev.samples = pd.DataFrame({"label": labels, "prediction": pred, "correct": pred == labels, "explained": True})
+    return ev
+
+
+def _holes(n: int, seed: int):
+    """Bright smooth textures; class 1 has a black 8-px square somewhere (un-normalised: black is 0)."""
+    from scipy.ndimage import gaussian_filter
+    rng = np.random.default_rng(seed)
+    x, y = [], np.arange(n) % 2
+    for k in range(n):
+        img = gaussian_filter(rng.uniform(0, 1, (32, 32, 3)), (3, 3, 0))
+        img = 110 + 145 * (img - img.min()) / np.ptp(img)
+        if y[k]:
+            r, c = rng.integers(0, 24, 2)
+            img[r:r + 8, c:c + 8] = 0
+        x.append(img.astype(np.uint8))
+    return np.stack(x), y
+
+
+@pytest.fixture(scope="module")
+def holes(tmp_path_factory):
+    """A model trained on un-normalised inputs (mean 0, std 1) where a black hole means class 1."""
+    x, y = _holes(400, 0)
+    spec = InputSpec(size=(32, 32), channels=3, mean=[0.0] * 3, std=[1.0] * 3)
+    model = synth.train_classifier(_small_cnn(2), x, y, (32, 32), spec.mean, spec.std, epochs=4, seed=0)
+    xv, yv = _holes(24, 1)
+    ev = _evidence(model, xv, yv, tmp_path_factory.mktemp("holes"), ("bright", "hole"), spec)
+    assert ev.samples["correct"].mean() > 0.9
+    return ev, model
+
+
+def test_a_zero_fill_that_flips_the_model_is_not_chosen_and_the_method_stays_reliable(holes):
+    ev, model = holes
+    out = trust_gate(ev, {"gradcam": {}, "saliency": {}}, model[5], TrustSpec(images=12), seed=0)
+    check = out["gradcam"]["fill_check"]
+    assert check["zero"]["flip_rate"] >= 0.3, check  # random black blobs alone turn "bright" into "hole"
+    assert out["gradcam"]["fill"] != "zero" and check[out["gradcam"]["fill"]]["flip_rate"] < 0.1, check
+    assert out["gradcam"]["reliable"], out["gradcam"]
+    assert out["saliency"]["reliable"], out["saliency"]
+    # With the zero fill forced, random removal alone wrecks the predictions (what silenced the old gate).
+    forced = trust_gate(ev, {"gradcam": {}}, model[5], TrustSpec(images=12, fill="zero"), seed=0)["gradcam"]
+    assert forced["fill"] == "zero" and set(forced["fill_check"]) == {"zero"} and forced["reliable"]
+    assert forced["deletion"] == "inconclusive" and "flips" in forced["note"]
+
+
+@pytest.fixture
+def wrong_methods():
+    """Two methods that are wrong whatever the model: a constant map, and the input's edges."""
+    from auditor.registry import METHODS
+
+    @METHODS.register("constant_test_only", title="Constant", glossary="A broken method for tests.")
+    def constant(model, x, target):
+        """The same value everywhere (test only)."""
+        return torch.ones(x.shape[0], *x.shape[2:])
+
+    @METHODS.register("edges_test_only2", title="Edges", glossary="A broken method for tests.")
+    def edges(model, x, target):
+        """Sobel edge magnitude of the input, whatever the model (test only)."""
+        g = x.mean(1, keepdim=True)
+        kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]).view(1, 1, 3, 3)
+        gx = torch.nn.functional.conv2d(g, kx, padding=1)
+        gy = torch.nn.functional.conv2d(g, kx.transpose(2, 3), padding=1)
+        return (gx ** 2 + gy ** 2).sqrt()[:, 0]
+
+    yield "constant_test_only", "edges_test_only2"
+    METHODS._entries.pop("constant_test_only")
+    METHODS._entries.pop("edges_test_only2")
+
+
+def test_methods_that_are_truly_wrong_are_dropped(holes, wrong_methods):
+    ev, model = holes
+    constant, edges = wrong_methods
+    out = trust_gate(ev, {constant: {}, edges: {}, "gradcam": {}}, model[5], TrustSpec(images=12), seed=0)
+    assert not out[constant]["reliable"] and out[constant]["deletion"] == "failed", out[constant]
+    assert not out[edges]["reliable"] and out[edges]["randomisation"] == "failed", out[edges]
+    assert out["gradcam"]["reliable"]
+
+
+def _digits(n_per_class: int, seed: int):
+    """sklearn's handwritten digits 0, 1 and 7, white on black, 32 px."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    x, y = [], []
+    for k, digit in enumerate((0, 1, 7)):
+        pool = np.flatnonzero(d.target == digit)
+        for i in rng.choice(pool, n_per_class, replace=False):
+            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.BILINEAR)
+            x.append(np.repeat(np.asarray(img)[..., None], 3, 2))
+            y.append(k)
+    return np.stack(x), np.array(y)
+
+
+def test_white_digits_on_black_keep_their_methods(tmp_path):
+    """Black is the background and the input zero: deletion cannot silence the methods any more."""
+    x, y = _digits(60, 0)
+    spec = InputSpec(size=(32, 32), channels=3, mean=[0.0] * 3, std=[1.0] * 3)
+    model = synth.train_classifier(_small_cnn(3), x, y, (32, 32), spec.mean, spec.std, epochs=6, seed=0)
+    xv, yv = _digits(8, 1)
+    ev = _evidence(model, xv, yv, tmp_path, ("zero", "one", "seven"), spec)
+    assert ev.samples["correct"].mean() > 0.8
+    out = trust_gate(ev, {"gradcam": {}, "saliency": {}}, model[5], TrustSpec(images=12), seed=0)
+    for m, t in out.items():
+        assert t["reliable"] and t["fill"] != "zero", (m, t["reason"], t["fill_check"])
+        assert t["deletion"] in ("passed", "inconclusive") and t["randomisation"] in ("passed", "inconclusive")
+    # The old fill (black: the background, and the input's zero) flips the predictions by itself: inconclusive.
+    out = trust_gate(ev, {"gradcam": {}, "saliency": {}}, model[5], TrustSpec(images=12, fill="zero"), seed=0)
+    for m, t in out.items():
+        assert t["reliable"] and t["deletion"] == "inconclusive", (m, t["reason"], t["fill_check"])
+        assert t["note"].startswith("deletion inconclusive: removing random blobs alone")
+
+
+def test_when_every_method_fails_the_rules_read_occlusion(project, wrong_methods):
+    from auditor.audit import run_audit
+    from auditor.inputs.config import load_config
+    _, edges = wrong_methods
+    project.cfg["explain"]["methods"] = [edges]
+    project.cfg["trust"] = {"enabled": True, "images": 6}
+    project.write()
+    res = run_audit(load_config(project.path), quiet=True)
+    trust, cov = res.record.run["trust"], res.record.coverage
+    assert not trust[edges]["reliable"] and cov.methods[edges].state == "unreliable"
+    assert trust["occlusion"]["fallback"] and trust["occlusion"]["reliable"]
+    assert cov.methods["occlusion"].state == "ran" and cov.methods["occlusion"].examined == 12
+    assert cov.methods["occlusion"].reason.startswith("fallback: no configured explanation method passed")
+    assert res.evidence.methods == ["occlusion"] and len(res.evidence.heatmaps["occlusion"]) == 12
+    assert cov.rules["corner_border"].state == "ran"
+    assert any("the rules read occlusion's heatmaps instead" in w for w in res.record.warnings)
+    # Switched off: no evidence, as before.
+    project.cfg["trust"]["fallback"] = None
+    project.write()
+    res = run_audit(load_config(project.path), quiet=True)
+    assert "occlusion" not in res.record.coverage.methods and res.record.coverage.rules["corner_border"].state == "no_evidence"

@@ -196,18 +196,38 @@ class InterventionSpec(Strict):
 
 class TrustSpec(Strict):
     enabled: bool = True
-    images: int = Field(16, ge=1, description="explained images each method is tested on")
+    images: int = Field(16, ge=1, description="explained images the deletion test (and the fill check) runs on")
+    cascade_images: int = Field(8, ge=1, description="of those, the images the randomisation cascade explains "
+                                "at each step")
     steps: int = Field(10, ge=2, description="deletion curve steps")
     max_spearman: float = Field(0.6, gt=0, le=1, description="mean |rank correlation| with the original heatmaps "
-                                "allowed once the top decide_at of the cascade is randomised (docs/trust.md)")
-    max_deletion_ratio: float = Field(0.9, gt=0, description="deletion area must be below this share of random's")
+                                "allowed once the top decide_at of the cascade is randomised; a method fails when "
+                                "its 95% interval over the images lies above (docs/trust.md)")
+    min_benefit: float = Field(0.02, description="a method fails the deletion test when the 95% interval over the "
+                               "images of its benefit (the random order's area under the probability curve minus its "
+                               "own) lies wholly below this")
+    max_deletion_ratio: float = Field(0.9, gt=0, description="no longer read (min_benefit replaced it); accepted so "
+                                      "older configs load")
+    min_effect: float = Field(0.05, ge=0, le=1, description="below this mean fall of the probability in either "
+                              "order, removal barely moves the prediction: the deletion test is inconclusive")
+    fill: Literal["auto", "road", "blur", "mean", "zero"] = Field(
+        "auto", description="what replaces removed pixels: auto (the candidate under which removing random blobs "
+        "alone changes the predictions least), road (noisy linear imputation), blur, mean, or zero (input space)")
+    fill_share: float = Field(0.3, gt=0, lt=1, description="share of each image the fill check removes at random")
+    max_fill_flips: float = Field(0.25, ge=0, le=1, description="if even the chosen fill flips more than this share "
+                                  "of the predictions in the fill check, removal is itself a signal to the model: "
+                                  "the deletion test is inconclusive")
+    fallback: Literal["occlusion"] | None = Field("occlusion", description="if no explanation method passes, the "
+                                                  "rules read this model-only method's heatmaps (null: none)")
     cascade: Literal["blocks", "modules"] = Field("blocks", description="randomisation steps: blocks (top-level "
                                                   "children, expanded a level at a time while they fit in "
                                                   "cascade_steps) or modules (every module with parameters)")
-    cascade_steps: int = Field(24, ge=2, description="most steps of a blocks cascade (a ResNet-50 gives 18: its 16 "
-                               "bottlenecks, the stem and the head)")
+    cascade_steps: int = Field(8, ge=2, description="most steps of a blocks cascade (a ResNet-50 gives 6: stem, "
+                               "four stages, head; a deeper or flatter net is grouped into this many)")
     decide_at: float = Field(0.5, gt=0, le=1, description="share of the cascade steps, from the top, randomised "
                              "when the similarity is judged (0.5: the top half; 1: the whole model)")
+    full_cascade: bool = Field(False, description="run every cascade step (for the chart), not only down to the "
+                               "decisive one")
     max_ssim: float | None = Field(None, gt=0, le=1, description="if set, mean SSIM with the original heatmaps "
                                    "allowed at that step too (the paper's second measure)")
 

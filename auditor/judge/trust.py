@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,8 @@ def _heat(name: str, params: dict, model, layer, x, target, seed: int) -> np.nda
 
 # --- the cascade: which parts are randomised, in which order ---------------------------------
 
+MIN_STEPS = 5  # fewer blocks cascade steps than this: the next level, grouped (see cascade_steps)
+
 @dataclass
 class Step:
     """One cascade step: the modules (by name) whose parameters it randomises."""
@@ -106,18 +109,20 @@ def forward_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return order
 
 
-def cascade_steps(model: nn.Module, x: torch.Tensor, mode: str = "blocks", max_steps: int = 24) -> list[Step]:
+def cascade_steps(model: nn.Module, x: torch.Tensor, mode: str = "blocks", max_steps: int = 8) -> list[Step]:
     """The cascade from the top (output) down to the input.
 
     ``modules``: every module with parameters of its own (Adebayo et al.'s layer-by-layer cascade).
     ``blocks``: the model's top-level children with parameters, each expanded into its own
-    children while the whole next level still fits in ``max_steps`` (a ResNet-50 gives its 16
-    bottlenecks plus stem and head: 18 steps, against 107 modules with parameters); consecutive
-    steps are merged when even the top level has more than ``max_steps``. A normalisation layer
-    that would be a step of its own is folded into the step before it (the convolution it
-    normalises), so no step resets only a BatchNorm's scale and shift. Order: the forward
-    pass's, reversed; definition order (what ``named_modules`` gives) need not match the data
-    flow (a residual block's shortcut, a head defined first).
+    children while the whole next level still fits in ``max_steps`` (8: a ResNet-50 gives its
+    stem, its four stages and its head). When the last level that fits has fewer than
+    ``MIN_STEPS`` steps (a ViT's encoder is one child holding 12 layers), the next level is taken
+    and its consecutive steps merged into ``max_steps`` groups: 5 to 8 steps whatever the depth,
+    so the cost stays bounded (each step costs one explanation of the test images per method).
+    A normalisation layer that would be a step of its own is folded into the step before it (the
+    convolution it normalises), so no step resets only a BatchNorm's scale and shift. Order: the
+    forward pass's, reversed; definition order (what ``named_modules`` gives) need not match the
+    data flow (a residual block's shortcut, a head defined first).
     """
     order = forward_order(model, x)
     mods = dict(model.named_modules())
@@ -137,7 +142,7 @@ def cascade_steps(model: nn.Module, x: torch.Tensor, mode: str = "blocks", max_s
         return in_order([Step(n or "(model)", [n], own_only=True)
                          for n, m in mods.items() if _has_params(m, recurse=False)])[::-1]
     steps = _fold_norms(in_order(children("")), mods)
-    while True:
+    while len(steps) <= max_steps:
         grown = []
         for s in steps:
             parts = []
@@ -148,7 +153,11 @@ def cascade_steps(model: nn.Module, x: torch.Tensor, mode: str = "blocks", max_s
             deeper = len(parts) > len(s.names) or (len(parts) == 1 == len(s.names) and parts[0].names != s.names)
             grown += parts if deeper else [s]
         grown = _fold_norms(in_order(grown), mods)
-        if [g.names for g in grown] == [s.names for s in steps] or len(grown) > max_steps:
+        if [g.names for g in grown] == [s.names for s in steps]:
+            break
+        if len(grown) > max_steps:
+            if len(steps) < min(MIN_STEPS, max_steps):
+                steps = grown  # too coarse a cascade: take the next level, merged below
             break
         steps = grown
     if len(steps) > max_steps:
@@ -219,11 +228,10 @@ def randomise_(model: nn.Module, step: Step, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * spread + p.mean())
 
 
-def cascade(model: nn.Module, x: torch.Tensor, spec: TrustSpec, seed: int):
-    """Yield (step, randomised copy) after each step, from the top down; the copy is the same
-    object each time, randomised one step further."""
+def cascade(model: nn.Module, x: torch.Tensor, steps: list[Step], seed: int):
+    """Yield (step, randomised copy) after each of ``steps``, from the top down; the copy is the
+    same object each time, randomised one step further. Stop iterating to stop randomising."""
     rand = copy.deepcopy(model)
-    steps = cascade_steps(rand, x, spec.cascade, spec.cascade_steps)
     gen = torch.Generator().manual_seed(seed)
     norms: list[nn.Module] = []
     for step in steps:
@@ -235,20 +243,28 @@ def cascade(model: nn.Module, x: torch.Tensor, spec: TrustSpec, seed: int):
 
 
 def randomisation(name, params, model, layer, x, target, seed: int, heat: np.ndarray,
-                  spec: TrustSpec | None = None) -> dict:
-    """Similarity to the original heatmaps ``heat`` after each cascade step: step labels,
-    mean |Spearman| and mean SSIM per step."""
+                  spec: TrustSpec | None = None) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
+    """Similarity to the original heatmaps ``heat`` after each cascade step, up to the decisive
+    one (every step with ``trust.full_cascade``): the step labels (all of them), mean |Spearman|
+    and mean SSIM per step run; and the per-image |Spearman| and SSIM of each step run."""
     spec = spec or TrustSpec()
     layer_name = next((n for n, m in model.named_modules() if m is layer), None)
-    labels, rho, sim = [], [], []
-    for step, rand in cascade(model, x, spec, seed):
+    steps = cascade_steps(model, x, spec.cascade, spec.cascade_steps)
+    last = len(steps) - 1 if spec.full_cascade else decisive_step(len(steps), spec.decide_at)
+    rho, sim, rho_images, sim_images = [], [], [], []
+    for k, (step, rand) in enumerate(cascade(model, x, steps, seed)):
         rand_layer = rand.get_submodule(layer_name) if layer_name is not None else None
         reset = _heat(name, params, rand, rand_layer, x, target, seed)
-        labels.append(step.label)
-        rho.append(round(float(np.abs(spearman(heat.reshape(len(x), -1), reset.reshape(len(x), -1))).mean()), 4))
-        values = ssim(heat, reset) if heat.ndim == 3 else np.array([np.nan])
+        r = np.abs(spearman(heat.reshape(len(x), -1), reset.reshape(len(x), -1)))
+        values = ssim(heat, reset) if heat.ndim == 3 else np.full(len(x), np.nan)
+        rho_images.append(r)
+        sim_images.append(values)
+        rho.append(round(float(r.mean()), 4))
         sim.append(round(float(np.nanmean(values)), 4) if np.isfinite(values).any() else None)  # None: maps too small
-    return {"randomisation_steps": labels, "randomisation_spearman": rho, "randomisation_ssim": sim}
+        if k == last:
+            break  # the decision is made: the steps below it would not change it
+    return ({"randomisation_steps": [s.label for s in steps], "randomisation_spearman": rho,
+             "randomisation_ssim": sim}, rho_images, sim_images)
 
 
 # --- the decision ------------------------------------------------------------------------------
@@ -266,36 +282,176 @@ def share_words(p: float) -> str:
     return named.get(round(p, 4), f"the top {p:.0%} of the model")
 
 
-def judge_cascade(rho: list[float], ssim_curve: list | None, spec: TrustSpec) -> dict:
-    """The randomisation test's verdict on one method's curves: the decisive step, the first
-    step below the thresholds, and a plain-English reason when it fails (else "")."""
-    n = len(rho)
-    if not n:
+def mean_ci(values, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` over images (NaNs left out);
+    (nan, nan) under two values."""
+    from scipy.stats import bootstrap
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return math.nan, math.nan
+    if np.ptp(v) == 0:  # every image the same: nothing to resample
+        return float(v[0]), float(v[0])
+    res = bootstrap((v,), np.mean, vectorized=True, n_resamples=2000, confidence_level=level, method="percentile",
+                    rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def judge_cascade(rho: list[float], ssim_curve: list | None, spec: TrustSpec, n_steps: int | None = None,
+                  rho_images: list | None = None, ssim_images: list | None = None, seed: int = 0) -> dict:
+    """The randomisation test's verdict on one method's curves (``rho`` may stop at the decisive
+    step of ``n_steps``): the decisive step, the first step below the thresholds, and
+    ``randomisation``: passed, failed or inconclusive, with a plain-English reason.
+
+    With the per-image values of each step, a method fails only on evidence: its mean similarity
+    at the decisive step is above the threshold and so is the lower end of its 95% bootstrap
+    interval over the test images. Above on average but with an interval reaching below:
+    inconclusive (the method is kept, the note says why)."""
+    n = n_steps or len(rho)
+    if not rho:
         return {"decisive_step": None, "first_below": None, "max_spearman": spec.max_spearman,
-                "max_ssim": spec.max_ssim, "randomisation_reason": ""}
-    sims = list(ssim_curve or [None] * n)
+                "max_ssim": spec.max_ssim, "randomisation": "inconclusive", "randomisation_ci": None,
+                "randomisation_reason": "", "randomisation_note": "the model has no cascade step to randomise"}
+    sims = list(ssim_curve or [None] * len(rho))
+    d = min(decisive_step(n, spec.decide_at), len(rho) - 1)
 
-    def similar(i: int) -> list[str]:
-        why = []
+    def similar(i: int) -> list[tuple[str, float, float, list | None]]:
+        out = []
         if rho[i] > spec.max_spearman:
-            why.append(f"rank correlation {rho[i]:.2f}")
+            out.append(("rank correlation", rho[i], spec.max_spearman, rho_images))
         if spec.max_ssim is not None and sims[i] is not None and sims[i] > spec.max_ssim:
-            why.append(f"structural similarity {sims[i]:.2f}")
-        return why
+            out.append(("structural similarity", sims[i], spec.max_ssim, ssim_images))
+        return out
 
-    d = decisive_step(n, spec.decide_at)
-    first = next((i for i in range(n) if not similar(i)), None)
-    why = similar(d)
-    reason = ""
-    if why:
+    first = next((i for i in range(len(rho)) if not similar(i)), None)
+    evident, doubtful, ci = [], [], None
+    for what, value, limit, images in similar(d):
+        lo, hi = mean_ci(images[d], seed) if images is not None else (value, value)
+        if what == "rank correlation":
+            ci = [round(lo, 4), round(hi, 4)] if images is not None else None
+        text = f"{what} {value:.2f}" + (f", 95% interval {lo:.2f} to {hi:.2f}" if images is not None else "")
+        (evident if lo > limit else doubtful).append(text)  # NaN (one image): doubtful
+    if ci is None and rho_images is not None:
+        lo, hi = mean_ci(rho_images[d], seed)
+        ci = [round(lo, 4), round(hi, 4)]
+    where = f"after {d + 1} of {n} steps; at most {spec.max_spearman:.2f} allowed" + (
+        f", and {spec.max_ssim:.2f} structural similarity" if spec.max_ssim is not None else "")
+    reason = note = ""
+    if evident:
         reason = (f"its heatmaps barely change when {share_words(spec.decide_at)} is randomised "
-                  f"({' and '.join(why)} after {d + 1} of {n} steps; at most {spec.max_spearman:.2f} allowed"
-                  + (f", and {spec.max_ssim:.2f} structural similarity" if spec.max_ssim is not None else "") + ")")
+                  f"({' and '.join(evident)} {where})")
+    elif doubtful:
+        note = (f"randomisation inconclusive: its heatmaps stay similar on average when "
+                f"{share_words(spec.decide_at)} is randomised, but not on enough of the test images to "
+                f"say so ({' and '.join(doubtful)} {where})")
     return {"decisive_step": d, "first_below": first, "max_spearman": spec.max_spearman, "max_ssim": spec.max_ssim,
-            "randomisation_reason": reason}
+            "randomisation": "failed" if evident else "inconclusive" if doubtful else "passed",
+            "randomisation_ci": ci, "randomisation_reason": reason, "randomisation_note": note}
 
 
-# --- deletion ------------------------------------------------------------------------------------
+# --- removal that creates no new signal -----------------------------------------------------------
+
+FILLS = ("road", "blur", "mean", "zero")  # candidates, in the order a tie is broken
+# ROAD's neighbour weights (Rong et al. 2022): direct neighbours 1/6, diagonal ones 1/12.
+NEIGHBOURS = [(-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
+              (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12)]
+ROAD_SIDE = 64  # the imputation's linear system is solved on a grid of at most this side (see road_impute)
+ROAD_NOISE = 0.01  # noise added to the imputed values, x each channel's standard deviation
+PULL = 1e-3  # a removed pixel's weak pull to the image mean: a region with no known neighbour takes the mean
+
+
+def _impute(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Noisy-free linear imputation of ``img`` [C, H, W] (float64) at ``removed`` [H, W]: every
+    removed pixel the weighted mean of its eight neighbours, known or themselves removed; one
+    sparse linear system, factorised once and solved for every channel."""
+    from scipy.sparse import csc_matrix
+    from scipy.sparse.linalg import splu
+    c, h, w = img.shape
+    gone = removed.ravel()
+    u = np.flatnonzero(gone)
+    out = img.reshape(c, -1).copy()
+    if not len(u):
+        return out.reshape(img.shape)
+    pos = np.full(h * w, -1)
+    pos[u] = np.arange(len(u))
+    r, col = np.divmod(u, w)
+    diag = np.full(len(u), PULL)
+    rhs = np.tile(PULL * out.mean(1), (len(u), 1))  # [n, C]
+    rows, cols, vals = [np.arange(len(u))], [np.arange(len(u))], []
+    for dr, dc, wt in NEIGHBOURS:
+        rr, cc = r + dr, col + dc
+        ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        p, q = np.flatnonzero(ok), rr[ok] * w + cc[ok]
+        diag[p] += wt
+        inner = gone[q]
+        rows.append(p[inner])
+        cols.append(pos[q[inner]])
+        vals.append(np.full(int(inner.sum()), -wt))
+        rhs[p[~inner]] += wt * out[:, q[~inner]].T  # each p once per offset: no repeated index
+    a = csc_matrix((np.concatenate([diag, *vals]), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(len(u), len(u)))
+    out[:, u] = splu(a).solve(rhs).T
+    return out.reshape(img.shape)
+
+
+def road_impute(img: np.ndarray, removed: np.ndarray, rng: np.random.Generator,
+                noise: float = ROAD_NOISE) -> np.ndarray:
+    """ROAD's noisy linear imputation (Rong et al. 2022, "A Consistent and Efficient Evaluation
+    Strategy for Attribution Methods"): the removed pixels of ``img`` [C, H, W] are filled from
+    their neighbours (a sparse linear system, ``_impute``) plus Gaussian noise, so the hole's
+    shape leaks no signal of its own. Larger than ``ROAD_SIDE``, the system is solved on the
+    image averaged over f x f cells (a cell is removed when most of it is; its value, the mean
+    of its known pixels) and the solution upsampled bilinearly to the removed pixels: a smooth
+    fill either way, at a 64-px solve's cost (~5 ms) instead of a 224-px one's (~0.2 s)."""
+    c, h, w = img.shape
+    f = math.ceil(max(h, w) / ROAD_SIDE)
+    if f == 1:
+        filled = _impute(img, removed)
+    else:
+        hc, wc = math.ceil(h / f), math.ceil(w / f)
+        pad = ((0, 0), (0, hc * f - h), (0, wc * f - w))
+        known = np.pad(~removed[None], pad, mode="edge").astype(np.float64)
+        vals = np.pad(img, pad, mode="edge") * known
+        cell = lambda a: a.reshape(a.shape[0], hc, f, wc, f).sum((2, 4))  # noqa: E731
+        n_known = cell(known)[0]
+        coarse = cell(vals) / np.maximum(n_known, 1)
+        coarse = _impute(coarse, n_known < f * f / 2)
+        up = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None], scale_factor=f, mode="bilinear",
+                                             align_corners=False)[0].numpy()[:, :h, :w]
+        filled = np.where(removed[None], up, img)
+    spread = img.reshape(c, -1).std(1)[:, None, None]
+    return np.where(removed[None], filled + rng.standard_normal(img.shape) * noise * spread, img)
+
+
+class Removal:
+    """Replaces the removed pixels of the model inputs ``x`` [B, C, H, W] by one of ``FILLS``:
+    road (noisy linear imputation), blur (the image under a heavy Gaussian blur, sigma 1/8 of
+    the side), mean (each channel's mean over the image) or zero (the input space's zero: the
+    dataset mean for normalised inputs, black for un-normalised ones)."""
+
+    def __init__(self, fill: str, x: torch.Tensor, seed: int):
+        self.fill, self.x, self.seed = fill, x, seed
+        self.host = x.detach().double().cpu().numpy()
+        b, c, h, w = x.shape
+        if fill == "blur":
+            sigma = max(h, w) / 8
+            self.base = gaussian_filter(self.host, (0, 0, sigma, sigma), mode="reflect")
+        elif fill == "mean":
+            self.base = np.broadcast_to(self.host.mean((2, 3), keepdims=True), self.host.shape)
+        elif fill == "zero":
+            self.base = np.zeros_like(self.host)
+        elif fill != "road":
+            raise ValueError(f"unknown fill {fill!r}: one of {', '.join(FILLS)}")
+
+    def __call__(self, removed: np.ndarray) -> torch.Tensor:
+        """``x`` with ``removed`` [B, H, W] (bool) filled; the same removal gives the same image."""
+        if self.fill == "road":
+            out = np.stack([road_impute(img, gone, np.random.default_rng([self.seed, i, int(gone.sum())]))
+                            for i, (img, gone) in enumerate(zip(self.host, removed))])
+        else:
+            out = np.where(removed[:, None], self.base, self.host)
+        return torch.from_numpy(out).to(self.x.device, self.x.dtype)
+
 
 def random_blobs(b: int, h: int, w: int, seed: int) -> np.ndarray:
     """[b, h*w] smooth random fields (Gaussian-filtered noise, blobs ~1/8 of the side)."""
@@ -305,33 +461,111 @@ def random_blobs(b: int, h: int, w: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def deletion(model, x, target, heat: np.ndarray, steps: int, seed: int,
-             random_auc: float | None = None) -> tuple[float, float]:
-    """Area under the probability curve as pixels are removed by relevance, and in a random order
-    (the same for every method on the same images: pass it back as ``random_auc`` to skip it)."""
-    b, c, h, w = x.shape
-    field = random_blobs(b, h, w, seed)
-    flat = heat.reshape(b, -1)
-    # Most relevant first; equal relevance (e.g. Grad-CAM's zeros) in random-blob order.
-    order = np.stack([np.lexsort((-field[k], -flat[k])) for k in range(b)])
-    relevant = _deletion_auc(model, x, target, order, steps)
-    if random_auc is None:
-        random_auc = _deletion_auc(model, x, target, np.argsort(-field, axis=1), steps)
-    return relevant, random_auc
+def _prob(model, x: torch.Tensor, target: torch.Tensor, rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The target's probability and the predicted class of each row of ``x``."""
+    p, top = [], []
+    for s in range(0, len(x), rows):
+        out = model(x[s:s + rows]).float().softmax(1)
+        p.append(out.gather(1, target[s:s + rows, None])[:, 0].cpu().numpy())
+        top.append(out.argmax(1).cpu().numpy())
+    return np.concatenate(p), np.concatenate(top)
 
 
-@torch.no_grad()
-def _deletion_auc(model, x, target, order: np.ndarray, steps: int) -> float:
-    b, c, h, w = x.shape
-    curve = []
-    for k in np.linspace(0, h * w, steps + 1).astype(int):
-        keep = np.ones((b, h * w), np.float32)
-        np.put_along_axis(keep, order[:, :k], 0.0, axis=1)
-        m = torch.from_numpy(keep).view(b, 1, h, w).to(x.device)
-        p = model(x * m).float().softmax(1).gather(1, target[:, None])[:, 0]   # 0 = the mean in input space
-        curve.append(p.cpu().numpy())
-    curve = np.stack(curve, 1)
-    return float(((curve[:, 1:] + curve[:, :-1]) / 2).mean())
+def _first(order: np.ndarray, k: int, h: int, w: int) -> np.ndarray:
+    """[B, H, W]: True at the first k pixels of each row of ``order``."""
+    removed = np.zeros(order.shape, bool)
+    np.put_along_axis(removed, order[:, :k], True, axis=1)
+    return removed.reshape(-1, h, w)
+
+
+def choose_fill(model, x, target, field: np.ndarray, share: float, seed: int,
+                fills=FILLS) -> tuple[str, dict]:
+    """The fill under which removing random blobs alone (the top ``share`` of each image's random
+    field) changes the predictions least: fewest flipped predictions, then the smallest mean
+    change of the target's probability (either way). Returns it and every candidate's numbers:
+    flip rate, mean probability drop (signed) and mean absolute change."""
+    b, _, h, w = x.shape
+    removed = _first(np.argsort(-field, axis=1), round(share * h * w), h, w)
+    p0, _ = _prob(model, x, target)
+    check = {}
+    for fill in fills:
+        p, top = _prob(model, Removal(fill, x, seed)(removed), target)
+        check[fill] = {"flip_rate": round(float((top != target.cpu().numpy()).mean()), 4),
+                       "probability_drop": round(float((p0 - p).mean()), 4),
+                       "probability_change": round(float(np.abs(p0 - p).mean()), 4)}
+    best = min(fills, key=lambda f: (check[f]["flip_rate"], check[f]["probability_change"]))
+    return best, check
+
+
+def deletion_curves(model, x, target, orders: dict[str, np.ndarray], removal: Removal, steps: int,
+                    ends: tuple | None = None) -> tuple[dict[str, np.ndarray], tuple]:
+    """Per image, the target's probability as the first k pixels of each order are removed,
+    k = 0, n/steps, ..., n: [B, steps + 1] per order. The ends (nothing and everything removed)
+    are the same for every order: pass them back as ``ends`` to skip them."""
+    b, _, h, w = x.shape
+    ks = np.linspace(0, h * w, steps + 1).astype(int)
+    if ends is None:
+        ends = (_prob(model, x, target)[0], _prob(model, removal(np.ones((b, h, w), bool)), target)[0])
+    out = {}
+    for name, order in orders.items():
+        inner = [_prob(model, removal(_first(order, k, h, w)), target)[0] for k in ks[1:-1]]
+        out[name] = np.stack([ends[0], *inner, ends[1]], 1)
+    return out, ends
+
+
+def area(curve: np.ndarray) -> np.ndarray:
+    """Per image, the area under a [B, steps + 1] curve over [0, 1] (trapezoids)."""
+    return ((curve[:, 1:] + curve[:, :-1]) / 2).mean(1)
+
+
+def relevance_order(heat: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """Most relevant first; equal relevance (Grad-CAM's zeros, a constant map) in random-blob order."""
+    flat = heat.reshape(len(field), -1)
+    return np.stack([np.lexsort((-field[k], -flat[k])) for k in range(len(field))])
+
+
+def judge_deletion(auc: np.ndarray, random_auc: np.ndarray, start: np.ndarray, spec: TrustSpec, seed: int,
+                   fill_flips: float = 0.0) -> dict:
+    """The deletion test's verdict by a paired comparison over images: the benefit, per image the
+    area under the random order's curve minus that under the relevance order's (how much lower
+    the target's probability runs when pixels go by relevance), averaged, with a 95% bootstrap
+    interval over the images.
+
+    failed: the interval's upper end is below ``trust.min_benefit`` (evidence that it is no better
+    than random); passed: its lower end is above 0; inconclusive otherwise, and also where
+    deletion cannot tell: when the fill itself is a signal to the model (random removal alone
+    flipped ``fill_flips`` of the predictions, more than ``trust.max_fill_flips``), or when removing
+    pixels barely moves the prediction in either order (the mean probability falls by less than
+    ``trust.min_effect``: e.g. data whose background is the fill)."""
+    effect = float(max((start - auc).mean(), (start - random_auc).mean()))
+    gain = random_auc - auc
+    benefit = float(gain.mean())
+    lo, hi = mean_ci(gain, seed)
+    out = {"deletion_benefit": round(benefit, 4), "deletion_ci": [round(lo, 4), round(hi, 4)],
+           "deletion_effect": round(effect, 4), "deletion_reason": "", "deletion_note": ""}
+    numbers = (f"area {auc.mean():.2f} against {random_auc.mean():.2f} in random order, a benefit of {benefit:+.3f}, "
+               f"95% interval {lo:+.3f} to {hi:+.3f}")
+    if fill_flips > spec.max_fill_flips:
+        out["deletion"] = "inconclusive"
+        out["deletion_note"] = (f"deletion inconclusive: removing random blobs alone ({spec.fill_share:.0%} of each "
+                                f"image) flips {fill_flips:.0%} of the predictions even with the best fill, so "
+                                f"removal is itself a signal to this model ({numbers})")
+    elif spec.min_effect and effect < spec.min_effect:  # (0: never)
+        out["deletion"] = "inconclusive"
+        out["deletion_note"] = (f"deletion inconclusive: removing pixels barely changes the prediction in either "
+                                f"order (the probability falls by {effect:.3f} on average, under "
+                                f"{spec.min_effect:.2f}), so the test cannot tell")
+    elif hi < spec.min_benefit:
+        out["deletion"] = "failed"
+        out["deletion_reason"] = (f"removing the pixels it marks hurts the prediction no more than removing random "
+                                  f"ones ({numbers}; at least {spec.min_benefit:.2f} needed)")
+    elif lo > 0:
+        out["deletion"] = "passed"
+    else:
+        out["deletion"] = "inconclusive"
+        out["deletion_note"] = (f"deletion inconclusive: the images disagree on whether removing the pixels it "
+                                f"marks hurts the prediction more than removing random ones ({numbers})")
+    return out
 
 
 def test_images(samples, n: int, seed: int) -> list[int]:
@@ -352,36 +586,109 @@ def test_images(samples, n: int, seed: int) -> list[int]:
     return sorted(out)
 
 
+def _untestable(why: str) -> dict:
+    return {"reliable": False, "untestable": True, "reason": f"could not be tested: {why}"}
+
+
+def _at_input_size(heat: np.ndarray, h: int, w: int) -> np.ndarray:
+    if heat.shape[-2:] == (h, w):
+        return heat
+    t = torch.nn.functional.interpolate(torch.from_numpy(heat).float()[:, None], size=(h, w), mode="bilinear",
+                                        align_corners=False)
+    return t[:, 0].numpy()
+
+
 def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) -> dict[str, dict]:
     """Run both tests on a few explained images; return per-method results with ``reliable``.
 
-    Keys per method: reliable, reason, images, deletion_auc, random_deletion_auc, and the
-    cascade's randomisation_steps (labels, top first), randomisation_spearman and
-    randomisation_ssim (one value per step), decisive_step (0-based index of the step that
-    decides), first_below (first step under the thresholds, or None), max_spearman, max_ssim.
+    A method is dropped (``reliable`` false) only on evidence that it is wrong: a test that
+    fails. An inconclusive test keeps it, with the reason in ``note``.
+
+    Keys per method: reliable, reason, note, images, cascade_images, seconds; the cascade's
+    randomisation_steps (every step's label, top first), randomisation_spearman and
+    randomisation_ssim (one value per step run: up to the decisive one unless
+    ``trust.full_cascade``), decisive_step (0-based), first_below (or None), max_spearman,
+    max_ssim, randomisation (passed/failed/inconclusive), randomisation_ci (the decisive step's
+    95% interval); the deletion test's fill and fill_check (the chosen fill, and each
+    candidate's flip rate and probability change under random removal), deletion_auc,
+    random_deletion_auc (mean areas), deletion (passed/failed/inconclusive),
+    deletion_benefit, deletion_ci, deletion_effect.
     """
     s = ev.samples
     ids = test_images(s, spec.images, seed)
     if not ids:
         return {}
+    # The cascade on the first few of them (the same round robin over the classes, cut shorter).
+    sub = [ids.index(i) for i in test_images(s, min(spec.cascade_images, spec.images), seed)]
+    t0 = time.perf_counter()
     x = ev.model_inputs(ids)
+    b, _, h, w = x.shape
     target = torch.tensor(s.loc[ids, "prediction"].to_numpy(), device=ev.device)
+    field = random_blobs(b, h, w, seed)
+    try:
+        fill, check = choose_fill(ev.model, x, target, field, spec.fill_share, seed,
+                                  FILLS if spec.fill == "auto" else (spec.fill,))
+        removal = Removal(fill, x, seed)
+        random, ends = deletion_curves(ev.model, x, target, {"random": np.argsort(-field, axis=1)}, removal,
+                                       spec.steps)
+    except Exception as e:  # noqa: BLE001  (recorded: every method untested, none passed)
+        return {name: _untestable(f"the deletion test could not run: {type(e).__name__}: {e}") for name in methods}
+    random_auc = area(random["random"])
+    shared = time.perf_counter() - t0
     out = {}
-    random = None  # the random-order deletion curve: computed once, shared by every method
     for name, params in methods.items():
+        t1 = time.perf_counter()
         try:
-            heat = _heat(name, params, ev.model, layer, x, target, seed)
-            curves = randomisation(name, params, ev.model, layer, x, target, seed, heat, spec)
-            deleted, random = deletion(ev.model, x, target, heat, spec.steps, seed, random)
-        except Exception as e:
-            out[name] = {"reliable": False, "untestable": True,
-                         "reason": f"could not be tested: {type(e).__name__}: {e}"}
+            heat = _at_input_size(_heat(name, params, ev.model, layer, x, target, seed), h, w)
+            curves, rho_images, ssim_images = randomisation(name, params, ev.model, layer, x[sub], target[sub], seed,
+                                                            heat[sub], spec)
+            mine, _ = deletion_curves(ev.model, x, target, {name: relevance_order(heat, field)}, removal, spec.steps,
+                                      ends)
+        except Exception as e:  # noqa: BLE001
+            out[name] = _untestable(f"{type(e).__name__}: {e}")
             continue
-        verdict = judge_cascade(curves["randomisation_spearman"], curves["randomisation_ssim"], spec)
-        reasons = [r for r in [verdict.pop("randomisation_reason")] if r]
-        if deleted > random * spec.max_deletion_ratio:
-            reasons.append(f"removing the pixels it marks hurts the prediction no more than removing random ones "
-                           f"(area {deleted:.2f} vs {random:.2f})")
-        out[name] = {"reliable": not reasons, "reason": "; ".join(reasons), **curves, **verdict,
-                     "deletion_auc": round(deleted, 4), "random_deletion_auc": round(random, 4), "images": len(ids)}
+        verdict = judge_cascade(curves["randomisation_spearman"], curves["randomisation_ssim"], spec,
+                                len(curves["randomisation_steps"]), rho_images, ssim_images, seed)
+        auc = area(mine[name])
+        deleted = judge_deletion(auc, random_auc, ends[0], spec, seed, check[fill]["flip_rate"])
+        reasons = [r for r in (verdict.pop("randomisation_reason"), deleted.pop("deletion_reason")) if r]
+        notes = [r for r in (verdict.pop("randomisation_note"), deleted.pop("deletion_note")) if r]
+        out[name] = {"reliable": not reasons, "reason": "; ".join(reasons), "note": "; ".join(notes), **curves,
+                     **verdict, "fill": fill, "fill_check": check, "deletion_auc": round(float(auc.mean()), 4),
+                     "random_deletion_auc": round(float(random_auc.mean()), 4), **deleted, "images": len(ids),
+                     "cascade_images": len(sub), "seconds": round(time.perf_counter() - t1 + shared / len(methods), 2)}
     return out
+
+
+# --- when every method fails: a model-only method's evidence ---------------------------------------
+
+def fallback_maps(ctx, ev, store, name: str, quiet: bool = True) -> dict:
+    """Explain the explained images with the model-only method ``name`` (occlusion: it hides
+    patches and measures the model's own response, so there is no propagation rule to distrust)
+    through the explain engine, and add its heatmaps to ``ev`` as reliable. Returns its trust
+    entry: ``fallback`` true, ``reliable`` whether it produced maps, ``note`` or ``reason``."""
+    from auditor.explain.engine import Context, run_local
+    from auditor.explain.store import LazyMaps
+
+    ids = [int(i) for i in ev.samples.index[ev.samples["explained"]]]
+    cfg = ctx.cfg.model_copy(update={"explain": ctx.cfg.explain.model_copy(update={"samples": "all"})})
+    sub = Context(cfg, ctx.model, ctx.device, ctx.layer, {name: METHODS.get(name).validate({})}, ctx.support,
+                  [ctx.refs[i] for i in ids], ctx.model_key)  # the engine numbers images by position in refs
+    rec = None
+    try:
+        if cfg.run.engine == "ray":
+            from auditor.explain.ray_engine import run_ray
+            rec = run_ray(sub, store, quiet=quiet)
+        else:
+            rec = run_local(sub, store, quiet=quiet)
+    except Exception as e:  # noqa: BLE001  (recorded: the fallback could not run)
+        sub.disabled.setdefault(name, f"{type(e).__name__}: {e}")
+    if rec is None or name in sub.disabled or not rec.heatmaps.get(name):
+        why = sub.disabled.get(name, "it produced no heatmaps").splitlines()[0]
+        return {"reliable": False, "fallback": True, "reason": f"could not run: {why}", "note": "", "images": 0}
+    ev.heatmaps[name] = LazyMaps(store, {ids[j]: key for j, key in rec.heatmaps[name].items()})
+    ev.contrast[name] = LazyMaps(store, {ids[j]: key for j, key in rec.contrast.get(name, {}).items()})
+    ev.reliable[name] = True
+    return {"reliable": True, "fallback": True, "reason": "", "images": len(ev.heatmaps[name]),
+            "note": f"fallback: no configured explanation method passed the trust gate, so the rules read {name}, "
+                    f"a model-only method, on the {len(ev.heatmaps[name])} explained images"}
