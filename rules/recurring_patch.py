@@ -45,12 +45,13 @@ from auditor.registry import RULES
 
 SEVERITY = {"low": 0.1, "medium": 0.25, "high": 0.5}   # on the patch's transfer rate minus the placebo's
 ROWS = 256                                              # rows per forward pass
+RARE = 0.15                                             # RGB distance at which two colours are alike
 RESAMPLES = 1000
 
 
 # --- 1. Regions ----------------------------------------------------------------------------
 
-def regions(heat: np.ndarray, level: float = 0.5, min_area: float = 0.003, max_area: float = 0.12,
+def regions(heat: np.ndarray, level: float = 0.5, min_area: float = 0.001, max_area: float = 0.2,
             most: int = 3) -> list[tuple[float, float, float, float]]:
     """The compact high-evidence regions of one heatmap [h, w], as fractional boxes [x0, y0, x1, y1]:
     connected components of ``heat >= level * max`` (after a light Gaussian smoothing) whose area is
@@ -75,10 +76,15 @@ def patch_object(img: np.ndarray, box) -> tuple[tuple, np.ndarray, np.ndarray]:
     """(tight box, colour descriptor, shape descriptor) of the object inside ``box`` of ``img``
     (RGB [H, W, 3] in [0, 1]).
 
-    The window is the box grown by its side on every side (a heatmap's box may cut the object); its border's median colour is the surroundings;
-    the object is the connected part, touching the box, of the pixels that differ from it by more
-    than half the largest difference. Colour: the object's mean RGB, its spread and its contrast
-    with the surroundings; shape: log area (of the image), log aspect (w / h), extent, solidity.
+    The window is the box grown by its side on every side (a heatmap's box may cut the object);
+    its border is the surroundings. The object's colour is that of the box's pixel least seen in
+    the surroundings (the share of border pixels within ``RARE`` of it; ties: the farthest from
+    their median): a patch is what its surroundings do not show, which a busy background's own
+    bright parts (a brick wall's mortar) do. The object is the connected part of the pixels of
+    that colour (nearer to it than half its distance from the surroundings' median) that holds
+    that pixel, its holes filled (a sticker's rim and inside are one object). Colour: the
+    object's mean RGB, its spread and its contrast with the surroundings; shape: log area (of
+    the image), log aspect (w / h), extent, solidity.
     A flat window (nothing stands out) keeps the box as the object."""
     hh, ww = img.shape[:2]
     x0, y0, x1, y1 = box
@@ -92,15 +98,17 @@ def patch_object(img: np.ndarray, box) -> tuple[tuple, np.ndarray, np.ndarray]:
     dist = np.linalg.norm(win - around, axis=2)
     inner = np.zeros(dist.shape, bool)
     inner[py0 - wy0:py1 - wy0, px0 - wx0:px1 - wx0] = True
-    obj = None
-    if dist.max() >= 0.1:
-        parts = label(dist > 0.5 * dist.max())
-        touching = np.bincount(parts[inner & (parts > 0)], minlength=parts.max() + 1)
-        touching[0] = 0
-        if touching.max() > 0:
-            obj = parts == int(np.argmax(touching))
-    if obj is None:
-        obj = inner
+    obj = inner
+    if dist[inner].max() >= 0.1:
+        ys, xs = np.nonzero(inner)
+        step = max(1, int(np.sqrt(len(ys) / 4096)))  # bounded work on a large box
+        ys, xs = ys[::step], xs[::step]
+        ring = edge[:: max(1, len(edge) // 512)]
+        seen = (np.linalg.norm(win[ys, xs][:, None] - ring[None], axis=2) < RARE).mean(1)
+        k = np.lexsort((-dist[ys, xs], seen))[0]
+        sy, sx = ys[k], xs[k]
+        like = label(np.linalg.norm(win - win[sy, sx], axis=2) < 0.5 * dist[sy, sx])
+        obj = ndimage.binary_fill_holes(like == like[sy, sx])
     props = regionprops(obj.astype(np.uint8))[0]
     by0, bx0, by1, bx1 = props.bbox
     tight = ((bx0 + wx0) / ww, (by0 + wy0) / hh, (bx1 + wx0) / ww, (by1 + wy0) / hh)
@@ -154,9 +162,10 @@ def model_view(ev: Evidence, crops: list[torch.Tensor], colour: torch.Tensor) ->
     def read(x: torch.Tensor) -> torch.Tensor:
         seen.clear()
         out = ev.model(x)
-        if layer is None:
+        try:
+            return feature_map(seen[0], (hh, ww), reading=reading).float().amax(dim=(2, 3))
+        except (IndexError, ValueError):  # no layer, or none that reads as a map: the logits
             return out.float()
-        return feature_map(seen[0], (hh, ww), reading=reading).float().amax(dim=(2, 3))
 
     try:
         rows = []
@@ -276,10 +285,11 @@ def _effects(d: dict) -> list[str]:
                 glossary="It finds a small mark that recurs at different places in one class's images, such as a sticker or a token, by what it looks like rather than where it is, and pastes it onto other images to see whether it alone makes the model say that class.",
                 effects=_effects, level="sample+class", needs=("heatmaps", "model"),
                 direction="higher is more suspicious")
-def recurring_patch(ev: Evidence, level: Share = 0.5, min_area: Share = 0.003, max_area: Share = 0.12,
+def recurring_patch(ev: Evidence, level: Share = 0.5, min_area: Share = 0.001, max_area: Share = 0.2,
                     per_image: Count = 3, tightness: Positive = 0.5, min_images: Count = 5,
-                    min_share: Share = 0.2, max_elsewhere: NonNegative = 0.3, min_spread: NonNegative = 0.1,
-                    targets: Count = 64, min_targets: Count = 5, severity: Thresholds = None) -> list:
+                    min_share: Share = 0.2, max_elsewhere: NonNegative = 0.5, min_spread: NonNegative = 0.1,
+                    targets: Count = 64, min_targets: Count = 5, max_regions: Count = 4000,
+                    severity: Thresholds = None) -> list:
     """A small patch at different places in many images of one class, rare in other classes, that
     turns other classes' images into that class wherever it is pasted."""
     if ev.model is None or ev.input_spec is None or not ev.methods:
@@ -295,7 +305,8 @@ def recurring_patch(ev: Evidence, level: Share = 0.5, min_area: Share = 0.003, m
         if not ids:
             continue
         maps = normalise(maps, copy=False)
-        found = [(i, box) for i, m in zip(ids, maps) for box in regions(m, level, min_area, max_area, per_image)]
+        found = capped([[(i, box) for box in regions(m, level, min_area, max_area, per_image)]
+                        for i, m in zip(ids, maps)], max_regions)
         if len(found) < min_images:
             continue
         for cls, members, counts in _suspect_groups(ev, ids, found, tightness, min_images, min_share,
@@ -317,6 +328,14 @@ def recurring_patch(ev: Evidence, level: Share = 0.5, min_area: Share = 0.003, m
         boxes = first_per_image([(i, (box, g[2])) for g in moving for i, box in g[3]])
         out += _findings(ev, cls, method, boxes, test, sev)
     return out
+
+
+def capped(per_image: list[list], n: int) -> list:
+    """At most ``n`` regions in all: every image's heaviest first, then every image's second, ...
+    (the clustering's memory grows with the square of their number)."""
+    out = [r for rank in range(max(map(len, per_image), default=0)) for rs in per_image if rank < len(rs)
+           for r in [rs[rank]]]
+    return out[:n]
 
 
 def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]], tightness: float,

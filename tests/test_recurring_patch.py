@@ -11,7 +11,7 @@ from auditor.demo import synth
 from auditor.inputs.config import ConfigError, load_config
 from auditor.judge.evidence import ClassFinding, Finding, severity_rank
 from auditor.registry import RULES, BadParams
-from auditor.rules.recurring_patch import clusters, colour_name, patch_object, regions, shape_name, spread, standardised
+from auditor.rules.recurring_patch import capped, clusters, colour_name, patch_object, regions, shape_name, spread, standardised
 from test_rules import SIZE, TAG_CLASSES, write_project
 
 ORANGE = (255, 140, 0)
@@ -129,6 +129,7 @@ def test_clusters_group_the_look_alikes_and_standardise_blocks_alike():
     # Each column to mean 0, std 1; each block weighted by 1/sqrt(its width): both blocks weigh alike.
     assert np.allclose(z.mean(0), 0) and np.allclose((z ** 2).sum(0) / 8, [1, 0.5, 0.5], atol=1e-5)
     assert spread([(0, 0, 0.2, 0.2), (0.8, 0.8, 1, 1)]) == pytest.approx(np.hypot(0.4, 0.4))
+    assert capped([[1, 2, 3], [4], [], [5, 6]], 4) == [1, 4, 5, 2]   # every image's heaviest first
 
 
 def test_params_are_validated():
