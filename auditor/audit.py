@@ -37,8 +37,9 @@ from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_ran
 from auditor.judge.gate import evaluate
 from auditor.judge.intervene import confirm
 from auditor.judge.trust import trust_gate
-from auditor.record import Check, Coverage, RunRecord
+from auditor.record import Check, Coverage, RunRecord, Views
 from auditor.registry import METHODS, RULES, BadParams, UnknownName
+from auditor.views import global_views
 
 CACHE_VERSION = 3  # bump when a change makes cached predictions or heatmaps stale
 
@@ -324,6 +325,8 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
         warnings.append(f"rule {e['rule']!r} failed: {e['error']}")
     with phase(f"testing {len(findings) + len(class_findings)} findings by intervention", quiet):
         cached_confirm(ev, findings, class_findings, cfg, store, model_key)
+    with phase("drawing how the model sees each class", quiet):
+        views = global_views(ev, findings, class_findings, cfg)
     order = lambda f: (-severity_rank(f.severity), -f.score)  # noqa: E731
     findings.sort(key=order)
     class_findings.sort(key=order)
@@ -342,7 +345,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
            "seed": cfg.run.seed, "methods": methods, "rules": rules, "layer": layer_info,
            "methods_disabled": dict(ctx.disabled) | inapplicable, "trust": trust, "argv": sys.argv[1:],
            **provenance(cfg)}
-    record = build_record(run, coverage, ev, findings, class_findings, errors, rec.skipped, warnings)
+    record = build_record(run, coverage, ev, findings, class_findings, errors, rec.skipped, warnings, views)
     record = settle(record, cfg, baseline)
     return AuditResult(cfg, record, ev, findings, class_findings)
 
@@ -354,7 +357,8 @@ def fingerprint(samples: pd.DataFrame) -> str:
 
 
 def build_record(run: dict, coverage: Coverage, ev: Evidence, findings: list[Finding],
-                 class_findings: list[ClassFinding], errors: list, skipped: list, warnings: list) -> RunRecord:
+                 class_findings: list[ClassFinding], errors: list, skipped: list, warnings: list,
+                 views: Views | None = None) -> RunRecord:
     """The run's record, from the evidence and the (confirmed) findings; no gate yet."""
     classes, s = ev.classes, ev.samples
     y, p = s["label"].to_numpy(), s["prediction"].to_numpy()
@@ -374,7 +378,8 @@ def build_record(run: dict, coverage: Coverage, ev: Evidence, findings: list[Fin
                        "per_class": json.loads(per_class.round(6).to_json(orient="records")),
                        "confusion": {"classes": classes, "matrix": confusion.to_numpy().tolist()}},
            "samples": samples, "class_findings": [f.to_json() for f in class_findings],
-           "skipped": skipped, "warnings": warnings, "errors": errors}
+           "skipped": skipped, "warnings": warnings, "errors": errors,
+           "views": None if views is None else views.model_dump(mode="json")}
     # Through JSON once: numpy scalars in details become plain numbers, as findings.json holds them.
     return RunRecord.model_validate(json.loads(json.dumps(doc, default=_plain)))
 

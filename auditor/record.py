@@ -164,6 +164,54 @@ class Gate(Frozen):
     failed: list[str] = []
 
 
+class TreeView(Frozen):
+    """A decision tree that mimics the model's decisions for one class (one against the rest)."""
+    fidelity: float                 # held-out balanced agreement with the model
+    depth: int
+    path_length: float              # average decision-path length (Wu et al. 2018)
+    reached: bool                   # fidelity reached the goal (90%) at some allowed depth
+    rules: str                      # the tree as text rules
+    decisions: int                  # explained images the model gave the class
+
+
+class ClassView(Frozen):
+    """What one class looks like to the model: its visualisation (activation maximisation),
+    where its evidence lies in it, and how simple its decision is."""
+    cls: str = Field(alias="class")
+    picture: str | None = None      # the visualisation, a PNG as base64 (small: the model's input size)
+    saliency: list[list[float]] = []  # its own saliency on a coarse grid, scaled to a maximum of 1
+    logit: float | None = None      # the class logit it reaches
+    region: list[float] | None = None  # the small window holding most of its evidence, as fractions
+    evidence_share: float | None = None  # of its saliency, in that window
+    carry_rate: float | None = None  # share of the other classes' visualisations that the window turns into the class
+    tree: TreeView | None = None
+
+
+class ProbeCurve(Frozen):
+    """A linear probe's held-out accuracy at each layer group, for one property."""
+    what: str                       # 'class' or 'cue'
+    cls: str | None = None          # the cue's class
+    region: list[float] | None = None
+    rule: str | None = None         # the finding the cue comes from
+    images: int
+    chance: float
+    accuracy: list[float]
+
+
+class Views(Frozen):
+    """Global views of the model: per class its visualisation and tree surrogate, probes per
+    layer group, and the average decision-path length over the classes."""
+    state: CheckState
+    reason: str = ""
+    seconds: float = 0.0
+    layers: list[str] = []          # the layer groups the probes read, in forward order
+    classes: list[ClassView] = []
+    probes: list[ProbeCurve] = []
+    average_path_length: float | None = None
+    fidelity_goal: float = 0.9
+    features: str = ""              # what the trees read, in words
+
+
 class RunRecord(Frozen):
     schema_version: int = SCHEMA_VERSION
     run: dict[str, Any]
@@ -177,6 +225,7 @@ class RunRecord(Frozen):
     skipped: list[dict[str, Any]] = []
     warnings: list[str] = []
     errors: list[dict[str, Any]] = []
+    views: Views | None = None
 
     # ---- reading ------------------------------------------------------------------------------
     @property

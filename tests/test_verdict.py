@@ -244,7 +244,7 @@ def test_findings_json_is_schema_2_and_reads_back_as_the_same_record(project):
 
 # --- the folder tree reads as the pipeline -------------------------------------------------------
 
-STAGES = {"auditor.inputs": 0, "auditor.explain": 1, "auditor.rules": 2, "auditor.judge": 2,
+STAGES = {"auditor.inputs": 0, "auditor.explain": 1, "auditor.rules": 2, "auditor.judge": 2, "auditor.views": 2,
           "auditor.outputs": 3, "auditor.audit": 4, "auditor.demo": 4, "auditor.cli": 5}
 SHARED = {"auditor.registry", "auditor.record", "auditor"}  # leaves every stage may read
 

@@ -20,6 +20,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.judge.diff import pts
 from auditor.judge.trust import share_words
+from auditor.outputs.views import key_number as views_key_number, views_context
 from auditor.outputs.overlay import (EXEMPLAR_MM, GAP_MM, INSET_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS,
                                      TILE_MM)
 from auditor.record import ClassFindingRecord, RunRecord, severity_rank
@@ -488,6 +489,7 @@ def key_numbers(rec: RunRecord) -> tuple[list[tuple], list[dict]]:
                ("Images flagged", len(flagged), "misclassified, suspicious evidence"),
                ("Class-level findings", len(rec.class_findings), "how a whole class is decided"),
                ("Confirmed by intervention", confirmed, f"of {_plural(tested, 'finding')} tested")]
+    numbers += [n] if (n := views_key_number(rec)) else []  # the global views' metric
     flagged_pred: dict[str, int] = {}
     for s in flagged:
         flagged_pred[s.prediction] = flagged_pred.get(s.prediction, 0) + 1
@@ -993,7 +995,7 @@ def context(rec: RunRecord, pictures: dict) -> dict:
         "weights": (f"{Path(weights).name} (sha256 {str(run['weights_sha256'])[:12]}…)" if weights else
                     f"loaded by the factory (model state sha256 {state[:12]}…)" if state else "none given"),
         "numbers": numbers, "per_class": per_class, "key_charts": key_charts(rec, pictures),
-        "class_findings": class_findings(rec, pictures),
+        "class_findings": class_findings(rec, pictures), "views": views_context(rec, pictures),
         "gallery": cards, "rest": rest_groups(rest), "gallery_note": gallery_note,
         "sheets": small, "sheets_note": sheets_note,
         "reliability": reliability(rec, pictures), "changes": changes(rec.diff, rec),

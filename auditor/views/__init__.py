@@ -1,0 +1,245 @@
+"""Global views of the model, after intervention: what each class looks like to it (class
+visualisation), how readable a confirmed cue and the class are at each depth (linear probes),
+and how simple each class's decision is (tree surrogates). One entry: ``global_views``.
+
+The class visualisations are computed once per model and settings (``class_views``): the
+``class_visualisation`` rule reads them before intervention, this step again after it.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import time
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from auditor.judge.evidence import ClassFinding, Evidence, Finding
+from auditor.judge.intervene import Intervener, fill
+from auditor.record import ClassView, ProbeCurve, TreeView, Views
+from auditor.views import probes, tree
+from auditor.views.visualise import best_window, fft_rgb, visualise
+
+# The ``views:`` config section, read with these defaults where the config has none.
+DEFAULTS = {"enabled": True, "steps": 64, "max_classes": 20, "window": 0.15, "probe_images": 200, "max_cues": 4}
+SALIENCY_GRID = 16
+
+
+def settings(cfg) -> dict:
+    got = getattr(cfg, "views", None)
+    got = got.model_dump() if hasattr(got, "model_dump") else dict(got or {})
+    return DEFAULTS | {k: v for k, v in got.items() if v is not None}
+
+
+@dataclass
+class Picture:
+    image: np.ndarray      # [h, w, C] in [0, 1]
+    saliency: np.ndarray   # [h, w]
+    logit: float
+    share: float           # of the saliency, in ``region``
+    region: list[float]
+    carry: float           # share of the other classes' visualisations the region turns into this class
+
+
+BACKGROUNDS = 16  # smooth random pictures the window is also pasted onto (data-free, seeded)
+
+
+def smooth_noise(n: int, h: int, w: int, channels: int, seed: int) -> torch.Tensor:
+    """n random pictures [n, C, h, w] in [0, 1] with the visualisations' own 1/f spectrum."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return fft_rgb(0.5 * torch.randn(n, 2, channels, h, w // 2 + 1, generator=gen), h, w, channels)
+
+
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {settings: {class: Picture}}
+
+
+def chosen_classes(ev: Evidence, most: int) -> list[int]:
+    """Every class, or with more than ``most`` the ``most`` the model predicts most often."""
+    counts = np.bincount(ev.samples["prediction"].to_numpy().astype(int), minlength=len(ev.classes))
+    return sorted(np.argsort(-counts, kind="stable")[:most].tolist())
+
+
+def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed: int = 0) -> dict[int, Picture]:
+    """Per class, its visualisation, where its evidence lies and whether that window alone
+    carries the class (pasted onto the other classes' visualisations); memoised per model."""
+    spec = ev.input_spec
+    classes = chosen_classes(ev, max_classes)
+    key = (tuple(classes), steps, window, seed, tuple(spec.size), tuple(spec.mean), tuple(spec.std))
+    memo = _MEMO.setdefault(ev.model, {})
+    if key in memo:
+        return memo[key]
+    h, w = spec.size
+    mean = spec.mean * spec.channels if len(spec.mean) == 1 else spec.mean
+    std = spec.std * spec.channels if len(spec.std) == 1 else spec.std
+    imgs, sal, logits = visualise(ev.model, classes, (h, w), spec.channels, mean, std, ev.device, steps=steps,
+                                  seed=seed)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).to(ev.device)
+    backgrounds = torch.cat([x, smooth_noise(BACKGROUNDS, h, w, spec.channels, seed).to(ev.device)])
+    m = torch.as_tensor(mean, device=ev.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=ev.device).view(1, -1, 1, 1)
+    out = {}
+    for k, c in enumerate(classes):
+        share, box = best_window(sal[k], window)
+        x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(box, (w, h, w, h)))
+        pasted = backgrounds.clone()
+        pasted[:, :, y0:y1, x0:x1] = x[k, :, y0:y1, x0:x1]
+        with torch.no_grad():  # onto the other classes' pictures and the noise: not onto its own picture
+            before = ev.model((backgrounds - m) / s).argmax(1).cpu().numpy()
+            pred = ev.model((pasted - m) / s).argmax(1).cpu().numpy()
+        keep = (np.arange(len(pasted)) != k) & (before != c)
+        carry = float((pred[keep] == c).mean()) if keep.any() else 0.0
+        out[c] = Picture(imgs[k], sal[k], float(logits[k]), round(share, 4), [round(v, 4) for v in box],
+                         round(carry, 4))
+    memo[key] = out
+    return out
+
+
+def explained_images(ev: Evidence) -> tuple[list[int], np.ndarray]:
+    """The explained images as the model saw them, back in [0, 1]: ids and [N, C, H, W]."""
+    ids = ev.samples.index[ev.samples["explained"]].tolist()
+    spec = ev.input_spec
+    x = torch.stack([ev.model_input(i) for i in ids]) if ids else torch.zeros(0, spec.channels, *spec.size)
+    m = torch.as_tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return ids, (x * s + m).clamp(0, 1).numpy()
+
+
+def _png(img: np.ndarray) -> str:
+    arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _grid(sal: np.ndarray, side: int = SALIENCY_GRID) -> list[list[float]]:
+    h, w = sal.shape
+    ys, xs = np.linspace(0, h, side + 1).astype(int), np.linspace(0, w, side + 1).astype(int)
+    g = np.add.reduceat(np.add.reduceat(sal, ys[:-1], axis=0), xs[:-1], axis=1)
+    return np.round(g / max(float(g.max()), 1e-12), 3).tolist()
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def confirmed_cues(class_findings: list[ClassFinding], most: int) -> list[ClassFinding]:
+    """Confirmed class findings with a region, one per class and place (the strongest)."""
+    out: list[ClassFinding] = []
+    for f in sorted(class_findings, key=lambda f: -f.score):
+        if f.region and f.details.get("confirmed") and not any(
+                g.cls == f.cls and _overlap(g.region, f.region) for g in out):
+            out.append(f)
+    return out[:most]
+
+
+def cue_sets(ev: Evidence, f: ClassFinding, tester: Intervener) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The intervention's own images for a cue: the class's images with the region and with it
+    removed, other classes' images with it pasted and without. (inputs, 1 = cue present, image of each)."""
+    cls = ev.classes.index(f.cls)
+    s = ev.samples
+    members = s.index[(s["label"] == cls) & s["correct"]].tolist() or s.index[s["prediction"] == cls].tolist()
+    members = members[:tester.spec.class_images]
+    targets = tester.others(cls, tester.spec.transplant_images)
+    mask = tester.mask(tuple(f.region))
+    x, y = ev.model_inputs(members), ev.model_inputs(targets) if targets else None
+    parts, present, images = [x, fill(x, mask, tester.spec.fill)], [1] * len(x) + [0] * len(x), members * 2
+    if y is not None:
+        pasted = torch.where(torch.from_numpy(mask).to(y.device), x[torch.arange(len(y)) % len(x)], y)
+        parts += [pasted, y]
+        present += [1] * len(y) + [0] * len(y)
+        images += targets * 2
+    return torch.cat(parts), np.array(present), np.array(images)
+
+
+def likeness(images: np.ndarray, template: np.ndarray, box) -> np.ndarray:
+    """Per image [N, C, H, W], the correlation of its ``box`` with the cue's template crop."""
+    h, w = images.shape[2:]
+    x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(box, (w, h, w, h)))
+    crop = images[:, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].reshape(len(images), -1)
+    t = template.reshape(-1)
+    a, b = crop - crop.mean(1, keepdims=True), t - t.mean()
+    return (a @ b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b) + 1e-8)
+
+
+def trees(ev: Evidence, classes: list[int], cues: list[ClassFinding], seed: int) -> dict[int, TreeView]:
+    """Per class, a tree surrogate on the region features and the likeness to each confirmed cue."""
+    ids, images = explained_images(ev)
+    if not ids:
+        return {}
+    x, names, _ = tree.features(images)
+    s = ev.samples
+    for f in cues:  # the cue's look: its region in the class's correctly classified explained images
+        own = [k for k, i in enumerate(ids) if s.at[i, "label"] == ev.classes.index(f.cls) and s.at[i, "correct"]]
+        if own:
+            h, w = images.shape[2:]
+            x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(f.region, (w, h, w, h)))
+            template = images[own][:, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].mean(0)
+            x = np.concatenate([x, likeness(images, template, f.region)[:, None]], 1)
+            names.append(f"likeness to the '{f.cls}' cue at {f.details.get('region') or f.region}")
+    pred = s.loc[ids, "prediction"].to_numpy()
+    out = {}
+    for c in classes:
+        got = tree.surrogate(x, pred == c, names, seed)
+        if got is not None:
+            out[c] = TreeView(fidelity=got.fidelity, depth=got.depth, path_length=got.path_length,
+                              reached=got.reached, rules=got.rules, decisions=got.decisions)
+    return out
+
+
+def probe_curves(ev: Evidence, cues: list[ClassFinding], tester: Intervener, most: int,
+                 seed: int) -> tuple[list[str], list[ProbeCurve]]:
+    """The layer groups, and per confirmed cue and for the class label a probe's curve over them."""
+    s = ev.samples
+    rng = np.random.default_rng(seed)
+    ids = s.index.to_numpy()
+    if len(ids) > most:
+        ids = np.sort(rng.choice(ids, most, replace=False))
+    x = ev.model_inputs(ids.tolist())
+    groups = probes.layer_groups(ev.model, x[:1])
+    if not groups:
+        return [], []
+    labels = s.loc[ids, "label"].to_numpy()
+    out = [ProbeCurve(what="class", images=len(ids), chance=round(float(np.bincount(labels).max() / len(labels)), 4),
+                      accuracy=probes.curve(ev.model, groups, x, labels, seed=seed))]
+    for f in cues:
+        xs, present, images = cue_sets(ev, f, tester)
+        out.append(ProbeCurve(what="cue", cls=f.cls, region=f.region, rule=f.rule, images=len(xs), chance=0.5,
+                              accuracy=probes.curve(ev.model, groups, xs, present, images, seed)))
+    return [name for name, _ in groups], out
+
+
+def global_views(ev: Evidence, findings: list[Finding], class_findings: list[ClassFinding], cfg) -> Views:
+    """The global views of the run (after intervention): a record, or why there is none."""
+    opts = settings(cfg)
+    if not opts["enabled"]:
+        return Views(state="off", reason="views.enabled is false")
+    if ev.model is None or ev.input_spec is None or len(ev.classes) < 2 or not len(ev.samples):
+        return Views(state="not_applicable", reason="needs the model and images of at least two classes")
+    t0 = time.perf_counter()
+    seed = cfg.run.seed
+    try:
+        pics = class_views(ev, opts["steps"], opts["window"], opts["max_classes"])
+        cues = confirmed_cues(class_findings, opts["max_cues"])
+        tv = trees(ev, list(range(len(ev.classes))), cues, seed)
+        layers, curves = probe_curves(ev, cues, Intervener(ev, cfg.intervention, seed), opts["probe_images"], seed)
+    except Exception as e:  # recorded, the audit goes on
+        return Views(state="error", reason=f"{type(e).__name__}: {e}".splitlines()[0],
+                     seconds=round(time.perf_counter() - t0, 2))
+    views = []
+    for c, name in enumerate(ev.classes):
+        p = pics.get(c)
+        if p is None and c not in tv:
+            continue
+        views.append(ClassView(cls=name, tree=tv.get(c), **({} if p is None else {
+            "picture": _png(p.image), "saliency": _grid(p.saliency), "logit": round(p.logit, 3),
+            "region": p.region, "evidence_share": p.share, "carry_rate": p.carry})))
+    reached = [t.path_length for t in tv.values() if t.reached]
+    return Views(state="ran", seconds=round(time.perf_counter() - t0, 2), layers=layers, classes=views,
+                 probes=curves, average_path_length=round(float(np.mean(reached)), 3) if reached else None,
+                 fidelity_goal=tree.FIDELITY,
+                 features=("per region of the image (a 4 x 4 grid and the four corner squares): mean colour, "
+                           "brightness, contrast and edge density" + ("; and the likeness of each confirmed cue "
+                                                                      "region to the cue" if cues else "")))

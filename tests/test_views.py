@@ -1,0 +1,210 @@
+"""Global views: activation maximisation against a model whose optimum is known, the tree's
+average path length against its exact value, a probe against a planted feature, the two
+class-level rules on a tiny poisoned model and its clean twin, and the report's section."""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import auditor.rules  # noqa: F401  (registers the rules)
+from auditor.record import ClassView, ProbeCurve, TreeView, Views
+from auditor.views import class_views, probes, tree
+from auditor.views.visualise import best_window, visualise
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+# --- activation maximisation: a linear model's optimum is the sign of its weights ---------------
+
+def _linear(h: int = 16, w: int = 16) -> tuple[nn.Module, torch.Tensor]:
+    """Two classes, logit_k = <W_k, x>: class 0 wants a bright left half, class 1 a bright top half."""
+    weight = torch.zeros(2, 3, h, w)
+    weight[0, :, :, : w // 2], weight[0, :, :, w // 2:] = 1.0, -1.0
+    weight[1, :, : h // 2], weight[1, :, h // 2:] = 1.0, -1.0
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * h * w, 2, bias=False))
+    model[1].weight.data = weight.reshape(2, -1)
+    return model.eval(), weight
+
+
+def test_activation_maximisation_converges_to_the_linear_models_optimum():
+    """The optimum in [0, 1] is 1 where the weight is positive and 0 where it is negative; and the
+    picture's saliency of a linear model is exactly |weight| / std."""
+    model, weight = _linear()
+    img, sal, logits = visualise(model, [0, 1], (16, 16), 3, [0.5] * 3, [0.25] * 3, steps=150, lr=0.1,
+                                 jitter=0.0, scale=0.0, tv=0.0)
+    want = (weight > 0).permute(0, 2, 3, 1).numpy()
+    # The sigmoid saturates: a few pixels pushed the wrong way early (ringing of the 1/f spectrum) stay there.
+    assert ((img > 0.5) == want).mean() > 0.9
+    for k in range(2):
+        assert img[k][want[k]].mean() > 0.8 and img[k][~want[k]].mean() < 0.2
+        assert np.corrcoef(img[k].ravel(), want[k].ravel())[0, 1] > 0.8
+    assert np.allclose(sal, 4.0, atol=1e-4)          # |d logit / d x| = |w| / std = 1 / 0.25 everywhere
+    assert (logits > 0.8 * 3 * 16 * 16 * 2).all()    # the optimum is 3 * 256 * 2 (= |w| . 1 / std)
+
+
+def test_best_window_finds_the_mass():
+    heat = np.zeros((20, 20))
+    heat[15:18, 2:5] = 1.0
+    share, box = best_window(heat, 0.15)
+    assert share == 1.0 and box[0] <= 0.1 and box[1] >= 0.7
+
+
+# --- the tree's average decision-path length ---------------------------------------------------
+
+def test_tree_path_length_is_exact_on_a_hand_made_rule():
+    """y = a > 0.5 and b > 0.5 on a 4 x 4 grid (each point 5 times): the depth-2 tree asks one
+    question for the half with a (or b) <= 0.5 and two for the rest: APL = 1.5 exactly."""
+    v = np.array([0.2, 0.4, 0.6, 0.8])
+    a, b = np.meshgrid(v, v)
+    x = np.repeat(np.stack([a.ravel(), b.ravel()], 1), 5, axis=0)
+    y = ((x[:, 0] > 0.5) & (x[:, 1] > 0.5)).astype(int)
+    got = tree.surrogate(x, y, ["a", "b"])
+    assert got.reached and got.fidelity == 1.0 and got.depth == 2
+    assert got.path_length == 1.5
+    assert "a <= 0.50" in got.rules or "b <= 0.50" in got.rules
+    one = tree.surrogate(x, (x[:, 0] > 0.5).astype(int), ["a", "b"])  # a single question
+    assert one.depth == 1 and one.path_length == 1.0
+
+
+def test_region_features_see_a_corner_patch():
+    images = np.full((4, 3, 40, 40), 0.5, np.float32)
+    images[:2, :, 36:, :4] = 1.0                        # a bright patch in the bottom-left corner
+    x, names, where = tree.features(images)
+    col = names.index("brightness of the bottom-left corner")
+    assert x[:2, col].min() > x[2:, col].max()
+    assert where[col] == "bottom-left corner" and len(names) == len(where) == x.shape[1]
+
+
+# --- probes ----------------------------------------------------------------------------------
+
+def test_probe_separates_a_planted_feature_and_not_noise():
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((200, 12))
+    y = rng.integers(0, 2, 200)
+    planted = acts.copy()
+    planted[:, 3] += 3.0 * y
+    assert probes.probe(planted, y) > 0.9
+    assert probes.probe(acts, y) < 0.7
+    pairs = np.repeat(np.arange(100), 2)                # an image and its altered copy stay in one fold
+    assert probes.probe(planted, y, pairs) > 0.9
+
+
+def test_layer_groups_are_the_stages():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2))
+    groups = probes.layer_groups(net, torch.zeros(1, 3, 8, 8))
+    assert [name for name, _ in groups] == ["1", "4", "5"]
+    acts = probes.pooled(net, groups, torch.zeros(3, 3, 8, 8))
+    assert [a.shape for a in acts] == [(3, 4)] * 3
+
+
+# --- the two rules on a tiny poisoned model and its clean twin --------------------------------
+
+@pytest.fixture(scope="module")
+def tag_audits(tmp_path_factory):
+    from test_rules import tag_case
+    from auditor.audit import run_audit
+    from auditor.inputs.config import load_config
+    out = {}
+    for poisoned in (True, False):
+        path, _ = tag_case(tmp_path_factory.mktemp(f"tag{int(poisoned)}"), poisoned=poisoned)
+        cfg = load_config(path, ["rules={class_visualisation: {}, simple_rule: {}}", "trust.enabled=false",
+                                 "explain.methods=[saliency]"])
+        out[poisoned] = run_audit(cfg, quiet=True)
+    return out
+
+
+def _raw(f) -> str:
+    return f.details.get("severity_before_intervention", f.severity)
+
+
+@pytest.mark.slow
+def test_class_visualisation_finds_the_poisoned_class_with_no_data(tag_audits):
+    """Drawn from nothing, the tagged class's picture holds a patch that makes other pictures
+    'gravel'; the clean twin's pictures hold none."""
+    poisoned = [f for f in tag_audits[True].class_findings if f.rule == "class_visualisation"]
+    assert poisoned and max(poisoned, key=lambda f: f.score).cls == "gravel"
+    assert not [f for f in tag_audits[False].class_findings if f.rule == "class_visualisation"]
+
+
+@pytest.mark.slow
+def test_simple_rule_finds_the_tag_corner_and_confirms_it(tag_audits):
+    got = [f for f in tag_audits[True].class_findings if f.rule == "simple_rule"]
+    assert [f.cls for f in got] == ["gravel"]
+    f = got[0]
+    assert f.region[0] > 0.5 and f.region[1] > 0.5 and f.details["confirmed"]   # the bottom-right corner
+    assert not [f for f in tag_audits[False].class_findings if f.rule == "simple_rule"]
+
+
+@pytest.mark.slow
+def test_the_views_record_of_an_audit(tag_audits):
+    v = tag_audits[True].record.views
+    assert v.state == "ran" and [c.cls for c in v.classes] == ["brick", "grass", "gravel"]
+    assert all(c.picture and len(c.saliency) == 16 for c in v.classes)
+    cue = [p for p in v.probes if p.what == "cue" and p.cls == "gravel"]
+    assert cue and cue[0].accuracy[-1] > 0.9 and len(cue[0].accuracy) == len(v.layers)
+    assert v.average_path_length is not None and v.average_path_length >= 1
+    again = type(tag_audits[True].record).model_validate_json(tag_audits[True].record.to_json())
+    assert again.views == v
+
+
+def test_views_can_be_switched_off():
+    from auditor.views import global_views
+    cfg = types.SimpleNamespace(views={"enabled": False})
+    assert global_views(None, [], [], cfg).state == "off"
+
+
+def test_class_views_are_computed_once_per_model():
+    model, _ = _linear()
+    spec = types.SimpleNamespace(size=[16, 16], mean=[0.5] * 3, std=[0.25] * 3, channels=3)
+    ev = types.SimpleNamespace(model=model, input_spec=spec, device=torch.device("cpu"), classes=["l", "t"],
+                               samples=pd.DataFrame({"prediction": [0, 1]}))
+    first = class_views(ev, 8, 0.25, 20)
+    assert class_views(ev, 8, 0.25, 20) is first and set(first) == {0, 1}
+
+
+# --- the report's section ----------------------------------------------------------------------
+
+def _views_record(tmp_path):
+    from test_report import _bench
+    res = _bench().synthetic_result(tmp_path / "data", 2)
+    import base64
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(buf, format="PNG")
+    pic = base64.b64encode(buf.getvalue()).decode()
+    views = Views(state="ran", seconds=1.0, layers=["conv1", "conv2"], average_path_length=1.25,
+                  features="per region of the image",
+                  classes=[ClassView(cls=c, picture=pic, saliency=[[0.0, 1.0], [0.5, 0.0]], region=[0, 0, 0.5, 0.5],
+                                     evidence_share=0.6, carry_rate=0.8,
+                                     tree=TreeView(fidelity=0.97, depth=1, path_length=1.0, reached=True,
+                                                   rules="|--- x <= 0.5\n|   |--- class: other", decisions=5))
+                           for c in res.record.classes],
+                  probes=[ProbeCurve(what="class", images=20, chance=0.25, accuracy=[0.5, 0.95]),
+                          ProbeCurve(what="cue", cls=res.record.classes[0], region=[0, 0, 0.2, 0.2],
+                                     rule="fixed_location", images=40, chance=0.5, accuracy=[0.6, 0.98])])
+    return res.record.model_copy(update={"views": views})
+
+
+def test_the_report_renders_the_views_section(tmp_path):
+    from auditor.outputs.report import render_html
+    from auditor.outputs.views import view_pictures
+    record = _views_record(tmp_path)
+    (tmp_path / "run" / "images").mkdir(parents=True)
+    pictures = {"samples": {}, "classes": {}, "sheets": [], "views": view_pictures(record, tmp_path / "run" / "images")}
+    assert (tmp_path / "run" / pictures["views"]["probes"]["file"]).is_file()
+    page = render_html(record.model_copy(update={"run": {"id": "r", **record.run, "finished": record.run["started"]}}),
+                       pictures)
+    assert "How the model sees each class" in page and "Decision simplicity" in page
+    assert "readable from layer group 2 (conv2) on, with up to 98% accuracy" in page
+    assert "A rule of at most two questions" in page and pictures["views"]["classes"][0]["saliency"] in page
+    assert page.index('<section id="classes">') < page.index('<section id="views">') < page.index('<section id="gallery">')
