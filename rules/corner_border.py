@@ -9,7 +9,10 @@ and by how much it stands out from the rest of the image's frame (its evidence d
 the density of the other corners and borders); a region must pass both, so a texture that
 fills the whole frame does not fire, nor does a corner that holds a little evidence in an
 otherwise empty frame. One finding per image: the region that stands out most in the
-predicted class's maps, or, when those show nothing in the frame, in the true class's.
+predicted class's maps, or, when those show nothing in the frame, in the true class's. Its box
+is the evidence, not the region: the connected evidence region holding the map's peak there,
+grown to the object the image shows (a tag wider than the corner square is boxed whole); the
+region names where it sits, and is the interventions' last resort.
 Per predicted class: the class's mean normalised heatmap, whose mass
 in each region is compared as a z-score with the same region in the other classes, so a
 padding artefact that every class shares does not fire.
@@ -159,12 +162,17 @@ def _sample_finding(ev: Evidence, i: int, found: list[tuple], regions: dict, sev
     what = (f"of the evidence for '{pred}'" if target == "pred" else
             f"of what decides against the true class '{true}'")
     area = (regions[name][2] - regions[name][0]) * (regions[name][3] - regions[name][1])
+    # The box is the evidence (and the object the image shows there), not the band: the band
+    # only says where it sits.
+    heat = (ev.heatmaps if target == "pred" else ev.contrast)[method][i]
+    boxes = ev.boxes(i, heat, regions[name])
     return Finding(
         sample=i, rule="corner_border", method=method, severity=grade(lift, severity) or "low",
-        score=round(lift, 4), bbox=ev.to_file_bbox(i, regions[name]),
+        score=round(lift, 4), bbox=ev.to_file_bbox(i, boxes[0]),
         message=(f"{_pct(mass)} {what} sits in the {name}, which is only {_pct(area)} of the image "
                  f"({lift:.1f} times its share, {standout:.1f} times as dense as the rest of the image's edges)."),
-        details={"region": name, "target": target, "mass": round(mass, 4), "lift": round(lift, 2),
+        details={"region": name, "region_box": list(regions[name]), "candidate_boxes": [list(b) for b in boxes],
+                 "target": target, "mass": round(mass, 4), "lift": round(lift, 2),
                  "standout": round(standout, 2), "true_class": true,
                  "methods_agreeing": sorted({f"{m} ({'predicted' if t == 'pred' else 'true'} class)"
                                              for _, _, _, r, m, t in found if r == name})})

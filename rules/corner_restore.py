@@ -18,9 +18,16 @@ images in which the model reads something there.
   its own (a patch that stands out from its surroundings far more than the other corners do),
   that is the wrong mark and is boxed; otherwise the finding names no corner.
 
+Either way the corner must beat a placebo: the same donors pasted at random places of the
+corner's size away from it (``control_margin``). A borderline error of a model with no shortcut
+comes back to T from T's content anywhere, so it is no finding; the same corner from images of
+the other classes is recorded too (as good as T's own: what this image shows there decided).
+A boxed finding boxes the mark the image shows in the corner, when one stands out there.
+
 Only corners are swept: they are where marks sit, and a small corner square cannot bring the
 object itself back, as a whole border strip of a T photo could. Costs 4 x ``donors`` forward
-passes per misclassified image and 5 per donor candidate, no backward pass, batched. The
+passes per misclassified image (and 3 x as many for each placebo), and 5 per donor candidate,
+no backward pass. The
 finding carries its restore test (``details.own_test``), which the intervention step counts
 as confirmation.
 """
@@ -30,11 +37,13 @@ import numpy as np
 import torch
 
 from auditor.judge.evidence import Band, Count, Evidence, Finding, NonNegative, Positive, Share, Thresholds, grade
-from auditor.explain.heatmap import bands, grow_box, region_mask
+from auditor.explain.heatmap import bands, grow_box, object_box, region_mask
+from auditor.judge.intervene import against_control as _against, control_boxes
 from auditor.registry import RULES
 
 SEVERITY = {"low": 0.5, "medium": 0.75}   # on the share of donors whose corner gave T back
 ROWS = 256                                # rows per forward pass
+THIRD = 3                                 # other classes' donors per true-class donor, for the placebo
 
 
 def _effects(d: dict) -> list[str]:
@@ -46,8 +55,8 @@ def _effects(d: dict) -> list[str]:
                 glossary='It asks the model directly rather than a heatmap, so it also catches a mark that works by its absence or its shade (a missing watermark, a swatch of the wrong grey), which heatmaps cannot show.',
                 effects=_effects, level="sample", needs=("model",), direction="higher is more suspicious")
 def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidates: Count = 64, min_rate: Share = 0.75,
-                   min_gap: NonNegative = 0.5, min_mark: Positive = 3.0, max_images: Count = 5000,
-                   severity: Thresholds = None) -> list:
+                   min_gap: NonNegative = 0.5, min_mark: Positive = 3.0, control_margin: NonNegative = 0.25,
+                   max_images: Count = 5000, severity: Thresholds = None) -> list:
     """Misclassified images whose true class comes back when one corner is taken from images of that class."""
     if ev.model is None or ev.input_spec is None:
         return []
@@ -63,30 +72,80 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
     wrong = s[~s["correct"]].sort_values("confidence", ascending=False).head(max_images)
     best_correct = s[s["correct"]].sort_values("confidence", ascending=False).groupby("label").head(candidates)
     members = best_correct.groupby("label").groups
+    cache: dict[int, tuple | None] = {}
+
+    def donors_of(c: int):
+        if c not in cache:
+            cache[c] = _donors(ev, list(members.get(c, [])), c, masks, donors)
+        return cache[c]
+
     findings = []
-    for t, todo in wrong.groupby("label").groups.items():  # one true class's donors in memory at a time
-        got = _donors(ev, list(members.get(t, [])), int(t), masks, donors)
+    for t, todo in wrong.groupby("label").groups.items():
+        got = donors_of(int(t))
         if got is None:
             continue
         d, donor_ids = got
-        todo = list(todo)
-        per_call = max(1, ROWS // (d.shape[0] * d.shape[1]))
-        for start in range(0, len(todo), per_call):
-            chunk = todo[start:start + per_call]
-            x = ev.model_inputs(chunk)                                              # [n, C, h, w]
-            variants = torch.where(masks[None], d[None], x[:, None, None])         # [n, 4, k, C, h, w]
-            with torch.no_grad():
-                pred = torch.cat([ev.model(v).argmax(1) for v in variants.flatten(0, 2).split(ROWS)])
-            back = (pred == t).view(len(chunk), len(corners), -1).float().mean(2).cpu().numpy()
-            for i, xi, b in zip(chunk, x, back):
-                order = np.argsort(-b, kind="stable")
-                best, second = float(b[order[0]]), float(b[order[1]])
-                if best < min_rate:
+        for i in todo:
+            x = ev.model_inputs([i])[0]                                              # [C, h, w]
+            # The placebo: the same corners pasted from correctly classified images of the other
+            # classes (neither the prediction nor the true class). A borderline error of a model
+            # with no shortcut gives T back as readily from them; a corner cue of T does not.
+            pred = int(s.at[i, "prediction"])
+            third = [got_c for c in sorted(members) if c not in (pred, t) and (got_c := donors_of(int(c))) is not None]
+            ctrl = _interleave([g[0] for g in third], THIRD * d.shape[1]) if third else None
+            b = _back(ev, x, d, masks, int(t))                                       # [4, k]
+            c = _back(ev, x, ctrl, masks, int(t)) if ctrl is not None else None
+            rate = b.mean(1)
+            order = np.argsort(-rate, kind="stable")
+            best, second = float(rate[order[0]]), float(rate[order[1]])
+            if best < min_rate:
+                continue
+            alone = best - second >= min_gap
+            where = int(order[0]) if alone else _own_mark(x, masks, ring, rate >= min_rate, min_mark)
+            at = int(order[0]) if where is None else where
+            # The placebo that decides: the same donors pasted at random places of the corner's
+            # size away from it. A borderline error of a model with no shortcut comes back to T
+            # from T's content anywhere; a corner cue only from that corner. The same corner from
+            # other classes' images tells what kind of cue it is: as good as T's, the error came
+            # from what this image shows there (a wrong mark); much worse, from what T's show.
+            rng = np.random.default_rng(int(i))
+            control = {} if c is None else _against(b[at], c[at], "third_class", rng)
+            elsewhere = _elsewhere(ev, x, d[at], list(corners.values())[at], (h, w), int(t), rng)
+            if elsewhere is not None:
+                control |= _against(b[at], elsewhere, "restore", rng)
+                if control["restore_vs_control"][0] < control_margin:
                     continue
-                alone = best - second >= min_gap
-                where = int(order[0]) if alone else _own_mark(xi, masks, ring, b >= min_rate, min_mark)
-                findings.append(_finding(ev, i, corners, where, alone, b >= min_rate, b, donor_ids, severity))
+            findings.append(_finding(ev, i, corners, where, alone, rate >= min_rate, rate, donor_ids, severity,
+                                     control))
     return findings
+
+
+def _interleave(sets: list[torch.Tensor], k: int) -> torch.Tensor:
+    """[corners, k, C, h, w] donors taken in turn from each of ``sets`` ([corners, k_j, C, h, w])."""
+    slots = [(j, n) for n in range(max(s.shape[1] for s in sets)) for j in range(len(sets)) if n < sets[j].shape[1]]
+    return torch.stack([sets[j][:, n] for j, n in slots[:k]], dim=1)
+
+
+@torch.no_grad()
+def _elsewhere(ev: Evidence, x: torch.Tensor, d: torch.Tensor, corner, size: tuple[int, int], t: int,
+               rng: np.random.Generator, n: int = 3) -> np.ndarray | None:
+    """[k] per donor, the share of ``n`` random boxes of the corner's size (away from it) that give
+    class t back when pasted from that donor ([k, C, h, w]) into x; None without room for one."""
+    boxes = control_boxes(corner, n, rng)
+    if not boxes:
+        return None
+    m = torch.from_numpy(np.stack([region_mask(size, b) for b in boxes])).to(d.device)[:, None, None]
+    variants = torch.where(m, d[None], x[None, None])                               # [n, k, C, h, w]
+    pred = torch.cat([ev.model(v).argmax(1) for v in variants.flatten(0, 1).split(ROWS)])
+    return (pred == t).view(len(boxes), d.shape[0]).float().mean(0).cpu().numpy()
+
+
+@torch.no_grad()
+def _back(ev: Evidence, x: torch.Tensor, d: torch.Tensor, masks: torch.Tensor, t: int) -> np.ndarray:
+    """[corners, k] whether class t comes back when each corner of x ([C, h, w]) is pasted from each donor."""
+    variants = torch.where(masks, d, x[None, None])                       # [4, k, C, h, w]
+    pred = torch.cat([ev.model(v).argmax(1) for v in variants.flatten(0, 1).split(ROWS)])
+    return (pred == t).view(d.shape[0], d.shape[1]).float().cpu().numpy()
 
 
 def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor,
@@ -129,7 +188,7 @@ def _own_mark(x: torch.Tensor, masks: torch.Tensor, ring: torch.Tensor, candidat
 
 
 def _finding(ev: Evidence, i: int, corners: dict, where: int | None, alone: bool, restoring: np.ndarray,
-             back: np.ndarray, donor_ids: list[list[int]], severity: dict) -> Finding:
+             back: np.ndarray, donor_ids: list[list[int]], severity: dict, control: dict) -> Finding:
     s = ev.samples
     pred, true = ev.classes[s.at[i, "prediction"]], ev.classes[s.at[i, "label"]]
     names, boxes = list(corners), list(corners.values())
@@ -147,14 +206,38 @@ def _finding(ev: Evidence, i: int, corners: dict, where: int | None, alone: bool
                 f"mind which corner. "
                 + (f"This image has a mark of its own in the {names[where]}, the wrong one for '{true}'."
                    if where is not None else "This image lacks that mark."))
+    if "control_restore_rate" in control:
+        text += (f" Pasted at random places of the same size from the same images, it came back "
+                 f"{control['control_restore_rate']:.0%} of the time")
+        if "control_third_class_rate" in control:
+            third = control["control_third_class_rate"]
+            text += (f"; the same corner from other classes' images gave '{true}' back {third:.0%} of the time"
+                     + (", so what this image shows there, not what '{true}' images show, decided the error"
+                        .format(true=true) if third >= rate - 0.25 else ""))
+        text += "."
+    # The box: the mark the image shows in that corner (found from its pixels), else the corner.
+    cand = [] if where is None else _mark_boxes(ev, i, boxes[where])
     return Finding(
         sample=i, rule="corner_restore", severity=grade(rate, severity) or "low", score=round(rate, 4),
-        bbox=None if where is None else ev.to_file_bbox(i, boxes[where]), message=head + text,
+        bbox=None if where is None else ev.to_file_bbox(i, cand[0]), message=head + text,
         details={"region": None if where is None else names[where],
+                 **({"region_box": list(boxes[where]), "candidate_boxes": [list(b) for b in cand]} if cand else {}),
                  "restore_rates": {n: round(float(b), 4) for n, b in zip(names, back)},
-                 # The restore test this rule ran, in the intervention's own keys: it confirms the finding.
+                 # The restore test this rule ran, in the intervention's own keys, with its placebo
+                 # (other classes' corners): it confirms the finding when it beats the placebo.
                  "own_test": {"true_class": true, "donors": k, "restored": round(rate * k),
-                              "restore_rate": round(rate, 4),
+                              "restore_rate": round(rate, 4), **control,
                               "donor_ids": donor_ids[int(np.argmax(back)) if where is None else where]},
                  "located_by": (
                      None if where is None else "the model" if alone else "the image's own mark")})
+
+
+def _mark_boxes(ev: Evidence, i: int, corner) -> list:
+    """Candidate boxes in a corner, best first: the mark image i's pixels show there (the thing
+    that stands out from its surroundings, grown to its whole), then the corner square."""
+    try:
+        img = ev.seen_pixels(i)
+    except (OSError, ValueError):
+        return [tuple(corner)]
+    found = object_box(img, corner)
+    return ([tuple(round(float(v), 4) for v in found)] if found is not None else []) + [tuple(corner)]

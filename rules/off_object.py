@@ -43,6 +43,12 @@ def strongest_off(heat: np.ndarray, mask: np.ndarray) -> list[float]:
     return [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
 
 
+def _off_boxes(ev: Evidence, i: int, heat: np.ndarray, mask: np.ndarray) -> list:
+    """Candidate boxes of the strongest evidence off the object, best first: the thing image i
+    shows there, then the evidence region itself."""
+    return ev.boxes(i, np.where(mask, 0, heat), None) or [strongest_off(heat, mask)]
+
+
 def _effects(d: dict) -> list[str]:
     if "on_object" in d:
         return [f"on the object: {d['on_object']:.0%} of the evidence (the object covers "
@@ -79,12 +85,14 @@ def off_object(ev: Evidence, min_on_object: Share = 0.4, class_min_on_object: Sh
             if i in out and out[i].score >= score:
                 continue
             pred = ev.classes[s.at[i, "prediction"]]
+            boxes = _off_boxes(ev, i, heat, mask)
             out[i] = Finding(sample=i, rule="off_object", method=method, score=score,
                              severity=grade(1 - on[i] / min_on_object, sample_severity) or "low",
-                             bbox=ev.to_file_bbox(i, strongest_off(heat, mask)),
+                             bbox=ev.to_file_bbox(i, boxes[0]),
                              message=(f"Only {on[i]:.0%} of the evidence for '{pred}' lies on the annotated "
                                       f"object ({mask.mean():.0%} of the image); the rest comes from around it."),
-                             details={"on_object": round(on[i], 4), "object_area": round(float(mask.mean()), 4)})
+                             details={"on_object": round(on[i], 4), "object_area": round(float(mask.mean()), 4),
+                                      "candidate_boxes": [list(map(float, b)) for b in boxes]})
         by_class: dict[int, list[float]] = {}
         for i, v in on.items():
             by_class.setdefault(int(s.at[i, "prediction"]), []).append(v)

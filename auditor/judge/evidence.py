@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from auditor.explain.heatmap import tight_boxes
 from auditor.inputs.config import Severity
 from auditor.inputs.data import SampleRef, input_view, read_image, to_model_input
 from auditor.record import severity_rank  # noqa: F401  (rules grade with it)
@@ -147,6 +148,31 @@ class Evidence:
         (at most ``PIXELS_BYTES``); callers must not modify the array in place."""
         return self._pixels.get_or_make(
             i, lambda: np.asarray(read_image(self.refs[i].path).convert("RGB"), np.float32) / 255.0)
+
+    def seen_pixels(self, i: int) -> np.ndarray:
+        """Image i's file pixels (as ``pixels``) cut to the part the model input shows, so that a
+        box found in them is in fractions of the model input, as rules give boxes."""
+        v = input_view((self.samples.at[i, "width"], self.samples.at[i, "height"]), self.input_spec)
+        x0, y0, x1, y1 = (int(round(c)) for c in v.box)
+        return self.pixels(i)[y0:y1, x0:x1]
+
+    def boxes(self, i: int, heat: np.ndarray | None, region) -> list[tuple[float, float, float, float]]:
+        """Candidate boxes (fractions of the model input) for a finding on image i, best first: the
+        object image i shows at the connected evidence region of ``heat`` inside ``region``, that
+        evidence region, then ``region`` itself (``auditor.explain.heatmap.tight_boxes``). An
+        image that cannot be read leaves the evidence region and ``region``."""
+        try:
+            img = self.seen_pixels(i)
+        except (OSError, ValueError):
+            img = None
+        return tight_boxes(heat, img, region)
+
+    def to_input_frac(self, i: int, file_bbox) -> tuple[float, float, float, float]:
+        """A box in image i's file pixels as fractions of the model input (``to_file_bbox`` undone)."""
+        v = input_view((self.samples.at[i, "width"], self.samples.at[i, "height"]), self.input_spec)
+        x0, y0, x1, y1 = v.box
+        w, h = x1 - x0, y1 - y0
+        return ((file_bbox[0] - x0) / w, (file_bbox[1] - y0) / h, (file_bbox[2] - x0) / w, (file_bbox[3] - y0) / h)
 
     def to_file_bbox(self, i: int, frac_box) -> list[float]:
         """A box given as fractions of the model input [x0, y0, x1, y1] in image i's file pixels,

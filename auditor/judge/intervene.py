@@ -18,6 +18,11 @@ Every finding that names a region is put to a test on the model:
 - a class finding without a region that lists its sample findings (details.samples):
   confirmed when most of their regions carried the class to other images.
 
+A sample finding with candidate boxes (``details.candidate_boxes``: the evidence region and
+the object the image shows there; ``details.region_box``: the rule's own region) keeps the
+smallest that confirms, the rule's region last; the refined box is also kept in
+``details.intervention.bbox``.
+
 A confirmed finding's severity rises to at least 'high' ('critical' for a class finding whose
 region turns at least ``critical_rate`` of other images); a suspicion that fails its test, or
 that could not be tested, is capped at 'low'. See docs/severity.md.
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 
 from auditor.inputs.config import InterventionSpec
 from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
-from auditor.explain.heatmap import grow_box, region_mask
+from auditor.explain.heatmap import box_area, grow_box, region_mask
 
 
 def fill(x: torch.Tensor, mask: np.ndarray, how: str) -> torch.Tensor:
@@ -187,17 +192,30 @@ def control_boxes(box, n: int, rng: np.random.Generator) -> list[tuple[float, fl
 RESAMPLES = 1000
 
 
-def _against(effect: np.ndarray, placebo: np.ndarray, name: str, rng: np.random.Generator) -> dict:
+def against_control(effect: np.ndarray, placebo: np.ndarray, name: str, rng: np.random.Generator) -> dict:
     """The effect per image (0/1) against its placebo (the share of control regions with the same
-    effect): the placebo's rate, and the paired difference with its 95% bootstrap interval."""
-    d = effect - placebo
-    if len(d) > 1:
-        means = d[rng.integers(0, len(d), (RESAMPLES, len(d)))].mean(1)
-        lo, hi = np.percentile(means, [2.5, 97.5])
+    effect): the placebo's rate, and the difference with its 95% bootstrap interval. Paired when
+    the two are the same images; otherwise (a placebo on other images, as many as can be had)
+    each side is resampled on its own."""
+    effect, placebo = np.asarray(effect, float), np.asarray(placebo, float)
+    if len(effect) == len(placebo):
+        d = effect - placebo
+        if len(d) > 1:
+            means = d[rng.integers(0, len(d), (RESAMPLES, len(d)))].mean(1)
+            lo, hi = np.percentile(means, [2.5, 97.5])
+        else:
+            lo = hi = float(d.mean())
+        diff = float(d.mean())
     else:
-        lo = hi = float(d.mean())
+        diff = float(effect.mean() - placebo.mean())
+        means = (effect[rng.integers(0, len(effect), (RESAMPLES, len(effect)))].mean(1)
+                 - placebo[rng.integers(0, len(placebo), (RESAMPLES, len(placebo)))].mean(1))
+        lo, hi = np.percentile(means, [2.5, 97.5])
     return {f"control_{name}_rate": round(float(placebo.mean()), 4),
-            f"{name}_vs_control": [round(float(d.mean()), 4), round(float(lo), 4), round(float(hi), 4)]}
+            f"{name}_vs_control": [round(diff, 4), round(float(lo), 4), round(float(hi), 4)]}
+
+
+_against = against_control
 
 
 def beats_control(effect: dict, name: str, rate: float, spec: InterventionSpec) -> bool:
@@ -253,25 +271,33 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
             if own:
                 _own_restore(f, own, spec)
             continue
-        w, h = s.at[f.sample, "width"], s.at[f.sample, "height"]
-        box = (f.bbox[0] / w, f.bbox[1] / h, f.bbox[2] / w, f.bbox[3] / h)
+        box = ev.to_input_frac(f.sample, f.bbox)
         cls = int(s.at[f.sample, "prediction"])
+        # The rule's tight candidate boxes (the evidence region, the object the image shows there)
+        # smallest first, then the rule's own region: the first whose test confirms becomes the
+        # box; when none does, the finding's box and its test stay.
+        region = [tuple(f.details["region_box"])] if f.details.get("region_box") else []
+        tight = [tuple(b) for b in f.details.get("candidate_boxes") or [] if not _same(b, *region)]
+        order = []
+        for b in [*sorted([box, *tight], key=box_area), *region]:
+            if not any(_same(b, o) for o in order):
+                order.append(b)
         try:  # a test that fails (an unreadable image, out of memory) leaves an untested suspicion
-            effect = tester.test([f.sample], cls, box)
-            confirmed = (beats_control(effect, "removal", effect["removal_rate"] >= spec.remove_drop, spec)
-                         or beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec))
-            true = int(s.at[f.sample, "label"])
-            if true != cls:  # a misclassified image: does what the true class shows there give it back?
-                if own:  # the rule's restore test again, with its own donors, beside its placebo
-                    donors = own.get("donor_ids") or tester.donors_of(true)
-                    effect |= tester.restore_from(f.sample, true, box, donors) | {"own_test": True}
-                else:
-                    effect |= tester.restore(f.sample, true, box, f.method)
-                confirmed = confirmed or beats_control(effect, "restore",
-                                                       effect["restore_rate"] >= spec.transplant_rate, spec)
+            tried = {}
+            for b in order:
+                tried[b] = _test_sample(tester, f, b, cls, own, spec)
+                if tried[b][1]:
+                    break
+            chosen = next((b for b in order if tried.get(b, (None, False))[1]), box)
+            effect, confirmed = tried[chosen] if chosen in tried else _test_sample(tester, f, box, cls, own, spec)
         except Exception as e:
             _untested(f, f"the test failed: {type(e).__name__}: {e}".splitlines()[0])
             continue
+        if len(order) > 1:
+            effect["boxes_tried"] = len(tried)
+        if not _same(chosen, box):
+            f.bbox = ev.to_file_bbox(f.sample, chosen)
+            effect["bbox"] = f.bbox  # the refined box, kept with the outcome (a cached re-run restores it)
         _apply(f, effect, ev.classes[cls], spec, confirmed)
     by_sample = {}
     for f in findings:
@@ -299,6 +325,30 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
             continue
         _apply(f, effect, f.cls, spec, beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate,
                                                      spec))
+
+
+def _same(a, b=None, tol: float = 0.01) -> bool:
+    """Two fractional boxes alike within ``tol`` (a box's round trip through file pixels)."""
+    return b is not None and all(abs(float(u) - float(v)) <= tol for u, v in zip(a, b))
+
+
+def _test_sample(tester: Intervener, f: Finding, box, cls: int, own: dict | None,
+                 spec: InterventionSpec) -> tuple[dict, bool]:
+    """Remove, transplant and (for a misclassified image) restore ``box`` of a sample finding:
+    (the effect, whether it confirms the finding)."""
+    s = tester.ev.samples
+    effect = tester.test([f.sample], cls, box)
+    confirmed = (beats_control(effect, "removal", effect["removal_rate"] >= spec.remove_drop, spec)
+                 or beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec))
+    true = int(s.at[f.sample, "label"])
+    if true != cls:  # a misclassified image: does what the true class shows there give it back?
+        if own:  # the rule's restore test again, with its own donors, beside its placebo
+            donors = own.get("donor_ids") or tester.donors_of(true)
+            effect |= tester.restore_from(f.sample, true, box, donors) | {"own_test": True}
+        else:
+            effect |= tester.restore(f.sample, true, box, f.method)
+        confirmed = confirmed or beats_control(effect, "restore", effect["restore_rate"] >= spec.transplant_rate, spec)
+    return effect, confirmed
 
 
 def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) -> None:
@@ -338,7 +388,8 @@ def _verdict(f, confirmed: bool | None, floor: str = "high") -> None:
 
 def _own_restore(f: Finding, own: dict, spec: InterventionSpec) -> None:
     """Confirm a finding that names no region by the restore test its rule ran and described."""
-    confirmed = own["restore_rate"] >= spec.transplant_rate
+    # Beside the rule's placebo: the same donors pasted at random places of the region's size.
+    confirmed = beats_control(own, "restore", own["restore_rate"] >= spec.transplant_rate, spec)
     f.details["intervention"] = {**own, "own_test": True}
     _verdict(f, confirmed)
     f.message += f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention (the restore test above)."
