@@ -133,8 +133,9 @@ def cached_trust(ev: Evidence, methods: dict, layer, cfg: AuditConfig, store: St
     """The trust gate, computed once per model, layer, method settings and explained images; a
     method that could not be tested (say, out of memory) is not cached, so a rerun tries again."""
     explained = sorted(ev.samples.loc[ev.samples["explained"], "sha256"])
+    # The gate reuses the engine's maps of its test images: their resolution counts too.
     key = digest("trust", model_key, methods, cfg.trust.model_dump(mode="json"), cfg.run.seed, explained,
-                 (layer_info or {}).get("name"))
+                 (layer_info or {}).get("name"), cfg.explain.resolution)
     hit = store.get_json(key)
     if hit is not None:
         return hit

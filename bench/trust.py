@@ -4,9 +4,11 @@ A small ResNet (stem, three residual blocks with BatchNorm, 19 modules with para
 trained for a few epochs on 96-px crops of scikit-image's bundled photos and textures
 (ImageNet-normalised); the gate then runs as the audit runs it (``trust_gate`` on an
 ``Evidence`` of the validation images). Printed per method: mean |Spearman| at a few points of
-the cascade, the decisive step, the first step under the threshold, SSIM, and the verdict.
+the cascade, the decisive step and its 95% interval over the images, the first step under the
+threshold, the deletion test's fill and paired benefit with its interval, and the verdicts.
 
     OMP_WAIT_POLICY=PASSIVE python bench/trust.py            # blocks cascade (the default)
+    OMP_WAIT_POLICY=PASSIVE python bench/trust.py --full     # every cascade step, not only to the decisive one
     OMP_WAIT_POLICY=PASSIVE python bench/trust.py --compare  # also modules, and BatchNorm kept
 """
 from __future__ import annotations
@@ -91,19 +93,25 @@ def evidence(model, images, labels, folder: Path, spec: InputSpec) -> Evidence:
 
 
 def table(out: dict, title: str) -> str:
-    lines = [title, f"{'method':22} {'steps':>5} {'after 2':>8} {'decisive':>12} {'3/4':>6} {'end':>6} "
-                    f"{'1st<thr':>7} {'SSIM@dec':>8}  verdict"]
+    lines = [title, f"{'method':22} {'steps':>5} {'after 2':>8} {'decisive':>12} {'95% interval':>13} {'end':>6} "
+                    f"{'1st<thr':>7}  {'randomisation':13} {'fill':5} {'deletion benefit (95%)':>26}  verdict"]
     for m, t in out.items():
         c = t.get("randomisation_spearman")
         if not c:
             lines.append(f"{m:22} {t['reason']}")
             continue
-        n, d = len(c), t["decisive_step"]
-        q = min(n - 1, int(np.ceil(0.75 * n)) - 1)
+        n, d = len(t["randomisation_steps"]), t["decisive_step"]
         fb = "-" if t["first_below"] is None else str(t["first_below"] + 1)
-        ssim = t["randomisation_ssim"][d]
-        lines.append(f"{m:22} {n:5d} {c[min(1, n - 1)]:8.2f} {c[d]:6.2f} ({d + 1:2d}) {c[q]:6.2f} {c[-1]:6.2f} "
-                     f"{fb:>7} {ssim:8.2f}  {'trusted' if t['reliable'] else 'NOT trusted'}")
+        lo, hi = t["randomisation_ci"] or (float("nan"),) * 2
+        end = f"{c[-1]:6.2f}" if len(c) == n else f"{'-':>6}"
+        dl, dh = t["deletion_ci"]
+        lines.append(f"{m:22} {n:5d} {c[min(1, len(c) - 1)]:8.2f} {c[d]:6.2f} ({d + 1:2d}) {lo:6.2f} to {hi:4.2f} "
+                     f"{end} {fb:>7}  {t['randomisation']:13} {t['fill']:5} "
+                     f"{t['deletion_benefit']:+.3f} ({dl:+.3f}, {dh:+.3f}) {t['deletion']:>12}  "
+                     f"{'trusted' if t['reliable'] else 'NOT trusted'}")
+    fills = next((t["fill_check"] for t in out.values() if t.get("fill_check")), {})
+    lines.append("fill check (random removal of 30% alone): " + ", ".join(
+        f"{f} flips {v['flip_rate']:.0%}, changes p by {v['probability_change']:.3f}" for f, v in fills.items()))
     return "\n".join(lines)
 
 
@@ -115,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare", action="store_true", help="also the modules cascade and BatchNorm stats kept")
     ap.add_argument("--chart", type=Path, default=None, help="write the cascade chart (PNG) here")
+    ap.add_argument("--full", action="store_true", help="run every cascade step (else down to the decisive one)")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
@@ -128,13 +137,14 @@ def main(argv=None) -> int:
         print(f"trained in {time.perf_counter() - t0:.0f} s; validation accuracy {ev.samples['correct'].mean():.0%}")
         layer = model.layer3.conv2
         methods = {m: {} for m in METHODS}
-        runs = [("blocks cascade, BatchNorm statistics re-estimated (the gate's default)", TrustSpec(images=a.images),
+        spec = dict(images=a.images, full_cascade=a.full)
+        runs = [("blocks cascade, BatchNorm statistics re-estimated (the gate's default)", TrustSpec(**spec),
                  "recalibrate")]
         if a.compare:
             runs += [("modules cascade (every module with parameters), BatchNorm re-estimated",
-                      TrustSpec(images=a.images, cascade="modules"), "recalibrate"),
+                      TrustSpec(**spec, cascade="modules"), "recalibrate"),
                      ("blocks cascade, BatchNorm statistics kept from training",
-                      TrustSpec(images=a.images), "keep")]
+                      TrustSpec(**spec), "keep")]
         first = None
         for title, spec, bn in runs:
             t1 = time.perf_counter()

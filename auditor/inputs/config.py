@@ -199,7 +199,8 @@ class TrustSpec(Strict):
     images: int = Field(16, ge=1, description="explained images the deletion test (and the fill check) runs on")
     cascade_images: int = Field(8, ge=1, description="of those, the images the randomisation cascade explains "
                                 "at each step")
-    steps: int = Field(10, ge=2, description="deletion curve steps")
+    steps: int = Field(6, ge=2, description="deletion curve steps (each a forward pass of the test images per "
+                       "method; the ends are shared)")
     max_spearman: float = Field(0.6, gt=0, le=1, description="mean |rank correlation| with the original heatmaps "
                                 "allowed once the top decide_at of the cascade is randomised; a method fails when "
                                 "its 95% interval over the images lies above (docs/trust.md)")

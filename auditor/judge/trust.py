@@ -1,20 +1,21 @@
 """Trust gate for explanation methods: does a method explain the model, and is it faithful?
 
 - Cascading model-parameter randomisation (Adebayo et al. 2018, "Sanity checks for saliency
-  maps"): randomise the network from the top down, one block at a time, and compare each
-  method's heatmaps with the trained model's (mean |Spearman| over the test images; SSIM too).
-  The decision reads the cascade, not its end: a method fails when its heatmaps are still
-  similar once the top part of the network (``trust.decide_at`` of the steps, half by
-  default) is random, since any method's maps change once the first convolution is random.
-  See docs/trust.md for the choices (blocks, their order, BatchNorm, why not sMPRT/eMPRT).
+  maps"): randomise the network from the top down, one group of blocks at a time (5 to 8
+  steps), and compare each method's heatmaps with the trained model's (|Spearman| per test
+  image; SSIM too). The decision reads the cascade at ``trust.decide_at`` of the steps (half by
+  default), and the cascade stops there: any method's maps change once the first convolution
+  is random, so the end says nothing. See docs/trust.md (blocks, order, BatchNorm, sMPRT/eMPRT).
 - Deletion (Petsiuk et al. 2018): remove pixels from most to least relevant and follow the
-  class probability; the area under that curve must be clearly below that of a random order.
-  The random order removes random *blobs* (a smoothed noise field, ranked), not scattered
-  pixels: scattered holes are a texture no image has, which breaks a CNN's prediction at
-  once and made every method look worse than chance (ROAD, Rong et al. 2022, on why the
-  shape of what is removed matters). Ties in a heatmap (Grad-CAM's zeros) go in the same
-  random-blob order.
-A failing method is marked unreliable; rules then ignore its heatmaps.
+  class probability, against a random order of *blobs* (a smoothed noise field, ranked;
+  scattered holes are a texture no image has). What replaces a removed pixel is chosen per
+  model among ROAD's noisy linear imputation (Rong et al. 2022), a heavy blur, the image mean
+  and the input zero: the one under which removing random blobs alone changes the predictions
+  least, so the fill is no signal of its own.
+Both tests compare image by image with a 95% bootstrap interval over the test images and say
+passed, failed or inconclusive; a method is dropped (rules ignore its heatmaps) only when one
+fails on evidence. When every method is dropped, the audit reads a model-only method instead
+(``fallback_maps``).
 """
 from __future__ import annotations
 
@@ -254,7 +255,7 @@ def randomisation(name, params, model, layer, x, target, seed: int, heat: np.nda
     rho, sim, rho_images, sim_images = [], [], [], []
     for k, (step, rand) in enumerate(cascade(model, x, steps, seed)):
         rand_layer = rand.get_submodule(layer_name) if layer_name is not None else None
-        reset = _heat(name, params, rand, rand_layer, x, target, seed)
+        reset = _resize(_heat(name, params, rand, rand_layer, x, target, seed), heat.shape[-2:])
         r = np.abs(spearman(heat.reshape(len(x), -1), reset.reshape(len(x), -1)))
         values = ssim(heat, reset) if heat.ndim == 3 else np.full(len(x), np.nan)
         rho_images.append(r)
@@ -590,12 +591,27 @@ def _untestable(why: str) -> dict:
     return {"reliable": False, "untestable": True, "reason": f"could not be tested: {why}"}
 
 
-def _at_input_size(heat: np.ndarray, h: int, w: int) -> np.ndarray:
-    if heat.shape[-2:] == (h, w):
+def _resize(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[B, h, w] heatmaps at ``size`` as the engine stores them: area pooling down (attribution
+    mass stays where it was), bilinear up."""
+    if heat.shape[-2:] == tuple(size):
         return heat
-    t = torch.nn.functional.interpolate(torch.from_numpy(heat).float()[:, None], size=(h, w), mode="bilinear",
-                                        align_corners=False)
-    return t[:, 0].numpy()
+    mode = "area" if min(heat.shape[-2:]) >= min(size) else "bilinear"
+    t = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(heat)).float()[:, None], size=size,
+                                        mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return t[:, 0].clamp_min(0).numpy()
+
+
+def _stored(ev, name: str, ids: list[int]) -> np.ndarray | None:
+    """The engine's heatmaps of ``ids`` for their predicted class (what the rules read), when it
+    kept them all: the gate then need not explain its test images again."""
+    maps = ev.heatmaps.get(name)
+    if maps is None or any(i not in maps for i in ids):
+        return None
+    try:
+        return np.stack([maps[i] for i in ids]).astype(np.float32)
+    except KeyError:  # missing from the cache after all
+        return None
 
 
 def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) -> dict[str, dict]:
@@ -639,11 +655,14 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
     for name, params in methods.items():
         t1 = time.perf_counter()
         try:
-            heat = _at_input_size(_heat(name, params, ev.model, layer, x, target, seed), h, w)
+            # The maps the rules read, when the engine kept them; else explained here.
+            heat = _stored(ev, name, ids)
+            if heat is None:
+                heat = _heat(name, params, ev.model, layer, x, target, seed)
             curves, rho_images, ssim_images = randomisation(name, params, ev.model, layer, x[sub], target[sub], seed,
                                                             heat[sub], spec)
-            mine, _ = deletion_curves(ev.model, x, target, {name: relevance_order(heat, field)}, removal, spec.steps,
-                                      ends)
+            mine, _ = deletion_curves(ev.model, x, target, {name: relevance_order(_resize(heat, (h, w)), field)},
+                                      removal, spec.steps, ends)
         except Exception as e:  # noqa: BLE001
             out[name] = _untestable(f"{type(e).__name__}: {e}")
             continue
