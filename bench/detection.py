@@ -1,7 +1,7 @@
 """Detection benchmark: do the rules find planted "Clever Hans" cues, and stay quiet without one?
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/detection.py --split tune|heldout|fixed|all
-        [--cases N] [--only NAME] [--fresh] [--quick]
+        [--cases N] [--only NAME] [--fresh] [--quick] [--json PATH]
 
 Splits: ``tune`` and ``heldout`` are drawn by ``bench/generator.py`` (even seeds tune, odd seeds
 held out; ``--cases N`` cases per split, each with its clean twin); ``fixed`` is the old list
@@ -247,6 +247,7 @@ def score(case, doc: dict, truth: dict) -> dict:
                     [bool(f["details"].get("confirmed")) for f in cls_true]
         per_rule[r] = {
             "findings": len(found), "hits": len(hits), "cue_errors_hit": sum(s["path"] in flagged for s in cue_errors),
+            "found": sorted(s["path"] for s in cue_errors if s["path"] in flagged),  # which rule found what
             "recall": round(sum(s["path"] in flagged for s in cue_errors) / len(cue_errors), 4) if cue_errors else None,
             # Boxes that touch the cue but fail the size test (too loose or too small a share).
             "recall_touching": round(sum(s["path"] in touching for s in cue_errors) / len(cue_errors), 4)
@@ -269,6 +270,11 @@ def score(case, doc: dict, truth: dict) -> dict:
         "transfer": round(turned / len(planted), 4) if planted else None,
         "rules": per_rule, "cue_rank": per_rule["any"]["rank"],
         "gate": gate.get("verdict"), "medium_plus_class": per_rule["any"]["medium_plus_class"],
+        # Why a gate failed (on a clean twin: what it would wrongly stop a user for).
+        "gate_reasons": [c.get("message") for c in gate.get("conditions", []) if not c.get("passed", True)],
+        "medium_plus_image_findings": {r: sum(1 for x in samples for f in x["findings"] if f["rule"] == r and
+                                              severity_rank(f["severity"]) >= severity_rank("medium"))
+                                       for r in rules},
         "coverage": _coverage(doc),
         "top_class_finding": None if top is None else
         {k: top.get(k) for k in ("class", "rule", "severity", "score")} | {"region": top["details"].get("region"),
@@ -339,7 +345,8 @@ def table(results: list[dict]) -> str:
 
 
 def rule_table(results: list[dict]) -> str:
-    """Per rule over the split: cue-driven errors hit, findings, hits, class findings, twin noise."""
+    """Per rule over the split: cue-driven errors hit, findings and their precision, cases where the
+    rule ranks the cue class first, and on the clean twins its class and image findings at medium+."""
     rows: dict[str, dict] = {}
     total = 0
     for r, t in pairs(results):
@@ -347,19 +354,22 @@ def rule_table(results: list[dict]) -> str:
             continue
         total += r["score"]["cue_errors"]
         for k, m in r["score"]["rules"].items():
-            row = rows.setdefault(k, {"hit": 0, "findings": 0, "hits": 0, "first": 0, "twin_m+": 0})
+            row = rows.setdefault(k, {"hit": 0, "findings": 0, "hits": 0, "first": 0, "twin_m+": 0, "twin_img": 0})
             row["hit"] += m["cue_errors_hit"]
             row["findings"] += m["findings"]
             row["hits"] += m["hits"]
             row["first"] += m["rank"] == 1
             if t and t["score"]:
                 row["twin_m+"] += t["score"]["rules"].get(k, {}).get("medium_plus_class", 0)
-    head = f"{'rule':16} {'cue err hit':>11} {'findings':>8} {'prec':>5} {'ranked first':>12} {'twin medium+':>12}"
+                img = t["score"].get("medium_plus_image_findings", {})
+                row["twin_img"] += sum(img.values()) if k == "any" else img.get(k, 0)
+    head = (f"{'rule':19} {'cue err hit':>11} {'findings':>8} {'prec':>5} {'ranked first':>12} {'twin class m+':>13} "
+            f"{'twin image m+':>13}")
     lines = [head, "-" * len(head)]
     for k, row in sorted(rows.items(), key=lambda kv: kv[0] == "any"):
         prec = row["hits"] / row["findings"] if row["findings"] else None
-        lines.append(f"{k:16} {row['hit']:>5}/{total:<5} {row['findings']:>8} {fmt(prec):>5} {row['first']:>12} "
-                     f"{row['twin_m+']:>12}")
+        lines.append(f"{k:19} {row['hit']:>5}/{total:<5} {row['findings']:>8} {fmt(prec):>5} {row['first']:>12} "
+                     f"{row['twin_m+']:>13} {row['twin_img']:>13}")
     return "\n".join(lines)
 
 
@@ -496,6 +506,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="run only cases whose name contains this (and their twins)")
     ap.add_argument("--fresh", action="store_true", help="rebuild and retrain every case")
     ap.add_argument("--out", type=Path, default=HERE / "out")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="where the results go (default: <out>/detection-<split>.json); several people "
+                         "running the benchmark at once each give their own")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -552,7 +565,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     print(f"\n{len(results)} audits in {total / 60:.1f} min")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"detection-{args.split}.json"
+    path = args.json or args.out / f"detection-{args.split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(
         {"version": VERSION, "split": args.split, "cases_per_split": args.cases, "quick": args.quick,
          "only": args.only, "seconds": round(total, 1), "goals": g, "axes": axes, "cases": results},

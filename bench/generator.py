@@ -169,7 +169,7 @@ def _noise(k: int, size: int, rng, variant: int) -> np.ndarray:
 class _Content:
     """Draws class content; digits split scikit-learn's samples so validation digits are unseen."""
 
-    def __init__(self, case, rng):
+    def __init__(self, case):
         self.case, self.size = case, case.image_size
         if case.params["base"] == "digits":
             _, target = _digits()
@@ -314,10 +314,12 @@ def _counts(side: int) -> dict:
 
 def build(case, rng=None):
     """(train images, train labels, [(rel path, image)], truth, {rel path: neutral twin}); the
-    same content and validation files for a case and its clean twin (separate streams)."""
+    same content and validation files for a case and its clean twin. ``rng`` (Case.build's) is
+    not used: training and validation draw from their own streams of the case's seed, so that
+    the clean twin's files are the poisoned case's, image for image."""
     p, cue = case.params, case.cue_class
     n = _counts(case.image_size) | {k: p[k] for k in ("n_train", "n_val", "n_planted") if k in p}
-    content = _Content(case, None)
+    content = _Content(case)
     others = [c for c in case.classes if c != cue]
     r_train, r_val = (np.random.default_rng([case.seed, k]) for k in (1, 2))
     images, labels = [], []

@@ -124,3 +124,14 @@ def test_a_hit_covers_half_the_cue_and_at_most_a_quarter_of_the_image():
     assert not detection.covers([10, 10, 20, 14], cue, 64 * 64)    # 40 % of it
     assert not detection.covers([0, 0, 40, 40], cue, 64 * 64)      # covers it, but 39 % of the image
     assert not detection.covers(None, cue, 64 * 64)
+
+
+def test_the_new_architectures_run_and_reuse_one_inplace_relu():
+    import nets
+    import torch
+
+    for arch in ("maxnet", "wide", "resrelu", "dwsilu"):
+        assert nets.build(arch, 4, 3)(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    relus = [m for m in nets.build("resrelu", 3).modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(relus) == 1 and relus[0].inplace
+    assert any(isinstance(m, torch.nn.SiLU) for m in nets.build("dwsilu", 3).modules())
