@@ -26,7 +26,7 @@ def _effects(d: dict) -> list[str]:
 @RULES.register("class_visualisation", title="The class's picture hinges on one small patch",
                 glossary="The model is asked to draw each class from nothing; when a small patch of that picture alone makes the model see the class in other pictures, it has probably learned a mark rather than the object.",
                 effects=_effects, level="class", needs=("model",), direction="higher is more suspicious")
-def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 64, min_share: Share = 0.25,
+def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, min_share: Share = 0.25,
                         max_classes: Count = 20, severity: Thresholds = None) -> list:
     """A class whose visualisation's small evidence window, pasted onto the other classes' visualisations, makes them the class."""
     if ev.model is None or ev.input_spec is None or len(ev.classes) < 2 or not len(ev.samples):

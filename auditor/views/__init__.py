@@ -24,7 +24,7 @@ from auditor.views import probes, tree
 from auditor.views.visualise import best_window, fft_rgb, visualise
 
 # The ``views:`` config section, read with these defaults where the config has none.
-DEFAULTS = {"enabled": True, "steps": 64, "max_classes": 20, "window": 0.15, "probe_images": 200, "max_cues": 4}
+DEFAULTS = {"enabled": True, "steps": 48, "max_classes": 20, "window": 0.15, "probe_images": 150, "max_cues": 4}
 SALIENCY_GRID = 16
 
 
@@ -107,10 +107,16 @@ def explained_images(ev: Evidence) -> tuple[list[int], np.ndarray]:
     return ids, (x * s + m).clamp(0, 1).numpy()
 
 
+PICTURE_PX = 128  # a visualisation in the record is at most this many pixels on its long side
+
+
 def _png(img: np.ndarray) -> str:
     arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    pic = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if max(pic.size) > PICTURE_PX:  # findings.json stays small for a 224-px model
+        pic.thumbnail((PICTURE_PX, PICTURE_PX), Image.LANCZOS)
     buf = io.BytesIO()
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", optimize=True)
+    pic.save(buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -7,13 +7,16 @@ held-out accuracy (stratified cross-validation) says how well the property can b
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-FOLDS = 4
+FOLDS = 3
 
 
 def layer_groups(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, torch.nn.Module]]:
@@ -71,7 +74,9 @@ def probe(acts: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, see
           else StratifiedGroupKFold(folds, shuffle=True, random_state=seed))
     for train, test in (cv.split(acts, y) if isinstance(cv, StratifiedKFold) else cv.split(acts, y, groups)):
         scale = StandardScaler().fit(acts[train])
-        clf = LogisticRegression(max_iter=100).fit(scale.transform(acts[train]), y[train])
+        with warnings.catch_warnings():  # a probe that has not fully converged is still a held-out reading
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = LogisticRegression(max_iter=100).fit(scale.transform(acts[train]), y[train])
         right += int((clf.predict(scale.transform(acts[test])) == y[test]).sum())
     return right / len(y)
 

@@ -58,7 +58,7 @@ def _tv(x: torch.Tensor) -> torch.Tensor:
 
 
 def visualise(model: torch.nn.Module, classes: list[int], size: tuple[int, int], channels: int, mean, std,
-              device=None, steps: int = 64, lr: float = 0.05, jitter: float = 0.04, scale: float = 0.08,
+              device=None, steps: int = 48, lr: float = 0.05, jitter: float = 0.04, scale: float = 0.08,
               tv: float = 0.05, seed: int = 0, saliency_copies: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per class, the image (in [0, 1], [K, h, w, C]) that maximises its logit, its saliency
     [K, h, w] and the logits it reaches [K] (the class's own logit on the untransformed image)."""
