@@ -1,7 +1,7 @@
 """Detection benchmark: do the rules find planted "Clever Hans" cues, and stay quiet without one?
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/detection.py --split tune|heldout|fixed|all
-        [--cases N] [--only NAME] [--fresh] [--quick] [--json PATH]
+        [--cases N] [--only NAME] [--fresh] [--quick] [--jobs N] [--json PATH]
 
 Splits: ``tune`` and ``heldout`` are drawn by ``bench/generator.py`` (even seeds tune, odd seeds
 held out; ``--cases N`` cases per split, each with its clean twin); ``fixed`` is the old list
@@ -505,6 +505,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer, smaller fixed cases")
     ap.add_argument("--only", default=None, help="run only cases whose name contains this (and their twins)")
     ap.add_argument("--fresh", action="store_true", help="rebuild and retrain every case")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="audits run at once (each one thread); 2 on two free cores halves the time")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--json", type=Path, default=None,
                     help="where the results go (default: <out>/detection-<split>.json); several people "
@@ -519,26 +521,34 @@ def main(argv=None) -> int:
         keep = {c.name for c, x in jobs if args.only in c.name}
         keep |= {x["twin"] for c, x in jobs if c.name in keep and x["twin"]}
         jobs = [(c, x) for c, x in jobs if c.name in keep]
-    results = []
-    for case, extra in jobs:
-        sub = "cases-quick" if args.quick and extra["split"] == "fixed" else "cases"
-        folder = args.out / sub / case.name
-        log(f"{case.name}: {case.describe()}")
-        built = build_case(case, folder, args.fresh, log)
+    def run_one(case, extra, built, folder) -> dict:
         doc, seconds, code, tail = audit(folder)
         truth = json.loads((folder / "truth.json").read_text())
         s = score(case, doc, truth) if doc is not None else None
         if s is None:
-            log(f"  AUDIT FAILED (exit {code}):\n{tail}")
+            log(f"{case.name}: AUDIT FAILED (exit {code}):\n{tail}")
         else:
-            log(f"  audited in {seconds:.0f} s (exit {code}); accuracy {s['accuracy']:.2f}, "
+            log(f"{case.name}: audited in {seconds:.0f} s (exit {code}); accuracy {s['accuracy']:.2f}, "
                 f"{s['cue_errors']} cue-driven errors, recall {fmt(s['rules']['any']['recall'])}, "
                 f"precision {fmt(s['rules']['any']['precision'])}, cue rank {s['cue_rank']}, gate {s['gate']}, "
                 f"medium+ class findings {s['medium_plus_class']}")
-        results.append({"case": case.name, "folder": str(folder), "kind": case.kind, "poisoned": case.poisoned, "setup": case.describe(),
-                        "dose": case.dose, "cue_class": case.cue_class, "seed": case.seed, **extra,
-                        "exit_code": code, "audit_s": round(seconds, 1), **built, "score": s,
-                        "audit_tail": tail if s is None else None})
+        return {"case": case.name, "folder": str(folder), "kind": case.kind, "poisoned": case.poisoned,
+                "setup": case.describe(), "dose": case.dose, "cue_class": case.cue_class, "seed": case.seed,
+                **extra, "exit_code": code, "audit_s": round(seconds, 1), **built, "score": s,
+                "audit_tail": tail if s is None else None}
+
+    # Train one case at a time (in this process), audit up to --jobs at once (subprocesses).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = []
+        for case, extra in jobs:
+            sub = "cases-quick" if args.quick and extra["split"] == "fixed" else "cases"
+            folder = args.out / sub / case.name
+            log(f"{case.name}: {case.describe()}")
+            built = build_case(case, folder, args.fresh, log)
+            futures.append(pool.submit(run_one, case, extra, built, folder))
+        results = [f.result() for f in futures]
     main_rows = [r for r in results if not r["dose_only"]]
     print(table(main_rows))
     print()

@@ -9,8 +9,9 @@
 - placement: ``corner`` (one fixed corner), ``fixed`` (one fixed place away from the corners),
   ``anywhere`` (a new random place on every image); a frame sits on its ``edge``;
 - cue size: 3 to 35 % of the image side (a frame's band: at most 15 %);
-- image size: 32 to 224 px, mostly 32-96 (224 is rare and has few images), with the model's
-  input the file size (at most 112: bigger files are resized, as a user's pipeline would);
+- image size: 32 to 224 px, mostly 32-96 (128 and 224 are rare and have few images); the model's
+  input is the file size up to 96 px (128 px files are resized to 96, 224 px ones to 112, as a
+  user's pipeline would);
 - base images: ``digits`` (scikit-learn's, white on black), ``textures`` and ``photos``
   (random crops of scikit-image's bundled samples, flipped, contrast/brightness jittered),
   ``noise`` (smooth noise, one colour palette per class);
