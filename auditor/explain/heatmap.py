@@ -134,14 +134,17 @@ def object_box(img: np.ndarray, box, max_area: float = 0.25, k: float = 3.0, min
 
 
 def tight_boxes(heat: np.ndarray | None, img: np.ndarray | None, region, max_area: float = 0.25,
-                level: float = 0.5) -> list[tuple[float, float, float, float]]:
+                level: float = 0.3) -> list[tuple[float, float, float, float]]:
     """Candidate boxes for a finding, best first: the object the image shows at the heatmap's
-    connected evidence region (``object_box`` of ``evidence_box``), that evidence region, and the
-    rule's own ``region`` (a fractional box: a corner square, a border strip). Boxes over
-    ``max_area`` of the image are dropped, except the rule's region, which is always last.
+    connected evidence region (``object_box`` of ``evidence_box``: the whole mark, where a coarse
+    map's blob is larger than it or a map's peak covers only part of it), that evidence region
+    (at ``level`` of the peak: low enough to hold most of a mark when no object is told from
+    its background), and the rule's own ``region`` (a fractional box: a corner square, a border
+    strip). Boxes over ``max_area`` of the image are dropped, except the rule's region, which is
+    always last.
 
-    The first is the finding's box; the interventions keep the smallest one whose removal still
-    has the measured effect (``auditor.judge.intervene``)."""
+    The first is the finding's box; the interventions fall back to the others, smallest first
+    and the region last, when its test does not confirm (``auditor.judge.intervene``)."""
     out = []
     ebox = evidence_box(heat, region, level) if heat is not None else None
     if ebox is not None and box_area(ebox) > max_area and region is not None:

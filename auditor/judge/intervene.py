@@ -19,9 +19,9 @@ Every finding that names a region is put to a test on the model:
   confirmed when most of their regions carried the class to other images.
 
 A sample finding with candidate boxes (``details.candidate_boxes``: the evidence region and
-the object the image shows there; ``details.region_box``: the rule's own region) keeps the
-smallest that confirms, the rule's region last; the refined box is also kept in
-``details.intervention.bbox``.
+the object the image shows there; ``details.region_box``: the rule's own region) whose own box
+does not confirm falls back to the smallest other candidate that does, the rule's region last;
+the refined box is also kept in ``details.intervention.bbox``.
 
 A confirmed finding's severity rises to at least 'high' ('critical' for a class finding whose
 region turns at least ``critical_rate`` of other images); a suspicion that fails its test, or
@@ -273,13 +273,15 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
             continue
         box = ev.to_input_frac(f.sample, f.bbox)
         cls = int(s.at[f.sample, "prediction"])
-        # The rule's tight candidate boxes (the evidence region, the object the image shows there)
-        # smallest first, then the rule's own region: the first whose test confirms becomes the
-        # box; when none does, the finding's box and its test stay.
+        # The finding's box first, then the rule's other tight candidates (the evidence region,
+        # the object the image shows there) smallest first, then the rule's own region: the first
+        # whose test confirms becomes the box; when none does, the finding's box and its test stay.
+        # (Smallest first from the start would shrink a box to any sliver of a mark whose
+        # removal alone flips a sensitive model.)
         region = [tuple(f.details["region_box"])] if f.details.get("region_box") else []
         tight = [tuple(b) for b in f.details.get("candidate_boxes") or [] if not _same(b, *region)]
         order = []
-        for b in [*sorted([box, *tight], key=box_area), *region]:
+        for b in [box, *sorted(tight, key=box_area), *region]:
             if not any(_same(b, o) for o in order):
                 order.append(b)
         try:  # a test that fails (an unreadable image, out of memory) leaves an untested suspicion
