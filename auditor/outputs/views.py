@@ -94,8 +94,8 @@ def _tree_words(name: str, t) -> str:
     if t.reached:
         return (f"A tree of depth {t.depth} reproduces {t.fidelity:.0%} of the model's '{name}' decisions, "
                 f"with {t.path_length:.1f} questions per image on average.")
-    return (f"No tree of depth {t.depth} or less reproduces 90% of the model's '{name}' decisions "
-            f"(at best {t.fidelity:.0%}): not a simple rule in these features.")
+    return (f"No tree tried reproduces 90% of the model's '{name}' decisions (the best, of depth {t.depth}, "
+            f"{t.fidelity:.0%}): not a simple rule in these features.")
 
 
 def views_context(record: RunRecord, pictures: dict) -> dict | None:
