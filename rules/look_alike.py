@@ -278,5 +278,8 @@ def _class_findings(ev: Evidence, findings: list[Finding], min_images: int, shap
             severity="medium" if share >= 0.5 and general else "low",
             score=round(float(np.mean([f.score for f in group])), 4), share=round(share, 4), message=message,
             details={"samples": [f.sample for f in group], "images": len(group), "misclassified_into": into,
+                     # The class claim's own test (None: not measured); a refuted claim is not
+                     # confirmed by its members' transfers (auditor.judge.intervene._aggregate).
+                     "generalises": None if pop is None else bool(general),
                      **({"lookalike_images": pop[0], "lookalike_called": pop[1]} if pop is not None else {})}))
     return out

@@ -167,3 +167,21 @@ def test_corner_restore_confirms_a_real_corner_cue():
     for f in found:
         assert f.details["region"] == "top-left corner" and f.details["confirmed"]
         assert f.details["own_test"]["control_restore_rate"] <= 0.25
+
+
+def test_a_class_claim_its_rule_refuted_is_not_confirmed_by_its_members():
+    """look_alike measured that the model calls few look-alikes the class (a clean model's near
+    misses): the members' regions carrying the class to other images do not confirm the claim."""
+    from auditor.judge.evidence import ClassFinding
+    from auditor.judge.intervene import _aggregate
+
+    spec = InterventionSpec()
+    effect = {"removed_from": 1, "decision_changed": 1, "confidence_drop": 0.5, "pasted_onto": 10, "turned": 9,
+              "removal_rate": 1.0, "transfer_rate": 0.9, "transfer_vs_control": [0.8, 0.6, 1.0]}
+    for generalises, expected in ((False, False), (True, True), (None, True)):
+        members = [Finding(sample=i, rule="look_alike", severity="high", score=1.0, message="m.",
+                           details={"intervention": dict(effect)}) for i in range(5)]
+        f = ClassFinding(cls="box", rule="look_alike", severity="low", score=0.5, share=0.6, message="m.",
+                         details={"samples": list(range(5)), "generalises": generalises})
+        _aggregate(f, members, spec)
+        assert f.details["confirmed"] is expected and (f.severity == "high") is expected

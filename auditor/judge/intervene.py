@@ -360,7 +360,11 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
     tested = [g for g in members if "transfer_rate" in g.details.get("intervention", {})]
     n_ok = sum(beats_control(g.details["intervention"], "transfer",
                              g.details["intervention"]["transfer_rate"] >= spec.transplant_rate, spec) for g in tested)
-    confirmed = bool(tested) and n_ok >= 0.5 * len(tested)
+    # A rule that measured its class claim on its own and found it does not hold (look_alike:
+    # the model calls few of the look-alikes it is shown that class) is not confirmed by its
+    # members: each of them may be a near miss that carries its shape.
+    refuted = f.details.get("generalises") is False
+    confirmed = bool(tested) and n_ok >= 0.5 * len(tested) and not refuted
     effects = [g.details["intervention"] for g in tested]
     total = lambda k: int(sum(e[k] for e in effects))  # noqa: E731
     f.details["intervention"] = {  # the members' effects, summed: the same keys as a region's test
@@ -373,7 +377,7 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
     _verdict(f, confirmed if tested else None)
     f.message += (f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention: pasted onto other "
                   f"classes' images, {n_ok} of the {len(tested)} regions turned at least half of them into "
-                  f"'{f.cls}'.")
+                  f"'{f.cls}'" + (", but the model does not do so for most such shapes (above)." if refuted else "."))
 
 
 def _verdict(f, confirmed: bool | None, floor: str = "high") -> None:
