@@ -164,7 +164,8 @@ def model_view(ev: Evidence, crops: list[torch.Tensor], colour: torch.Tensor) ->
     hh, ww = ev.input_spec.size
     c = len(colour)
     canvas = colour.to(ev.device, torch.float32)[:, None, None].expand(c, hh, ww)
-    layer = default_layer(ev.model, (c, hh, ww), ev.device)
+    # The layer the audit explains at, where Evidence carries it; else the same default it picks.
+    layer = getattr(ev, "layer", None) or default_layer(ev.model, (c, hh, ww), ev.device)
     reading = reading_of(ev.model, layer)
     seen: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, i, o: seen.append(o)) if layer is not None else None
