@@ -328,6 +328,8 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
         cached_confirm(ev, findings, class_findings, cfg, store, model_key)
     with phase("drawing how the model sees each class", quiet):
         views = global_views(ev, findings, class_findings, cfg)
+    if views.state == "error":  # the section is a view, not a check: said, not gated
+        warnings.append(f"the global views (how the model sees each class) could not be drawn: {views.reason}")
     order = lambda f: (-severity_rank(f.severity), -f.score)  # noqa: E731
     findings.sort(key=order)
     class_findings.sort(key=order)

@@ -233,6 +233,16 @@ class TrustSpec(Strict):
                                    "allowed at that step too (the paper's second measure)")
 
 
+class ViewsSpec(Strict):
+    """The global views ("How the model sees each class"): bounded so they cost a small share of the audit."""
+    enabled: bool = True
+    steps: int = Field(48, ge=1, le=1000, description="activation-maximisation steps per class visualisation")
+    max_classes: int = Field(20, ge=1, description="classes visualised (the most predicted)")
+    window: float = Field(0.15, gt=0, le=0.5, description="side of the evidence window, of the image's")
+    probe_images: int = Field(150, ge=10, description="images for the class-label probe")
+    max_cues: int = Field(4, ge=0, description="confirmed cue regions probed")
+
+
 class FailOn(Strict):
     """Gate conditions: the run fails when any one that is set is met (``fail_on: high`` = severity,
     and, as always unless switched off, ``incomplete``)."""
@@ -335,6 +345,7 @@ class AuditConfig(Strict):
     rules: dict[str, dict[str, Any]] | None = None
     intervention: InterventionSpec = InterventionSpec()
     trust: TrustSpec = TrustSpec()
+    views: ViewsSpec = ViewsSpec()
     report: ReportSpec = ReportSpec()
     run: RunSpec = RunSpec()
     waivers: list[Waiver] = []

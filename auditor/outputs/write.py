@@ -205,6 +205,8 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
     for key, draw in (("confusion", confusion_chart), ("class_rates", class_rates_chart)):
         if path := draw(confusion.get("classes") or classes, confusion.get("matrix") or [], images / f"{key}.png"):
             pictures[key] = {"file": rel(path), "width_mm": width_mm(path)}
+    from auditor.outputs.views import view_pictures
+    pictures["views"] = view_pictures(record, images)  # section 3b: each class's picture and the probes' chart
     (folder / PICTURES).write_text(json.dumps(pictures, indent=1))
     return pictures
 
