@@ -308,7 +308,6 @@ def recurring_patch(ev: Evidence, level: Share = 0.5, min_area: Share = 0.001, m
     if min_area >= max_area:
         raise ValueError(f"min_area ({min_area}) must be below max_area ({max_area})")
     severity = severity or SEVERITY
-    s = ev.samples
     rng = np.random.default_rng(0)
     tested: dict[int, list] = {}  # class -> [(gap, images, method, members, test)]: its tested groups
     for method in ev.methods:
@@ -334,7 +333,7 @@ def recurring_patch(ev: Evidence, level: Share = 0.5, min_area: Share = 0.001, m
         moving = sorted((g for g in groups if grade(g[0], severity) and g[4]["transfer_vs_control"][1] > 0),
                         key=lambda g: (-g[0], -g[1]))
         if not moving:
-            continue  # it recurs, but it moves the model no more than its placebos: no shortcut
+            continue  # it recurs, but it moves the model no more than its placebo: no shortcut
         gap, _, method, _, test = moving[0]
         sev = grade(gap, severity)
         boxes = first_per_image([(i, (box, g[2])) for g in moving for i, box in g[3]])
@@ -345,8 +344,9 @@ def recurring_patch(ev: Evidence, level: Share = 0.5, min_area: Share = 0.001, m
 def capped(per_image: list[list], n: int) -> list:
     """At most ``n`` regions in all: every image's heaviest first, then every image's second, ...
     (the clustering's memory grows with the square of their number)."""
-    out = [r for rank in range(max(map(len, per_image), default=0)) for rs in per_image if rank < len(rs)
-           for r in [rs[rank]]]
+    out: list = []
+    for rank in range(max(map(len, per_image), default=0)):
+        out += [rs[rank] for rs in per_image if rank < len(rs)]
     return out[:n]
 
 
