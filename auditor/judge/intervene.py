@@ -349,7 +349,9 @@ def _test_sample(tester: Intervener, f: Finding, box, cls: int, own: dict | None
             effect |= tester.restore_from(f.sample, true, box, donors) | {"own_test": True}
         else:
             effect |= tester.restore(f.sample, true, box, f.method)
-        confirmed = confirmed or beats_control(effect, "restore", effect["restore_rate"] >= spec.transplant_rate, spec)
+        restored = beats_control(effect, "restore", effect["restore_rate"] >= spec.transplant_rate, spec)
+        # A rule's own restore test had its own placebo (its donors pasted elsewhere): both must be beaten.
+        confirmed = confirmed or (restored and (not own or beats_control(own, "restore", True, spec)))
     return effect, confirmed
 
 
