@@ -162,6 +162,8 @@ def cached_confirm(ev: Evidence, findings: list, class_findings: list, cfg: Audi
     if hit is not None:
         for f, (severity, message, details) in zip([*findings, *class_findings], hit):
             f.severity, f.message, f.details = severity, message, details
+            if isinstance(f, Finding) and (details.get("intervention") or {}).get("bbox"):
+                f.bbox = details["intervention"]["bbox"]  # the box the intervention refined
         return
     confirm(ev, findings, class_findings, cfg.intervention, cfg.run.seed)
     outcome = [(f.severity, f.message, f.details) for f in [*findings, *class_findings]]
@@ -297,7 +299,7 @@ def run_audit(cfg: AuditConfig, quiet: bool = False) -> AuditResult:
     used = [m for m in ctx.methods if m not in ctx.disabled]
     ev = Evidence(classes, samples, {m: LazyMaps(store, rec.heatmaps.get(m, {})) for m in used},
                   {m: LazyMaps(store, rec.contrast.get(m, {})) for m in used}, refs,
-                  model=model, input_spec=cfg.model.input, device=device)
+                  model=model, input_spec=cfg.model.input, device=device, layer=layer)
 
     with phase("testing the explanation methods (trust gate)", quiet):
         trust = (cached_trust(ev, {m: methods[m] for m in used}, layer, cfg, store, model_key, layer_info)

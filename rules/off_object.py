@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from auditor.inputs.data import input_view, to_input_mask
 from auditor.judge.evidence import ClassFinding, Count, Evidence, Finding, Share, Thresholds, grade
 from auditor.explain.heatmap import normalise, region_mask
 from auditor.registry import RULES
@@ -19,17 +20,20 @@ SAMPLE_SEVERITY = {"low": 0.0, "medium": 0.5}
 
 
 def object_mask(ev: Evidence, i: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """The object's mask or box, from the file's pixels into the model input's (through its crop);
+    None where there is none, or the crop kept all of it from the model."""
     ref = ev.refs[i]
+    v = input_view((ev.samples.at[i, "width"], ev.samples.at[i, "height"]), ev.input_spec)
     if ref.mask is not None:
         try:
-            m = Image.open(ref.mask).convert("L").resize(shape[::-1], Image.NEAREST)
+            with Image.open(ref.mask) as m:
+                mask = to_input_mask(m, v, shape)
         except (OSError, ValueError):
             return None
-        return np.asarray(m) > 0
+        return mask if mask.any() else None
     if ref.bbox is not None:
-        w, h = ev.samples.at[i, "width"], ev.samples.at[i, "height"]
-        x0, y0, x1, y1 = ref.bbox
-        return region_mask(shape, (x0 / w, y0 / h, x1 / w, y1 / h))
+        x0, y0, x1, y1 = v.to_input(ref.bbox)
+        return region_mask(shape, (x0, y0, x1, y1)) if x0 < x1 and y0 < y1 else None
     return None
 
 

@@ -25,9 +25,12 @@ looks at what the evidence shows instead of where it is:
    placebo, by ``severity["low"]`` or more with a 95% interval above zero; severity follows the
    difference (a group that recurs but moves the model no more than its placebo is no finding).
 
-Findings: one class finding without a region (its member sample ids in ``details.samples``: the
-intervention confirms it when most of their boxes carry C to other images), and one finding per
-member image the model calls C, boxing the patch. Costs one forward pass per region, two per
+Findings: one finding per member image the model calls C but that is labelled otherwise, boxing
+the patch, and one class finding without a region (those images' ids in ``details.samples``: the
+intervention confirms it when most of their boxes carry C to other images). A patch that only
+sits in images labelled C may be what C is (the rectangle of a 'box' class, measured: the clean
+rectangle model's own rectangles moved it as much as a sticker does): the class finding then stays
+low, for a person to look at, and no image is flagged. Costs one forward pass per region, two per
 target image and group; no backward pass but one (finding the layer).
 """
 from __future__ import annotations
@@ -435,13 +438,16 @@ def _findings(ev: Evidence, cls: int, method: str, boxes: dict[int, tuple], test
                f"{test['transfer_rate']:.0%} of them into '{name}' (a random patch of the same size from the same "
                f"images: {test['control_rate']:.0%})")
     n = len(boxes)
+    # A patch that only ever sits in images that really are the class may be what the class is (the
+    # rectangle of 'box'): the model reading it is no error. It is a shortcut in evidence when it also
+    # made the model call images of other classes the class; then those errors are the image findings.
+    errors = {i: v for i, v in boxes.items() if int(s.at[i, "label"]) != cls}
     details = {k: test[k] for k in ("class_explained", "elsewhere", "others_explained", "spread", "description",
                                     "pasted_onto", "turned", "transfer_rate", "control_turned", "control_rate",
                                     "transfer_vs_control")} | {"images": n}
     findings = []
-    for i, (box, by) in boxes.items():
-        true = int(s.at[i, "label"])
-        head = "" if true == cls else f"The model called this '{ev.classes[true]}' image '{name}'. "
+    for i, (box, by) in errors.items():
+        head = f"The model called this '{ev.classes[int(s.at[i, 'label'])]}' image '{name}'. "
         findings.append(Finding(
             sample=i, rule="recurring_patch", method=by, severity=sev, score=round(float(gap), 4),
             bbox=ev.to_file_bbox(i, box),
@@ -450,9 +456,11 @@ def _findings(ev: Evidence, cls: int, method: str, boxes: dict[int, tuple], test
             details=details | {"region": "anywhere"}))
     elsewhere = (f"; it appears in {test['elsewhere']} of the {test['others_explained']} explained images of "
                  f"other classes" if test["elsewhere"] else "; it appears in no explained image of another class")
+    caused = (f"; the model called {len(errors)} images of other classes '{name}' with it" if errors else
+              f"; every image that holds it is labelled '{name}', so it may be what '{name}' is: look at the examples")
     cf = ClassFinding(
-        cls=name, rule="recurring_patch", method=method, severity=sev, score=round(float(gap), 4),
+        cls=name, rule="recurring_patch", method=method, severity=sev if errors else "low", score=round(float(gap), 4),
         share=round(min(n / test["class_explained"], 1.0), 4),
-        message=f"{n} images called '{name}' hold a {what}, in different places{elsewhere}; {outcome}.",
-        details=details | {"samples": sorted(boxes)})
+        message=f"{n} images called '{name}' hold a {what}, in different places{elsewhere}; {outcome}{caused}.",
+        details=details | {"samples": sorted(errors), "errors_caused": len(errors), "generalises": bool(errors)})
     return findings + [cf]

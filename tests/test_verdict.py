@@ -31,7 +31,9 @@ def record_of(project, output: str) -> RunRecord:
 
 def test_every_method_distrusted_is_incomplete_not_pass(project):
     """The trust gate sets every method aside: the rules had no evidence, so the audit cannot pass."""
-    project.cfg["trust"] = {"enabled": True, "images": 4, "max_deletion_ratio": 1e-6}  # nothing can pass
+    # nothing can pass: a benefit no method reaches, and no model-only fallback
+    project.cfg["trust"] = {"enabled": True, "images": 4, "min_benefit": 100, "min_effect": 0, "max_fill_flips": 1,
+                            "fallback": None}
     project.write()
     r = audit(project)
     assert r.exit_code == 1, r.output

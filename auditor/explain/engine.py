@@ -92,7 +92,7 @@ def method_params(ctx: Context, name: str) -> dict:
     return method_kwargs(name, ctx.methods[name], ctx.layer, ctx.cfg.run.seed, max_rows(ctx))
 
 
-def _is_oom(e: Exception) -> bool:
+def is_oom(e: Exception) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -101,7 +101,7 @@ def attribute(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) ->
     try:
         return METHODS.get(name).fn(ctx.model, x, target, **method_params(ctx, name)).detach()
     except (RuntimeError, MemoryError) as e:
-        if not _is_oom(e) or len(x) == 1:
+        if not is_oom(e) or len(x) == 1:
             raise
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -114,6 +114,7 @@ class Evidence:
     input_spec: Any = None
     device: torch.device | None = None
     reliable: dict[str, bool] = field(default_factory=dict)
+    layer: torch.nn.Module | None = None     # the layer Grad-CAM-style methods read (model.target_layer or the default)
     _inputs: BoundedCache = field(default_factory=lambda: BoundedCache(CACHE_IMAGES, CACHE_BYTES), repr=False)
     _pixels: BoundedCache = field(default_factory=lambda: BoundedCache(CACHE_IMAGES, PIXELS_BYTES), repr=False)
 

@@ -760,7 +760,8 @@ def reliability(rec: RunRecord, pictures: dict | None = None) -> dict:
     trust, spec = rec.run.get("trust") or {}, _Spec(rec.config.get("trust") or {})
     pictures = pictures or {}
     rows = []
-    for name in rec.run["methods"]:
+    fallbacks = [k for k, t in trust.items() if t.get("fallback") and k not in rec.run["methods"]]
+    for name in [*rec.run["methods"], *fallbacks]:
         t, check = trust.get(name), rec.coverage.methods.get(name)
         if check is not None and check.state in ("error", "not_applicable", "no_evidence"):
             status, css, text = "could not run", "fail", f"It {check.words}."
@@ -768,17 +769,28 @@ def reliability(rec: RunRecord, pictures: dict | None = None) -> dict:
             status, css, text = "not tested", "warn", ("The trust gate was switched off, so its heatmaps were used "
                                                       "without being tested." if not spec.enabled else
                                                       "It produced no heatmaps to test.")
+        elif t.get("fallback"):
+            status, css = ("used instead", "warn") if t["reliable"] else ("could not run", "fail")
+            text = (f"No configured method passed the trust gate, so the checks read this model-only method instead "
+                    f"(it hides parts of the image and measures the model's own answer; there is no propagation rule "
+                    f"to distrust), on {_plural(t.get('images', 0), 'image')}." if t["reliable"] else
+                    f"No configured method passed the trust gate, and this model-only fallback {t.get('reason')}.")
         elif t["reliable"]:
             curve = t.get("randomisation_spearman") or [float("nan")]
-            d = t.get("decisive_step", len(curve) - 1)
+            d = min(t.get("decisive_step", len(curve) - 1), len(curve) - 1)
+            n = len(t.get("randomisation_steps") or curve)
             status, css = "trusted", "pass"
+            benefit = (f"a benefit of {t['deletion_benefit']:+.2f} in probability, 95% interval "
+                       f"{t['deletion_ci'][0]:+.2f} to {t['deletion_ci'][1]:+.2f}"
+                       if "deletion_ci" in t else f"area under the curve {t['deletion_auc']:.2f} against "
+                                                  f"{t['random_deletion_auc']:.2f}")
             text = (f"When {share_words(spec.decide_at)} was randomised, block by block from the output, its "
                     f"heatmaps changed: their rank correlation with the originals fell to {curve[d]:.2f} after "
-                    f"{d + 1} of {len(curve)} steps (at most {t.get('max_spearman', spec.max_spearman):.2f} "
-                    f"allowed). Removing the pixels it marks lowered the prediction faster than removing random "
-                    f"pixels (area under the curve {t['deletion_auc']:.2f} against {t['random_deletion_auc']:.2f}; "
-                    f"it must stay below {spec.max_deletion_ratio:.0%} of random). Tested on "
-                    f"{_plural(t.get('images', 0), 'image')}.")
+                    f"{d + 1} of {n} steps (at most {t.get('max_spearman', spec.max_spearman):.2f} "
+                    f"allowed). Removing the pixels it marks first, the prediction fell faster than removing random "
+                    f"blobs ({benefit}). Tested on {_plural(t.get('images', 0), 'image')}.")
+            if t.get("note"):
+                text += f" Kept although a test could not decide: {t['note']}."
         else:
             status, css = "not trusted", "fail"
             reason = t.get("reason") or "no reason given"
@@ -790,7 +802,7 @@ def reliability(rec: RunRecord, pictures: dict | None = None) -> dict:
     if not spec.enabled:
         intro = "The trust gate was switched off (trust.enabled: false): no method was tested before use."
     else:
-        intro = (f"{n_ok} of {_plural(len(rows), 'method')} passed the trust gate. A method passes when its "
+        intro = (f"{n_ok} of {_plural(len(rows) - len(fallbacks), 'method')} passed the trust gate. A method passes when its "
                  f"heatmaps depend on the model (they change once {share_words(spec.decide_at)} is randomised) "
                  f"and are faithful "
                  f"(removing the pixels it marks hurts the prediction more than removing random ones).")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from auditor.explain.engine import is_oom
 from auditor.judge.evidence import ClassFinding, Evidence, Finding
 from auditor.judge.intervene import Intervener, fill
 from auditor.record import ClassView, ProbeCurve, TreeView, Views
@@ -62,6 +63,21 @@ def chosen_classes(ev: Evidence, most: int) -> list[int]:
     return sorted(np.argsort(-counts, kind="stable")[:most].tolist())
 
 
+def _visualise_in_halves(ev: Evidence, classes: list[int], size, mean, std, steps: int, seed: int):
+    """``visualise`` on all classes at once; a batch that runs out of memory (a small GPU) is split
+    in half and retried, as the explain engine does (each class's picture is optimised on its own)."""
+    try:
+        return visualise(ev.model, classes, size, ev.input_spec.channels, mean, std, ev.device, steps=steps, seed=seed)
+    except (RuntimeError, MemoryError) as e:
+        if not is_oom(e) or len(classes) == 1:
+            raise
+        if ev.device is not None and ev.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(classes) // 2
+        parts = [_visualise_in_halves(ev, part, size, mean, std, steps, seed) for part in (classes[:half], classes[half:])]
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+
+
 def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed: int = 0) -> dict[int, Picture]:
     """Per class, its visualisation, where its evidence lies and whether that window alone
     carries the class (pasted onto the other classes' visualisations); memoised per model."""
@@ -74,8 +90,7 @@ def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed:
     h, w = spec.size
     mean = spec.mean * spec.channels if len(spec.mean) == 1 else spec.mean
     std = spec.std * spec.channels if len(spec.std) == 1 else spec.std
-    imgs, sal, logits = visualise(ev.model, classes, (h, w), spec.channels, mean, std, ev.device, steps=steps,
-                                  seed=seed)
+    imgs, sal, logits = _visualise_in_halves(ev, classes, (h, w), mean, std, steps, seed)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).to(ev.device)
     backgrounds = torch.cat([x, smooth_noise(BACKGROUNDS, h, w, spec.channels, seed).to(ev.device)])
     m = torch.as_tensor(mean, device=ev.device).view(1, -1, 1, 1)
