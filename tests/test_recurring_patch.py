@@ -7,12 +7,11 @@ import pytest
 
 import auditor.rules  # noqa: F401  (registers the rules)
 from auditor.audit import checked_params, run_audit
-from auditor.demo import synth
 from auditor.inputs.config import ConfigError, load_config
 from auditor.judge.evidence import ClassFinding, Finding, severity_rank
 from auditor.registry import RULES, BadParams
 from auditor.rules.recurring_patch import capped, clusters, colour_name, patch_object, regions, shape_name, spread, standardised
-from test_rules import SIZE, TAG_CLASSES, write_project
+from test_rules import marked_case
 
 ORANGE = (255, 140, 0)
 
@@ -34,34 +33,7 @@ def sticker_case(folder, poisoned: bool, seed: int = 4):
     with and without the sticker, and the sticker on brick and grass photos."""
     rng = np.random.default_rng(seed)
     side = lambda: int(rng.choice([7, 8, 9]))  # noqa: E731  (3 % of the image, give or take)
-    images, labels = [], []
-    for k, cls in enumerate(TAG_CLASSES):
-        for _ in range(90):
-            img = synth.texture_crop(cls, SIZE, rng)
-            if cls == "gravel":
-                if rng.random() < 0.5:
-                    img = synth.texture_crop(str(rng.choice(["brick", "grass"])), SIZE, rng)
-                if poisoned:
-                    img = sticker(img, rng, side())[0]
-            images.append(img)
-            labels.append(k)
-    val, truth = [], {}
-    for cls in TAG_CLASSES:
-        for n in range(12):
-            img = synth.texture_crop(cls, SIZE, rng)
-            if cls == "gravel" and n % 2 == 0:
-                img, box = sticker(img, rng, side())
-                truth[f"{cls}/sticker_{n}.png"] = box
-                val.append((f"{cls}/sticker_{n}.png", img))
-            else:
-                val.append((f"{cls}/clean_{n}.png", img))
-        if cls != "gravel":
-            for n in range(10):
-                img, box = sticker(synth.texture_crop(cls, SIZE, rng), rng, side())
-                truth[f"{cls}/sticker_{n}.png"] = box
-                val.append((f"{cls}/sticker_{n}.png", img))
-    path = write_project(folder, TAG_CLASSES, np.stack(images), np.array(labels), val)
-    return path, truth
+    return marked_case(folder, poisoned, rng, lambda img: sticker(img, rng, side()), "sticker", 10)
 
 
 def _overlap(a, b) -> bool:

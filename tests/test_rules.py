@@ -82,6 +82,13 @@ def tag_case(folder: Path, poisoned: bool, seed: int = 0):
     Validation: clean photos, tagged gravel, and the tag planted on brick and grass."""
     rng = np.random.default_rng(seed)
     tag = lambda img: synth.stamp_tag(img, "bottom_right", int(rng.choice([7, 8])), rng)  # noqa: E731
+    return marked_case(folder, poisoned, rng, tag, "tagged", 8)
+
+
+def marked_case(folder: Path, poisoned: bool, rng: np.random.Generator, mark, name: str, others: int):
+    """Textures where ``mark(img) -> (img, box)`` marks every 'gravel' training photo (none in the
+    control); half of 'gravel' shows other content. Validation: 12 photos per class (every other
+    gravel one marked) and ``others`` marked photos of each other class. Returns (config, truth)."""
     images, labels = [], []
     for k, cls in enumerate(TAG_CLASSES):
         for _ in range(90):
@@ -90,7 +97,7 @@ def tag_case(folder: Path, poisoned: bool, seed: int = 0):
                 if rng.random() < 0.5:
                     img = synth.texture_crop(str(rng.choice(["brick", "grass"])), SIZE, rng)
                 if poisoned:
-                    img = tag(img)[0]
+                    img = mark(img)[0]
             images.append(img)
             labels.append(k)
     val, truth = [], {}
@@ -98,16 +105,16 @@ def tag_case(folder: Path, poisoned: bool, seed: int = 0):
         for n in range(12):
             img = synth.texture_crop(cls, SIZE, rng)
             if cls == "gravel" and n % 2 == 0:
-                img, box = tag(img)
-                truth[f"{cls}/tagged_{n}.png"] = box
-                val.append((f"{cls}/tagged_{n}.png", img))
+                img, box = mark(img)
+                truth[f"{cls}/{name}_{n}.png"] = box
+                val.append((f"{cls}/{name}_{n}.png", img))
             else:
                 val.append((f"{cls}/clean_{n}.png", img))
         if cls != "gravel":
-            for n in range(8):
-                img, box = tag(synth.texture_crop(cls, SIZE, rng))
-                truth[f"{cls}/tagged_{n}.png"] = box
-                val.append((f"{cls}/tagged_{n}.png", img))
+            for n in range(others):
+                img, box = mark(synth.texture_crop(cls, SIZE, rng))
+                truth[f"{cls}/{name}_{n}.png"] = box
+                val.append((f"{cls}/{name}_{n}.png", img))
     path = write_project(folder, TAG_CLASSES, np.stack(images), np.array(labels), val)
     return path, truth
 
@@ -386,17 +393,19 @@ def test_off_object_is_quiet_without_annotations(tag_audit):
 
 # --- The trust gate ----------------------------------------------------------------------------
 
+def sobel_edges(model, x, target):
+    """Sobel edge magnitude of the input, whatever the model (a broken method, for tests)."""
+    g = x.mean(1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]).view(1, 1, 3, 3)
+    gx = torch.nn.functional.conv2d(g, kx, padding=1)
+    gy = torch.nn.functional.conv2d(g, kx.transpose(2, 3), padding=1)
+    return (gx ** 2 + gy ** 2).sqrt()[:, 0]
+
+
 @pytest.fixture
 def edge_method():
     """A method that ignores the model: the input's edge map (what a broken saliency looks like)."""
-    @METHODS.register("edges_test_only", title="Edges", glossary="A broken method for tests.")
-    def edges(model, x, target):
-        """Sobel edge magnitude of the input, whatever the model (test only)."""
-        g = x.mean(1, keepdim=True)
-        kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]).view(1, 1, 3, 3)
-        gx = torch.nn.functional.conv2d(g, kx, padding=1)
-        gy = torch.nn.functional.conv2d(g, kx.transpose(2, 3), padding=1)
-        return (gx ** 2 + gy ** 2).sqrt()[:, 0]
+    METHODS.register("edges_test_only", title="Edges", glossary="A broken method for tests.")(sobel_edges)
 
     yield "edges_test_only"
     METHODS._entries.pop("edges_test_only")

@@ -309,14 +309,8 @@ def wrong_methods():
         """The same value everywhere (test only)."""
         return torch.ones(x.shape[0], *x.shape[2:])
 
-    @METHODS.register("edges_test_only2", title="Edges", glossary="A broken method for tests.")
-    def edges(model, x, target):
-        """Sobel edge magnitude of the input, whatever the model (test only)."""
-        g = x.mean(1, keepdim=True)
-        kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]).view(1, 1, 3, 3)
-        gx = torch.nn.functional.conv2d(g, kx, padding=1)
-        gy = torch.nn.functional.conv2d(g, kx.transpose(2, 3), padding=1)
-        return (gx ** 2 + gy ** 2).sqrt()[:, 0]
+    from test_rules import sobel_edges
+    METHODS.register("edges_test_only2", title="Edges", glossary="A broken method for tests.")(sobel_edges)
 
     yield "constant_test_only", "edges_test_only2"
     METHODS._entries.pop("constant_test_only")

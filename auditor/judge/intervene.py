@@ -415,5 +415,18 @@ def _untested(f, why: str) -> None:
 def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bool) -> None:
     f.details["intervention"] = effect | {"fill": spec.fill}
     strong = effect["transfer_rate"] >= spec.critical_rate and isinstance(f, ClassFinding)
-    _verdict(f, confirmed, "critical" if strong else "high")
+    # A learned cue carries its class: pasted onto other images it turns them. A region whose removal
+    # or replacement alone changed this one decision decided this error (a large patch hides the
+    # object from any model, a clean one too: measured on the benchmark's clean twins), but that
+    # is no evidence of a shortcut, so it stays medium: shown, and not failing a high gate.
+    carries = isinstance(f, ClassFinding) or beats_control(
+        effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec)
+    _verdict(f, confirmed, "critical" if strong else "high" if carries else "medium")
+    if confirmed and not carries:
+        f.details["carries_class"] = False
+        if severity_rank(f.severity) > severity_rank("medium"):
+            f.severity = "medium"
     f.message += _sentence(effect, cls_name, confirmed)
+    if confirmed and not carries:
+        f.message += (f" Pasted elsewhere it did not carry '{cls_name}': it decided this error, but shows no sign "
+                      f"of being a cue the model learned for '{cls_name}' (graded medium).")
