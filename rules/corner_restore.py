@@ -38,7 +38,7 @@ import torch
 
 from auditor.judge.evidence import Band, Count, Evidence, Finding, NonNegative, Positive, Share, Thresholds, grade
 from auditor.explain.heatmap import bands, grow_box, object_box, region_mask
-from auditor.judge.intervene import against_control as _against, control_boxes
+from auditor.judge.intervene import against_control, control_boxes
 from auditor.registry import RULES
 
 SEVERITY = {"low": 0.5, "medium": 0.75}   # on the share of donors whose corner gave T back
@@ -109,10 +109,10 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
             # other classes' images tells what kind of cue it is: as good as T's, the error came
             # from what this image shows there (a wrong mark); much worse, from what T's show.
             rng = np.random.default_rng(int(i))
-            control = {} if c is None else _against(b[at], c[at], "third_class", rng)
+            control = {} if c is None else against_control(b[at], c[at], "third_class", rng)
             elsewhere = _elsewhere(ev, x, d[at], list(corners.values())[at], (h, w), int(t), rng)
             if elsewhere is not None:
-                control |= _against(b[at], elsewhere, "restore", rng)
+                control |= against_control(b[at], elsewhere, "restore", rng)
                 if control["restore_vs_control"][0] < control_margin:
                     continue
             findings.append(_finding(ev, i, corners, where, alone, rate >= min_rate, rate, donor_ids, severity,

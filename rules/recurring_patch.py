@@ -48,6 +48,7 @@ from auditor.explain.layers import default_layer, feature_map, reading_of
 from auditor.inputs.data import input_view
 from auditor.judge.evidence import (ClassFinding, Count, Evidence, Finding, NonNegative, Positive, Share,
                                     Thresholds, grade)
+from auditor.judge.intervene import against_control
 from auditor.registry import RULES
 
 # On the patch's transfer rate minus its placebo's; below "low", no finding.
@@ -55,7 +56,6 @@ SEVERITY = {"low": 0.25, "medium": 0.4, "high": 0.6}
 ROWS = 256                                              # rows per forward pass
 RARE = 0.15                                             # RGB distance at which two colours are alike
 UNSEEN = 0.02                                           # a colour this rare around a patch is the patch's
-RESAMPLES = 1000
 
 
 # --- 1. Regions ----------------------------------------------------------------------------
@@ -265,12 +265,10 @@ def paste_test(ev: Evidence, sources: list[tuple[int, tuple]], cls: int, targets
         hit.append(pred[:len(chunk)] == cls)
         placebo.append(pred[len(chunk):] == cls)
     hit, placebo = np.concatenate(hit).astype(float), np.concatenate(placebo).astype(float)
-    d = hit - placebo
-    means = d[rng.integers(0, len(d), (RESAMPLES, len(d)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    paired = against_control(hit, placebo, "transfer", rng)  # the intervention's own paired bootstrap
     return {"pasted_onto": len(targets), "turned": int(hit.sum()), "transfer_rate": round(float(hit.mean()), 4),
-            "control_turned": int(placebo.sum()), "control_rate": round(float(placebo.mean()), 4),
-            "transfer_vs_control": [round(float(d.mean()), 4), round(float(lo), 4), round(float(hi), 4)]}
+            "control_turned": int(placebo.sum()), "control_rate": paired["control_transfer_rate"],
+            "transfer_vs_control": paired["transfer_vs_control"]}
 
 
 def _elsewhere(box, size, rng: np.random.Generator) -> tuple[int, int]:

@@ -102,7 +102,7 @@ class Intervener:
                   "new_predictions": [self.ev.classes[int(c)] for c in after.argmax(1)[changed].tolist()][:5]}
         result["removal_rate"] = round(result["decision_changed"] / max(len(sources), 1), 4)
         if placebo is not None:
-            result |= _against(changed.float().numpy(), placebo.numpy(), "removal", self.rng)
+            result |= against_control(changed.float().numpy(), placebo.numpy(), "removal", self.rng)
         targets = self.others(cls, self.spec.transplant_images)
         if targets:
             y = self.ev.model_inputs(targets)
@@ -116,7 +116,7 @@ class Intervener:
             result |= {"pasted_onto": len(targets), "turned": int(hit.sum())}
             if controls:
                 placebo = torch.stack([turned(m) for m in controls]).float().mean(0)
-                result |= _against(hit.float().numpy(), placebo.numpy(), "transfer", self.rng)
+                result |= against_control(hit.float().numpy(), placebo.numpy(), "transfer", self.rng)
         else:
             result |= {"pasted_onto": 0, "turned": 0}
         result["transfer_rate"] = round(result["turned"] / max(result["pasted_onto"], 1), 4)
@@ -158,7 +158,7 @@ class Intervener:
         controls = control_boxes(box, self.spec.controls, self.rng)
         if controls:
             placebo = torch.stack([back(self.mask(c)) for c in controls]).float().mean(0)
-            result |= _against(hit.float().numpy(), placebo.numpy(), "restore", self.rng)
+            result |= against_control(hit.float().numpy(), placebo.numpy(), "restore", self.rng)
         return result
 
     def donors_of(self, true: int) -> list[int]:
@@ -213,9 +213,6 @@ def against_control(effect: np.ndarray, placebo: np.ndarray, name: str, rng: np.
         lo, hi = np.percentile(means, [2.5, 97.5])
     return {f"control_{name}_rate": round(float(placebo.mean()), 4),
             f"{name}_vs_control": [round(diff, 4), round(float(lo), 4), round(float(hi), 4)]}
-
-
-_against = against_control
 
 
 def beats_control(effect: dict, name: str, rate: float, spec: InterventionSpec) -> bool:
