@@ -283,6 +283,14 @@ class RunRecord(Frozen):
         return cls.from_doc(doc, where)
 
 
+def beats(effect: dict, name: str, rate_ok: bool, margin: float) -> bool:
+    """An intervention's effect confirms: its rate reached the threshold (``rate_ok``) and beats its
+    placebo by ``margin``, the 95% interval of the difference above zero. Without a placebo (no
+    room for one), the rate alone. (Here, not in judge: the report re-reads recorded tests.)"""
+    vs = effect.get(f"{name}_vs_control")
+    return bool(rate_ok) and (vs is None or (vs[0] >= margin and vs[1] > 0))
+
+
 def severity_rank(s: str | None) -> int:
     return -1 if s is None else SEVERITIES.index(s)
 

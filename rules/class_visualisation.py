@@ -11,6 +11,7 @@ images onto other classes' images (with placebo regions), as for any class findi
 """
 from __future__ import annotations
 
+from auditor.explain.heatmap import box_area, place_words
 from auditor.judge.evidence import Band, ClassFinding, Count, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
 from auditor.views import class_views
@@ -38,26 +39,15 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
         if sev is None or p.share < min_share:
             continue
         name = ev.classes[c]
-        where = _where(p.region)
+        where = place_words(p.region)
         out.append(ClassFinding(
             cls=name, rule="class_visualisation", severity=sev, score=round(p.carry, 4), share=round(p.share, 4),
             region=p.region,
             message=(f"Asked to draw '{name}' from a blank grey picture, the model put {p.share:.0%} of the "
-                     f"picture's evidence into one small patch ({where}, {_area(p.region):.0%} of the image); "
+                     f"picture's evidence into one small patch ({where}, {box_area(p.region):.0%} of the image); "
                      f"pasted alone onto the pictures it draws for the other classes, that patch made "
                      f"{p.carry:.0%} of them '{name}'. The model may recognise '{name}' by a mark at that "
                      f"place rather than by the object."),
             details={"region": where, "carry_rate": p.carry, "evidence_share": p.share, "logit": round(p.logit, 3),
                      "steps": steps, "window": window}))
     return out
-
-
-def _area(box) -> float:
-    return (box[2] - box[0]) * (box[3] - box[1])
-
-
-def _where(box) -> str:
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
-    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "centre"
-    return "centre" if (v, h) == ("middle", "centre") else f"{v} {h}".replace("middle ", "").replace(" centre", "")

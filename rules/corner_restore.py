@@ -85,14 +85,17 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
         if got is None:
             continue
         d, donor_ids = got
+        controls: dict[int, torch.Tensor | None] = {}   # per prediction: they depend on it and T alone
         for i in todo:
             x = ev.model_inputs([i])[0]                                              # [C, h, w]
             # The placebo: the same corners pasted from correctly classified images of the other
             # classes (neither the prediction nor the true class). A borderline error of a model
             # with no shortcut gives T back as readily from them; a corner cue of T does not.
             pred = int(s.at[i, "prediction"])
-            third = [got_c for c in sorted(members) if c not in (pred, t) and (got_c := donors_of(int(c))) is not None]
-            ctrl = _interleave([g[0] for g in third], THIRD * d.shape[1]) if third else None
+            if pred not in controls:
+                third = [g for c in sorted(members) if c not in (pred, t) and (g := donors_of(int(c))) is not None]
+                controls[pred] = _interleave([g[0] for g in third], THIRD * d.shape[1]) if third else None
+            ctrl = controls[pred]
             b = _back(ev, x, d, masks, int(t))                                       # [4, k]
             c = _back(ev, x, ctrl, masks, int(t)) if ctrl is not None else None
             rate = b.mean(1)

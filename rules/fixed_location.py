@@ -13,7 +13,7 @@ import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from auditor.judge.evidence import ClassFinding, Count, Evidence, Positive, Share, Thresholds, grade
-from auditor.explain.heatmap import normalise
+from auditor.explain.heatmap import boxes_overlap, normalise, place_words
 from auditor.registry import RULES
 
 SEVERITY = {"low": 0.3, "medium": 0.4, "high": 0.55}
@@ -136,16 +136,16 @@ def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, mi
                     score=round(mass, 4), share=round(share, 4), region=[round(float(v), 4) for v in box],
                     message=(f"For {len(part)} of the {len(members)} images the model calls '{ev.classes[c]}', "
                              f"the explanations agree on one small spot: {mass:.0%} of their evidence sits in a "
-                             f"window covering {area:.0%} of the image ({_where(box)}), a place other classes "
+                             f"window covering {area:.0%} of the image ({place_words(box)}), a place other classes "
                              f"hardly use ({other.mean():.0%}). Something printed or placed there may be "
                              f"what the model recognises."),
-                    details={"region": _where(box), "group_size": len(part), "class_images": len(members), "groups": groups,
+                    details={"region": place_words(box), "group_size": len(part), "class_images": len(members), "groups": groups,
                              "lift": round(mass / area, 2), "z": round(float(z), 2), "tightness": round(tight, 3),
                              "exemplars": exemplars, "methods_agreeing": agreeing})
     # One finding per class and place: overlapping windows from other groups or methods merge.
     kept: list[ClassFinding] = []
     for f in sorted(out.values(), key=lambda f: -f.score):
-        twin = next((k for k in kept if k.cls == f.cls and _overlap(k.region, f.region)), None)
+        twin = next((k for k in kept if k.cls == f.cls and boxes_overlap(k.region, f.region)), None)
         if twin is None:
             kept.append(f)
         else:
@@ -153,14 +153,3 @@ def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, mi
     for f in kept:
         f.details["methods_agreeing"] = sorted(set(f.details["methods_agreeing"]))
     return kept
-
-
-def _overlap(a, b) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _where(box) -> str:
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
-    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "centre"
-    return "centre" if (v, h) == ("middle", "centre") else f"{v} {h}".replace("middle ", "").replace(" centre", "")

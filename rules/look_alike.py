@@ -165,12 +165,9 @@ def look_alike(ev: Evidence, min_examples: Count = 5, max_distance: Positive = 2
             if pred_typ is None:
                 continue
             o = evidence_object(ev.seen_pixels(i), heat[i])
-            if (o is None or not o["whole"] or abs(o["contrast"]) < min_contrast or o["size"] > max_size
-                    or not compact(o)):
+            if not looks_alike(o, pred_typ, max_distance, min_contrast, max_size):
                 continue
             dist = _distance(o, pred_typ)
-            if dist > max_distance:
-                continue
             # A mark that also looks like the true class's own evidence is the object itself, read
             # as a near neighbour (a 4 taken for a 9), not a look-alike of another class's mark.
             true_typ = class_typical(true)

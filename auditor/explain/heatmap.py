@@ -58,6 +58,19 @@ def box_area(box) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
 
+def boxes_overlap(a, b) -> bool:
+    """Whether two boxes [x0, y0, x1, y1] (in the same units) share any area."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_words(box) -> str:
+    """Where a fractional box's centre lies, in words: 'top left', 'bottom', 'centre', ..."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
+    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "centre"
+    return "centre" if (v, h) == ("middle", "centre") else f"{v} {h}".replace("middle ", "").replace(" centre", "")
+
+
 def evidence_box(heat: np.ndarray, region=None, level: float = 0.5) -> tuple[float, float, float, float] | None:
     """Fractional bounding box of a heatmap's connected evidence region.
 

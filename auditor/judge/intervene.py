@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from auditor.inputs.config import InterventionSpec
 from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.explain.heatmap import box_area, grow_box, region_mask
+from auditor.record import beats
 
 
 def fill(x: torch.Tensor, mask: np.ndarray, how: str) -> torch.Tensor:
@@ -218,8 +219,7 @@ def against_control(effect: np.ndarray, placebo: np.ndarray, name: str, rng: np.
 def beats_control(effect: dict, name: str, rate: float, spec: InterventionSpec) -> bool:
     """``rate`` reaches its threshold and beats its placebo by ``spec.control_margin``, with a
     95% interval of the difference above zero. Without a placebo (no room for one), the rate alone."""
-    vs = effect.get(f"{name}_vs_control")
-    return bool(rate) and (vs is None or (vs[0] >= spec.control_margin and vs[1] > 0))
+    return beats(effect, name, rate, spec.control_margin)
 
 
 def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
@@ -287,8 +287,8 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
                 tried[b] = _test_sample(tester, f, b, cls, own, spec)
                 if tried[b][1]:
                     break
-            chosen = next((b for b in order if tried.get(b, (None, False))[1]), box)
-            effect, confirmed = tried[chosen] if chosen in tried else _test_sample(tester, f, box, cls, own, spec)
+            chosen = next((b for b, (_, ok) in tried.items() if ok), box)  # (the finding's own box is tried first)
+            effect, confirmed = tried[chosen]
         except Exception as e:
             _untested(f, f"the test failed: {type(e).__name__}: {e}".splitlines()[0])
             continue

@@ -23,7 +23,7 @@ from auditor.judge.trust import share_words
 from auditor.outputs.views import key_number as views_key_number, views_context
 from auditor.outputs.overlay import (EXEMPLAR_MM, GAP_MM, INSET_MM, MEAN_MM, PANEL_MM, PANELS_PER_ROW, SHEET_COLUMNS,
                                      TILE_MM)
-from auditor.record import ClassFindingRecord, RunRecord, severity_rank
+from auditor.record import ClassFindingRecord, RunRecord, beats, severity_rank
 from auditor.registry import METHODS, RULES
 
 # Okabe-Ito colours (colour-blind safe) in the stylesheet; the verdict is always written in words too.
@@ -106,12 +106,6 @@ def _is_class(f) -> bool:
 
 # --- the intervention tests, one line each ------------------------------------------------
 
-def _beats(e: dict, name: str, rate_ok: bool, margin: float) -> bool:
-    """As the intervention decided (auditor.judge.intervene.beats_control): the rate reaches its
-    threshold and beats its placebo by the margin, the placebo's interval above zero."""
-    vs = e.get(f"{name}_vs_control")
-    return bool(rate_ok) and (vs is None or (vs[0] >= margin and vs[1] > 0))
-
 
 def _placebo(e: dict, name: str, n: int) -> str:
     rate = e.get(f"control_{name}_rate")
@@ -137,7 +131,7 @@ def tests(rec: RunRecord, f) -> list[dict]:
     else:
         n = e.get("removed_from") or 0
         if n == 1:
-            ok = _beats(e, "removal", e["removal_rate"] >= spec["remove_drop"], spec["control_margin"])
+            ok = beats(e, "removal", e["removal_rate"] >= spec["remove_drop"], spec["control_margin"])
             text = (f"hiding the region changed the prediction to '{e['new_predictions'][0]}'"
                     if e.get("decision_changed") and e.get("new_predictions") else
                     f"hiding the region did not change the prediction (confidence in '{cls}' "
@@ -147,17 +141,17 @@ def tests(rec: RunRecord, f) -> list[dict]:
                 text += f" (random region of the same size: {e['control_removal_rate']:.0%} of the time)"
             out.append({"ok": ok, "name": "hiding", "text": text})
         elif n:
-            ok = _beats(e, "removal", e["removal_rate"] >= spec["remove_drop"], spec["control_margin"])
+            ok = beats(e, "removal", e["removal_rate"] >= spec["remove_drop"], spec["control_margin"])
             out.append({"ok": ok, "name": "hiding",
                         "text": f"hiding the region in {n} images the model calls '{cls}' changed "
                                 f"{e['decision_changed']} of the decisions" + _placebo(e, "removal", n)})
         if e.get("pasted_onto"):
-            ok = _beats(e, "transfer", e["transfer_rate"] >= spec["transplant_rate"], spec["control_margin"])
+            ok = beats(e, "transfer", e["transfer_rate"] >= spec["transplant_rate"], spec["control_margin"])
             out.append({"ok": ok, "name": "pasting",
                         "text": f"pasting the region onto {e['pasted_onto']} other images turned {e['turned']} into "
                                 f"'{cls}'" + _placebo(e, "transfer", e["pasted_onto"])})
         if e.get("donors"):
-            ok = _beats(e, "restore", e["restore_rate"] >= spec["transplant_rate"], spec["control_margin"])
+            ok = beats(e, "restore", e["restore_rate"] >= spec["transplant_rate"], spec["control_margin"])
             true = e.get("true_class", "the true class")
             out.append({"ok": ok, "name": "restoring",
                         "text": f"putting back what {e['donors']} correctly classified '{true}' images show there "

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from auditor.explain.engine import is_oom
+from auditor.explain.heatmap import boxes_overlap
 from auditor.judge.evidence import ClassFinding, Evidence, Finding
 from auditor.judge.intervene import Intervener, fill
 from auditor.record import ClassView, ProbeCurve, TreeView, Views
@@ -95,6 +96,8 @@ def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed:
     backgrounds = torch.cat([x, smooth_noise(BACKGROUNDS, h, w, spec.channels, seed).to(ev.device)])
     m = torch.as_tensor(mean, device=ev.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, device=ev.device).view(1, -1, 1, 1)
+    with torch.no_grad():
+        before = ev.model((backgrounds - m) / s).argmax(1).cpu().numpy()
     out = {}
     for k, c in enumerate(classes):
         share, box = best_window(sal[k], window)
@@ -102,7 +105,6 @@ def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed:
         pasted = backgrounds.clone()
         pasted[:, :, y0:y1, x0:x1] = x[k, :, y0:y1, x0:x1]
         with torch.no_grad():  # onto the other classes' pictures and the noise: not onto its own picture
-            before = ev.model((backgrounds - m) / s).argmax(1).cpu().numpy()
             pred = ev.model((pasted - m) / s).argmax(1).cpu().numpy()
         keep = (np.arange(len(pasted)) != k) & (before != c)
         carry = float((pred[keep] == c).mean()) if keep.any() else 0.0
@@ -142,16 +144,12 @@ def _grid(sal: np.ndarray, side: int = SALIENCY_GRID) -> list[list[float]]:
     return np.round(g / max(float(g.max()), 1e-12), 3).tolist()
 
 
-def _overlap(a, b) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
 def confirmed_cues(class_findings: list[ClassFinding], most: int) -> list[ClassFinding]:
     """Confirmed class findings with a region, one per class and place (the strongest)."""
     out: list[ClassFinding] = []
     for f in sorted(class_findings, key=lambda f: -f.score):
         if f.region and f.details.get("confirmed") and not any(
-                g.cls == f.cls and _overlap(g.region, f.region) for g in out):
+                g.cls == f.cls and boxes_overlap(g.region, f.region) for g in out):
             out.append(f)
     return out[:most]
 

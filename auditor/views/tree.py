@@ -73,7 +73,7 @@ def fidelity(depth: int, x: np.ndarray, y: np.ndarray, seed: int) -> float:
     for train, test in folds.split(x, y):
         tree = DecisionTreeClassifier(max_depth=depth, random_state=seed, class_weight="balanced")
         guess[test] = tree.fit(x[train], y[train]).predict(x[test])
-    return float(np.mean([(guess[y == v] == v).mean() for v in (0, 1)]))
+    return balanced(guess, y)
 
 
 @dataclass
@@ -106,11 +106,16 @@ def surrogate(x: np.ndarray, y: np.ndarray, names: list[str], seed: int = 0,
     return Surrogate(round(fid, 4), depth, round(path_length(tree, x), 3), fid >= goal, text, int(y.sum()))
 
 
+def balanced(guess: np.ndarray, y: np.ndarray) -> float:
+    """Balanced agreement of 0/1 guesses with 0/1 decisions: the mean of the two classes' hit rates."""
+    return float(np.mean([(guess[y == v] == v).mean() for v in (0, 1)]))
+
+
 def fitted_fidelity(depth: int, x: np.ndarray, y: np.ndarray, seed: int) -> float:
     """Balanced agreement of a tree of ``depth`` fitted on all of (x, y), on the same images."""
     tree = DecisionTreeClassifier(max_depth=depth, random_state=seed, class_weight="balanced").fit(x, y)
     guess = tree.predict(x)
-    return float(np.mean([(guess[y == v] == v).mean() for v in (0, 1)]))
+    return balanced(guess, y)
 
 
 def one_region(x: np.ndarray, y: np.ndarray, where: list[str], seed: int = 0,
