@@ -22,8 +22,7 @@ from auditor.inputs.data import input_view, read_image
 from auditor.inputs.preflight import OWNER, mark_partial
 from auditor.outputs.overlay import (EXEMPLAR_PX, MEAN_PX, PANEL_PX, PANELS_PER_ROW, SHEET_COLUMNS, SHEET_ROWS,
                                      TILE_PX, dim_unseen, draw_boxes, inset, legend, mean_image, overlay, save_picture,
-                                     scale_bar,
-                                     sheet, strip, thumbnail)
+                                     scale_bar, sheet, strip, thumbnail)
 from auditor.record import RunRecord, severity_rank
 
 if TYPE_CHECKING:
@@ -98,26 +97,40 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
     images.mkdir()
     legend().save(images / "legend.png")
     scale_bar().save(images / "scale.png")
-    rel = lambda path: f"images/{path.name}"  # noqa: E731
-    pictures = {"legend": "images/legend.png", "scale": "images/scale.png", "samples": {}, "classes": {},
-                "sheets": []}
     flagged = record.flagged()
+    pictures = {"legend": "images/legend.png", "scale": "images/scale.png",
+                "samples": _sample_pictures(ev, flagged[:limit], images),
+                "sheets": _sheets(ev, flagged[limit:limit + thumbnails], images),
+                "classes": _class_pictures(record, ev, images)}
+    pictures |= _charts(record, images)
+    from auditor.outputs.views import view_pictures
+    pictures["views"] = view_pictures(record, images)  # section 3b: each class's picture and the probes' chart
+    (folder / PICTURES).write_text(json.dumps(pictures, indent=1))
+    return pictures
 
-    def picture_of(s, side: int):
-        """(the decoded file, its thumbnail, boxes as fractions, the methods with a heatmap of it,
-        the part of the file the model saw as fractions), or None when the file cannot be read now."""
-        try:
-            img = read_image(ev.refs[s.id].path)
-        except (OSError, ValueError):
-            return None  # unreadable now: the report lists it in the table instead
-        w, h = s.size
-        boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for f in s.findings
-                                   if (b := f.bbox)))
-        return (img, thumbnail(img, side), boxes, [m for m in ev.heatmaps if s.id in ev.heatmaps[m]],
-                input_view(s.size, ev.input_spec).frac)
 
-    for n, s in enumerate(flagged[:limit]):
-        if (got := picture_of(s, PANEL_PX)) is None:
+def _rel(path: Path) -> str:
+    return f"images/{path.name}"
+
+
+def _picture_of(ev: Evidence, s, side: int):
+    """(the decoded file, its thumbnail, boxes as fractions, the methods with a heatmap of it,
+    the part of the file the model saw as fractions), or None when the file cannot be read now."""
+    try:
+        img = read_image(ev.refs[s.id].path)
+    except (OSError, ValueError):
+        return None  # unreadable now: the report lists it in the table instead
+    w, h = s.size
+    boxes = list(dict.fromkeys((b[0] / w, b[1] / h, b[2] / w, b[3] / h) for f in s.findings if (b := f.bbox)))
+    return (img, thumbnail(img, side), boxes, [m for m in ev.heatmaps if s.id in ev.heatmaps[m]],
+            input_view(s.size, ev.input_spec).frac)
+
+
+def _sample_pictures(ev: Evidence, flagged: list, images: Path) -> dict:
+    """Per flagged image its rows of panels (original, one overlay per method, the inset last)."""
+    out = {}
+    for n, s in enumerate(flagged):
+        if (got := _picture_of(ev, s, PANEL_PX)) is None:
             continue
         img, base, boxes, have, seen = got
         methods = [None, *have]
@@ -125,27 +138,32 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
         worst = max(s.findings, key=lambda f: (severity_rank(f.severity), f.score))
         box = worst.bbox or next((f.bbox for f in s.findings if f.bbox), None)
         zoom = inset(img, (box[0] / s.size[0], box[1] / s.size[1], box[2] / s.size[0],
-                                                      box[3] / s.size[1]), seen=seen) if box else None
+                           box[3] / s.size[1]), seen=seen) if box else None
         cuts = [0, *range(min(3, len(panels)) if zoom else PANELS_PER_ROW, len(panels), PANELS_PER_ROW), len(panels)]
         rows = []
         for k, (a, b) in enumerate(zip(cuts, cuts[1:])):  # one picture per row of panels; the inset ends the first
             extra = [zoom] if zoom and k == 0 else []
             pic = strip(panels[a:b] + extra)
-            rows.append({"file": rel(save_picture(pic, images / f"s{n:04d}-{k}")),
+            rows.append({"file": _rel(save_picture(pic, images / f"s{n:04d}-{k}")),
                          "methods": methods[a:b] + (["@inset"] if extra else []), "boxed": bool(boxes)})
-        pictures["samples"][s.id] = {"rows": rows} | (
-            {"inset": rel(save_picture(zoom, images / f"s{n:04d}-z"))} if zoom else {})
-    tiles: list = []  # (image, sample, method); one sheet's worth at a time
+        out[s.id] = {"rows": rows} | ({"inset": _rel(save_picture(zoom, images / f"s{n:04d}-z"))} if zoom else {})
+    return out
+
+
+def _sheets(ev: Evidence, flagged: list, images: Path) -> list[dict]:
+    """The further flagged images as numbered tiles, one sheet's worth held at a time."""
+    sheets: list[dict] = []
+    tiles: list = []  # (image, sample, method)
 
     def save_sheet() -> None:
-        first = 1 + len(pictures["sheets"]) * SHEET_COLUMNS * SHEET_ROWS  # earlier sheets are full
+        first = 1 + len(sheets) * SHEET_COLUMNS * SHEET_ROWS  # earlier sheets are full
         pic = sheet([t for t, _, _ in tiles], first)
-        pictures["sheets"].append({"file": rel(save_picture(pic, images / f"t{len(pictures['sheets']):03d}")),
-                                   "first": first, "tiles": [{"sample": i, "method": m} for _, i, m in tiles]})
+        sheets.append({"file": _rel(save_picture(pic, images / f"t{len(sheets):03d}")),
+                       "first": first, "tiles": [{"sample": i, "method": m} for _, i, m in tiles]})
         tiles.clear()
 
-    for s in flagged[limit:limit + thumbnails]:
-        if (got := picture_of(s, TILE_PX)) is None:
+    for s in flagged:
+        if (got := _picture_of(ev, s, TILE_PX)) is None:
             continue
         _, base, boxes, have, seen = got
         worst = max(s.findings, key=lambda f: (severity_rank(f.severity), f.score)).method
@@ -156,6 +174,12 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
             save_sheet()
     if tiles:
         save_sheet()
+    return sheets
+
+
+def _class_pictures(record: RunRecord, ev: Evidence, images: Path) -> dict:
+    """Per class finding (by position) the class's mean image under its mean heatmap and its examples."""
+    out = {}
     explained: dict[str, tuple] = {}  # each method's maps read from the cache once, not per finding
     classes = record.classes
     for n, f in enumerate(record.class_findings):
@@ -171,44 +195,50 @@ def gallery_images(record: RunRecord, ev: Evidence, folder: Path, limit: int, th
             continue
         ids, maps = [ids[k] for k in keep], normalise(maps[keep])
         boxes = [f.region] if f.region else []
-        looks = []  # the class's mean image under its mean heatmap (at most 64 images read)
-        for i in ids[:64]:
-            try:
-                looks.append(read_image(ev.refs[i].path))
-            except (OSError, ValueError):
-                continue
+        decoded: dict[int, object] = {}  # each file decoded once, for the mean and the examples
+
+        def read(i: int):
+            if i not in decoded:
+                try:
+                    decoded[i] = read_image(ev.refs[i].path)
+                except (OSError, ValueError):
+                    decoded[i] = None
+            return decoded[i]
+
+        looks = [im for i in ids[:64] if (im := read(i)) is not None]  # at most 64 images in the mean
         h, w = maps.shape[1:]
         size = (MEAN_PX, max(1, round(MEAN_PX * h / w))) if w >= h else (max(1, round(MEAN_PX * w / h)), MEAN_PX)
         seen = [input_view(im.size, ev.input_spec).frac for im in looks]   # the mean of what the model saw
         mean = overlay(mean_image(looks, size, seen), maps.mean(axis=0), boxes)
-        entry = {"mean": rel(save_picture(mean, images / f"c{n:03d}-mean")), "method": method,
+        entry = {"mean": _rel(save_picture(mean, images / f"c{n:03d}-mean")), "method": method,
                  "images": len(ids), "mean_of": len(looks), "exemplars": []}
         for k, i in enumerate(class_exemplars(ev, f, ids, maps)):
-            try:
-                img = read_image(ev.refs[i].path)
-            except (OSError, ValueError):
+            if (img := read(i)) is None:
                 continue
             base, v = thumbnail(img, EXEMPLAR_PX), input_view(img.size, ev.input_spec)
             on_file = [v.to_file_frac(b) for b in boxes]   # the region is the model input's; the picture the file's
             pic = (overlay(base, ev.heatmaps[method][i], on_file, v.frac) if i in ev.heatmaps[method]
                    else dim_unseen(base, v.frac))
-            entry["exemplars"].append({"file": rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": int(i)})
+            entry["exemplars"].append({"file": _rel(save_picture(pic, images / f"c{n:03d}-{k}")), "sample": int(i)})
             if f.region and "inset" not in entry:  # the region of the first example, cut out and enlarged
-                entry["inset"] = {"file": rel(save_picture(inset(img, v.to_file_frac(f.region), seen=v.frac),
-                                                           images / f"c{n:03d}-inset")), "sample": int(i)}
-        pictures["classes"][n] = entry
+                entry["inset"] = {"file": _rel(save_picture(inset(img, v.to_file_frac(f.region), seen=v.frac),
+                                                            images / f"c{n:03d}-inset")), "sample": int(i)}
+        out[n] = entry
+    return out
+
+
+def _charts(record: RunRecord, images: Path) -> dict:
+    """The trust gate's cascade (section 5), the confusion matrix and per-class rates (section 2)."""
     from auditor.outputs.charts import cascade_chart
     from auditor.outputs.plots import class_rates_chart, confusion_chart, width_mm
-    if cascade_chart(record.run.get("trust") or {}, folder / "images" / "cascade.png"):
-        pictures["cascade"] = "images/cascade.png"  # the trust gate's randomisation curves (section 5)
-    confusion = record.metrics.confusion  # section 2: the confusion matrix, precision and recall per class
+    out: dict = {}
+    if cascade_chart(record.run.get("trust") or {}, images / "cascade.png"):
+        out["cascade"] = "images/cascade.png"
+    confusion = record.metrics.confusion
     for key, draw in (("confusion", confusion_chart), ("class_rates", class_rates_chart)):
-        if path := draw(confusion.get("classes") or classes, confusion.get("matrix") or [], images / f"{key}.png"):
-            pictures[key] = {"file": rel(path), "width_mm": width_mm(path)}
-    from auditor.outputs.views import view_pictures
-    pictures["views"] = view_pictures(record, images)  # section 3b: each class's picture and the probes' chart
-    (folder / PICTURES).write_text(json.dumps(pictures, indent=1))
-    return pictures
+        if path := draw(confusion.get("classes") or record.classes, confusion.get("matrix") or [], images / f"{key}.png"):
+            out[key] = {"file": _rel(path), "width_mm": width_mm(path)}
+    return out
 
 
 def load_pictures(folder: Path) -> dict:
