@@ -6,8 +6,11 @@ Each model is built from its config (random init, nothing downloaded), saved wit
 ``--per-class``), methods gradcam and saliency, trust gate on, cache off. Each phase is timed by
 wrapping the function that runs it, from the outside:
 
-  predict+explain  auditor.audit.run_local          (decode, predict, explain: the batches)
+  predict+explain  auditor.audit.run_local          (decode, predict, explain: the batches), of which
+  predict          auditor.explain.engine.predict   (the forward passes)
+  explain          auditor.explain.engine.explain   (the explanation methods: the explain phase)
   trust            auditor.audit.cached_trust       (randomisation cascade and deletion test)
+  fallback         auditor.judge.trust.fallback_maps (occlusion, when no method passed the gate)
   rules            auditor.audit.run_rules
   interventions    auditor.audit.cached_confirm
   report           auditor.audit... write_run       (findings.json, pictures, HTML, PDF), of which
@@ -15,11 +18,15 @@ wrapping the function that runs it, from the outside:
 
 beside the model's own floor, measured on the same images in the same process: one forward pass
 of every image (no gradient), and one forward and backward pass (input gradients) of every image.
-Printed: seconds per phase, each as a multiple of the forward+backward floor, and the trust gate's
-time as a share of the explain phase (issue 14's goal: at most 25% on ResNet-50).
+Printed: seconds per phase (the median over ``--repeats`` audits), each as a multiple of the
+forward+backward floor; the trust gate's time as a share of the explain phase (issue 14's goal: at
+most 25% on ResNet-50) and of predict+explain, side by side, with each repeat's; and the gate's
+parts (its record's ``timing``). ``--no-fallback`` sets trust.fallback null: on these random-init
+models every method fails the gate, and the occlusion fallback then costs more than the rest.
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py                 # both models
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py --models vit-s --per-class 2
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py --models resnet50 --repeats 3 --no-fallback
 """
 from __future__ import annotations
 
@@ -42,6 +49,8 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import auditor.audit  # noqa: E402
+import auditor.explain.engine  # noqa: E402
+import auditor.judge.trust  # noqa: E402
 import auditor.outputs.write  # noqa: E402
 from auditor.inputs.config import load_config  # noqa: E402
 
@@ -49,7 +58,10 @@ CLASSES = ("cat", "dog", "fox")
 SIZE = 224
 PHASES = {  # phase -> (module, function) wrapped to time it
     "predict+explain": (auditor.audit, "run_local"),
+    "predict": (auditor.explain.engine, "predict"),
+    "explain": (auditor.explain.engine, "explain"),
     "trust": (auditor.audit, "cached_trust"),
+    "fallback": (auditor.judge.trust, "fallback_maps"),
     "rules": (auditor.audit, "run_rules"),
     "interventions": (auditor.audit, "cached_confirm"),
     "render": (auditor.outputs.write, "render_reports"),
@@ -71,7 +83,7 @@ def build(name: str):
     raise SystemExit(f"unknown model {name!r}: resnet50 or vit-s")
 
 
-def write_project(folder: Path, model, per_class: int) -> Path:
+def write_project(folder: Path, model, per_class: int, fallback: bool = True) -> Path:
     model.save_pretrained(folder / "model")
     (folder / "model" / "preprocessor_config.json").write_text(json.dumps({
         "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
@@ -82,20 +94,29 @@ def write_project(folder: Path, model, per_class: int) -> Path:
         for k in range(per_class):
             Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / "data" / c / f"{k}.png")
     cfg = {"model": {"huggingface": "model"}, "data": {"root": "data"},
-           "explain": {"methods": ["gradcam", "saliency"]}, "trust": {"enabled": True},
+           "explain": {"methods": ["gradcam", "saliency"]},
+           "trust": {"enabled": True, **({} if fallback else {"fallback": None})},
            "run": {"device": "cpu", "cache": False, "batch_size": 16}, "report": {"out": "reports"}}
     (folder / "audit.yaml").write_text(yaml.safe_dump(cfg))
     return folder / "audit.yaml"
 
 
-def timed(times: dict, phase: str, fn):
+INSIDE = {"predict", "explain"}  # engine functions the fallback calls too: counted inside run_local only
+
+
+def timed(times: dict, phase: str, fn, state: dict):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if phase in INSIDE and not state.get("explaining"):
+            return fn(*args, **kwargs)
+        state["explaining"] = state.get("explaining") or phase == "predict+explain"
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             times[phase] = times.get(phase, 0.0) + time.perf_counter() - t0
+            if phase == "predict+explain":
+                state["explaining"] = False
     return wrapper
 
 
@@ -119,44 +140,66 @@ def floor(model, n: int) -> dict:
     return out
 
 
-def bench(name: str, per_class: int) -> dict:
+def audit_once(path: Path, name: str) -> tuple[dict, object]:
+    """One audit of the project at ``path`` (as ``auditor run``), every phase timed."""
+    times: dict[str, float] = {}
+    state: dict = {}
+    saved = {phase: getattr(mod, fn) for phase, (mod, fn) in PHASES.items()}
+    for phase, (mod, fn) in PHASES.items():
+        setattr(mod, fn, timed(times, phase, saved[phase], state))
+    try:
+        t0 = time.perf_counter()
+        res = auditor.audit.run_audit(load_config(path), quiet=True)
+        times["audit (all)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            auditor.outputs.write.write_run(res, path.parent / "reports")
+        except Exception as e:  # noqa: BLE001  (the report is one phase; the others stand)
+            print(f"{name}: the report failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            times.pop("render", None)
+            times["report failed"] = 1.0
+        times["report"] = time.perf_counter() - t0
+    finally:
+        for phase, (mod, fn) in PHASES.items():
+            setattr(mod, fn, saved[phase])
+    return times, res.record
+
+
+def bench(name: str, per_class: int, repeats: int = 1, fallback: bool = True) -> dict:
     from auditor.inputs.huggingface import Logits
     model = build(name)
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_project(Path(tmp), model, per_class)
-        times: dict[str, float] = {}
-        saved = {phase: getattr(mod, fn) for phase, (mod, fn) in PHASES.items()}
-        for phase, (mod, fn) in PHASES.items():
-            setattr(mod, fn, timed(times, phase, saved[phase]))
-        try:
-            t0 = time.perf_counter()
-            res = auditor.audit.run_audit(load_config(path), quiet=True)
-            times["audit (all)"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            try:
-                auditor.outputs.write.write_run(res, Path(tmp) / "reports")
-            except Exception as e:  # noqa: BLE001  (the report is one phase; the others stand)
-                print(f"{name}: the report failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                times.pop("render", None)
-                times["report failed"] = 1.0
-            times["report"] = time.perf_counter() - t0
-        finally:
-            for phase, (mod, fn) in PHASES.items():
-                setattr(mod, fn, saved[phase])
-        record = res.record
+        path = write_project(Path(tmp), model, per_class, fallback)
+        for k in range(repeats):
+            times, record = audit_once(path, name)
+            runs.append(times)
+            print(f"{name} run {k + 1}: {json.dumps({p: round(v, 2) for p, v in times.items()})}", file=sys.stderr,
+                  flush=True)
         explained = int(record.metrics.explained)
     lean = Logits(model)
     for p in lean.parameters():
         p.requires_grad_(False)
     base = floor(lean, per_class * len(CLASSES))
-    print(f"{name}: {json.dumps({k: round(v, 2) for k, v in (times | base).items()})}", file=sys.stderr, flush=True)
+    times = {p: float(np.median([r.get(p, 0.0) for r in runs])) for p in {p for r in runs for p in r}}
+    trust = record.run["trust"]
     return {"model": name, "images": per_class * len(CLASSES), "explained": explained, "times": times,
-            "floor": base, "trust_steps": {m: len(t.get("randomisation_steps", [])) for m, t in record.run["trust"].items()},
-            "trust_images": {m: t.get("images") for m, t in record.run["trust"].items()}}
+            "runs": runs, "floor": base,
+            "trust_steps": {m: len(t.get("randomisation_steps", [])) for m, t in trust.items()},
+            "trust_images": {m: t.get("images") for m, t in trust.items()},
+            "deletion_images": {m: t.get("deletion_images") for m, t in trust.items() if "deletion_images" in t},
+            "trust_timing": {m: t.get("timing") for m, t in trust.items() if t.get("timing")},
+            "verdicts": {m: t.get("randomisation", "fallback" if t.get("fallback") else "-") + "/" +
+                         t.get("deletion", "-") for m, t in trust.items()}}
+
+
+def share(times: dict, of: str) -> float:
+    return times.get("trust", 0.0) / max(times.get(of, 0.0), 1e-9)
 
 
 def table(results: list[dict]) -> str:
-    rows = ["predict+explain", "trust", "rules", "interventions", "report", "render", "audit (all)"]
+    rows = ["predict+explain", "predict", "explain", "trust", "fallback", "rules", "interventions", "report",
+            "render", "audit (all)"]
     head = "| phase | " + " | ".join(f"{r['model']} s | × fwd+bwd" for r in results) + " |"
     lines = [head, "|---" * (1 + 2 * len(results)) + "|"]
     for phase in rows:
@@ -172,12 +215,16 @@ def table(results: list[dict]) -> str:
         lines.append(f"| floor: {what} of every image | " + " | ".join(cells) + " |")
     lines.append("")
     for r in results:
-        t = r["times"]
-        share = t.get("trust", 0.0) / max(t.get("predict+explain", 1e-9), 1e-9)
-        lines.append(f"{r['model']}: {r['images']} images ({r['explained']} explained); trust gate = "
-                     f"{100 * share:.0f}% of the explain phase (goal: at most 25%); cascade steps "
-                     f"{r['trust_steps']}, on {r['trust_images']} images"
+        t, runs = r["times"], r.get("runs", [r["times"]])
+        each = lambda of: ", ".join(f"{100 * share(x, of):.0f}%" for x in runs)  # noqa: E731
+        lines.append(f"{r['model']}: {r['images']} images ({r['explained']} explained); trust gate (median of "
+                     f"{len(runs)}) = {100 * share(t, 'explain'):.0f}% of the explain phase [{each('explain')}] "
+                     f"(goal: at most 25%), {100 * share(t, 'predict+explain'):.0f}% of predict+explain "
+                     f"[{each('predict+explain')}]; cascade steps {r['trust_steps']}, on {r['trust_images']} images; "
+                     f"deletion decided on {r.get('deletion_images')} images; verdicts {r.get('verdicts')}"
                      + ("; the report failed (its time is to the failure)" if "report failed" in t else ""))
+        for m, parts in r.get("trust_timing", {}).items():
+            lines.append(f"  {m} gate parts (s, last run): {parts}")
     return "\n".join(lines)
 
 
@@ -185,6 +232,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet50,vit-s")
     ap.add_argument("--per-class", type=int, default=4, help="images per class (3 classes); at least 2")
+    ap.add_argument("--repeats", type=int, default=1, help="audits per model; the table shows medians")
+    ap.add_argument("--no-fallback", action="store_true", help="trust.fallback null (no occlusion fallback)")
     ap.add_argument("--save", help="a folder: each model's result as <model>.json")
     ap.add_argument("results", nargs="*", help="results saved earlier (--save), put in the table first")
     args = ap.parse_args()
@@ -192,7 +241,7 @@ def main() -> None:
     results = [json.loads(Path(f).read_text()) for f in args.results]
     for name in filter(None, args.models.split(",")):
         t0 = time.perf_counter()
-        results.append(bench(name, max(2, args.per_class)))
+        results.append(bench(name, max(2, args.per_class), max(1, args.repeats), not args.no_fallback))
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         if args.save:
             Path(args.save, f"{name}.json").write_text(json.dumps(results[-1]))

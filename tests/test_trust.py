@@ -78,6 +78,36 @@ def test_cascade_follows_the_data_flow_and_folds_batchnorm_into_its_convolution(
     assert len(cascade_steps(Res().eval(), x, "modules")) == 7
 
 
+def test_the_cascade_randomises_in_place_as_a_copy_would_and_puts_the_model_back():
+    """Oracle: a deep copy randomised and recalibrated step by step with the same generator."""
+    import copy
+    from auditor.judge.trust import _norms, _recalibrate, cascade, randomise_
+    model, x = Res().eval(), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for m in model.modules():  # trained-looking BatchNorm statistics, so a reset would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.num_batches_tracked.fill_(7)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = cascade_steps(model, x)
+    twin, gen, norms = copy.deepcopy(model), torch.Generator().manual_seed(3), []
+    with cascade(model, x, steps, seed=3) as randomised:
+        for step, rand in randomised:
+            randomise_(twin, step, gen)
+            norms += _norms(twin, step)
+            if norms:
+                _recalibrate(twin, norms, x)
+            assert rand is model
+            for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+                assert torch.equal(a, b), (step.label, k)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    assert not model.training and all(not m.training for m in model.modules())
+    with pytest.raises(RuntimeError, match="stop"), cascade(model, x, steps, seed=3) as randomised:
+        next(randomised)
+        next(randomised)
+        raise RuntimeError("stop")  # an error half-way: the model is put back all the same
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+
+
 # --- a trained deep ReLU network -------------------------------------------------------------------
 
 CLASSES = ("box", "noise", "brick", "grass", "gravel")
@@ -324,6 +354,61 @@ def test_methods_that_are_truly_wrong_are_dropped(holes, wrong_methods):
     assert not out[constant]["reliable"] and out[constant]["deletion"] == "failed", out[constant]
     assert not out[edges]["reliable"] and out[edges]["randomisation"] == "failed", out[edges]
     assert out["gradcam"]["reliable"]
+
+
+def test_deletion_stops_early_only_where_the_cascade_images_already_decide(holes, wrong_methods):
+    """A known-good method (Grad-CAM) and a known-broken one (a constant map): the verdicts with
+    the early look are those on all the images; each decided on the 8 cascade images."""
+    ev, model = holes
+    constant, _ = wrong_methods
+    methods = {constant: {}, "gradcam": {}}
+    early = trust_gate(ev, methods, model[5], TrustSpec(images=16), seed=0)
+    full = trust_gate(ev, methods, model[5], TrustSpec(images=16, early_stop=False), seed=0)
+    for m in methods:
+        assert early[m]["deletion"] == full[m]["deletion"] and early[m]["reliable"] == full[m]["reliable"], m
+        assert early[m]["deletion_images"] == early[m]["cascade_images"] == 8 and full[m]["deletion_images"] == 16
+        assert early[m]["randomisation_spearman"] == full[m]["randomisation_spearman"]  # the cascade is untouched
+    assert early["gradcam"]["deletion"] == "passed" and early[constant]["deletion"] == "failed"
+    assert early[constant]["deletion_ci"] == [0.0, 0.0]  # its order is the random one: no benefit on any image
+    assert set(early["gradcam"]["timing"]) >= {"maps", "deletion", "cascade", "clean", "fill_check", "random_order",
+                                               "cascade_models"}
+
+
+def test_an_undecided_early_look_goes_on_to_every_image():
+    """Only passed or failed stops the test at the early look (or a fill that decides it anyway)."""
+    from auditor.judge.trust import EARLY_LEVEL, Removal, deletion_test
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(12, dtype=torch.long)
+    field = np.random.default_rng(0).standard_normal((12, 256))
+    heats = {"noise": np.random.default_rng(1).uniform(0, 1, (12, 16, 16))}  # no better than random
+    with torch.no_grad():
+        clean = model(x).softmax(1)[:, 0].numpy()
+    spec = TrustSpec(images=12)
+    out = deletion_test(model, x, target, clean, Removal("mean", x, 0), field, heats, spec, 0, 0.0,
+                        first=list(range(6)))
+    # Removal barely moves this untrained model: inconclusive at the early look, so on to all 12 images.
+    assert out["noise"]["deletion"] == "inconclusive" and out["noise"]["deletion_images"] == 12, out
+    assert "barely changes the prediction" in out["noise"]["deletion_note"] and EARLY_LEVEL > 0.95
+    # The batched curves of a subset of images are those of the whole batch's rows.
+    from auditor.judge.trust import deletion_curves, relevance_order
+    removal, order = Removal("mean", x, 0), relevance_order(heats["noise"], field)
+    with torch.no_grad():
+        gone = model(removal(np.ones((12, 16, 16), bool))).softmax(1)[:, 0].numpy()
+    whole = deletion_curves(model, x, target, {"o": order}, removal, 4, (clean, gone))["o"]
+    rows = np.array([2, 7, 11])
+    part = deletion_curves(model, x, target, {"o": order[rows]}, removal, 4, (clean[rows], gone[rows]), rows)["o"]
+    np.testing.assert_allclose(part, whole[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_the_fallback_is_bounded_on_large_inputs():
+    from auditor.judge.trust import fallback_params
+    from auditor.explain.methods.perturbation import _n_windows
+    assert fallback_params("occlusion", (64, 64)) == {}
+    big = fallback_params("occlusion", (224, 224))
+    assert big == {"stride": 1.0} and _n_windows((224, 224), 0.125, big["stride"]) == 64
 
 
 def _digits(n_per_class: int, seed: int):

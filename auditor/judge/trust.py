@@ -19,9 +19,9 @@ fails on evidence. When every method is dropped, the audit reads a model-only me
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,16 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.full(len(a), np.nan)
     return np.array([structural_similarity(unit(p), unit(q), data_range=1.0, win_size=win)
                      for p, q in zip(a.astype(np.float64), b.astype(np.float64))])
+
+
+@contextmanager
+def clock(parts: dict, name: str):
+    """Add the block's wall-clock seconds to ``parts[name]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        parts[name] = parts.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _heat(name: str, params: dict, model, layer, x, target, seed: int) -> np.ndarray:
@@ -229,43 +239,77 @@ def randomise_(model: nn.Module, step: Step, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * spread + p.mean())
 
 
+@contextmanager
 def cascade(model: nn.Module, x: torch.Tensor, steps: list[Step], seed: int):
-    """Yield (step, randomised copy) after each of ``steps``, from the top down; the copy is the
-    same object each time, randomised one step further. Stop iterating to stop randomising."""
-    rand = copy.deepcopy(model)
+    """Randomise ``model`` in place, one of ``steps`` at a time from the top down: yields an
+    iterator of (step, model) after each step. On leaving the ``with`` block the trained
+    parameters and BatchNorm statistics are put back, so no copy of the whole model is made:
+    only the tensors the steps run so far touched are saved (and restored even on an error)."""
     gen = torch.Generator().manual_seed(seed)
-    norms: list[nn.Module] = []
-    for step in steps:
-        randomise_(rand, step, gen)
-        norms += _norms(rand, step)
-        if norms and BATCHNORM == "recalibrate":
-            _recalibrate(rand, norms, x)
-        yield step, rand
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its trained value)
+
+    def keep(tensors):
+        for t in tensors:
+            saved.setdefault(id(t), (t, t.detach().clone()))
+
+    def run():
+        norms: list[nn.Module] = []
+        for step in steps:
+            keep(_params(model, step))
+            new = _norms(model, step)
+            keep(b for m in new for b in m.buffers())
+            randomise_(model, step, gen)
+            norms += new
+            if norms and BATCHNORM == "recalibrate":
+                # The state after step k depends only on the parameters drawn so far: each
+                # recalibration resets every randomised BatchNorm and reads this one batch.
+                _recalibrate(model, norms, x)
+            yield step, model
+    try:
+        yield run()
+    finally:
+        with torch.no_grad():
+            for t, value in saved.values():
+                t.copy_(value)
 
 
-def randomisation(name, params, model, layer, x, target, seed: int, heat: np.ndarray,
-                  spec: TrustSpec | None = None) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
-    """Similarity to the original heatmaps ``heat`` after each cascade step, up to the decisive
-    one (every step with ``trust.full_cascade``): the step labels (all of them), mean |Spearman|
-    and mean SSIM per step run; and the per-image |Spearman| and SSIM of each step run."""
-    spec = spec or TrustSpec()
-    layer_name = next((n for n, m in model.named_modules() if m is layer), None)
+def randomisation(methods: dict[str, dict], model, layer, x, target, seed: int, heats: dict[str, np.ndarray],
+                  spec: TrustSpec | None = None, parts: dict | None = None) -> dict[str, tuple | Exception]:
+    """Per method of ``heats`` (its original heatmaps of ``x``), the similarity of its heatmaps
+    after each cascade step, up to the decisive one (every step with ``trust.full_cascade``):
+    (curves, per-image |Spearman| of each step run, per-image SSIM of each step run), curves
+    holding the step labels (all of them), the mean |Spearman| and mean SSIM per step run; or
+    the exception that stopped that method. The model is randomised once per step for every
+    method (in place, restored after); ``parts`` collects the seconds of the shared model steps
+    ("cascade_models") and of each method's maps ("cascade:<method>")."""
+    spec, parts = spec or TrustSpec(), parts if parts is not None else {}
     steps = cascade_steps(model, x, spec.cascade, spec.cascade_steps)
     last = len(steps) - 1 if spec.full_cascade else decisive_step(len(steps), spec.decide_at)
-    rho, sim, rho_images, sim_images = [], [], [], []
-    for k, (step, rand) in enumerate(cascade(model, x, steps, seed)):
-        rand_layer = rand.get_submodule(layer_name) if layer_name is not None else None
-        reset = _resize(_heat(name, params, rand, rand_layer, x, target, seed), heat.shape[-2:])
-        r = np.abs(spearman(heat.reshape(len(x), -1), reset.reshape(len(x), -1)))
-        values = ssim(heat, reset) if heat.ndim == 3 else np.full(len(x), np.nan)
-        rho_images.append(r)
-        sim_images.append(values)
-        rho.append(round(float(r.mean()), 4))
-        sim.append(round(float(np.nanmean(values)), 4) if np.isfinite(values).any() else None)  # None: maps too small
-        if k == last:
-            break  # the decision is made: the steps below it would not change it
-    return ({"randomisation_steps": [s.label for s in steps], "randomisation_spearman": rho,
-             "randomisation_ssim": sim}, rho_images, sim_images)
+    runs: dict[str, tuple | Exception] = {name: ([], [], [], []) for name in heats}  # rho, ssim, per image x2
+    with cascade(model, x, steps, seed) as randomised:
+        for k in range(last + 1):
+            with clock(parts, "cascade_models"):
+                next(randomised)
+            for name, heat in heats.items():
+                if isinstance(runs[name], Exception):
+                    continue
+                rho, sim, rho_images, sim_images = runs[name]
+                with clock(parts, f"cascade:{name}"):
+                    try:
+                        reset = _resize(_heat(name, methods[name], model, layer, x, target, seed), heat.shape[-2:])
+                    except Exception as e:  # noqa: BLE001  (this method untestable; the others go on)
+                        runs[name] = e
+                        continue
+                    r = np.abs(spearman(heat.reshape(len(x), -1), reset.reshape(len(x), -1)))
+                    values = ssim(heat, reset) if heat.ndim == 3 else np.full(len(x), np.nan)
+                rho_images.append(r)
+                sim_images.append(values)
+                rho.append(round(float(r.mean()), 4))
+                sim.append(round(float(np.nanmean(values)), 4) if np.isfinite(values).any() else None)  # None: too small
+    labels = [s.label for s in steps]
+    return {name: run if isinstance(run, Exception) else
+            ({"randomisation_steps": labels, "randomisation_spearman": run[0], "randomisation_ssim": run[1]},
+             run[2], run[3]) for name, run in runs.items()}
 
 
 # --- the decision ------------------------------------------------------------------------------
@@ -444,13 +488,16 @@ class Removal:
         elif fill != "road":
             raise ValueError(f"unknown fill {fill!r}: one of {', '.join(FILLS)}")
 
-    def __call__(self, removed: np.ndarray) -> torch.Tensor:
-        """``x`` with ``removed`` [B, H, W] (bool) filled; the same removal gives the same image."""
+    def __call__(self, removed: np.ndarray, rows=None) -> torch.Tensor:
+        """``x[rows]`` (every image by default) with ``removed`` [len(rows), H, W] (bool) filled;
+        an image may repeat in ``rows`` (several removals of it in one batch). The same removal
+        of the same image gives the same result."""
+        rows = np.arange(len(self.host)) if rows is None else np.asarray(rows)
         if self.fill == "road":
-            out = np.stack([road_impute(img, gone, np.random.default_rng([self.seed, i, int(gone.sum())]))
-                            for i, (img, gone) in enumerate(zip(self.host, removed))])
+            out = np.stack([road_impute(self.host[i], gone, np.random.default_rng([self.seed, int(i), int(gone.sum())]))
+                            for i, gone in zip(rows, removed)])
         else:
-            out = np.where(removed[:, None], self.base, self.host)
+            out = np.where(removed[:, None], self.base[rows], self.host[rows])
         return torch.from_numpy(out).to(self.x.device, self.x.dtype)
 
 
@@ -461,14 +508,29 @@ def random_blobs(b: int, h: int, w: int, seed: int) -> np.ndarray:
     return np.stack([gaussian_filter(rng.standard_normal((h, w)), sigma, mode="wrap").ravel() for _ in range(b)])
 
 
+ROWS = 64  # images per forward pass of the deletion test (no gradient: a ResNet-50 at 224 px fits)
+
+
 @torch.no_grad()
-def _prob(model, x: torch.Tensor, target: torch.Tensor, rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def _prob(model, x: torch.Tensor, target: torch.Tensor, rows: int = ROWS) -> tuple[np.ndarray, np.ndarray]:
     """The target's probability and the predicted class of each row of ``x``."""
     p, top = [], []
     for s in range(0, len(x), rows):
         out = model(x[s:s + rows]).float().softmax(1)
         p.append(out.gather(1, target[s:s + rows, None])[:, 0].cpu().numpy())
         top.append(out.argmax(1).cpu().numpy())
+    return np.concatenate(p), np.concatenate(top)
+
+
+def _removed_prob(model, removal: Removal, masks: np.ndarray, rows: np.ndarray, target: torch.Tensor):
+    """``_prob`` of image ``rows[j]`` with ``masks[j]`` removed, for every j: the filled images
+    are made ``ROWS`` at a time, so memory stays bounded however many removals there are."""
+    p, top = [], []
+    for s in range(0, len(rows), ROWS):
+        part = rows[s:s + ROWS]
+        out = _prob(model, removal(masks[s:s + ROWS], part), target[torch.as_tensor(part, device=target.device)])
+        p.append(out[0])
+        top.append(out[1])
     return np.concatenate(p), np.concatenate(top)
 
 
@@ -480,17 +542,18 @@ def _first(order: np.ndarray, k: int, h: int, w: int) -> np.ndarray:
 
 
 def choose_fill(model, x, target, field: np.ndarray, share: float, seed: int,
-                fills=FILLS) -> tuple[str, dict]:
+                fills=FILLS, clean: np.ndarray | None = None) -> tuple[str, dict]:
     """The fill under which removing random blobs alone (the top ``share`` of each image's random
     field) changes the predictions least: fewest flipped predictions, then the smallest mean
     change of the target's probability (either way). Returns it and every candidate's numbers:
-    flip rate, mean probability drop (signed) and mean absolute change."""
+    flip rate, mean probability drop (signed) and mean absolute change. ``clean``: the target's
+    probability on ``x`` itself, when known."""
     b, _, h, w = x.shape
     removed = _first(np.argsort(-field, axis=1), round(share * h * w), h, w)
-    p0, _ = _prob(model, x, target)
+    p0 = _prob(model, x, target)[0] if clean is None else clean
     check = {}
     for fill in fills:
-        p, top = _prob(model, Removal(fill, x, seed)(removed), target)
+        p, top = _removed_prob(model, Removal(fill, x, seed), removed, np.arange(b), target)
         check[fill] = {"flip_rate": round(float((top != target.cpu().numpy()).mean()), 4),
                        "probability_drop": round(float((p0 - p).mean()), 4),
                        "probability_change": round(float(np.abs(p0 - p).mean()), 4)}
@@ -499,19 +562,18 @@ def choose_fill(model, x, target, field: np.ndarray, share: float, seed: int,
 
 
 def deletion_curves(model, x, target, orders: dict[str, np.ndarray], removal: Removal, steps: int,
-                    ends: tuple | None = None) -> tuple[dict[str, np.ndarray], tuple]:
-    """Per image, the target's probability as the first k pixels of each order are removed,
-    k = 0, n/steps, ..., n: [B, steps + 1] per order. The ends (nothing and everything removed)
-    are the same for every order: pass them back as ``ends`` to skip them."""
+                    ends: tuple, rows=None) -> dict[str, np.ndarray]:
+    """Per image of ``rows`` (every image by default), the target's probability as the first k
+    pixels of each order [len(rows), H*W] are removed, k = 0, n/steps, ..., n: [len(rows),
+    steps + 1] per order. The ends (nothing and everything removed, [len(rows)] each) are the
+    same for every order and are passed in; the inner steps of all orders go in one batch."""
     b, _, h, w = x.shape
-    ks = np.linspace(0, h * w, steps + 1).astype(int)
-    if ends is None:
-        ends = (_prob(model, x, target)[0], _prob(model, removal(np.ones((b, h, w), bool)), target)[0])
-    out = {}
-    for name, order in orders.items():
-        inner = [_prob(model, removal(_first(order, k, h, w)), target)[0] for k in ks[1:-1]]
-        out[name] = np.stack([ends[0], *inner, ends[1]], 1)
-    return out, ends
+    rows = np.arange(b) if rows is None else np.asarray(rows)
+    ks = np.linspace(0, h * w, steps + 1).astype(int)[1:-1]
+    masks = np.concatenate([_first(order, k, h, w) for order in orders.values() for k in ks])
+    p = _removed_prob(model, removal, masks, np.tile(rows, len(orders) * len(ks)), target)[0]
+    p = p.reshape(len(orders), len(ks), len(rows))
+    return {name: np.concatenate([ends[0][:, None], p[j].T, ends[1][:, None]], 1) for j, name in enumerate(orders)}
 
 
 def area(curve: np.ndarray) -> np.ndarray:
@@ -526,11 +588,11 @@ def relevance_order(heat: np.ndarray, field: np.ndarray) -> np.ndarray:
 
 
 def judge_deletion(auc: np.ndarray, random_auc: np.ndarray, start: np.ndarray, spec: TrustSpec, seed: int,
-                   fill_flips: float = 0.0) -> dict:
+                   fill_flips: float = 0.0, level: float = 0.95) -> dict:
     """The deletion test's verdict by a paired comparison over images: the benefit, per image the
     area under the random order's curve minus that under the relevance order's (how much lower
     the target's probability runs when pixels go by relevance), averaged, with a 95% bootstrap
-    interval over the images.
+    interval over the images (``level``: 95%, or stricter at an early look, see ``deletion_test``).
 
     failed: the interval's upper end is below ``trust.min_benefit`` (evidence that it is no better
     than random); passed: its lower end is above 0; inconclusive otherwise, and also where
@@ -541,11 +603,11 @@ def judge_deletion(auc: np.ndarray, random_auc: np.ndarray, start: np.ndarray, s
     effect = float(max((start - auc).mean(), (start - random_auc).mean()))
     gain = random_auc - auc
     benefit = float(gain.mean())
-    lo, hi = mean_ci(gain, seed)
+    lo, hi = mean_ci(gain, seed, level)
     out = {"deletion_benefit": round(benefit, 4), "deletion_ci": [round(lo, 4), round(hi, 4)],
            "deletion_effect": round(effect, 4), "deletion_reason": "", "deletion_note": ""}
     numbers = (f"area {auc.mean():.2f} against {random_auc.mean():.2f} in random order, a benefit of {benefit:+.3f}, "
-               f"95% interval {lo:+.3f} to {hi:+.3f}")
+               f"{100 * level:g}% interval {lo:+.3f} to {hi:+.3f}")
     if fill_flips > spec.max_fill_flips:
         out["deletion"] = "inconclusive"
         out["deletion_note"] = (f"deletion inconclusive: removing random blobs alone ({spec.fill_share:.0%} of each "
@@ -614,6 +676,59 @@ def _stored(ev, name: str, ids: list[int]) -> np.ndarray | None:
         return None
 
 
+EARLY_LEVEL = 0.995  # the interval at the early look: O'Brien-Fleming's bound for two equal looks (~0.5%)
+
+
+def deletion_test(model, x, target, clean: np.ndarray, removal: Removal, field: np.ndarray,
+                  heats: dict[str, np.ndarray], spec: TrustSpec, seed: int, fill_flips: float,
+                  first: list[int] | None = None, parts: dict | None = None) -> dict[str, dict | Exception]:
+    """The deletion test of each method of ``heats`` (its maps of ``x`` at the input's size), in
+    up to two looks: first on the images ``first`` (indices into ``x``), then on all of them.
+
+    A method stops at the first look when that look already decides: its benefit's interval at
+    ``EARLY_LEVEL`` (stricter than the final 95%, so that looking twice keeps the overall error
+    near 5%) lies above 0 or below ``trust.min_benefit``, or the fill check already makes the
+    test inconclusive. Otherwise the rest of the images are added and it is judged on all at
+    95%. The random order's curve is shared and made only for the images some method needs.
+    Per method: judge_deletion's keys, deletion_auc, random_deletion_auc, deletion_images; or the
+    exception that stopped that method. ``parts`` collects the seconds of the random order's
+    curves ("random_order") and of each method's ("deletion:<method>")."""
+    parts = parts if parts is not None else {}
+    b, _, h, w = x.shape
+    looks = [sorted(first), list(range(b))] if first and spec.early_stop and len(first) < b else [list(range(b))]
+    random = np.full((b, spec.steps + 1), np.nan)
+    curves: dict[str, np.ndarray] = {name: np.full((b, spec.steps + 1), np.nan) for name in heats}
+    orders: dict[str, np.ndarray] = {}
+    out: dict[str, dict | Exception] = {}
+    for j, look in enumerate(looks):
+        final = j == len(looks) - 1
+        new = np.array([i for i in look if np.isnan(random[i, 0])])
+        with clock(parts, "random_order"):  # an error here reaches the caller: every method untested
+            gone = removal(np.ones((len(new), h, w), bool), new)
+            ends = (clean[new], _prob(model, gone, target[torch.as_tensor(new, device=target.device)])[0])
+            random[new] = deletion_curves(model, x, target, {"random": np.argsort(-field[new], axis=1)}, removal,
+                                          spec.steps, ends, new)["random"]
+        for name in [n for n in heats if n not in out]:
+            with clock(parts, f"deletion:{name}"):
+                try:
+                    if name not in orders:
+                        orders[name] = relevance_order(heats[name], field)
+                    curves[name][new] = deletion_curves(model, x, target, {name: orders[name][new]}, removal,
+                                                        spec.steps, ends, new)[name]
+                except Exception as e:  # noqa: BLE001  (this method untestable; the others go on)
+                    out[name] = e
+                    continue
+                auc, random_auc = area(curves[name][look]), area(random[look])
+                verdict = judge_deletion(auc, random_auc, clean[look], spec, seed, fill_flips,
+                                         0.95 if final else EARLY_LEVEL)
+            if final or verdict["deletion"] in ("passed", "failed") or fill_flips > spec.max_fill_flips:
+                out[name] = {**verdict, "deletion_auc": round(float(auc.mean()), 4),
+                             "random_deletion_auc": round(float(random_auc.mean()), 4), "deletion_images": len(look)}
+        if len(out) == len(heats):
+            break
+    return out
+
+
 def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) -> dict[str, dict]:
     """Run both tests on a few explained images; return per-method results with ``reliable``.
 
@@ -628,7 +743,11 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
     95% interval); the deletion test's fill and fill_check (the chosen fill, and each
     candidate's flip rate and probability change under random removal), deletion_auc,
     random_deletion_auc (mean areas), deletion (passed/failed/inconclusive),
-    deletion_benefit, deletion_ci, deletion_effect.
+    deletion_benefit, deletion_ci, deletion_effect, deletion_images (the images it was decided
+    on: the cascade images when they already decided, see ``deletion_test``); ``timing``: the
+    seconds of the gate's parts, its own (maps, deletion, cascade) and the shared ones, the
+    same in every entry (clean probabilities, fill check, random order, cascade models).
+    ``seconds`` is the method's own time plus an equal share of the shared parts.
     """
     s = ev.samples
     ids = test_images(s, spec.images, seed)
@@ -636,62 +755,88 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
         return {}
     # The cascade on the first few of them (the same round robin over the classes, cut shorter).
     sub = [ids.index(i) for i in test_images(s, min(spec.cascade_images, spec.images), seed)]
-    t0 = time.perf_counter()
+    parts: dict[str, float] = {}
     x = ev.model_inputs(ids)
     b, _, h, w = x.shape
     target = torch.tensor(s.loc[ids, "prediction"].to_numpy(), device=ev.device)
     field = random_blobs(b, h, w, seed)
+    heats, out = {}, {}
+    for name, params in methods.items():  # the maps the rules read, when the engine kept them; else explained
+        with clock(parts, f"maps:{name}"):
+            try:
+                heats[name] = _stored(ev, name, ids)
+                if heats[name] is None:
+                    heats[name] = _heat(name, params, ev.model, layer, x, target, seed)
+            except Exception as e:  # noqa: BLE001
+                out[name] = _untestable(f"{type(e).__name__}: {e}")
+                heats.pop(name, None)
     try:
-        fill, check = choose_fill(ev.model, x, target, field, spec.fill_share, seed,
-                                  FILLS if spec.fill == "auto" else (spec.fill,))
+        with clock(parts, "clean"):
+            clean = _prob(ev.model, x, target)[0]  # once: the fill check's reference and every curve's start
+        with clock(parts, "fill_check"):
+            fill, check = choose_fill(ev.model, x, target, field, spec.fill_share, seed,
+                                      FILLS if spec.fill == "auto" else (spec.fill,), clean)
         removal = Removal(fill, x, seed)
-        random, ends = deletion_curves(ev.model, x, target, {"random": np.argsort(-field, axis=1)}, removal,
-                                       spec.steps)
+        deleted = deletion_test(ev.model, x, target, clean, removal, field,
+                                {n: _resize(heat, (h, w)) for n, heat in heats.items()}, spec, seed,
+                                check[fill]["flip_rate"], sub, parts)
     except Exception as e:  # noqa: BLE001  (recorded: every method untested, none passed)
         return {name: _untestable(f"the deletion test could not run: {type(e).__name__}: {e}") for name in methods}
-    random_auc = area(random["random"])
-    shared = time.perf_counter() - t0
-    out = {}
-    for name, params in methods.items():
-        t1 = time.perf_counter()
-        try:
-            # The maps the rules read, when the engine kept them; else explained here.
-            heat = _stored(ev, name, ids)
-            if heat is None:
-                heat = _heat(name, params, ev.model, layer, x, target, seed)
-            curves, rho_images, ssim_images = randomisation(name, params, ev.model, layer, x[sub], target[sub], seed,
-                                                            heat[sub], spec)
-            mine, _ = deletion_curves(ev.model, x, target, {name: relevance_order(_resize(heat, (h, w)), field)},
-                                      removal, spec.steps, ends)
-        except Exception as e:  # noqa: BLE001
-            out[name] = _untestable(f"{type(e).__name__}: {e}")
+    try:
+        runs = randomisation(methods, ev.model, layer, x[sub], target[sub], seed,
+                             {n: heat[sub] for n, heat in heats.items()}, spec, parts)
+    except Exception as e:  # noqa: BLE001  (a shared cascade step failed: every method untested)
+        runs = {name: e for name in heats}
+    shared = {k: round(v, 2) for k, v in parts.items() if ":" not in k}
+    for name in methods:
+        if name in out:
             continue
+        failed = next((r for r in (deleted.get(name), runs.get(name)) if isinstance(r, Exception)), None)
+        if failed is not None:
+            out[name] = _untestable(f"{type(failed).__name__}: {failed}")
+            continue
+        curves, rho_images, ssim_images = runs[name]
         verdict = judge_cascade(curves["randomisation_spearman"], curves["randomisation_ssim"], spec,
                                 len(curves["randomisation_steps"]), rho_images, ssim_images, seed)
-        auc = area(mine[name])
-        deleted = judge_deletion(auc, random_auc, ends[0], spec, seed, check[fill]["flip_rate"])
-        reasons = [r for r in (verdict.pop("randomisation_reason"), deleted.pop("deletion_reason")) if r]
-        notes = [r for r in (verdict.pop("randomisation_note"), deleted.pop("deletion_note")) if r]
+        dl = dict(deleted[name])
+        reasons = [r for r in (verdict.pop("randomisation_reason"), dl.pop("deletion_reason")) if r]
+        notes = [r for r in (verdict.pop("randomisation_note"), dl.pop("deletion_note")) if r]
+        own = {part: round(parts.get(f"{part}:{name}", 0.0), 2) for part in ("maps", "deletion", "cascade")}
         out[name] = {"reliable": not reasons, "reason": "; ".join(reasons), "note": "; ".join(notes), **curves,
-                     **verdict, "fill": fill, "fill_check": check, "deletion_auc": round(float(auc.mean()), 4),
-                     "random_deletion_auc": round(float(random_auc.mean()), 4), **deleted, "images": len(ids),
-                     "cascade_images": len(sub), "seconds": round(time.perf_counter() - t1 + shared / len(methods), 2)}
-    return out
+                     **verdict, "fill": fill, "fill_check": check, **dl, "images": len(ids),
+                     "cascade_images": len(sub), "timing": {**own, **shared},
+                     "seconds": round(sum(own.values()) + sum(shared.values()) / len(methods), 2)}
+    return {name: out[name] for name in methods}
 
 
 # --- when every method fails: a model-only method's evidence ---------------------------------------
+
+FALLBACK_SIDE = 128  # larger inputs: the fallback's occlusion windows side by side (see fallback_params)
+
+
+def fallback_params(name: str, size: tuple[int, int]) -> dict:
+    """The fallback's parameters, bounded on large inputs: occlusion's window is 1/8 of the
+    side whatever the size (225 windows at the default half-window stride), but each forward
+    pass of a large input costs more, so beyond ``FALLBACK_SIDE`` px the windows are laid side
+    by side (stride 1: 64 windows, 65 forward passes per image instead of 226; 28-px cells at
+    224 px, still under a quarter of the image for the evidence boxes)."""
+    return {"stride": 1.0} if name == "occlusion" and max(size) > FALLBACK_SIDE else {}
+
 
 def fallback_maps(ctx, ev, store, name: str, quiet: bool = True) -> dict:
     """Explain the explained images with the model-only method ``name`` (occlusion: it hides
     patches and measures the model's own response, so there is no propagation rule to distrust)
     through the explain engine, and add its heatmaps to ``ev`` as reliable. Returns its trust
-    entry: ``fallback`` true, ``reliable`` whether it produced maps, ``note`` or ``reason``."""
+    entry: ``fallback`` true, ``reliable`` whether it produced maps, ``note`` or ``reason``,
+    ``params`` (see ``fallback_params``) and ``seconds``."""
     from auditor.explain.engine import Context, run_local
     from auditor.explain.store import LazyMaps
 
+    t0 = time.perf_counter()
     ids = [int(i) for i in ev.samples.index[ev.samples["explained"]]]
     cfg = ctx.cfg.model_copy(update={"explain": ctx.cfg.explain.model_copy(update={"samples": "all"})})
-    sub = Context(cfg, ctx.model, ctx.device, ctx.layer, {name: METHODS.get(name).validate({})}, ctx.support,
+    params = METHODS.get(name).validate(fallback_params(name, tuple(ev.input_spec.size)))
+    sub = Context(cfg, ctx.model, ctx.device, ctx.layer, {name: params}, ctx.support,
                   [ctx.refs[i] for i in ids], ctx.model_key)  # the engine numbers images by position in refs
     rec = None
     try:
@@ -704,10 +849,14 @@ def fallback_maps(ctx, ev, store, name: str, quiet: bool = True) -> dict:
         sub.disabled.setdefault(name, f"{type(e).__name__}: {e}")
     if rec is None or name in sub.disabled or not rec.heatmaps.get(name):
         why = sub.disabled.get(name, "it produced no heatmaps").splitlines()[0]
-        return {"reliable": False, "fallback": True, "reason": f"could not run: {why}", "note": "", "images": 0}
+        return {"reliable": False, "fallback": True, "reason": f"could not run: {why}", "note": "", "images": 0,
+                "params": params, "seconds": round(time.perf_counter() - t0, 2)}
     ev.heatmaps[name] = LazyMaps(store, {ids[j]: key for j, key in rec.heatmaps[name].items()})
     ev.contrast[name] = LazyMaps(store, {ids[j]: key for j, key in rec.contrast.get(name, {}).items()})
     ev.reliable[name] = True
-    return {"reliable": True, "fallback": True, "reason": "", "images": len(ev.heatmaps[name]),
+    return {"reliable": True, "fallback": True, "reason": "", "images": len(ev.heatmaps[name]), "params": params,
+            "seconds": round(time.perf_counter() - t0, 2),
             "note": f"fallback: no configured explanation method passed the trust gate, so the rules read {name}, "
-                    f"a model-only method, on the {len(ev.heatmaps[name])} explained images"}
+                    f"a model-only method, on the {len(ev.heatmaps[name])} explained images"
+                    + (f" (windows side by side on inputs over {FALLBACK_SIDE} px, to bound its cost)"
+                       if params.get("stride") == 1.0 else "")}
