@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from auditor.cli import app
 from auditor.outputs.write import write_run
 from auditor.outputs.overlay import save_picture
-from auditor.outputs.report import _captions, allowed_url, class_findings, render_pdf, run_folder_fetcher
+from auditor.outputs.report import allowed_url, render_pdf, run_folder_fetcher
+from auditor.outputs.report_findings import _captions, class_findings
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL_CLASS = "<script>alert(1)</script>"
@@ -72,7 +73,7 @@ def test_pdf_text_has_the_verdict_and_every_finding(report):
     pages = [_text(p.extract_text()) for p in pypdf.PdfReader(str(folder / "report.pdf")).pages]
     text = " ".join(pages)
     assert "FAIL" in pages[0] and "Model audit report".upper() in pages[0].upper()
-    from auditor.outputs.report import verdict
+    from auditor.outputs.report_summary import verdict
     for line in verdict(res.record)[1]:
         assert _text(line) in text, line
     paths = {s.id: s.path for s in res.record.samples}

@@ -50,9 +50,9 @@ def test_page_one_names_the_model_the_verdict_every_class_finding_and_the_waiver
     assert "Texture classifier" in first and "Vision team" in first and "sorting surface photos" in first
     assert "FAIL" in first
     assert str(ROOT) not in first and "/tmp" not in first          # data paths relative, never absolute
-    from auditor.outputs.report import _first_sentence
+    from auditor.outputs.report_words import first_sentence
     for f in res.record.class_findings:
-        assert re.sub(r"\s+", " ", _first_sentence(f.message)) in first, f.message
+        assert re.sub(r"\s+", " ", first_sentence(f.message)) in first, f.message
     assert "Jane Roe" in first and "blob images are rare in production" in first and "2099-01-31" in first
     assert "not run: needs masks or boxes in the manifest" in first
 
@@ -70,7 +70,7 @@ def test_intervention_tests_each_on_a_line_with_a_mark_and_its_placebo(run):
     lines = re.findall(r'<p class="test(?: ok| no)?">(.*?)</p>', page)
     assert lines and all(line[0] in "✓✗–" for line in lines)
     assert any("pasting the region onto 40 other images turned" in line for line in lines)
-    from auditor.outputs.report import tests
+    from auditor.outputs.report_words import tests
     res, _ = run
     f = res.record.class_findings[0]
     e = dict(f.details["intervention"], turned=32, transfer_rate=0.8, control_transfer_rate=0.125,
@@ -81,12 +81,12 @@ def test_intervention_tests_each_on_a_line_with_a_mark_and_its_placebo(run):
 
 
 def test_confirmed_names_the_tests_that_confirmed(run):
-    from auditor.outputs.report import _badge
+    from auditor.outputs.report_words import badge
     res, _ = run
     f = res.record.class_findings[0]
     e = dict(f.details["intervention"], removal_rate=0.0, decision_changed=0, transfer_rate=0.9, turned=36)
     g = f.model_copy(update={"details": {**f.details, "intervention": e, "confirmed": True}})
-    assert _badge(res.record, g).endswith("confirmed by pasting")
+    assert badge(res.record, g).endswith("confirmed by pasting")
 
 
 def test_every_inset_is_at_least_160_px_wide_on_the_page(run):
@@ -121,7 +121,7 @@ def test_report_html_carries_its_pictures_unless_told_not_to(run, tmp_path):
 
 
 def test_a_finding_gone_because_its_image_was_not_audited_is_not_resolved(run):
-    from auditor.outputs.report import changes
+    from auditor.outputs.report_appendix import changes
     res, _ = run
     here = res.record.samples[0]
     diff = {"baseline_run": "b", "new": [], "persisting": [{"kind": "class", "class": "gravel", "rule": "x",

@@ -27,7 +27,8 @@ from pathlib import Path
 from auditor.inputs.config import SEVERITIES, ConfigError
 from auditor.judge.diff import SETTINGS, _changes, classes_of, factory_of
 from auditor.outputs import plots
-from auditor.outputs.report import _env, _list, _plural, render_pdf, wilson
+from auditor.outputs.report import jinja_env, render_pdf
+from auditor.outputs.report_words import and_list, plural, wilson
 from auditor.record import RunRecord, severity_rank
 
 IMAGES = "history-images"
@@ -95,7 +96,7 @@ def _waivers(rec: RunRecord) -> list[str]:
         if f.waived:
             w = f.waived
             seen.setdefault((w.waiver, w.owner, w.expires), [w.reason, 0])[1] += 1
-    return [f"{owner} until {expires} ({_plural(n, 'finding')}): {reason}"
+    return [f"{owner} until {expires} ({plural(n, 'finding')}): {reason}"
             for (_, owner, expires), (reason, n) in seen.items()]
 
 
@@ -197,7 +198,7 @@ def timeline(runs: list[Run]) -> list[dict]:
         resolved = runs[last + 1] if last + 1 < len(runs) else None
         notes = []
         if gaps:
-            notes.append(f"absent from {_plural(gaps, 'run')} in between")
+            notes.append(f"absent from {plural(gaps, 'run')} in between")
         for what, r in (("appeared", runs[first]), ("resolved", resolved)):
             if r is not None and r.mark and first > 0:
                 notes.append(f"{what} in a run marked {r.mark}: the data or settings changed then")
@@ -245,14 +246,14 @@ def family_context(k: int, runs: list[Run], images: Path) -> dict:
     failures = [{"date": r.started[:16].replace("T", " "), "id": r.id, "verdict": r.verdict, "lines": r.failed}
                 for r in runs if r.verdict != "PASS"]
     first, last = runs[0], runs[-1]
-    lines = [f"{_plural(len(runs), 'run')} from {first.started[:10]} to {last.started[:10]}; the latest ({last.id}) "
+    lines = [f"{plural(len(runs), 'run')} from {first.started[:10]} to {last.started[:10]}; the latest ({last.id}) "
              f"{'passed' if last.verdict == 'PASS' else 'did not pass'} its gate ({last.verdict}) with accuracy "
              f"{last.accuracy:.1%} (95% interval {last.lo:.1%} to {last.hi:.1%})."]
     if len(runs) > 1:
-        lines.append((f"{_plural(len(failures), 'run')} of {len(runs)} did not pass; " if failures else
+        lines.append((f"{plural(len(failures), 'run')} of {len(runs)} did not pass; " if failures else
                       "Every run passed its gate; ")
-                     + (f"{_plural(len(notes), 'run')} audited other data or used other settings than the run "
-                        f"before (marked {_list([n['letter'] for n in notes])}): read changes across those marks "
+                     + (f"{plural(len(notes), 'run')} audited other data or used other settings than the run "
+                        f"before (marked {and_list([n['letter'] for n in notes])}): read changes across those marks "
                         f"with care." if notes else "every run audited the same data with the same settings."))
     shown, more = list(classes[:12]), len(classes) - 12
     return {"title": str(factory or "model (factory not recorded)"), "anchor": f"family-{k}",
@@ -261,7 +262,7 @@ def family_context(k: int, runs: list[Run], images: Path) -> dict:
             "accuracy_chart": f"{IMAGES}/{acc.name}" if acc else None,
             "findings_chart": f"{IMAGES}/{found.name}" if found else None,
             "accuracy_alt": f"Accuracy of each of the {len(runs)} runs in time order, with its 95% interval"
-                            + (f"; dashed lines mark the runs {_list([m for _, m in marks])}, where the data or "
+                            + (f"; dashed lines mark the runs {and_list([m for _, m in marks])}, where the data or "
                                f"settings changed" if marks else ""),
             "findings_alt": "Number of findings of each severity in each run, in time order",
             "timeline": timeline(runs), "failures": failures}
@@ -274,8 +275,8 @@ def context(folder: Path, runs: list[Run], skipped: list[dict], images: Path) ->
     ordered = sorted(groups.values(), key=lambda rs: (_when(rs[-1].started), rs[-1].id), reverse=True)
     families = [family_context(k, rs, images) for k, rs in enumerate(ordered)]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("T", " ").replace("+00:00", " UTC")
-    summary = (f"{_plural(len(runs), 'run')} of {_plural(len(families), 'model family', 'model families')} read "
-               f"from {folder}" + (f"; {_plural(len(skipped), 'folder')} could not be read (listed at the end)"
+    summary = (f"{plural(len(runs), 'run')} of {plural(len(families), 'model family', 'model families')} read "
+               f"from {folder}" + (f"; {plural(len(skipped), 'folder')} could not be read (listed at the end)"
                                    if skipped else "") + ". A model family is the runs with the same classes and the "
                "same model factory; within one, each run is compared with the run before it.")
     return {"title": "Audit history", "folder": str(folder), "written": now, "summary": summary,
@@ -284,7 +285,7 @@ def context(folder: Path, runs: list[Run], skipped: list[dict], images: Path) ->
 
 def render_html(ctx: dict) -> str:
     css = (Path(str(files("auditor.templates"))) / "report.css").read_text()
-    return _env().get_template("history.html.j2").render(css=css, **ctx)
+    return jinja_env().get_template("history.html.j2").render(css=css, **ctx)
 
 
 def write_history(folder: Path, out: Path | None = None) -> tuple[list[Path], int, list[dict]]:

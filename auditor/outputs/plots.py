@@ -58,7 +58,7 @@ def _plain(texts) -> None:
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:
-    from auditor.outputs.report import wilson
+    from auditor.outputs.report_words import wilson
     return wilson(k, n)
 
 
