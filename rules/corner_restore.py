@@ -44,6 +44,7 @@ from auditor.registry import RULES
 SEVERITY = {"low": 0.5, "medium": 0.75}   # on the share of donors whose corner gave T back
 ROWS = 256                                # rows per forward pass
 THIRD = 3                                 # other classes' donors per true-class donor, for the placebo
+ELSEWHERE = 3                             # random places each donor's corner is pasted at, for the placebo
 
 
 def _effects(d: dict) -> list[str]:
@@ -85,42 +86,66 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
         if got is None:
             continue
         d, donor_ids = got
+        # The placebo: the same corners pasted from correctly classified images of the other
+        # classes (neither the prediction nor the true class). A borderline error of a model
+        # with no shortcut gives T back as readily from them; a corner cue of T does not.
         controls: dict[int, torch.Tensor | None] = {}   # per prediction: they depend on it and T alone
-        for i in todo:
-            x = ev.model_inputs([i])[0]                                              # [C, h, w]
-            # The placebo: the same corners pasted from correctly classified images of the other
-            # classes (neither the prediction nor the true class). A borderline error of a model
-            # with no shortcut gives T back as readily from them; a corner cue of T does not.
-            pred = int(s.at[i, "prediction"])
-            if pred not in controls:
-                third = [g for c in sorted(members) if c not in (pred, t) and (g := donors_of(int(c))) is not None]
-                controls[pred] = _interleave([g[0] for g in third], THIRD * d.shape[1]) if third else None
-            ctrl = controls[pred]
-            b = _back(ev, x, d, masks, int(t))                                       # [4, k]
-            c = _back(ev, x, ctrl, masks, int(t)) if ctrl is not None else None
-            rate = b.mean(1)
-            order = np.argsort(-rate, kind="stable")
-            best, second = float(rate[order[0]]), float(rate[order[1]])
-            if best < min_rate:
-                continue
-            alone = best - second >= min_gap
-            where = int(order[0]) if alone else _own_mark(x, masks, ring, rate >= min_rate, min_mark)
-            at = int(order[0]) if where is None else where
-            # The placebo that decides: the same donors pasted at random places of the corner's
-            # size away from it. A borderline error of a model with no shortcut comes back to T
-            # from T's content anywhere; a corner cue only from that corner. The same corner from
-            # other classes' images tells what kind of cue it is: as good as T's, the error came
-            # from what this image shows there (a wrong mark); much worse, from what T's show.
-            rng = np.random.default_rng(int(i))
-            control = {} if c is None else against_control(b[at], c[at], "third_class", rng)
-            elsewhere = _elsewhere(ev, x, d[at], list(corners.values())[at], (h, w), int(t), rng)
-            if elsewhere is not None:
-                control |= against_control(b[at], elsewhere, "restore", rng)
-                if control["restore_vs_control"][0] < control_margin:
+        for pred in sorted({int(s.at[i, "prediction"]) for i in todo}):
+            third = [g for c in sorted(members) if c not in (pred, t) and (g := donors_of(int(c))) is not None]
+            controls[pred] = _interleave([g[0] for g in third], THIRD * d.shape[1]) if third else None
+        # Several images per forward pass: about ROWS variants each (a pass per image is slow on a GPU).
+        todo = list(todo)
+        per_call = max(1, ROWS // (masks.shape[0] * d.shape[1] * (1 + THIRD)))
+        for first in range(0, len(todo), per_call):
+            chunk = todo[first:first + per_call]
+            x = ev.model_inputs(chunk)                                               # [n, C, h, w]
+            ctrl = [controls[int(s.at[i, "prediction"])] for i in chunk]
+            got = _predict(ev, [torch.where(masks, d, xi[None, None]).flatten(0, 1) for xi in x]
+                           + [torch.where(masks, c, xi[None, None]).flatten(0, 1) for xi, c in zip(x, ctrl)
+                              if c is not None])
+            backs = [(p == int(t)).view(d.shape[0], -1).float().cpu().numpy() for p in got]  # each [4, k]
+            thirds = iter(backs[len(chunk):])
+            pending = []
+            for i, xi, b, has_ctrl in zip(chunk, x, backs, [c is not None for c in ctrl]):
+                c = next(thirds) if has_ctrl else None
+                rate = b.mean(1)
+                order = np.argsort(-rate, kind="stable")
+                best, second = float(rate[order[0]]), float(rate[order[1]])
+                if best < min_rate:
                     continue
-            findings.append(_finding(ev, i, corners, where, alone, rate >= min_rate, rate, donor_ids, severity,
-                                     control))
+                alone = best - second >= min_gap
+                where = int(order[0]) if alone else _own_mark(xi, masks, ring, rate >= min_rate, min_mark)
+                at = int(order[0]) if where is None else where
+                # The placebo that decides: the same donors pasted at random places of the corner's
+                # size away from it. A borderline error of a model with no shortcut comes back to T
+                # from T's content anywhere; a corner cue only from that corner. The same corner from
+                # other classes' images tells what kind of cue it is: as good as T's, the error came
+                # from what this image shows there (a wrong mark); much worse, from what T's show.
+                rng = np.random.default_rng(int(i))
+                control = {} if c is None else against_control(b[at], c[at], "third_class", rng)
+                boxes = control_boxes(list(corners.values())[at], ELSEWHERE, rng)
+                pending.append((i, b, rate, where, alone, at, rng, control, boxes,
+                                _elsewhere(xi, d[at], boxes, (h, w))))
+            got = iter(_predict(ev, [v for *_, v in pending if v is not None]))
+            for i, b, rate, where, alone, at, rng, control, boxes, v in pending:
+                if v is not None:   # [k] per donor, the share of the random boxes that gave T back
+                    elsewhere = (next(got) == int(t)).view(len(boxes), -1).float().mean(0).cpu().numpy()
+                    control |= against_control(b[at], elsewhere, "restore", rng)
+                    if control["restore_vs_control"][0] < control_margin:
+                        continue
+                findings.append(_finding(ev, i, corners, where, alone, rate >= min_rate, rate, donor_ids,
+                                         severity, control))
     return findings
+
+
+@torch.no_grad()
+def _predict(ev: Evidence, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The model's predicted class for each of ``batches`` ([m_j, C, h, w]), ROWS rows per forward pass."""
+    if not batches:
+        return []
+    rows = torch.cat(batches)
+    pred = torch.cat([ev.model(v).argmax(1) for v in rows.split(ROWS)])
+    return list(pred.split([len(b) for b in batches]))
 
 
 def _interleave(sets: list[torch.Tensor], k: int) -> torch.Tensor:
@@ -129,26 +154,13 @@ def _interleave(sets: list[torch.Tensor], k: int) -> torch.Tensor:
     return torch.stack([sets[j][:, n] for j, n in slots[:k]], dim=1)
 
 
-@torch.no_grad()
-def _elsewhere(ev: Evidence, x: torch.Tensor, d: torch.Tensor, corner, size: tuple[int, int], t: int,
-               rng: np.random.Generator, n: int = 3) -> np.ndarray | None:
-    """[k] per donor, the share of ``n`` random boxes of the corner's size (away from it) that give
-    class t back when pasted from that donor ([k, C, h, w]) into x; None without room for one."""
-    boxes = control_boxes(corner, n, rng)
+def _elsewhere(x: torch.Tensor, d: torch.Tensor, boxes: list, size: tuple[int, int]) -> torch.Tensor | None:
+    """[len(boxes) * k, C, h, w]: x ([C, h, w]) with each of ``boxes`` (random boxes of the corner's
+    size, away from it) pasted from each donor ([k, C, h, w]); None without room for one."""
     if not boxes:
         return None
     m = torch.from_numpy(np.stack([region_mask(size, b) for b in boxes])).to(d.device)[:, None, None]
-    variants = torch.where(m, d[None], x[None, None])                               # [n, k, C, h, w]
-    pred = torch.cat([ev.model(v).argmax(1) for v in variants.flatten(0, 1).split(ROWS)])
-    return (pred == t).view(len(boxes), d.shape[0]).float().mean(0).cpu().numpy()
-
-
-@torch.no_grad()
-def _back(ev: Evidence, x: torch.Tensor, d: torch.Tensor, masks: torch.Tensor, t: int) -> np.ndarray:
-    """[corners, k] whether class t comes back when each corner of x ([C, h, w]) is pasted from each donor."""
-    variants = torch.where(masks, d, x[None, None])                       # [4, k, C, h, w]
-    pred = torch.cat([ev.model(v).argmax(1) for v in variants.flatten(0, 1).split(ROWS)])
-    return (pred == t).view(d.shape[0], d.shape[1]).float().cpu().numpy()
+    return torch.where(m, d[None], x[None, None]).flatten(0, 1)                      # [n * k, C, h, w]
 
 
 def _donors(ev: Evidence, members: list[int], t: int, masks: torch.Tensor,

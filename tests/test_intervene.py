@@ -87,3 +87,61 @@ def test_a_region_no_stronger_than_a_random_one_is_not_confirmed():
     assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 1.0   # pasting anything bright turns it
     assert f.details["confirmed"] is False and f.severity == "low"
     assert "turned 12 of them into 'bright'; pasting a random region of the same size turned 12" in f.message
+
+
+def _with_error(model, class1: float, n=12) -> Finding:
+    """n dark images of class 0; n of class 1, ``class1`` grey with a bright bottom-left corner (the
+    tag every class-1 image has); and one dark class-0 image with that corner, which the model
+    calls class 1: a finding boxes its corner and is put to the test."""
+    xs, refs, rows = [], [], []
+    for i in range(2 * n + 1):
+        label = int(n <= i < 2 * n)
+        x = torch.full((3, 16, 16), class1 if label else 0.0)
+        if i >= n:
+            x[:, 12:, :4] = 1.0
+        xs.append(x)
+        pred = int(model(x[None]).argmax(1))
+        refs.append(SampleRef(None, f"{label}/{i}.png", label))
+        rows.append({"id": i, "path": f"{label}/{i}.png", "label": label, "prediction": pred, "confidence": 1.0,
+                     "correct": pred == label, "explained": True, "width": 16, "height": 16, "sha256": str(i)})
+    ev = Evidence(["dark", "bright"], pd.DataFrame(rows).set_index("id"), {}, {}, refs, model=model,
+                  input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
+    ev.model_input = lambda i: xs[i]
+    assert not rows[-1]["correct"]
+    f = Finding(sample=2 * n, rule="corner_border", severity="medium", score=1.0, message="m.", bbox=[0, 12, 4, 16])
+    confirm(ev, [f], [], InterventionSpec(fill="mean", transplant_images=n), seed=0)
+    return f
+
+
+def test_a_tag_that_carries_its_class_beyond_the_class_own_content_is_high():
+    f = _with_error(CornerOnly(), class1=0.5)   # the model reads the tag, not the grey
+    e = f.details["intervention"]
+    assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0 and e["control_content_rate"] == 0.0
+    assert f.details["confirmed"] and f.severity == "high" and "carries_class" not in f.details
+
+
+def test_a_region_that_carries_its_class_no_better_than_the_class_own_content_is_medium():
+    """The clean twins' large logo: a max-pooled model calls anything bright 'bright', the tag as much as
+    a patch of any 'bright' image. The error is the region's doing (removal and restoration confirm it),
+    but pasting it shows no cue beyond the class's own look: medium, not failing a high gate."""
+    f = _with_error(AnyPatch(), class1=1.0)
+    e = f.details["intervention"]
+    assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0   # beats random regions of its image
+    assert e["control_content_rate"] == 1.0                                  # not the class's own content
+    assert f.details["confirmed"] and f.severity == "medium" and f.details["carries_class"] is False
+    assert "'bright' images' own content of that size turned 12" in f.message
+
+
+def test_a_restore_test_without_a_region_confirms_at_most_medium():
+    """corner_restore's finding that names no corner: its restore test beat its placebo, so it
+    decided the error; with no region to paste elsewhere, nothing shows a learned cue."""
+    ev = _evidence(CornerOnly())
+    own = {"true_class": "dark", "donors": 4, "restored": 4, "restore_rate": 1.0,
+           "control_restore_rate": 0.0, "restore_vs_control": [1.0, 1.0, 1.0]}
+    f = Finding(sample=20, rule="corner_restore", severity="medium", score=1.0, message="m.",
+                details={"own_test": own})
+    weak = Finding(sample=21, rule="corner_restore", severity="medium", score=1.0, message="m.",
+                   details={"own_test": own | {"control_restore_rate": 0.9, "restore_vs_control": [0.1, 0.0, 0.25]}})
+    confirm(ev, [f, weak], [], InterventionSpec(), seed=0)
+    assert f.details["confirmed"] and f.severity == "medium" and "graded medium" in f.message
+    assert weak.details["confirmed"] is False and weak.severity == "low"

@@ -19,8 +19,8 @@ import auditor.explain.methods  # noqa: F401  (registers the methods)
 import auditor.rules  # noqa: F401  (registers the rules)
 from auditor.demo import synth
 from auditor.audit import run_audit
-from auditor.inputs.config import SEVERITIES, TrustSpec, load_config
-from auditor.inputs.data import to_model_input
+from auditor.inputs.config import SEVERITIES, InputSpec, TrustSpec, load_config
+from auditor.inputs.data import SampleRef, to_model_input
 from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.registry import METHODS, RULES
 from auditor.judge.trust import trust_gate
@@ -324,6 +324,61 @@ def test_decoy_shade_is_found_by_restoring_a_corner(tmp_path):
     path, _, _ = decoy_case(tmp_path / "control", poisoned=False)
     res = run_audit(load_config(path, ["rules={corner_restore: {}}"]), quiet=True)
     assert res.evidence.samples["correct"].mean() > 0.8 and len(res.findings) <= 1
+
+
+class CornerTag(torch.nn.Module):
+    """Reads each class's colour in the image, and four times as strongly in the top-left corner
+    (the tag): a corner cue, written out; counts its forward passes."""
+    passes = 0
+
+    def forward(self, x):
+        self.passes += 1
+        return x.mean((2, 3)) + 4 * x[:, :, :2, :2].mean((2, 3))
+
+
+def _corner_tag_evidence(seed: int = 0) -> Evidence:
+    """Three classes of 16 px images, each a noisy field of its colour with its tag in the top-left
+    corner; 7 errors per class carry the next class's tag (and one an unreadable mix)."""
+    rng = np.random.default_rng(seed)
+    model, xs, rows, refs = CornerTag(), [], [], []
+    for i in range(3 * 15):
+        label = i % 3
+        tag = (label + 1) % 3 if i >= 24 else label
+        x = torch.from_numpy(rng.uniform(0, 0.3, (3, 16, 16)).astype(np.float32))
+        x[label] += 0.4
+        x[:, :2, :2] = 0.0
+        x[tag, :2, :2] = rng.uniform(0.7, 1.0)
+        xs.append(x)
+        p = model(x[None]).softmax(1)[0]
+        refs.append(SampleRef(None, f"{label}/{i}.png", label))
+        rows.append({"id": i, "path": f"{label}/{i}.png", "label": label, "prediction": int(p.argmax()),
+                     "confidence": float(p.max()), "correct": int(p.argmax()) == label, "explained": True,
+                     "width": 16, "height": 16, "sha256": str(i)})
+    ev = Evidence(["r", "g", "b"], pd.DataFrame(rows).set_index("id"), {}, {}, refs, model=model,
+                  input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
+    ev.model_input = lambda i: xs[i]  # the images live in memory
+    ev.seen_pixels = lambda i: xs[i].permute(1, 2, 0).numpy()
+    return ev
+
+
+def test_corner_restore_batches_images_and_finds_the_same(monkeypatch):
+    """Several images' variants share a forward pass (about ROWS rows), and the findings are those of
+    one row per pass, to the last digit."""
+    import auditor.rules.corner_restore as cr
+
+    ev = _corner_tag_evidence()
+    wrong = int((~ev.samples["correct"]).sum())
+    assert wrong >= 15
+    ev.model.passes = 0
+    batched = cr.corner_restore(ev)
+    passes = ev.model.passes
+    monkeypatch.setattr(cr, "ROWS", 1)
+    ev.model.passes = 0
+    single = cr.corner_restore(ev)
+    assert passes < wrong < ev.model.passes   # the old sweep ran at least three passes per error
+    assert len(batched) >= 0.8 * wrong and all(f.details["region"] == "top-left corner" for f in batched)
+    assert [(f.sample, f.severity, f.score, f.bbox, f.details, f.message) for f in batched] == \
+        [(f.sample, f.severity, f.score, f.bbox, f.details, f.message) for f in single]
 
 
 @pytest.mark.parametrize("case", [tag_case, rect_case])

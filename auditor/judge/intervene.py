@@ -24,8 +24,11 @@ does not confirm falls back to the smallest other candidate that does, the rule'
 the refined box is also kept in ``details.intervention.bbox``.
 
 A confirmed finding's severity rises to at least 'high' ('critical' for a class finding whose
-region turns at least ``critical_rate`` of other images); a suspicion that fails its test, or
-that could not be tested, is capped at 'low'. See docs/severity.md.
+region turns at least ``critical_rate`` of other images) when its region carries the class to
+other images beyond random regions of its size and, for an image finding, beyond the predicted
+class's own content of its size; confirmed otherwise (removal or restoration alone), 'medium'.
+A suspicion that fails its test, or that could not be tested, is capped at 'low'. See
+docs/severity.md.
 """
 from __future__ import annotations
 
@@ -82,9 +85,11 @@ class Intervener:
     def mask(self, box) -> np.ndarray:
         return region_mask(tuple(self.ev.input_spec.size), grow_box(box, self.spec.pad))
 
-    def test(self, sources: list[int], cls: int, box) -> dict:
+    def test(self, sources: list[int], cls: int, box, versus_class: bool = False) -> dict:
         """Remove ``box`` from the source images and paste it onto other classes' images; and the
-        same with ``spec.controls`` placebo regions (random boxes of the same size elsewhere)."""
+        same with ``spec.controls`` placebo regions (random boxes of the same size elsewhere).
+        ``versus_class``: the sources are not images of ``cls`` (a sample finding's misclassified
+        image), so the paste is also set against ``cls``'s own content (``versus_content``)."""
         controls = [self.mask(c) for c in control_boxes(box, self.spec.controls, self.rng)]
         mask = self.mask(box)
         x = self.ev.model_inputs(sources)
@@ -118,10 +123,41 @@ class Intervener:
             if controls:
                 placebo = torch.stack([turned(m) for m in controls]).float().mean(0)
                 result |= against_control(hit.float().numpy(), placebo.numpy(), "transfer", self.rng)
+            if versus_class:
+                result |= self.versus_content(cls, box, y, hit, exclude=sources)
         else:
             result |= {"pasted_onto": 0, "turned": 0}
         result["transfer_rate"] = round(result["turned"] / max(result["pasted_onto"], 1), 4)
         return result
+
+    def versus_content(self, cls: int, box, y: torch.Tensor, hit: torch.Tensor, exclude: list[int]) -> dict:
+        """The paste's second placebo: regions of the box's size from ``cls``'s own images (its most
+        confident correct ones; those the model calls ``cls`` when it gets none right), taken at
+        random places away from the box and pasted at the box's place onto the same images ``y``.
+
+        A region from an image of another class that turns images into ``cls`` may be a cue, or
+        just look like ``cls`` to the model: a max-pooled network calls anything ``cls`` that
+        holds a patch of ``cls``'s texture (measured on the benchmark's clean twins: a large logo
+        turned every image, and so did ``cls``'s own texture of its size). A learned cue carries
+        ``cls`` beyond what the class's own content of its size does."""
+        s = self.ev.samples
+        pool = s.loc[self.correct[self.correct_labels == cls]]
+        if pool.empty:
+            pool = s[(s["prediction"] == cls) & ~s.index.isin(exclude)]
+        donors = pool.sort_values("confidence", ascending=False).index[: self.spec.restore_images].tolist()
+        places = control_boxes(box, self.spec.controls, self.rng)
+        if not donors or not places:
+            return {}
+        d = self.ev.model_inputs(donors)
+        h, w = d.shape[-2:]
+        m = torch.from_numpy(self.mask(box)).to(y.device)
+        turned = []
+        for k, b in enumerate(places):  # each place's patch moved onto the box (donors in turn)
+            shift = (round((box[1] - b[1]) * h), round((box[0] - b[0]) * w))
+            src = torch.roll(d, shift, dims=(2, 3))[(torch.arange(len(y)) + k) % len(d)]
+            turned.append(self.predict(torch.where(m, src, y)).argmax(1) == cls)
+        placebo = torch.stack(turned).float().mean(0)
+        return against_control(hit.float().numpy(), placebo.numpy(), "content", self.rng)
 
     def restore(self, i: int, true: int, box, method: str | None) -> dict:
         """Paste ``box`` from correctly classified images of ``true`` into image i: does ``true`` come back?
@@ -250,7 +286,10 @@ def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
                      f"{effect['turned']} of them into '{cls_name}'"
                      + (f"; pasting a random region of the same size turned "
                         f"{round(effect['control_transfer_rate'] * effect['pasted_onto'])}"
-                        if "control_transfer_rate" in effect else ""))
+                        if "control_transfer_rate" in effect else "")
+                     + (f"; the same place pasted from '{cls_name}' images' own content of that size turned "
+                        f"{round(effect['control_content_rate'] * effect['pasted_onto'])}"
+                        if "control_content_rate" in effect else ""))
     verdict = "Confirmed by intervention" if confirmed else "Not confirmed by intervention"
     return f" {verdict}: " + "; ".join(parts) + "."
 
@@ -336,7 +375,7 @@ def _test_sample(tester: Intervener, f: Finding, box, cls: int, own: dict | None
     """Remove, transplant and (for a misclassified image) restore ``box`` of a sample finding:
     (the effect, whether it confirms the finding)."""
     s = tester.ev.samples
-    effect = tester.test([f.sample], cls, box)
+    effect = tester.test([f.sample], cls, box, versus_class=True)
     confirmed = (beats_control(effect, "removal", effect["removal_rate"] >= spec.remove_drop, spec)
                  or beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec))
     true = int(s.at[f.sample, "label"])
@@ -396,8 +435,18 @@ def _own_restore(f: Finding, own: dict, spec: InterventionSpec) -> None:
     # Beside the rule's placebo: the same donors pasted at random places of the region's size.
     confirmed = beats_control(own, "restore", own["restore_rate"] >= spec.transplant_rate, spec)
     f.details["intervention"] = {**own, "own_test": True}
-    _verdict(f, confirmed)
-    f.message += f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention (the restore test above)."
+    # Restoring decided this error, but a finding with no single region has nothing to paste onto
+    # other images, so nothing shows a cue learned for the prediction: like a boxed finding
+    # confirmed by restoration alone, medium at most (a clean twin's borderline error came back
+    # from any corner of the true class's images, and failed its gate).
+    _verdict(f, confirmed, "medium")
+    if confirmed:
+        f.details["carries_class"] = None
+        if severity_rank(f.severity) > severity_rank("medium"):
+            f.severity = "medium"
+    f.message += f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention (the restore test above)" + (
+        ": it decided this error, but names no region that could be pasted elsewhere to show a cue the model "
+        "learned (graded medium)." if confirmed else ".")
 
 
 def _untested(f, why: str) -> None:
@@ -412,12 +461,16 @@ def _untested(f, why: str) -> None:
 def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bool) -> None:
     f.details["intervention"] = effect | {"fill": spec.fill}
     strong = effect["transfer_rate"] >= spec.critical_rate and isinstance(f, ClassFinding)
-    # A learned cue carries its class: pasted onto other images it turns them. A region whose removal
+    # A learned cue carries its class: pasted onto other images it turns them, beyond random
+    # regions of its size and beyond the class's own content of its size. A region whose removal
     # or replacement alone changed this one decision decided this error (a large patch hides the
-    # object from any model, a clean one too: measured on the benchmark's clean twins), but that
-    # is no evidence of a shortcut, so it stays medium: shown, and not failing a high gate.
-    carries = isinstance(f, ClassFinding) or beats_control(
-        effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate, spec)
+    # object from any model, a clean one too: measured on the benchmark's clean twins), and one
+    # that carries the class no better than the class's own look does is that look; neither is
+    # evidence of a shortcut, so they stay medium: shown, and not failing a high gate. (A class
+    # finding's region comes from the class's own images: its random regions are that content.)
+    moved = effect["transfer_rate"] >= spec.transplant_rate
+    carries = isinstance(f, ClassFinding) or (beats_control(effect, "transfer", moved, spec)
+                                              and beats_control(effect, "content", moved, spec))
     _verdict(f, confirmed, "critical" if strong else "high" if carries else "medium")
     if confirmed and not carries:
         f.details["carries_class"] = False
@@ -425,5 +478,6 @@ def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bo
             f.severity = "medium"
     f.message += _sentence(effect, cls_name, confirmed)
     if confirmed and not carries:
-        f.message += (f" Pasted elsewhere it did not carry '{cls_name}': it decided this error, but shows no sign "
-                      f"of being a cue the model learned for '{cls_name}' (graded medium).")
+        f.message += (f" Pasted elsewhere it did not carry '{cls_name}' beyond random regions and '{cls_name}' "
+                      f"images' own content of its size: it decided this error, but shows no sign of being a cue "
+                      f"the model learned for '{cls_name}' (graded medium).")
