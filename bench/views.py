@@ -2,6 +2,7 @@
 fixed-location cases, and stay quiet on their clean twins? And what do the views cost?
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/views.py [--only NAME]
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/views.py --split tune [--n 16] [--json F]
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/views.py --demo   # the cost on the demo
 
 Audits the trained cases of ``bench/detection.py`` (built there, in ``bench/out/cases/``; run it
@@ -61,9 +62,11 @@ def one(folder: Path) -> dict:
            "views_seconds": res.record.views.seconds if res.record.views else None,
            "apl": res.record.views.average_path_length if res.record.views else None}
     for rule in RULES:
-        fs = [f for f in res.class_findings if f.rule == rule]
+        fs = sorted((f for f in res.class_findings if f.rule == rule), key=lambda f: (-severity_rank(f.severity), -f.score))
         on = [f for f in fs if f.cls == cue and any(overlaps(f.region, p) for p in places)]
         out[rule] = {
+            "rank": next((k + 1 for k, f in enumerate(fs) if f in on), None),
+            "severity_on_cue": on[0].severity if on else None,
             "raw_on_cue": bool(on), "confirmed_on_cue": any(f.details.get("confirmed") for f in on),
             "off_cue": [(f.cls, f.details.get("region"), f.details.get("severity_before_intervention"), f.severity)
                         for f in fs if f not in on],
@@ -113,24 +116,42 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None)
     ap.add_argument("--cases", type=Path, default=HERE / "out" / "cases")
     ap.add_argument("--demo", action="store_true", help="measure the global section's share of the demo audit")
+    ap.add_argument("--split", choices=("tune", "heldout"), default=None,
+                    help="the drawn cases of bench/detection.py with a cue at a fixed place (corner or fixed), "
+                         "and their clean twins, instead of the fixed list")
+    ap.add_argument("--n", type=int, default=16, help="with --split: drawn cases looked at (as detection's --cases)")
+    ap.add_argument("--json", type=Path, default=HERE / "out" / "views.json")
     args = ap.parse_args(argv)
     if args.demo:
         print(json.dumps(cost(HERE.parent / "audit.yaml")))
         return 0
     rows = []
-    for name in CASES:
-        for folder in (args.cases / name, args.cases / f"{name}-control"):
+    for name in (fixed_place_cases(args.split, args.n) if args.split else CASES):
+        for folder in (args.cases / name, args.cases / (f"{name}-clean" if args.split else f"{name}-control")):
             if (args.only and args.only not in folder.name) or not (folder / "case.yaml").is_file():
                 continue
             rows.append(one(folder))
             r = rows[-1]
             print(f"{r['case']:22} cue {r['cue_class'] or '-':8} " + "  ".join(
-                f"{rule}: raw {'Y' if r[rule]['raw_on_cue'] else '-'} conf {'Y' if r[rule]['confirmed_on_cue'] else '-'} "
+                f"{rule}: rank {r[rule]['rank'] or '-'} {r[rule]['severity_on_cue'] or '-':8} "
                 f"off {len(r[rule]['off_cue'])} med+ {r[rule]['medium_plus']}" for rule in RULES)
                 + f"  views {r['views_seconds']} s of {r['seconds']} s", flush=True)
-    (HERE / "out").mkdir(exist_ok=True)
-    (HERE / "out" / "views.json").write_text(json.dumps(rows, indent=1, default=str))
+    clean = [r for r in rows if r["case"].endswith(("-clean", "-control"))]
+    poisoned = [r for r in rows if r not in clean and r["cue_class"]]
+    for rule in RULES:  # the issue's measure: the cue class ranked first and confirmed; quiet twins
+        first = sum(r[rule]["rank"] == 1 and r[rule]["confirmed_on_cue"] for r in poisoned)
+        print(f"{rule}: cue class first and confirmed in {first}/{len(poisoned)} poisoned cases; "
+              f"clean twins with a medium+ finding: {sum(r[rule]['medium_plus'] > 0 for r in clean)}/{len(clean)}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1, default=str))
     return 0
+
+
+def fixed_place_cases(split: str, n: int) -> list[str]:
+    """The drawn cases of ``split`` whose cue sits at one place (a corner or a fixed place)."""
+    import generator
+    return [generator.draw(s).name for s in generator.seeds(split, n)
+            if generator.axes(generator.draw(s))["placement"] in ("corner", "fixed")]
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Per class (one against the rest), a decision tree of depth 2 (at most two decisions per image)
 is fitted to the model's decisions on the explained images from one region's features alone
-(mean colour, brightness, contrast and edge density of a cell of a 4 x 4 grid or a corner
-square; ``auditor.views.tree``), and scored held out by its balanced agreement with the model.
+(mean colour and its extremes, brightness, contrast and edge density of a cell of a 4 x 4 grid
+or a corner square; ``auditor.views.tree``), and scored held out by its balanced agreement with the model.
 When one region does this for at least ``min_fidelity`` of the class's decisions and clearly
 better than the typical region (``min_margin``), the class is decided by what lies in that
 region: a shortcut stated in one line (a texture that fills the image, which every region
@@ -20,6 +20,7 @@ from auditor.views import explained_images
 from auditor.views.tree import MIN_DECISIONS, DecisionTreeClassifier, export_text, features, fidelity, one_region, regions
 
 SEVERITY = {"low": 0.9, "medium": 0.95}   # on the one-region tree's held-out fidelity
+TIE, TIED = 0.02, 4   # regions within TIE of the best fitted fidelity (at most TIED) are scored held out
 
 
 def _effects(d: dict) -> list[str]:
@@ -44,13 +45,18 @@ def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.1
         y = (pred == c).astype(int)
         if min(y.sum(), len(y) - y.sum()) < MIN_DECISIONS:
             continue
-        fitted = one_region(x, y, where)  # fitted and scored on the same images: the region to test
-        best = max(fitted, key=fitted.get)
+        fitted = one_region(x, y, where)  # fitted and scored on the same images: the regions to test
         typical = float(np.median(list(fitted.values())))
-        if fitted[best] < min_fidelity or fitted[best] - typical < min_margin:
+        top = sorted(fitted, key=lambda r: -fitted[r])
+        if fitted[top[0]] < min_fidelity or fitted[top[0]] - typical < min_margin:
             continue
+        # Neighbouring cells that share a mark fit alike on the images they were fitted to: held out
+        # (the score), the one that holds it decides.
+        scored = {r: round(fidelity(2, x[:, [k for k, q in enumerate(where) if q == r]], y, 0), 4)
+                  for r in top[:TIED] if fitted[r] >= fitted[top[0]] - TIE}
+        best = max(scored, key=scored.get)  # (the first, by fitted fidelity, of equals)
+        held = scored[best]
         cols = [k for k, r in enumerate(where) if r == best]
-        held = round(fidelity(2, x[:, cols], y, 0), 4)  # the score: held out
         sev = grade(held, severity)
         if sev is None or held < min_fidelity:
             continue

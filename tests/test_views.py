@@ -15,8 +15,8 @@ from torch import nn
 
 import auditor.rules  # noqa: F401  (registers the rules)
 from auditor.record import ClassView, ProbeCurve, TreeView, Views
-from auditor.views import class_views, probes, tree
-from auditor.views.visualise import best_window, visualise
+from auditor.views import Picture, class_views, locate, probes, tree
+from auditor.views.visualise import best_window, visualise, windows
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -56,6 +56,43 @@ def test_best_window_finds_the_mass():
     assert share == 1.0 and box[0] <= 0.1 and box[1] >= 0.7
 
 
+def test_windows_are_the_strongest_non_overlapping_ones():
+    heat = np.zeros((20, 20))
+    heat[1:4, 1:4], heat[15:18, 15:18] = 2.0, 1.0
+    (s1, b1), (s2, b2), (s3, _) = windows(heat, 0.15, 3)
+    assert b1[0] < 0.2 and b2[0] > 0.7 and s1 == pytest.approx(2 / 3) and s2 == pytest.approx(1 / 3) and s3 == 0
+
+
+def _mark(x: torch.Tensor, y0: int, x0: int) -> None:
+    x[:, 0, y0:y0 + 4, x0:x0 + 4], x[:, 1, y0:y0 + 4, x0:x0 + 4] = 1.0, 0.0  # a red square
+
+
+def test_locate_finds_the_drawn_mark_where_the_images_carry_it():
+    """The drawing shows a red square at its centre; the class's images carry it at the top
+    left on a random background: the model's features find it there, wherever it was drawn."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 16, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2)).eval()
+    images = torch.rand(12, 3, 24, 24)
+    _mark(images, 2, 2)
+    drawing = torch.rand(1, 3, 24, 24)
+    _mark(drawing, 10, 10)
+    spec = types.SimpleNamespace(size=[24, 24], mean=[0.0] * 3, std=[1.0] * 3, channels=3)
+    ev = types.SimpleNamespace(model=model, layer=model[1], input_spec=spec, device=torch.device("cpu"),
+                               samples=pd.DataFrame({"prediction": [1] * 12}), model_inputs=lambda ids: images[ids])
+    box = [10 / 24, 10 / 24, 14 / 24, 14 / 24]
+    pic = Picture(drawing[0].permute(1, 2, 0).numpy(), np.ones((24, 24)), 1.0, 1.0, box, 0.0, [(1.0, box, 0.0)])
+    got = locate(ev, 1, pic, 4 / 24)
+    x0, y0, x1, y1 = got.region
+    assert x0 < 4 / 24 and y0 < 4 / 24 and x1 >= 5 / 24 and y1 >= 5 / 24 and x1 - x0 <= 8 / 24 + 1e-6
+    assert got.contrast > 0.05 and got.drawn == box
+    plain = Picture(drawing[0].permute(1, 2, 0).numpy(), np.ones((24, 24)), 1.0, 1.0, [0, 0, 4 / 24, 4 / 24], 0.0,
+                    [(1.0, [0, 0, 4 / 24, 4 / 24], 0.0)])   # a window of background: found nowhere in particular
+    assert locate(ev, 1, plain, 4 / 24).contrast < got.contrast / 2
+    ev.layer = None
+    assert locate(ev, 1, pic, 4 / 24) is None
+
+
 # --- the tree's average decision-path length ---------------------------------------------------
 
 def test_tree_path_length_is_exact_on_a_hand_made_rule():
@@ -80,6 +117,17 @@ def test_region_features_see_a_corner_patch():
     col = names.index("brightness of the bottom-left corner")
     assert x[:2, col].min() > x[2:, col].max()
     assert where[col] == "bottom-left corner" and len(names) == len(where) == x.shape[1]
+
+
+def test_region_extremes_see_a_mark_the_mean_hides():
+    """A 3 x 3 dark dot in a 10 x 10 cell moves its mean by 0.045, its darkest values to the dot's."""
+    rng = np.random.default_rng(0)
+    images = (0.5 + 0.05 * rng.standard_normal((8, 3, 40, 40))).astype(np.float32)
+    images[:4, :, 4:7, 4:7] = 0.0
+    x, names, _ = tree.features(images)
+    dark, mean = names.index("darkest red of the top left cell"), names.index("red of the top left cell")
+    assert x[:4, dark].max() < 0.1 < 0.3 < x[4:, dark].min()
+    assert abs(x[:4, mean].mean() - x[4:, mean].mean()) < 0.06
 
 
 # --- probes ----------------------------------------------------------------------------------
@@ -128,11 +176,15 @@ def _raw(f) -> str:
 
 @pytest.mark.slow
 def test_class_visualisation_finds_the_poisoned_class_with_no_data(tag_audits):
-    """Drawn from nothing, the tagged class's picture holds a patch that makes other pictures
-    'gravel'; the clean twin's pictures hold none."""
+    """Drawn from nothing, the tagged class's picture holds a patch that the images the model calls
+    'gravel' show at one place (the tag's corner), confirmed by pasting it; nothing on the clean
+    twin reaches medium."""
+    from auditor.judge.evidence import severity_rank
     poisoned = [f for f in tag_audits[True].class_findings if f.rule == "class_visualisation"]
-    assert poisoned and max(poisoned, key=lambda f: f.score).cls == "gravel"
-    assert not [f for f in tag_audits[False].class_findings if f.rule == "class_visualisation"]
+    top = max(poisoned, key=lambda f: (severity_rank(f.severity), f.score))
+    assert top.cls == "gravel" and top.details["confirmed"] and top.region[0] > 0.5 and top.region[1] > 0.5
+    clean = [f for f in tag_audits[False].class_findings if f.rule == "class_visualisation"]
+    assert all(severity_rank(f.severity) < severity_rank("medium") for f in clean)
 
 
 @pytest.mark.slow

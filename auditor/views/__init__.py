@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from auditor.explain.engine import is_oom
 from auditor.explain.heatmap import boxes_overlap
@@ -23,7 +24,7 @@ from auditor.judge.evidence import ClassFinding, Evidence, Finding
 from auditor.judge.intervene import Intervener, fill
 from auditor.record import ClassView, ProbeCurve, TreeView, Views
 from auditor.views import probes, tree
-from auditor.views.visualise import best_window, fft_rgb, visualise
+from auditor.views.visualise import best_window, fft_rgb, visualise, windows
 
 # The ``views:`` config section, read with these defaults where the config has none.
 DEFAULTS = {"enabled": True, "steps": 48, "max_classes": 20, "window": 0.15, "probe_images": 150, "max_cues": 4}
@@ -44,8 +45,10 @@ class Picture:
     share: float           # of the saliency, in ``region``
     region: list[float]
     carry: float           # share of the other classes' visualisations the region turns into this class
+    windows: list = None   # the WINDOWS strongest windows (the first is ``region``): [(share, box, carry)]
 
 
+WINDOWS = 3       # candidate windows per visualisation
 BACKGROUNDS = 16  # smooth random pictures the window is also pasted onto (data-free, seeded)
 
 
@@ -100,18 +103,104 @@ def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed:
         before = ev.model((backgrounds - m) / s).argmax(1).cpu().numpy()
     out = {}
     for k, c in enumerate(classes):
-        share, box = best_window(sal[k], window)
-        x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(box, (w, h, w, h)))
-        pasted = backgrounds.clone()
-        pasted[:, :, y0:y1, x0:x1] = x[k, :, y0:y1, x0:x1]
-        with torch.no_grad():  # onto the other classes' pictures and the noise: not onto its own picture
-            pred = ev.model((pasted - m) / s).argmax(1).cpu().numpy()
-        keep = (np.arange(len(pasted)) != k) & (before != c)
-        carry = float((pred[keep] == c).mean()) if keep.any() else 0.0
-        out[c] = Picture(imgs[k], sal[k], float(logits[k]), round(share, 4), [round(v, 4) for v in box],
-                         round(carry, 4))
+        keep = (np.arange(len(backgrounds)) != k) & (before != c)
+        found = []
+        for share, box in windows(sal[k], window, WINDOWS):
+            x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(box, (w, h, w, h)))
+            pasted = backgrounds.clone()
+            pasted[:, :, y0:y1, x0:x1] = x[k, :, y0:y1, x0:x1]
+            with torch.no_grad():  # onto the other classes' pictures and the noise: not onto its own picture
+                pred = ev.model((pasted - m) / s).argmax(1).cpu().numpy()
+            carry = float((pred[keep] == c).mean()) if keep.any() else 0.0
+            found.append((round(share, 4), [round(v, 4) for v in box], round(carry, 4)))
+        share, box, carry = found[0]
+        out[c] = Picture(imgs[k], sal[k], float(logits[k]), share, box, carry, found)
     memo[key] = out
     return out
+
+
+LOCATE_IMAGES = 32  # images the model calls a class, searched for its drawing's windows
+
+
+def layer_maps(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's feature maps [N, K, h, w] for the inputs x, or None when it gives none."""
+    got: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(
+        lambda mod, i, o: last.append(o.detach().float()) if isinstance(o, torch.Tensor) and o.dim() == 4 else None)
+    try:
+        with torch.no_grad():
+            for chunk in x.split(64):
+                last.clear()
+                model(chunk)
+                if not last:
+                    return None
+                got.append(last[-1])
+    finally:
+        hook.remove()
+    return torch.cat(got)
+
+
+@dataclass
+class Place:
+    region: list[float]    # where the class's images show the window, as fractions
+    contrast: float        # mean likeness in that region minus the median likeness over the image
+    drawn: list[float]     # the window of the drawing
+    share: float           # of the drawing's saliency, in the window
+    carry: float           # of the other drawings the window turns
+
+
+def locate(ev: Evidence, c: int, pic: Picture, side: float) -> Place | None:
+    """Where the images the model calls class ``c`` show what its drawing's windows show, read with
+    the model's own features (``ev.layer``): the likeness of the window's features to those at each
+    place of each image, averaged over the images. A network that pools over space draws a mark
+    anywhere, but the images carry it at one place; the window found most sharply at one place wins.
+    None without a spatial layer (a model that keeps place then draws a mark where it looks)."""
+    ids = ev.samples.index[ev.samples["prediction"] == c].tolist()[:LOCATE_IMAGES]
+    if ev.layer is None or not ids or not pic.windows:
+        return None
+    spec = ev.input_spec
+    h, w = spec.size
+    device = ev.device or next(ev.model.parameters()).device
+    mean = spec.mean * spec.channels if len(spec.mean) == 1 else spec.mean
+    std = spec.std * spec.channels if len(spec.std) == 1 else spec.std
+    m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    drawing = (torch.from_numpy(pic.image).permute(2, 0, 1)[None].to(device) - m) / s
+    maps = layer_maps(ev.model, ev.layer, torch.cat([drawing, ev.model_inputs(ids).to(device).float()]))
+    if maps is None:
+        return None
+    drawn = torch.nn.functional.interpolate(maps[:1], size=(h, w), mode="bilinear", align_corners=False)[0]
+    kh, kw = max(1, round(side * h)), max(1, round(side * w))
+    best = None
+    for share, box, carry in pic.windows:
+        x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(box, (w, h, w, h)))
+        f = drawn[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].mean((1, 2)).view(1, -1, 1, 1)
+        like = torch.nn.functional.cosine_similarity(maps[1:], f, dim=1).clamp(min=0).mean(0)
+        like = torch.nn.functional.interpolate(like[None, None], size=(h, w), mode="bilinear",
+                                               align_corners=False)[0, 0].cpu().numpy().astype(np.float64)
+        got, place = best_window(like, side)
+        typical = float(np.median(like))
+        contrast = got * float(like.sum()) / (kh * kw) - typical
+        if best is None or contrast > best.contrast:
+            best = Place(_extent(like, place, typical + contrast / 2), round(contrast, 4), box, share, carry)
+    return best
+
+
+def _extent(like: np.ndarray, window: list[float], level: float, grow: float = 2.0) -> list[float]:
+    """The box of the blob of ``like`` above ``level`` that holds the window's centre (a mark larger
+    than the window is pasted whole), at least the window and at most ``grow`` times its side
+    about its centre (a small patch, not the object: and room is left for placebo regions)."""
+    h, w = like.shape
+    cx, cy = (window[0] + window[2]) / 2, (window[1] + window[3]) / 2
+    half = [grow * (window[2] - window[0]) / 2, grow * (window[3] - window[1]) / 2]
+    blobs, _ = ndimage.label(like >= level)
+    blob = blobs[min(int(cy * h), h - 1), min(int(cx * w), w - 1)]
+    if blob:
+        ys, xs = np.nonzero(blobs == blob)
+        window = [max(min(window[0], xs.min() / w), cx - half[0]), max(min(window[1], ys.min() / h), cy - half[1]),
+                  min(max(window[2], (xs.max() + 1) / w), cx + half[0]), min(max(window[3], (ys.max() + 1) / h), cy + half[1])]
+    return [round(float(min(max(v, 0.0), 1.0)), 4) for v in window]
 
 
 def explained_images(ev: Evidence) -> tuple[list[int], np.ndarray]:
@@ -259,6 +348,6 @@ def global_views(ev: Evidence, findings: list[Finding], class_findings: list[Cla
     return Views(state="ran", seconds=round(time.perf_counter() - t0, 2), layers=layers, classes=views,
                  probes=curves, average_path_length=round(float(np.mean(reached)), 3) if reached else None,
                  fidelity_goal=tree.FIDELITY,
-                 features=("per region of the image (a 4 x 4 grid and the four corner squares): mean colour, "
-                           "brightness, contrast and edge density" + ("; and the likeness of each confirmed cue "
+                 features=("per region of the image (a 4 x 4 grid and the four corner squares): mean colour and "
+                           "its brightest and darkest values, brightness, contrast and edge density" + ("; and the likeness of each confirmed cue "
                                                                       "region to the cue" if cues else "")))

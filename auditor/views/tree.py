@@ -2,7 +2,8 @@
 
 Per class (one against the rest), a depth-limited decision tree (scikit-learn) is fitted to the
 model's own decisions on the explained images, from interpretable features: per region of the
-image (a 4 x 4 grid and the four corner squares) the mean of each colour channel, the mean
+image (a 4 x 4 grid and the four corner squares) the mean of each colour channel and its
+brightest and darkest values (5th and 95th percentiles: a small mark shows in them), the mean
 intensity, its spread and the edge density; and, after intervention, how much each confirmed
 cue region looks like the cue. Its fidelity is the balanced agreement with the model (the mean
 of the share of the class's decisions and of the other decisions it reproduces; plain agreement
@@ -22,6 +23,7 @@ from sklearn.tree import DecisionTreeClassifier, export_text
 FIDELITY = 0.9
 GRID = 4
 CORNER = 0.15      # side of a corner square, of the image's: where marks sit (see rules/corner_restore.py)
+EXTREME = 5        # percentile of a region's brightest and darkest pixels (per colour)
 EDGE = 0.1         # an edge: a Sobel magnitude above this (intensities in [0, 1])
 MAX_DEPTH = 6
 FOLDS = 5
@@ -50,13 +52,19 @@ def features(images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
     for name, (x0, y0, x1, y1) in regions().items():
         ys = slice(int(round(y0 * h)), max(int(round(y1 * h)), int(round(y0 * h)) + 1))
         xs = slice(int(round(x0 * w)), max(int(round(x1 * w)), int(round(x0 * w)) + 1))
-        part = grey[:, ys, xs].reshape(n, -1)
-        for k, ch in enumerate(channels):
-            cols.append(images[:, k, ys, xs].reshape(n, -1).mean(1))
-            names.append(f"{ch} of the {name}")
+        part, start = grey[:, ys, xs].reshape(n, -1), len(cols)
+        for k, ch in enumerate(channels or ["grey"]):
+            values = images[:, k, ys, xs].reshape(n, -1)
+            # The brightest and darkest of a colour: a small mark shifts a cell's mean little, its extremes much.
+            high, low = np.percentile(values, [100 - EXTREME, EXTREME], axis=1)
+            if channels:
+                cols.append(values.mean(1))
+                names.append(f"{ch} of the {name}")
+            cols += [high, low]
+            names += [f"brightest {ch} of the {name}", f"darkest {ch} of the {name}"]
         cols += [part.mean(1), part.std(1), edges[:, ys, xs].reshape(n, -1).mean(1)]
         names += [f"brightness of the {name}", f"contrast of the {name}", f"edge density of the {name}"]
-        where += [name] * (len(channels) + 3)
+        where += [name] * (len(cols) - start)
     return np.stack(cols, 1).astype(np.float32), names, where
 
 

@@ -107,3 +107,17 @@ def best_window(heat: np.ndarray, side: float) -> tuple[float, list[float]]:
     sums = cum[kh:, kw:] - cum[:-kh, kw:] - cum[kh:, :-kw] + cum[:-kh, :-kw]
     y, x = np.unravel_index(np.argmax(sums), sums.shape)
     return float(sums[y, x] / total), [x / w, y / h, (x + kw) / w, (y + kh) / h]
+
+
+def windows(heat: np.ndarray, side: float, n: int) -> list[tuple[float, list[float]]]:
+    """The ``n`` best non-overlapping windows of ``best_window``, strongest first: a drawing often
+    holds the object's texture and a mark side by side, and the mark need not be the strongest."""
+    heat, total = heat.astype(np.float64, copy=True), float(heat.sum()) or 1.0
+    h, w = heat.shape
+    out = []
+    for _ in range(n):
+        share, box = best_window(heat, side)
+        out.append((share * float(heat.sum()) / total, box))
+        x0, y0, x1, y1 = (int(round(v * m)) for v, m in zip(box, (w, h, w, h)))
+        heat[y0:y1, x0:x1] = 0
+    return out
