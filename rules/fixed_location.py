@@ -7,11 +7,15 @@ hierarchically. Where a person had to inspect SpRAy's clusters, this rule scores
 group whose mean heatmap piles its mass into a small window that the other classes do not
 use is flagged, wherever in the image the window is (a watermark, a logo, a ruler).
 
-Findings: the class finding names the window (its place in words; the intervention pastes it
-from the class's images onto other classes'), and one image finding per member of a flagged
-group that the model calls the class but that is labelled otherwise and whose own evidence sits
-in the window: the error the cue may have caused, boxed tightly from that image's own heatmap
-at the window (``Evidence.boxes``), the window being the interventions' last resort.
+Findings: one image finding per member of a flagged group that the model calls the class but
+that is labelled otherwise and whose own evidence sits in the window (``member_share`` of the
+group's): the error the mark may have caused, boxed tightly from that image's own heatmap at the
+window and grown to the object the image shows there (``Evidence.boxes``), the window being the
+interventions' last resort; each image once, by the map with the most evidence there. And the
+class finding, naming the window's place in words; its region, which the intervention pastes
+from the class's images onto other classes', is the median of its errors' boxes where there are
+``min_group`` of them (the window is a coarse grid's square; the boxes show where the mark lies),
+else the window.
 """
 from __future__ import annotations
 
