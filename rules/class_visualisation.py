@@ -19,6 +19,7 @@ from auditor.registry import RULES
 from auditor.views import Place, class_views, locate
 
 SEVERITY = {"low": 0.25, "medium": 0.5}   # on the contrast: the window's likeness at its place above the typical
+CARRY, MIN_SHARE = {"low": 0.5, "medium": 0.75}, 0.25  # without a spatial layer: on the other drawings turned
 
 
 def _effects(d: dict) -> list[str]:
@@ -39,21 +40,28 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
     out = []
     for c, p in class_views(ev, steps, window, max_classes).items():
         got = locate(ev, c, p, window)
-        if got is None:  # no spatial layer: the model keeps place, and draws a mark where it looks for it
-            got = Place(p.region, p.carry, p.region, p.share, p.carry)
-        sev = grade(got.contrast, severity)
-        if sev is None or got.contrast < min_contrast:
-            continue
         name = ev.classes[c]
-        where = place_words(got.region)
+        if got is not None:
+            score, sev = got.contrast, grade(got.contrast, severity) if got.contrast >= min_contrast else None
+            where = place_words(got.region)
+            found = (f"the images it calls '{name}' show that patch's look at one place ({where}, "
+                     f"{box_area(got.region):.0%} of the image) far more than elsewhere (by {got.contrast:.2f} in "
+                     f"likeness)")
+        else:  # no spatial layer: a model that keeps place draws a mark where it looks for it, and the
+            # drawn window is graded on how many of the other drawings it turns alone
+            got = Place(p.region, None, p.region, p.share, p.carry)
+            score, sev = p.carry, grade(p.carry, CARRY) if p.share >= MIN_SHARE else None
+            where = place_words(got.region)
+            found = (f"pasted alone ({where}, {box_area(got.region):.0%} of the image) onto the pictures it draws "
+                     f"for the other classes, that patch made {p.carry:.0%} of them '{name}'")
+        if sev is None:
+            continue
         out.append(ClassFinding(
-            cls=name, rule="class_visualisation", severity=sev, score=got.contrast, share=got.share,
-            region=got.region,
+            cls=name, rule="class_visualisation", severity=sev, score=score, share=got.share, region=got.region,
             message=(f"Asked to draw '{name}' from a blank grey picture, the model put {got.share:.0%} of the "
-                     f"picture's evidence into one small patch; the images it calls '{name}' show that patch's "
-                     f"look at one place ({where}, {box_area(got.region):.0%} of the image) far more than "
-                     f"elsewhere (by {got.contrast:.2f} in likeness). The model may recognise '{name}' by a mark "
+                     f"picture's evidence into one small patch; {found}. The model may recognise '{name}' by a mark "
                      f"at that place rather than by the object."),
-            details={"region": where, "contrast": got.contrast, "carry_rate": got.carry, "evidence_share": got.share,
-                     "drawn_window": got.drawn, "logit": round(p.logit, 3), "steps": steps, "window": window}))
+            details={"region": where, "carry_rate": got.carry, "evidence_share": got.share, "drawn_window": got.drawn,
+                     "logit": round(p.logit, 3), "steps": steps, "window": window}
+            | ({} if got.contrast is None else {"contrast": got.contrast})))
     return out

@@ -223,6 +223,18 @@ def test_class_views_are_computed_once_per_model():
     assert class_views(ev, 8, 0.25, 20) is first and set(first) == {0, 1}
 
 
+def test_class_visualisation_without_a_spatial_layer_reads_the_drawing_itself():
+    """A linear model has no feature map to search the images with: its drawings' windows are
+    graded on what they carry; its classes are half images, so no small window holds them."""
+    from auditor.registry import RULES
+    model, _ = _linear()
+    spec = types.SimpleNamespace(size=[16, 16], mean=[0.5] * 3, std=[0.25] * 3, channels=3)
+    ev = types.SimpleNamespace(model=model, input_spec=spec, device=torch.device("cpu"), classes=["l", "t"],
+                               samples=pd.DataFrame({"prediction": [0, 1]}), layer=None)
+    assert RULES.get("class_visualisation").fn(ev, window=0.25, steps=8) == []
+    assert all(p.windows and p.windows[0][1] == p.region for p in class_views(ev, 8, 0.25, 20).values())
+
+
 # --- the report's section ----------------------------------------------------------------------
 
 def _views_record(tmp_path):

@@ -144,7 +144,7 @@ def layer_maps(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) 
 @dataclass
 class Place:
     region: list[float]    # where the class's images show the window, as fractions
-    contrast: float        # mean likeness in that region minus the median likeness over the image
+    contrast: float | None  # mean likeness in that region minus the median likeness over the image
     drawn: list[float]     # the window of the drawing
     share: float           # of the drawing's saliency, in the window
     carry: float           # of the other drawings the window turns
