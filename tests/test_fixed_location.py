@@ -100,6 +100,8 @@ def test_errors_the_mark_caused_are_boxed_and_confirmed(audits):
     assert isinstance(cf[0], ClassFinding) and cf[0].region is not None
     assert _covered([v * 48 for v in cf[0].region], truth[s.at[driven[0], "path"]]) >= 0.5
     assert sorted(cf[0].details["samples"]) == sorted(boxed)
+    assert set(boxed) <= set(cf[0].details["carriers"])
+    assert all(s.at[i, "path"] in truth for i in cf[0].details["carriers"])   # only marked images
     assert cf[0].details["region"] == "left"
 
 
