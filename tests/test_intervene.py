@@ -89,7 +89,7 @@ def test_a_region_no_stronger_than_a_random_one_is_not_confirmed():
     assert "turned 12 of them into 'bright'; pasting a random region of the same size turned 12" in f.message
 
 
-def _with_error(model, class1: float, n=12) -> Finding:
+def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16)) -> Finding:
     """n dark images of class 0; n of class 1, ``class1`` grey with a bright bottom-left corner (the
     tag every class-1 image has); and one dark class-0 image with that corner, which the model
     calls class 1: a finding boxes its corner and is put to the test."""
@@ -108,7 +108,7 @@ def _with_error(model, class1: float, n=12) -> Finding:
                   input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
     ev.model_input = lambda i: xs[i]
     assert not rows[-1]["correct"]
-    f = Finding(sample=2 * n, rule="corner_border", severity="medium", score=1.0, message="m.", bbox=[0, 12, 4, 16])
+    f = Finding(sample=2 * n, rule="corner_border", severity="medium", score=1.0, message="m.", bbox=list(bbox))
     confirm(ev, [f], [], InterventionSpec(fill="mean", transplant_images=n), seed=0)
     return f
 
@@ -145,3 +145,12 @@ def test_a_restore_test_without_a_region_confirms_at_most_medium():
     confirm(ev, [f, weak], [], InterventionSpec(), seed=0)
     assert f.details["confirmed"] and f.severity == "medium" and "graded medium" in f.message
     assert weak.details["confirmed"] is False and weak.severity == "low"
+
+
+def test_a_region_with_no_room_for_a_placebo_is_not_high():
+    """Over half the image each way: no box of its size fits beside it, so neither placebo runs. Its
+    paste turned every image, but nothing shows that more than any region of half the image would."""
+    f = _with_error(CornerOnly(), class1=0.5, bbox=(0, 4, 9, 16))
+    e = f.details["intervention"]
+    assert e["transfer_rate"] == 1.0 and "transfer_vs_control" not in e and "content_vs_control" not in e
+    assert f.details["confirmed"] and f.severity == "medium"

@@ -468,9 +468,11 @@ def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bo
     # that carries the class no better than the class's own look does is that look; neither is
     # evidence of a shortcut, so they stay medium: shown, and not failing a high gate. (A class
     # finding's region comes from the class's own images: its random regions are that content.)
+    # Both placebos must have run: a region with no room for one beside it (over half the image
+    # each way) is no local cue that could show it.
     moved = effect["transfer_rate"] >= spec.transplant_rate
-    carries = isinstance(f, ClassFinding) or (beats_control(effect, "transfer", moved, spec)
-                                              and beats_control(effect, "content", moved, spec))
+    carries = isinstance(f, ClassFinding) or all(f"{name}_vs_control" in effect and beats_control(effect, name, moved, spec)
+                                                 for name in ("transfer", "content"))
     _verdict(f, confirmed, "critical" if strong else "high" if carries else "medium")
     if confirmed and not carries:
         f.details["carries_class"] = False
