@@ -10,16 +10,19 @@ all over its images, a tag, a logo or a watermark at one place. The finding name
 (graded by how much more the window's look is found there than typically in the image), and
 the intervention then pastes that region of the class's real images onto other classes' images
 (with placebo regions), as for any class finding: an object's part does not carry the class.
+A model that keeps place (no spatial layer, or one that reads position) draws a mark where it
+looks for it: a drawn window that alone turns most of the other drawings into the class is
+also named at its own place, and put to the same test.
 """
 from __future__ import annotations
 
-from auditor.explain.heatmap import box_area, place_words
+from auditor.explain.heatmap import box_area, boxes_overlap, place_words
 from auditor.judge.evidence import Band, ClassFinding, Count, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
 from auditor.views import Place, class_views, locate
 
 SEVERITY = {"low": 0.25, "medium": 0.5}   # on the contrast: the window's likeness at its place above the typical
-CARRY, MIN_SHARE = {"low": 0.5, "medium": 0.75}, 0.25  # without a spatial layer: on the other drawings turned
+CARRY, MIN_SHARE = {"low": 0.5, "medium": 0.75}, 0.25  # a drawn window tested at its own place: on the drawings turned
 
 
 def _effects(d: dict) -> list[str]:
@@ -39,29 +42,30 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
     severity = severity or SEVERITY
     out = []
     for c, p in class_views(ev, steps, window, max_classes).items():
-        got = locate(ev, c, p, window)
         name = ev.classes[c]
-        if got is not None:
-            score, sev = got.contrast, grade(got.contrast, severity) if got.contrast >= min_contrast else None
-            where = place_words(got.region)
-            found = (f"the images it calls '{name}' show that patch's look at one place ({where}, "
-                     f"{box_area(got.region):.0%} of the image) far more than elsewhere (by {got.contrast:.2f} in "
-                     f"likeness)")
-        else:  # no spatial layer: a model that keeps place draws a mark where it looks for it, and the
-            # drawn window is graded on how many of the other drawings it turns alone
-            got = Place(p.region, None, p.region, p.share, p.carry)
-            score, sev = p.carry, grade(p.carry, CARRY) if p.share >= MIN_SHARE else None
-            where = place_words(got.region)
-            found = (f"pasted alone ({where}, {box_area(got.region):.0%} of the image) onto the pictures it draws "
-                     f"for the other classes, that patch made {p.carry:.0%} of them '{name}'")
-        if sev is None:
-            continue
-        out.append(ClassFinding(
-            cls=name, rule="class_visualisation", severity=sev, score=score, share=got.share, region=got.region,
-            message=(f"Asked to draw '{name}' from a blank grey picture, the model put {got.share:.0%} of the "
-                     f"picture's evidence into one small patch; {found}. The model may recognise '{name}' by a mark "
-                     f"at that place rather than by the object."),
-            details={"region": where, "carry_rate": got.carry, "evidence_share": got.share, "drawn_window": got.drawn,
-                     "logit": round(p.logit, 3), "steps": steps, "window": window}
-            | ({} if got.contrast is None else {"contrast": got.contrast})))
+        got = locate(ev, c, p, window)
+        found = []  # (place, score, severity, what was seen)
+        if got is not None and got.contrast >= min_contrast and (sev := grade(got.contrast, severity)):
+            found.append((got, got.contrast, sev, (
+                f"the images it calls '{name}' show that patch's look at one place ({place_words(got.region)}, "
+                f"{box_area(got.region):.0%} of the image) far more than elsewhere (by {got.contrast:.2f} in likeness)")))
+        # A model that keeps place (no spatial layer, or one that reads position) draws a mark where it
+        # looks for it: the drawn window that alone turns the other drawings is tested too, at its place.
+        drawn = Place(p.region, None, p.region, p.share, p.carry)
+        if p.share >= MIN_SHARE and (sev := grade(p.carry, CARRY)) and not any(
+                boxes_overlap(f[0].region, drawn.region) for f in found):
+            found.append((drawn, p.carry, sev, (
+                f"pasted alone ({place_words(p.region)}, {box_area(p.region):.0%} of the image) onto the pictures "
+                f"it draws for the other classes, that patch made {p.carry:.0%} of them '{name}'")))
+        for place, score, sev, seen in found:
+            out.append(ClassFinding(
+                cls=name, rule="class_visualisation", severity=sev, score=score, share=place.share,
+                region=place.region,
+                message=(f"Asked to draw '{name}' from a blank grey picture, the model put {place.share:.0%} of the "
+                         f"picture's evidence into one small patch; {seen}. The model may recognise '{name}' by a "
+                         f"mark at that place rather than by the object."),
+                details={"region": place_words(place.region), "carry_rate": place.carry,
+                         "evidence_share": place.share, "drawn_window": place.drawn, "logit": round(p.logit, 3),
+                         "steps": steps, "window": window}
+                | ({} if place.contrast is None else {"contrast": place.contrast})))
     return out
