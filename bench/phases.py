@@ -22,7 +22,8 @@ Printed: seconds per phase (the median over ``--repeats`` audits), each as a mul
 forward+backward floor; the trust gate's time as a share of the explain phase (issue 14's goal: at
 most 25% on ResNet-50) and of predict+explain, side by side, with each repeat's; and the gate's
 parts (its record's ``timing``). ``--no-fallback`` sets trust.fallback null: on these random-init
-models every method fails the gate, and the occlusion fallback then costs more than the rest.
+models every method fails the gate, and the occlusion fallback then costs more than the rest;
+``--gate-only`` runs no rules and no global views (the phases up to the gate, then an empty report).
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py                 # both models
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py --models vit-s --per-class 2
@@ -83,7 +84,7 @@ def build(name: str):
     raise SystemExit(f"unknown model {name!r}: resnet50 or vit-s")
 
 
-def write_project(folder: Path, model, per_class: int, fallback: bool = True) -> Path:
+def write_project(folder: Path, model, per_class: int, fallback: bool = True, gate_only: bool = False) -> Path:
     model.save_pretrained(folder / "model")
     (folder / "model" / "preprocessor_config.json").write_text(json.dumps({
         "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
@@ -96,7 +97,8 @@ def write_project(folder: Path, model, per_class: int, fallback: bool = True) ->
     cfg = {"model": {"huggingface": "model"}, "data": {"root": "data"},
            "explain": {"methods": ["gradcam", "saliency"]},
            "trust": {"enabled": True, **({} if fallback else {"fallback": None})},
-           "run": {"device": "cpu", "cache": False, "batch_size": 16}, "report": {"out": "reports"}}
+           "run": {"device": "cpu", "cache": False, "batch_size": 16}, "report": {"out": "reports"},
+           **({"rules": {}, "views": {"enabled": False}} if gate_only else {})}
     (folder / "audit.yaml").write_text(yaml.safe_dump(cfg))
     return folder / "audit.yaml"
 
@@ -165,12 +167,12 @@ def audit_once(path: Path, name: str) -> tuple[dict, object]:
     return times, res.record
 
 
-def bench(name: str, per_class: int, repeats: int = 1, fallback: bool = True) -> dict:
+def bench(name: str, per_class: int, repeats: int = 1, fallback: bool = True, gate_only: bool = False) -> dict:
     from auditor.inputs.huggingface import Logits
     model = build(name)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_project(Path(tmp), model, per_class, fallback)
+        path = write_project(Path(tmp), model, per_class, fallback, gate_only)
         for k in range(repeats):
             times, record = audit_once(path, name)
             runs.append(times)
@@ -234,6 +236,8 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=4, help="images per class (3 classes); at least 2")
     ap.add_argument("--repeats", type=int, default=1, help="audits per model; the table shows medians")
     ap.add_argument("--no-fallback", action="store_true", help="trust.fallback null (no occlusion fallback)")
+    ap.add_argument("--gate-only", action="store_true", help="no rules and no global views: the phases up to the "
+                    "trust gate, and an empty report")
     ap.add_argument("--save", help="a folder: each model's result as <model>.json")
     ap.add_argument("results", nargs="*", help="results saved earlier (--save), put in the table first")
     args = ap.parse_args()
@@ -241,7 +245,8 @@ def main() -> None:
     results = [json.loads(Path(f).read_text()) for f in args.results]
     for name in filter(None, args.models.split(",")):
         t0 = time.perf_counter()
-        results.append(bench(name, max(2, args.per_class), max(1, args.repeats), not args.no_fallback))
+        results.append(bench(name, max(2, args.per_class), max(1, args.repeats), not args.no_fallback,
+                             args.gate_only))
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         if args.save:
             Path(args.save, f"{name}.json").write_text(json.dumps(results[-1]))

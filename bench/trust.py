@@ -5,7 +5,8 @@ trained for a few epochs on 96-px crops of scikit-image's bundled photos and tex
 (ImageNet-normalised); the gate then runs as the audit runs it (``trust_gate`` on an
 ``Evidence`` of the validation images). Printed per method: mean |Spearman| at a few points of
 the cascade, the decisive step and its 95% interval over the images, the first step under the
-threshold, the deletion test's fill and paired benefit with its interval, and the verdicts.
+threshold, the deletion test's fill and paired benefit with its interval, and the verdicts;
+then, per method, the images its deletion test was decided on and the gate's parts in seconds.
 
     OMP_WAIT_POLICY=PASSIVE python bench/trust.py            # blocks cascade (the default)
     OMP_WAIT_POLICY=PASSIVE python bench/trust.py --full     # every cascade step, not only to the decisive one
@@ -158,6 +159,10 @@ def main(argv=None) -> int:
             print()
             print(table(out, f"{title}: {len(steps)} steps, {time.perf_counter() - t1:.0f} s"))
             print("steps (top first): " + ", ".join(steps))
+            for m, t in out.items():  # where the gate's time went (its record's timing)
+                if t.get("timing"):
+                    print(f"{m}: deletion decided on {t['deletion_images']} of {t['images']} images; seconds "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in t["timing"].items()))
         if a.chart:
             from auditor.outputs.charts import cascade_chart
             print("chart:", cascade_chart(first, a.chart))

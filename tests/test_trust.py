@@ -403,6 +403,24 @@ def test_an_undecided_early_look_goes_on_to_every_image():
     np.testing.assert_allclose(part, whole[rows], rtol=1e-5, atol=1e-6)
 
 
+def test_a_method_that_raises_is_untestable_and_the_others_are_judged(holes):
+    from auditor.registry import METHODS
+    ev, model = holes
+
+    @METHODS.register("raises_test_only", title="Raises", glossary="A broken method for tests.")
+    def raises(model, x, target):
+        """Always raises (test only)."""
+        raise RuntimeError("no maps today")
+    try:
+        out = trust_gate(ev, {"raises_test_only": {}, "gradcam": {}}, model[5], TrustSpec(images=8), seed=0)
+        alone = trust_gate(ev, {"raises_test_only": {}}, model[5], TrustSpec(images=8), seed=0)
+    finally:
+        METHODS._entries.pop("raises_test_only")
+    assert list(out) == ["raises_test_only", "gradcam"] and out["gradcam"]["reliable"]
+    for t in (out["raises_test_only"], alone["raises_test_only"]):
+        assert t["untestable"] and not t["reliable"] and "no maps today" in t["reason"]
+
+
 def test_the_fallback_is_bounded_on_large_inputs():
     from auditor.judge.trust import fallback_params
     from auditor.explain.methods.perturbation import _n_windows

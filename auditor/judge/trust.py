@@ -770,6 +770,8 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
             except Exception as e:  # noqa: BLE001
                 out[name] = _untestable(f"{type(e).__name__}: {e}")
                 heats.pop(name, None)
+    if not heats:
+        return out
     try:
         with clock(parts, "clean"):
             clean = _prob(ev.model, x, target)[0]  # once: the fill check's reference and every curve's start
