@@ -18,9 +18,10 @@ looks at what the evidence shows instead of where it is:
    that the model calls one class C, at least ``min_share`` of C's explained images, at places
    that differ (their centres lie on average ``min_spread`` of the side or more from their mean:
    places drawn at random over the image give 0.38, over 45% of its side 0.18; a piece of the
-   class's own object, a digit's stroke, stays where the object is) or, at one place, as things
-   laid on the image (most of its objects whole, in colours their surroundings do not show), and
-   is rare among the other classes' explained images (their rate at most ``max_elsewhere`` times C's).
+   class's own object, a digit's stroke, stays where the object is: pasted elsewhere, a whole digit
+   turned a clean digits model's other digits into its class beyond its placebo, 75% against 31%),
+   and is rare among the other classes' explained images (their rate at most ``max_elsewhere``
+   times C's).
 4. The test: the group's patches are pasted at random places onto images of other classes, and
    beside them, at the same places, the placebo: a patch of the same size from a random place of
    the same images. A group is reported when its patch turns more of them into C than the
@@ -83,12 +84,12 @@ def regions(heat: np.ndarray, level: float = 0.5, min_area: float = 0.001, max_a
 
 # --- 2. Appearance -------------------------------------------------------------------------
 
-def patch_object(img: np.ndarray, box) -> tuple[tuple, np.ndarray, np.ndarray, bool]:
-    """(tight box, colour descriptor, shape descriptor, apart) of the object inside ``box`` of
-    ``img`` (RGB [H, W, 3] in [0, 1]).
+def patch_object(img: np.ndarray, box) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """(tight box, colour descriptor, shape descriptor) of the object inside ``box`` of ``img``
+    (RGB [H, W, 3] in [0, 1]).
 
     The window is the box grown by its side on every side (a heatmap's box may cut the object);
-    its border inside the image is the surroundings. A patch is what they do not show (a busy
+    its border is the surroundings. A patch is what its surroundings do not show (a busy
     background's own bright parts, a brick wall's mortar, they do show): each pixel's colour is
     scored by the share of border pixels within ``RARE`` of it, the box's rarest pixel (ties: the
     farthest from the border's median) is the seed, and the object is the connected set of
@@ -96,10 +97,7 @@ def patch_object(img: np.ndarray, box) -> tuple[tuple, np.ndarray, np.ndarray, b
     inside alike), holes filled. Where even the seed is common around (a texture), the object is
     the seed's connected pixels of its colour (nearer to it than half its distance from the
     median). Colour: the object's mean RGB, its spread and its contrast with the surroundings;
-    shape: log area (of the image), log aspect (w / h), extent, solidity. ``apart``: the object is a
-    thing laid on the image, not a piece of its content: its colours are ones its surroundings do
-    not show, and it lies whole inside the window (a digit's stroke runs on out of it, in a colour
-    the rest of the digit shows).
+    shape: log area (of the image), log aspect (w / h), extent, solidity.
     A flat window (nothing stands out) keeps the box as the object."""
     hh, ww = img.shape[:2]
     x0, y0, x1, y1 = box
@@ -108,16 +106,12 @@ def patch_object(img: np.ndarray, box) -> tuple[tuple, np.ndarray, np.ndarray, b
     gx, gy = max(2, px1 - px0), max(2, py1 - py0)
     wx0, wy0, wx1, wy1 = max(px0 - gx, 0), max(py0 - gy, 0), min(px1 + gx, ww), min(py1 + gy, hh)
     win = img[wy0:wy1, wx0:wx1]
-    # The surroundings: the window's sides inside the image (a side the image's edge cuts may be
-    # the patch itself, at a corner); all four where the window is the whole image.
-    sides = [side for side, inside in ((win[0], wy0 > 0), (win[-1], wy1 < hh), (win[:, 0], wx0 > 0),
-                                       (win[:, -1], wx1 < ww)) if inside]
-    edge = np.concatenate(sides or [win[0], win[-1], win[:, 0], win[:, -1]])
+    edge = np.concatenate([win[0], win[-1], win[:, 0], win[:, -1]])
     around = np.median(edge, axis=0)
     dist = np.linalg.norm(win - around, axis=2)
     inner = np.zeros(dist.shape, bool)
     inner[py0 - wy0:py1 - wy0, px0 - wx0:px1 - wx0] = True
-    obj, apart = inner, False
+    obj = inner
     if dist[inner].max() >= 0.1:
         ring = edge[:: max(1, len(edge) // 512)]
         flat = win.reshape(-1, 3)
@@ -131,10 +125,6 @@ def patch_object(img: np.ndarray, box) -> tuple[tuple, np.ndarray, np.ndarray, b
             part = np.linalg.norm(win - win[sy, sx], axis=2) < 0.5 * dist[sy, sx]
         part = label(part)
         obj = ndimage.binary_fill_holes(part == part[sy, sx])
-        # Whole inside the window: it reaches no side of it but one the image's own edge cuts.
-        cut = ((obj[0].any() and wy0 > 0) or (obj[-1].any() and wy1 < hh) or
-               (obj[:, 0].any() and wx0 > 0) or (obj[:, -1].any() and wx1 < ww))
-        apart = bool(seen[sy, sx] <= UNSEEN and not cut)
     props = regionprops(obj.astype(np.uint8))[0]
     by0, bx0, by1, bx1 = props.bbox
     tight = ((bx0 + wx0) / ww, (by0 + wy0) / hh, (bx1 + wx0) / ww, (by1 + wy0) / hh)
@@ -142,7 +132,7 @@ def patch_object(img: np.ndarray, box) -> tuple[tuple, np.ndarray, np.ndarray, b
     colour = np.concatenate([pixels.mean(0), [pixels.std(0).mean(), np.linalg.norm(pixels.mean(0) - around)]])
     shape = np.array([np.log(obj.sum() / (hh * ww)), np.log((bx1 - bx0) / (by1 - by0)),
                       props.extent, props.solidity])
-    return tight, colour.astype(np.float32), shape.astype(np.float32), apart
+    return tight, colour.astype(np.float32), shape.astype(np.float32)
 
 
 def colour_name(rgb) -> str:
@@ -369,18 +359,17 @@ def _object_in_input(ev: Evidence, i: int, box) -> tuple:
     tight box back in fractions of the model input (the file may be resized and cropped)."""
     w, h = int(ev.samples.at[i, "width"]), int(ev.samples.at[i, "height"])
     v = input_view((w, h), ev.input_spec)
-    tight, colour, shape, apart = patch_object(ev.pixels(i), v.to_file_frac(box))
+    tight, colour, shape = patch_object(ev.pixels(i), v.to_file_frac(box))
     inside = v.to_input((tight[0] * w, tight[1] * h, tight[2] * w, tight[3] * h))
     if inside[2] <= inside[0] or inside[3] <= inside[1]:
         inside = tuple(box)  # the object lies where the model does not see: keep the evidence's box
-    return inside, colour, shape, apart
+    return inside, colour, shape
 
 
 def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]], tightness: float,
                     min_images: int, min_share: float, max_elsewhere: float, min_spread: float) -> list:
     """[(class, [(sample, tight box)], counts)] for the groups of look-alike regions that recur in
-    one predicted class, at different places or as a thing laid on the images, and are rare in the
-    others.
+    one predicted class at different places and are rare in the others.
 
     Regions are grouped twice: by every block of their descriptor, and by their shape alone. A
     shape in a new colour on every image (a stamp inked anew) agrees in nothing else: its colour,
@@ -390,7 +379,7 @@ def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]]
     objs = [_object_in_input(ev, i, box) for i, box in found]
     size = tuple(ev.input_spec.size)
     crops = []
-    for (i, _), (tight, *_) in zip(found, objs):
+    for (i, _), (tight, _, _) in zip(found, objs):
         x0, y0, x1, y1 = _pixel_box(tight, size)
         crops.append(ev.model_input(i)[:, y0:y1, x0:x1].to(ev.device))
     mean = torch.stack([ev.model_input(i).mean(dim=(1, 2)) for i in ids]).mean(0)
@@ -399,7 +388,8 @@ def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]]
     pred = s.loc[ids, "prediction"]
     explained = pred.value_counts()
     out, seen = [], set()
-    for labels in (clusters(standardised([view, colour, form]), tightness), clusters(standardised([form]), tightness)):
+    by_all, by_shape = (clusters(standardised(blocks), tightness) for blocks in ([view, colour, form], [form]))
+    for labels in (by_all, by_shape):
         for g in np.unique(labels):
             rows = np.nonzero(labels == g)[0]
             samples = {found[r][0] for r in rows}
@@ -412,20 +402,16 @@ def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]]
             elsewhere = others / rest
             mine = [r for r in rows if s.at[found[r][0], "prediction"] == cls]
             where = spread([objs[r][0] for r in mine])
-            # At one place, a patch may be a piece of the class's own object (a digit's stroke): it
-            # counts there only when most of its regions are things laid on the image (``apart``).
-            laid = float(np.mean([objs[r][3] for r in mine]))
             key = frozenset(found[r] for r in mine)
-            if (n < min_images or share < min_share or elsewhere > max_elsewhere * share or key in seen
-                    or (where < min_spread and laid < 0.5)):
+            if n < min_images or share < min_share or elsewhere > max_elsewhere * share or where < min_spread \
+                    or key in seen:
                 continue
             seen.add(key)
             look = colour[mine], np.median(form[mine], 0)
             hue = colour_name(look[0][:, :3].mean(0)) if look[0][:, :3].std(0).max() < RARE else None
             what = shape_name(look[1][2], look[1][3], float(np.exp(look[1][1])))
             counts = {"images": n, "class_explained": int(explained[cls]), "elsewhere": others,
-                      "others_explained": rest, "spread": round(where, 4), "laid_on": round(laid, 4),
-                      "places": "in different places" if where >= min_spread else "at one place",
+                      "others_explained": rest, "spread": round(where, 4),
                       "description": f"small {hue} {what} patch" if hue else f"small {what} patch in many colours"}
             out.append((int(cls), [(found[r][0], objs[r][0]) for r in mine], counts))
     return out
@@ -467,7 +453,7 @@ def _findings(ev: Evidence, cls: int, method: str, boxes: dict[int, tuple], test
     # rectangle of 'box'): the model reading it is no error. It is a shortcut in evidence when it also
     # made the model call images of other classes the class; then those errors are the image findings.
     errors = {i: v for i, v in boxes.items() if int(s.at[i, "label"]) != cls}
-    details = {k: test[k] for k in ("class_explained", "elsewhere", "others_explained", "spread", "laid_on", "description",
+    details = {k: test[k] for k in ("class_explained", "elsewhere", "others_explained", "spread", "description",
                                     "pasted_onto", "turned", "transfer_rate", "control_turned", "control_rate",
                                     "transfer_vs_control")} | {"images": n}
     findings = []
@@ -476,7 +462,7 @@ def _findings(ev: Evidence, cls: int, method: str, boxes: dict[int, tuple], test
         findings.append(Finding(
             sample=i, rule="recurring_patch", method=by, severity=sev, score=round(float(gap), 4),
             bbox=ev.to_file_bbox(i, box),
-            message=(f"{head}The model's evidence here is a {what}; the same patch recurs, {test['places']}, in "
+            message=(f"{head}The model's evidence here is a {what}; the same patch recurs, at different places, in "
                      f"{n} images called '{name}', and {outcome}."),
             details=details | {"region": "anywhere"}))
     elsewhere = (f"; it appears in {test['elsewhere']} of the {test['others_explained']} explained images of "
@@ -486,6 +472,6 @@ def _findings(ev: Evidence, cls: int, method: str, boxes: dict[int, tuple], test
     cf = ClassFinding(
         cls=name, rule="recurring_patch", method=method, severity=sev if errors else "low", score=round(float(gap), 4),
         share=round(min(n / test["class_explained"], 1.0), 4),
-        message=f"{n} images called '{name}' hold a {what}, {test['places']}{elsewhere}; {outcome}{caused}.",
+        message=f"{n} images called '{name}' hold a {what}, in different places{elsewhere}; {outcome}{caused}.",
         details=details | {"samples": sorted(errors), "errors_caused": len(errors), "generalises": bool(errors)})
     return findings + [cf]

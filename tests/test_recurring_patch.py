@@ -78,7 +78,7 @@ def test_patch_object_finds_the_disc_its_colour_and_shape():
     img = disc.astype(np.float32) / 255
     # A heatmap box that cuts the disc: the object is found whole all the same.
     cut = ((x0 + 3) / 60, (y0 + 3) / 60, (x0 + 9) / 60, (y0 + 9) / 60)
-    tight, colour, shape, apart = patch_object(img, cut)
+    tight, colour, shape = patch_object(img, cut)
     assert np.allclose(tight, (x0 / 60, y0 / 60, (x0 + 12) / 60, (y0 + 12) / 60))
     assert np.allclose(colour[:3], np.array(ORANGE) / 255, atol=1e-6) and colour[3] < 1e-6
     area = (disc != 51).any(2).sum()
@@ -87,27 +87,6 @@ def test_patch_object_finds_the_disc_its_colour_and_shape():
     assert colour_name(colour[:3]) == "orange" and shape_name(shape[2], shape[3], 1.0) == "round"
     assert colour_name((1, 1, 1)) == "white" and colour_name((0.1, 0.1, 0.9)) == "blue"
     assert shape_name(1.0, 1.0, 1.0) == "square" and shape_name(1.0, 1.0, 4.0) == "elongated"
-
-
-def test_patch_object_tells_a_thing_laid_on_the_image_from_a_piece_of_its_content():
-    """``apart``: a disc on a flat ground, whole in its window and in a colour the ground does not
-    show, is laid on the image; a stroke that runs on out of the window (a digit's, in the colour
-    of the rest of the digit) is not, nor is a dark spot on a ground that shows dark spots."""
-    img = np.full((60, 60, 3), 0.2, np.float32)
-    disc, _ = sticker((img * 255).astype(np.uint8), np.random.default_rng(0), 12)
-    ys, xs = np.nonzero((disc != 51).any(2))
-    box = (xs.min() / 60, ys.min() / 60, (xs.max() + 1) / 60, (ys.max() + 1) / 60)
-    assert patch_object(disc.astype(np.float32) / 255, box)[3] is True
-    stroke = np.zeros((60, 60, 3), np.float32)
-    stroke[5:55, 28:32] = 1.0                       # a long white stroke; the heatmap boxes a piece of it
-    tight, _, _, apart = patch_object(stroke, (0.4, 0.4, 0.6, 0.6))
-    assert apart is False and tight[1] < 0.4 and tight[3] > 0.6   # the object runs on out of the box
-    spots = np.full((60, 60, 3), 0.8, np.float32)
-    spots[::2, ::2] = 0.0                           # a ground of dark dots: one of them is no sticker
-    assert patch_object(spots, (24 / 60, 24 / 60, 25 / 60, 25 / 60))[3] is False
-    corner = np.full((60, 60, 3), 0.2, np.float32)
-    corner[:8, :8] = (0.1, 0.9, 0.1)                # at the image's edge, a window cut by the image
-    assert patch_object(corner, (0, 0, 8 / 60, 8 / 60))[3] is True
 
 
 def test_clusters_group_the_look_alikes_and_standardise_blocks_alike():
@@ -189,32 +168,34 @@ def test_the_clean_twin_is_quiet(tmp_path):
     assert all(isinstance(f, (Finding, ClassFinding)) for f in res.findings + res.class_findings)
 
 
-# --- A shape inked in a new colour on every image, at one fixed place ----------------------------
+# --- A shape inked in a new colour on every image, anywhere ------------------------------------
 
-def inked_cross(img: np.ndarray, rng: np.random.Generator, at=(14, 26), side: int = 10) -> tuple[np.ndarray, list[int]]:
-    """A cross ``side`` px across at one place away from the corners (top-left ``at`` = (x, y)), in
-    a random saturated colour each time: the shape is the cue, not its colour (generator.py's
-    ``shape`` cue)."""
-    x0, y0 = at
+def inked_cross(img: np.ndarray, rng: np.random.Generator, side: int = 10) -> tuple[np.ndarray, list[int]]:
+    """A cross ``side`` px across at a random place, in a random saturated colour each time: the
+    shape is the cue, not its colour (generator.py's ``shape`` cue)."""
+    h, w = img.shape[:2]
+    y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
     yy, xx = np.mgrid[0:side, 0:side]
     u, v = (xx + 0.5) / side * 2 - 1, (yy + 0.5) / side * 2 - 1
     cross = (np.abs(u) <= 0.34) | (np.abs(v) <= 0.34)
     out = img.copy()
-    out[y0:y0 + side, x0:x0 + side][cross] = (rng.uniform(0, 255, 3) * 0.5 + np.eye(3)[rng.integers(3)] * 127).astype(np.uint8)
+    ink = rng.uniform(0, 255, 3) * 0.5 + np.eye(3)[rng.integers(3)] * 127
+    out[y0:y0 + side, x0:x0 + side][cross] = ink.astype(np.uint8)
     return out, [x0, y0, x0 + side, y0 + side]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("poisoned", [True, False])
-def test_a_shape_in_new_colours_at_one_place_is_found_and_its_clean_twin_is_quiet(tmp_path, poisoned):
-    """Its colour splits the descriptor's colour and model-view blocks, its fixed place fails the
-    spread test: it is found by its shape, at one place, as a thing laid on the image."""
+def test_a_shape_in_new_colours_is_found_by_its_shape_and_its_clean_twin_is_quiet(tmp_path, poisoned):
+    """Its colour, and the model's view that follows the colour, split the look-alikes; its shape
+    alone groups them."""
     rng = np.random.default_rng(5)
     path, truth = marked_case(tmp_path, poisoned, rng, lambda img: inked_cross(img, rng), "cross", 10)
     res = run_audit(load_config(path, ["rules={recurring_patch: {}}"]), quiet=True)
     ev, s = res.evidence, res.evidence.samples
     mine = [f for f in res.findings if f.rule == "recurring_patch"]
-    loud = [f for f in res.class_findings if f.rule == "recurring_patch" and severity_rank(f.severity) >= severity_rank("medium")]
+    loud = [f for f in res.class_findings
+            if f.rule == "recurring_patch" and severity_rank(f.severity) >= severity_rank("medium")]
     if not poisoned:
         assert not loud and len(mine) <= 2
         return
@@ -225,7 +206,4 @@ def test_a_shape_in_new_colours_at_one_place_is_found_and_its_clean_twin_is_quie
     hit = {f.sample for f in mine if s.at[f.sample, "path"] in truth
            and _covered(f.bbox, truth[s.at[f.sample, "path"]]) >= 0.5 and area(f.bbox) <= 0.25}
     assert np.mean([i in hit for i in errors]) >= 0.9
-    assert [f.cls for f in loud] == ["gravel"]
-    top = loud[0]
-    assert "at one place" in top.message and "many colours" in top.details["description"]
-    assert top.details["laid_on"] >= 0.5 and top.details["spread"] < 0.18
+    assert [f.cls for f in loud] == ["gravel"] and "many colours" in loud[0].details["description"]
