@@ -9,8 +9,10 @@ Audits the trained cases of ``bench/detection.py`` (built there, in ``bench/out/
 first) in this process, with the two rules only and the trust gate off (neither rule reads a
 heatmap). Per case and rule: the finding on the cue class (its region on the cue's place or not)
 as the rule raised it (``raw``: for class_visualisation that is with no data at all) and after
-intervention, and the findings on other classes; per clean twin, the findings at medium or above.
-Writes ``bench/out/views.json``.
+intervention, its rank among the rule's findings (severity, then score) and its severity, and the
+findings on other classes; per clean twin, the findings at medium or above. The last lines give the
+issue's measure: per rule, the poisoned cases whose cue class ranks first and is confirmed, and the
+clean twins with a finding at medium or above. Writes ``bench/out/views.json`` (or ``--json``).
 """
 from __future__ import annotations
 
