@@ -471,8 +471,8 @@ def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bo
     # Both placebos must have run: a region with no room for one beside it (over half the image
     # each way) is no local cue that could show it.
     moved = effect["transfer_rate"] >= spec.transplant_rate
-    carries = isinstance(f, ClassFinding) or all(f"{name}_vs_control" in effect and beats_control(effect, name, moved, spec)
-                                                 for name in ("transfer", "content"))
+    carries = isinstance(f, ClassFinding) or all(
+        f"{name}_vs_control" in effect and beats_control(effect, name, moved, spec) for name in ("transfer", "content"))
     _verdict(f, confirmed, "critical" if strong else "high" if carries else "medium")
     if confirmed and not carries:
         f.details["carries_class"] = False
