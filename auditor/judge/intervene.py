@@ -348,16 +348,20 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
             continue
         cls = ev.classes.index(f.cls)
         members = tester.correct[tester.correct_labels == cls].tolist()  # correct: label == prediction
-        source = "correctly classified"
-        if not members:  # a model that gets none right still reads its cue in the images it calls cls
-            members, source = s.index[s["prediction"] == cls].tolist(), "called (none of them rightly)"
+        source = f"images the model correctly classified '{f.cls}'"
+        if carriers := [i for i in f.details.get("carriers", []) if i in s.index]:
+            # the rule names the images that show what the region holds (not every image of the class does)
+            members, source = carriers, f"images the model calls '{f.cls}' that show it there (named by the rule)"
+        elif not members:  # a model that gets none right still reads its cue in the images it calls cls
+            members = s.index[s["prediction"] == cls].tolist()
+            source = f"images the model called (none of them rightly) '{f.cls}'"
         if len(members) > spec.class_images:
             members = sorted(tester.rng.choice(members, spec.class_images, replace=False).tolist())
         if not members:
             _untested(f, f"the model calls no image '{f.cls}', so there is nothing to take the region from")
             continue
         try:
-            effect = tester.test(members, cls, tuple(f.region)) | {"sources": f"images the model {source} '{f.cls}'"}
+            effect = tester.test(members, cls, tuple(f.region)) | {"sources": source}
         except Exception as e:
             _untested(f, f"the test failed: {type(e).__name__}: {e}".splitlines()[0])
             continue

@@ -52,9 +52,15 @@ def is_class(f) -> bool:
 # --- the intervention tests, one line each ------------------------------------------------
 
 
-def _placebo(e: dict, name: str, n: int) -> str:
-    rate = e.get(f"control_{name}_rate")
-    return "" if rate is None else f" (random region of the same size: {round(rate * n)})"
+def _placebo(e: dict, name: str, n: int, cls: str | None = None) -> str:
+    """' (random region of the same size: 2)'; for a paste, also the predicted class's own content
+    of that size pasted there, the second placebo of an image finding."""
+    rate, said = e.get(f"control_{name}_rate"), []
+    if rate is not None:
+        said.append(f"random region of the same size: {round(rate * n)}")
+    if cls is not None and (own := e.get("control_content_rate")) is not None:
+        said.append(f"a region of that size from other '{cls}' images: {round(own * n)}")
+    return f" ({'; '.join(said)})" if said else ""
 
 
 def tests(rec: RunRecord, f) -> list[dict]:
@@ -94,7 +100,7 @@ def tests(rec: RunRecord, f) -> list[dict]:
             ok = beats(e, "transfer", e["transfer_rate"] >= spec["transplant_rate"], spec["control_margin"])
             out.append({"ok": ok, "name": "pasting",
                         "text": f"pasting the region onto {e['pasted_onto']} other images turned {e['turned']} into "
-                                f"'{cls}'" + _placebo(e, "transfer", e["pasted_onto"])})
+                                f"'{cls}'" + _placebo(e, "transfer", e["pasted_onto"], cls)})
         if e.get("donors"):
             ok = beats(e, "restore", e["restore_rate"] >= spec["transplant_rate"], spec["control_margin"])
             true = e.get("true_class", "the true class")
