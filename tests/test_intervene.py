@@ -89,12 +89,12 @@ def test_a_region_no_stronger_than_a_random_one_is_not_confirmed():
     assert "turned 12 of them into 'bright'; pasting a random region of the same size turned 12" in f.message
 
 
-def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16)) -> Finding:
+def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16), errors=2) -> list[Finding]:
     """n dark images of class 0; n of class 1, ``class1`` grey with a bright bottom-left corner (the
-    tag every class-1 image has); and one dark class-0 image with that corner, which the model
-    calls class 1: a finding boxes its corner and is put to the test."""
+    tag every class-1 image has); and ``errors`` dark class-0 images with that corner, which the
+    model calls class 1: a finding on each boxes its corner, and they are put to the test."""
     xs, refs, rows = [], [], []
-    for i in range(2 * n + 1):
+    for i in range(2 * n + errors):
         label = int(n <= i < 2 * n)
         x = torch.full((3, 16, 16), class1 if label else 0.0)
         if i >= n:
@@ -107,14 +107,15 @@ def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16)) -> Finding:
     ev = Evidence(["dark", "bright"], pd.DataFrame(rows).set_index("id"), {}, {}, refs, model=model,
                   input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
     ev.model_input = lambda i: xs[i]
-    assert not rows[-1]["correct"]
-    f = Finding(sample=2 * n, rule="corner_border", severity="medium", score=1.0, message="m.", bbox=list(bbox))
-    confirm(ev, [f], [], InterventionSpec(fill="mean", transplant_images=n), seed=0)
-    return f
+    assert not any(r["correct"] for r in rows[2 * n:])
+    found = [Finding(sample=i, rule="corner_border", severity="medium", score=1.0, message="m.", bbox=list(bbox))
+             for i in range(2 * n, 2 * n + errors)]
+    confirm(ev, found, [], InterventionSpec(fill="mean", transplant_images=n), seed=0)
+    return found
 
 
 def test_a_tag_that_carries_its_class_beyond_the_class_own_content_is_high():
-    f = _with_error(CornerOnly(), class1=0.5)   # the model reads the tag, not the grey
+    f = _with_error(CornerOnly(), class1=0.5)[0]   # the model reads the tag, not the grey
     e = f.details["intervention"]
     assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0 and e["control_content_rate"] == 0.0
     assert f.details["confirmed"] and f.severity == "high" and "carries_class" not in f.details
@@ -124,12 +125,21 @@ def test_a_region_that_carries_its_class_no_better_than_the_class_own_content_is
     """The clean twins' large logo: a max-pooled model calls anything bright 'bright', the tag as much as
     a patch of any 'bright' image. The error is the region's doing (removal and restoration confirm it),
     but pasting it shows no cue beyond the class's own look: medium, not failing a high gate."""
-    f = _with_error(AnyPatch(), class1=1.0)
+    f = _with_error(AnyPatch(), class1=1.0)[0]
     e = f.details["intervention"]
     assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0   # beats random regions of its image
     assert e["control_content_rate"] == 1.0                                  # not the class's own content
     assert f.details["confirmed"] and f.severity == "medium" and f.details["carries_class"] is False
     assert "'bright' images' own content of that size turned 12" in f.message
+
+
+def test_a_lone_error_whose_region_carries_its_class_is_medium():
+    """The same tag, confirmed beyond both placebos, on the only error the model called 'bright':
+    that error is explained, but one picture shows no behaviour; two make it high."""
+    f = _with_error(CornerOnly(), class1=0.5, errors=1)[0]
+    assert f.details["confirmed"] and f.severity == "medium" and f.details["recurs"] is False
+    assert "the only error called 'bright'" in f.message
+    assert all(g.severity == "high" and "recurs" not in g.details for g in _with_error(CornerOnly(), class1=0.5))
 
 
 def test_a_restore_test_without_a_region_confirms_at_most_medium():
@@ -150,7 +160,7 @@ def test_a_restore_test_without_a_region_confirms_at_most_medium():
 def test_a_region_with_no_room_for_a_placebo_is_not_high():
     """Over half the image each way: no box of its size fits beside it, so neither placebo runs. Its
     paste turned every image, but nothing shows that more than any region of half the image would."""
-    f = _with_error(CornerOnly(), class1=0.5, bbox=(0, 4, 9, 16))
+    f = _with_error(CornerOnly(), class1=0.5, bbox=(0, 4, 9, 16))[0]
     e = f.details["intervention"]
     assert e["transfer_rate"] == 1.0 and "transfer_vs_control" not in e and "content_vs_control" not in e
     assert f.details["confirmed"] and f.severity == "medium"

@@ -337,6 +337,7 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
             f.bbox = ev.to_file_bbox(f.sample, chosen)
             effect["bbox"] = f.bbox  # the refined box, kept with the outcome (a cached re-run restores it)
         _apply(f, effect, ev.classes[cls], spec, confirmed)
+    _lone_cues(findings, ev)
     by_sample = {}
     for f in findings:
         by_sample.setdefault(f.sample, []).append(f)
@@ -451,6 +452,29 @@ def _own_restore(f: Finding, own: dict, spec: InterventionSpec) -> None:
     f.message += f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention (the restore test above)" + (
         ": it decided this error, but names no region that could be pasted elsewhere to show a cue the model "
         "learned (graded medium)." if confirmed else ".")
+
+
+RECUR = 2  # errors whose region carries one class, before any of them may be high
+
+
+def _lone_cues(findings: list[Finding], ev: Evidence) -> None:
+    """A shortcut is a behaviour, not one picture: an image finding whose region carries the class
+    it caused stays high only when at least ``RECUR`` errors the model called that class have a
+    region that carries it. A lone one is medium: that error is explained, but nothing shows the
+    model does it again (measured on the benchmark's clean twins: a clean digits model read one
+    sticker as a '9', once, beyond both placebos)."""
+    carrying: dict[int, set] = {}
+    high = [f for f in findings if f.details.get("confirmed") and f.details.get("carries_class") is not False
+            and severity_rank(f.severity) >= severity_rank("high")]
+    for f in high:
+        carrying.setdefault(int(ev.samples.at[f.sample, "prediction"]), set()).add(f.sample)
+    for f in high:
+        cls = int(ev.samples.at[f.sample, "prediction"])
+        if len(carrying[cls]) < RECUR:
+            f.details["recurs"] = False
+            f.severity = "medium"
+            f.message += (f" It is the only error called '{ev.classes[cls]}' whose region carries that class, so "
+                          f"nothing shows the model does this again (graded medium).")
 
 
 def _untested(f, why: str) -> None:
