@@ -89,7 +89,7 @@ def test_a_region_no_stronger_than_a_random_one_is_not_confirmed():
     assert "turned 12 of them into 'bright'; pasting a random region of the same size turned 12" in f.message
 
 
-def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16), errors=2) -> list[Finding]:
+def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16), errors=3) -> list[Finding]:
     """n dark images of class 0; n of class 1, ``class1`` grey with a bright bottom-left corner (the
     tag every class-1 image has); and ``errors`` dark class-0 images with that corner, which the
     model calls class 1: a finding on each boxes its corner, and they are put to the test."""
@@ -134,11 +134,12 @@ def test_a_region_that_carries_its_class_no_better_than_the_class_own_content_is
 
 
 def test_a_lone_error_whose_region_carries_its_class_is_medium():
-    """The same tag, confirmed beyond both placebos, on the only error the model called 'bright':
-    that error is explained, but one picture shows no behaviour; two make it high."""
+    """The same tag, confirmed beyond both placebos, on one or two errors the model called 'bright':
+    those errors are explained, but show no behaviour; three make each of them high."""
     f = _with_error(CornerOnly(), class1=0.5, errors=1)[0]
     assert f.details["confirmed"] and f.severity == "medium" and f.details["recurs"] is False
-    assert "the only error called 'bright'" in f.message
+    assert "It is the only error called 'bright'" in f.message
+    assert all(g.severity == "medium" and "Only 2 errors" in g.message for g in _with_error(CornerOnly(), 0.5, errors=2))
     assert all(g.severity == "high" and "recurs" not in g.details for g in _with_error(CornerOnly(), class1=0.5))
 
 

@@ -350,10 +350,7 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         cls = ev.classes.index(f.cls)
         members = tester.correct[tester.correct_labels == cls].tolist()  # correct: label == prediction
         source = f"images the model correctly classified '{f.cls}'"
-        if carriers := [i for i in f.details.get("carriers", []) if i in s.index]:
-            # the rule names the images that show what the region holds (not every image of the class does)
-            members, source = carriers, f"images the model calls '{f.cls}' that show it there (named by the rule)"
-        elif not members:  # a model that gets none right still reads its cue in the images it calls cls
+        if not members:  # a model that gets none right still reads its cue in the images it calls cls
             members = s.index[s["prediction"] == cls].tolist()
             source = f"images the model called (none of them rightly) '{f.cls}'"
         if len(members) > spec.class_images:
@@ -454,15 +451,17 @@ def _own_restore(f: Finding, own: dict, spec: InterventionSpec) -> None:
         "learned (graded medium)." if confirmed else ".")
 
 
-RECUR = 2  # errors whose region carries one class, before any of them may be high
+# Errors whose region carries one class before any of them may be high: two were not enough on the
+# tune split's clean twins (a clean digits model read a sticker at the bottom as a '9' in two errors;
+# a clean texture model took a frame for 'gravel' twice), and the class-level rules ask five.
+RECUR = 3
 
 
 def _lone_cues(findings: list[Finding], ev: Evidence) -> None:
     """A shortcut is a behaviour, not one picture: an image finding whose region carries the class
     it caused stays high only when at least ``RECUR`` errors the model called that class have a
-    region that carries it. A lone one is medium: that error is explained, but nothing shows the
-    model does it again (measured on the benchmark's clean twins: a clean digits model read one
-    sticker as a '9', once, beyond both placebos)."""
+    region that carries it. Fewer are medium: those errors are explained, but nothing shows a
+    behaviour of the model (measured on the benchmark's clean twins, see ``RECUR``)."""
     carrying: dict[int, set] = {}
     high = [f for f in findings if f.details.get("confirmed") and f.details.get("carries_class") is not False
             and severity_rank(f.severity) >= severity_rank("high")]
@@ -473,8 +472,10 @@ def _lone_cues(findings: list[Finding], ev: Evidence) -> None:
         if len(carrying[cls]) < RECUR:
             f.details["recurs"] = False
             f.severity = "medium"
-            f.message += (f" It is the only error called '{ev.classes[cls]}' whose region carries that class, so "
-                          f"nothing shows the model does this again (graded medium).")
+            n = len(carrying[cls])
+            f.message += (f" {'It is the only error' if n == 1 else f'Only {n} errors'} called '{ev.classes[cls]}' "
+                          f"whose region carries that class, fewer than {RECUR}: nothing shows the model does this "
+                          f"as a rule (graded medium).")
 
 
 def _untested(f, why: str) -> None:
