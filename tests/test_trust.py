@@ -484,3 +484,19 @@ def test_when_every_method_fails_the_rules_read_occlusion(project, wrong_methods
     project.write()
     res = run_audit(load_config(project.path), quiet=True)
     assert "occlusion" not in res.record.coverage.methods and res.record.coverage.rules["corner_border"].state == "no_evidence"
+
+
+def test_an_early_pass_below_min_benefit_waits_for_every_image():
+    """Seen on a random-init ResNet-50: a benefit in (0, min_benefit) passed on 8 images at 99.5%
+    and failed on all 12 at 95% (failing is read first), so such a pass must not stop the test."""
+    from auditor.judge.trust import EARLY_LEVEL, decided_early, judge_deletion
+    spec, rng = TrustSpec(), np.random.default_rng(0)
+    start, rand = np.full(8, 0.5), rng.uniform(0.4, 0.45, 8)
+    small = judge_deletion(rand - np.linspace(0.002, 0.04, 8), rand, start, spec, 0, level=EARLY_LEVEL)
+    assert small["deletion"] == "passed" and 0 < small["deletion_ci"][0] < spec.min_benefit
+    assert not decided_early(small, spec, 0.0)
+    big = judge_deletion(rand - 0.2, rand, start, spec, 0, level=EARLY_LEVEL)
+    assert big["deletion"] == "passed" and decided_early(big, spec, 0.0)
+    same = judge_deletion(rand, rand, start, spec, 0, level=EARLY_LEVEL)
+    assert same["deletion"] == "failed" and decided_early(same, spec, 0.0)
+    assert decided_early({"deletion": "inconclusive", "deletion_ci": [-1, 1]}, spec, spec.max_fill_flips + 0.1)
