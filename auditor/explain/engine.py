@@ -110,17 +110,22 @@ def attribute(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) ->
                           attribute(ctx, name, x[half:], target[half:])])
 
 
+def resize(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] heatmaps at ``size``: area pooling down (attribution mass stays where it was),
+    bilinear up; unchanged when already that size."""
+    if tuple(heat.shape[-2:]) == tuple(size):
+        return heat
+    mode = "area" if min(heat.shape[-2:]) >= min(size) else "bilinear"
+    return F.interpolate(heat[:, None].float(), size=tuple(size), mode=mode)[:, 0].clamp_min(0)
+
+
 def explain(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """One method on one batch → float16 heatmaps [B, r, r] on the host."""
     heat = attribute(ctx, name, x, target)
     if not torch.isfinite(heat).all():
         raise ValueError(f"{name} produced non-finite values")
     r = ctx.cfg.explain.resolution
-    if heat.shape[-2:] != (r, r):
-        # Area pooling keeps attribution mass where it was; bilinear when upsampling.
-        mode = "area" if min(heat.shape[-2:]) >= r else "bilinear"
-        heat = F.interpolate(heat[:, None].float(), size=(r, r), mode=mode)[:, 0].clamp_min(0)
-    return heat.to(torch.float16).cpu().numpy()
+    return resize(heat, (r, r)).to(torch.float16).cpu().numpy()
 
 
 def map_key(ctx: Context, image_sha: str, method: str, target: int) -> str:

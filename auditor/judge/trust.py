@@ -31,7 +31,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from auditor.inputs.config import TrustSpec
-from auditor.explain.engine import method_kwargs
+from auditor.explain.engine import method_kwargs, resize
 from auditor.registry import METHODS
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -658,14 +658,8 @@ def _untestable(why: str) -> dict:
 
 
 def _resize(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """[B, h, w] heatmaps at ``size`` as the engine stores them: area pooling down (attribution
-    mass stays where it was), bilinear up."""
-    if heat.shape[-2:] == tuple(size):
-        return heat
-    mode = "area" if min(heat.shape[-2:]) >= min(size) else "bilinear"
-    t = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(heat)).float()[:, None], size=size,
-                                        mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    return t[:, 0].clamp_min(0).numpy()
+    """[B, h, w] heatmaps at ``size`` as the engine stores them."""
+    return resize(torch.from_numpy(np.ascontiguousarray(heat)).float(), size).numpy()
 
 
 def _stored(ev, name: str, ids: list[int]) -> np.ndarray | None:
