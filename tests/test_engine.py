@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from auditor.cli import app
@@ -109,6 +110,7 @@ def test_killed_run_resumes_to_identical_findings(project, tmp_path):
 def test_out_of_memory_batch_is_split_and_retried(project, monkeypatch):
     import dataclasses
 
+    import auditor.explain.methods  # noqa: F401  (registers the methods when this test runs alone)
     from auditor.registry import METHODS
     entry = METHODS.get("saliency")
     calls = []
@@ -125,6 +127,22 @@ def test_out_of_memory_batch_is_split_and_retried(project, monkeypatch):
     doc = run(project)
     assert max(calls) > 2 and min(calls) <= 2
     assert doc["metrics"]["explained"] == 12 and not doc["warnings"]
+
+
+def test_split_on_oom_halves_until_each_part_fits_and_joins_in_order():
+    from auditor.explain.engine import split_on_oom
+    calls = []
+
+    def run(part):
+        calls.append(list(part))
+        if len(part) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [v * 10 for v in part]
+
+    assert split_on_oom(run, list(range(7)), lambda parts: sum(parts, [])) == [v * 10 for v in range(7)]
+    assert max(len(c) for c in calls if len(c) <= 2) <= 2 and calls[0] == list(range(7))
+    with pytest.raises(RuntimeError, match="other"):   # any other error is not retried
+        split_on_oom(lambda part: (_ for _ in ()).throw(RuntimeError("other")), [1, 2, 3], list)
 
 
 def test_device_auto_takes_cuda_only_when_present(monkeypatch):

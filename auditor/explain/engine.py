@@ -96,18 +96,25 @@ def is_oom(e: Exception) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def split_on_oom(run, items, join, device: torch.device | None = None):
+    """``run(items)``; a batch that runs out of memory (a small GPU) is split in half and retried,
+    the halves' results put together by ``join``."""
+    try:
+        return run(items)
+    except (RuntimeError, MemoryError) as e:
+        if not is_oom(e) or len(items) == 1:
+            raise
+        if device is not None and device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        return join([split_on_oom(run, items[:half], join, device), split_on_oom(run, items[half:], join, device)])
+
+
 def attribute(ctx: Context, name: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Run a method; a batch that runs out of memory is split in half and retried."""
-    try:
-        return METHODS.get(name).fn(ctx.model, x, target, **method_params(ctx, name)).detach()
-    except (RuntimeError, MemoryError) as e:
-        if not is_oom(e) or len(x) == 1:
-            raise
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(x) // 2
-        return torch.cat([attribute(ctx, name, x[:half], target[:half]),
-                          attribute(ctx, name, x[half:], target[half:])])
+    fn, params = METHODS.get(name).fn, method_params(ctx, name)
+    return split_on_oom(lambda r: fn(ctx.model, x[r.start:r.stop], target[r.start:r.stop], **params).detach(),
+                        range(len(x)), torch.cat, ctx.device)
 
 
 def resize(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from auditor.explain.engine import is_oom
+from auditor.explain.engine import split_on_oom
 from auditor.explain.heatmap import boxes_overlap
 from auditor.judge.evidence import ClassFinding, Evidence, Finding
 from auditor.judge.intervene import Intervener, fill
@@ -68,18 +68,11 @@ def chosen_classes(ev: Evidence, most: int) -> list[int]:
 
 
 def _visualise_in_halves(ev: Evidence, classes: list[int], size, mean, std, steps: int, seed: int):
-    """``visualise`` on all classes at once; a batch that runs out of memory (a small GPU) is split
-    in half and retried, as the explain engine does (each class's picture is optimised on its own)."""
-    try:
-        return visualise(ev.model, classes, size, ev.input_spec.channels, mean, std, ev.device, steps=steps, seed=seed)
-    except (RuntimeError, MemoryError) as e:
-        if not is_oom(e) or len(classes) == 1:
-            raise
-        if ev.device is not None and ev.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(classes) // 2
-        parts = [_visualise_in_halves(ev, part, size, mean, std, steps, seed) for part in (classes[:half], classes[half:])]
-        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+    """``visualise`` on all classes at once; split in halves when out of memory, as the explain
+    engine does (each class's picture is optimised on its own)."""
+    def run(part: list[int]):
+        return visualise(ev.model, part, size, ev.input_spec.channels, mean, std, ev.device, steps=steps, seed=seed)
+    return split_on_oom(run, classes, lambda parts: tuple(np.concatenate(a) for a in zip(*parts)), ev.device)
 
 
 def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed: int = 0) -> dict[int, Picture]:
