@@ -105,7 +105,6 @@ def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, mi
     severity = severity or SEVERITY
     out: dict[tuple, ClassFinding] = {}
     errors: dict[tuple, list[tuple]] = {}   # key -> [(window mass, sample, method)] of the group's errors
-    carriers: dict[tuple, set] = {}         # key -> the group's images whose own evidence sits in the window
     for method in ev.methods:
         ids, maps = ev.explained(method)
         if len(ids) < min_images:
@@ -144,7 +143,6 @@ def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, mi
                 key = (int(c), tuple(np.round(box, 2)))
                 there = [(float(m), int(ids[j]), method, wrong[j]) for j, m in zip(part, own) if m >= member_share * mass]
                 errors.setdefault(key, []).extend(e[:3] for e in there if e[3])
-                carriers.setdefault(key, set()).update(e[1] for e in there)
                 if key in out and out[key].score >= mass:
                     out[key].details["methods_agreeing"].append(method)
                     continue
@@ -179,10 +177,8 @@ def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, mi
         if twin is None:
             twin = (f, {})
             kept.append(twin)
-            f.details["carriers"] = set()
         else:
             twin[0].details["methods_agreeing"] += f.details["methods_agreeing"]
-        twin[0].details["carriers"] |= carriers[key]
         for g in boxed[key]:
             if g.sample not in twin[1] or g.score > twin[1][g.sample].score:
                 twin[1][g.sample] = g
@@ -194,8 +190,6 @@ def fixed_location(ev: Evidence, min_images: Count = 8, min_group: Count = 3, mi
                 images[g.sample] = g
     for f, mine in kept:
         f.details["samples"] = sorted(i for i in mine if images[i] is mine[i])
-        # The images that show the mark (for an intervention that takes the region from them).
-        f.details["carriers"] = sorted(f.details["carriers"])
     return [*images.values(), *(f for f, _ in kept)]
 
 

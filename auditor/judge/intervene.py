@@ -503,12 +503,17 @@ def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bo
     carries = isinstance(f, ClassFinding) or all(
         f"{name}_vs_control" in effect and beats_control(effect, name, moved, spec) for name in ("transfer", "content"))
     _verdict(f, confirmed, "critical" if strong else "high" if carries else "medium")
+    missing = [n for n in ("transfer", "content") if f"{n}_vs_control" not in effect]
     if confirmed and not carries:
-        f.details["carries_class"] = False
+        f.details["carries_class"] = None if missing else False  # None: no placebo could run, nothing refuted
         if severity_rank(f.severity) > severity_rank("medium"):
             f.severity = "medium"
     f.message += _sentence(effect, cls_name, confirmed)
-    if confirmed and not carries:
+    if confirmed and not carries and missing:
+        which = ("Neither placebo" if len(missing) == 2 else
+                 "The random-region placebo" if missing == ["transfer"] else "The class's-own-content placebo")
+        f.message += f" {which} could run beside it, so nothing shows a cue the model learned (graded medium)."
+    elif confirmed and not carries:
         f.message += (f" Pasted elsewhere it did not carry '{cls_name}' beyond random regions and '{cls_name}' "
                       f"images' own content of its size: it decided this error, but shows no sign of being a cue "
                       f"the model learned for '{cls_name}' (graded medium).")

@@ -97,7 +97,10 @@ def tests(rec: RunRecord, f) -> list[dict]:
                         "text": f"hiding the region in {n} images the model calls '{cls}' changed "
                                 f"{e['decision_changed']} of the decisions" + _placebo(e, "removal", n)})
         if e.get("pasted_onto"):
-            ok = beats(e, "transfer", e["transfer_rate"] >= spec["transplant_rate"], spec["control_margin"])
+            moved = e["transfer_rate"] >= spec["transplant_rate"]
+            # an image finding's paste must also beat its class's own content (docs/severity.md)
+            ok = beats(e, "transfer", moved, spec["control_margin"]) and (
+                "content_vs_control" not in e or beats(e, "content", moved, spec["control_margin"]))
             out.append({"ok": ok, "name": "pasting",
                         "text": f"pasting the region onto {e['pasted_onto']} other images turned {e['turned']} into "
                                 f"'{cls}'" + _placebo(e, "transfer", e["pasted_onto"], cls)})
