@@ -72,8 +72,11 @@ def reliability(rec: RunRecord, pictures: dict | None = None) -> dict:
             d = min(t.get("decisive_step", len(curve) - 1), len(curve) - 1)
             n = len(t.get("randomisation_steps") or curve)
             status, css = "trusted", "pass"
-            benefit = (f"a benefit of {t['deletion_benefit']:+.2f} in probability, 95% interval "
-                       f"{t['deletion_ci'][0]:+.2f} to {t['deletion_ci'][1]:+.2f}"
+            benefit = (f"a benefit of {t['deletion_benefit']:+.2f} in probability, "
+                       f"{100 * t.get('deletion_level', 0.95):g}% interval {t['deletion_ci'][0]:+.2f} to "
+                       f"{t['deletion_ci'][1]:+.2f}"
+                       + (f" on {plural(t['deletion_images'], 'image')}, decided early"
+                          if t.get("deletion_images", t.get("images")) != t.get("images") else "")
                        if "deletion_ci" in t else f"area under the curve {t['deletion_auc']:.2f} against "
                                                   f"{t['random_deletion_auc']:.2f}")
             text = (f"When {share_words(spec.decide_at)} was randomised, block by block from the output, its "
