@@ -138,8 +138,8 @@ def test_a_lone_error_whose_region_carries_its_class_is_medium():
     those errors are explained, but show no behaviour; three make each of them high."""
     f = _with_error(CornerOnly(), class1=0.5, errors=1)[0]
     assert f.details["confirmed"] and f.severity == "medium" and f.details["recurs"] is False
-    assert "It is the only error called 'bright'" in f.message
-    assert all(g.severity == "medium" and "Only 2 errors" in g.message for g in _with_error(CornerOnly(), 0.5, errors=2))
+    assert "It is the only image called 'bright'" in f.message
+    assert all(g.severity == "medium" and "Only 2 images" in g.message for g in _with_error(CornerOnly(), 0.5, errors=2))
     assert all(g.severity == "high" and "recurs" not in g.details for g in _with_error(CornerOnly(), class1=0.5))
 
 
