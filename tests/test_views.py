@@ -59,8 +59,13 @@ def test_best_window_finds_the_mass():
 def test_windows_are_the_strongest_non_overlapping_ones():
     heat = np.zeros((20, 20))
     heat[1:4, 1:4], heat[15:18, 15:18] = 2.0, 1.0
-    (s1, b1), (s2, b2), (s3, _) = windows(heat, 0.15, 3)
-    assert b1[0] < 0.2 and b2[0] > 0.7 and s1 == pytest.approx(2 / 3) and s2 == pytest.approx(1 / 3) and s3 == 0
+    (s1, b1), (s2, b2) = windows(heat, 0.15, 3)   # no third: nothing is left outside the two
+    assert b1[0] < 0.2 and b2[0] > 0.7 and s1 == pytest.approx(2 / 3) and s2 == pytest.approx(1 / 3)
+    band = np.zeros((20, 20))
+    band[5:12, 8:11] = 1.0                          # one tall blob: its windows must not overlap
+    got = [b for _, b in windows(band, 0.15, 3)]
+    assert all(a[3] <= b[1] or b[3] <= a[1] or a[2] <= b[0] or b[2] <= a[0] for k, a in enumerate(got) for b in got[k + 1:])
+    assert len(got) == 3
 
 
 def _mark(x: torch.Tensor, y0: int, x0: int) -> None:

@@ -97,27 +97,32 @@ def visualise(model: torch.nn.Module, classes: list[int], size: tuple[int, int],
             reached.cpu().numpy())
 
 
+def _window_sums(heat: np.ndarray, side: float) -> tuple[np.ndarray, int, int]:
+    """The mass of every square window of ``side`` (a fraction of the image), by its top-left pixel."""
+    h, w = heat.shape
+    kh, kw = max(1, round(side * h)), max(1, round(side * w))
+    cum = np.pad(heat.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return cum[kh:, kw:] - cum[:-kh, kw:] - cum[kh:, :-kw] + cum[:-kh, :-kw], kh, kw
+
+
 def best_window(heat: np.ndarray, side: float) -> tuple[float, list[float]]:
     """The square window of ``side`` (a fraction of the image) holding the largest share of the
     map's mass: (share, [x0, y0, x1, y1] as fractions)."""
-    h, w = heat.shape
-    kh, kw = max(1, round(side * h)), max(1, round(side * w))
-    total = float(heat.sum()) or 1.0
-    cum = np.pad(heat.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    sums = cum[kh:, kw:] - cum[:-kh, kw:] - cum[kh:, :-kw] + cum[:-kh, :-kw]
-    y, x = np.unravel_index(np.argmax(sums), sums.shape)
-    return float(sums[y, x] / total), [x / w, y / h, (x + kw) / w, (y + kh) / h]
+    return windows(heat, side, 1)[0]
 
 
 def windows(heat: np.ndarray, side: float, n: int) -> list[tuple[float, list[float]]]:
-    """The ``n`` best non-overlapping windows of ``best_window``, strongest first: a drawing often
-    holds the object's texture and a mark side by side, and the mark need not be the strongest."""
-    heat, total = heat.astype(np.float64, copy=True), float(heat.sum()) or 1.0
+    """Up to ``n`` windows of ``side`` that do not overlap, strongest first (as best_window), and
+    none that holds nothing after the first: a drawing often holds the object's texture and a mark
+    side by side, and the mark need not be the strongest."""
     h, w = heat.shape
+    sums, kh, kw = _window_sums(heat, side)
+    total = float(heat.sum()) or 1.0
     out = []
     for _ in range(n):
-        share, box = best_window(heat, side)
-        out.append((share * float(heat.sum()) / total, box))
-        x0, y0, x1, y1 = (int(round(v * m)) for v, m in zip(box, (w, h, w, h)))
-        heat[y0:y1, x0:x1] = 0
+        y, x = np.unravel_index(np.argmax(sums), sums.shape)
+        if out and not sums[y, x] > 0:
+            break
+        out.append((float(sums[y, x] / total), [x / w, y / h, (x + kw) / w, (y + kh) / h]))
+        sums[max(0, y - kh + 1):y + kh, max(0, x - kw + 1):x + kw] = -np.inf  # windows overlapping this one
     return out
