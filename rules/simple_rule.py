@@ -66,9 +66,11 @@ def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.1
             cls=name, rule="simple_rule", severity=sev, score=round(held, 4), share=round(float(y.mean()), 4),
             region=[round(v, 4) for v in boxes[best]],
             message=(f"Two questions about the {best} alone (its colour, brightness, contrast or edges) "
-                     f"reproduce {held:.0%} of the model's decisions for '{name}' (held out), where a typical region "
-                     f"reproduces {typical:.0%} even on the images it was fitted to. The model's '{name}' may "
-                     f"hinge on what lies in that region."),
+                     f"reproduce {held:.0%} of the model's decisions for '{name}' (held out"
+                     f"{f', the best of {len(scored)} near-tied regions' if len(scored) > 1 else ''}), where a "
+                     f"typical region reproduces {typical:.0%} even on the images it was fitted to. The model's "
+                     f"'{name}' may hinge on what lies in that region."),
             details={"region": best, "fidelity": held, "typical_fidelity": round(typical, 4),
+                     "near_tied_regions": len(scored),  # the best held-out score of these: a little optimistic
                      "decisions": int(y.sum()), "images": len(y), "rules": text}))
     return out
