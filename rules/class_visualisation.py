@@ -22,7 +22,7 @@ from auditor.registry import RULES
 from auditor.views import Place, class_views, locate
 
 SEVERITY = {"low": 0.25, "medium": 0.5}   # on the contrast: the window's likeness at its place above the typical
-CARRY, MIN_SHARE = {"low": 0.5, "medium": 0.75}, 0.25  # a drawn window tested at its own place: on the drawings turned
+CARRY = {"low": 0.5, "medium": 0.75}      # a drawn window tested at its own place: on the drawings it turned
 
 
 def _effects(d: dict) -> list[str]:
@@ -35,11 +35,12 @@ def _effects(d: dict) -> list[str]:
                 glossary="The model is asked to draw each class from nothing; when a small patch of that drawing is found at one fixed place in the class's images (an object's look is found all over them), the model has probably learned a mark rather than the object.",
                 effects=_effects, level="class", needs=("model",), direction="higher is more suspicious")
 def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, min_contrast: Share = 0.25,
-                        max_classes: Count = 20, severity: Thresholds = None) -> list:
+                        max_classes: Count = 20, severity: Thresholds = None, min_share: Share = 0.25,
+                        carry_severity: Thresholds = None) -> list:
     """A class whose drawing holds a small patch that the images the model calls the class show at one fixed place."""
     if ev.model is None or ev.input_spec is None or len(ev.classes) < 2 or not len(ev.samples):
         return []
-    severity = severity or SEVERITY
+    severity, carry_severity = severity or SEVERITY, carry_severity or CARRY
     out = []
     for c, p in class_views(ev, steps, window, max_classes).items():
         name = ev.classes[c]
@@ -52,7 +53,7 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
         # A model that keeps place (no spatial layer, or one that reads position) draws a mark where it
         # looks for it: the drawn window that alone turns the other drawings is tested too, at its place.
         drawn = Place(p.region, None, p.region, p.share, p.carry)
-        if p.share >= MIN_SHARE and (sev := grade(p.carry, CARRY)) and not any(
+        if p.share >= min_share and (sev := grade(p.carry, carry_severity)) and not any(
                 boxes_overlap(f[0].region, drawn.region) for f in found):
             found.append((drawn, p.carry, sev, (
                 f"pasted alone ({place_words(p.region)}, {box_area(p.region):.0%} of the image) onto the pictures "
