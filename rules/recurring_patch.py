@@ -46,7 +46,7 @@ from scipy import ndimage
 from skimage.measure import label, regionprops
 from sklearn.cluster import AgglomerativeClustering
 
-from auditor.explain.heatmap import normalise
+from auditor.explain.heatmap import normalise, pixel_box
 from auditor.explain.layers import default_layer, feature_map, reading_of
 from auditor.inputs.data import input_view
 from auditor.judge.evidence import (ClassFinding, Count, Evidence, Finding, NonNegative, Positive, Share,
@@ -235,12 +235,6 @@ def spread(boxes: list) -> float:
 
 # --- 4. The test ---------------------------------------------------------------------------
 
-def _pixel_box(box, size) -> tuple[int, int, int, int]:
-    h, w = size
-    x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))
-    return x0, y0, max(int(round(box[2] * w)), x0 + 1), max(int(round(box[3] * h)), y0 + 1)
-
-
 @torch.no_grad()
 def paste_test(ev: Evidence, sources: list[tuple[int, tuple]], cls: int, targets: list[int],
                rng: np.random.Generator) -> dict:
@@ -258,7 +252,7 @@ def paste_test(ev: Evidence, sources: list[tuple[int, tuple]], cls: int, targets
         x = ev.model_inputs([i for i, _ in picked])
         real, fake = y.clone(), y.clone()
         for k, (_, box) in enumerate(picked):
-            x0, y0, x1, y1 = _pixel_box(box, size)
+            x0, y0, x1, y1 = pixel_box(box, size)
             ph, pw = y1 - y0, x1 - x0
             ty, tx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))  # where it goes
             fy, fx = _elsewhere((x0, y0, x1, y1), size, rng)                           # the placebo's source
@@ -380,7 +374,7 @@ def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]]
     size = tuple(ev.input_spec.size)
     crops = []
     for (i, _), (tight, _, _) in zip(found, objs):
-        x0, y0, x1, y1 = _pixel_box(tight, size)
+        x0, y0, x1, y1 = pixel_box(tight, size)
         crops.append(ev.model_input(i)[:, y0:y1, x0:x1].to(ev.device))
     mean = torch.stack([ev.model_input(i).mean(dim=(1, 2)) for i in ids]).mean(0)
     view = model_view(ev, crops, mean)

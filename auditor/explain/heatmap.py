@@ -35,13 +35,18 @@ def grow_box(box, by: float) -> tuple[float, float, float, float]:
     return (max(0.0, x0 - by), max(0.0, y0 - by), min(1.0, x1 + by), min(1.0, y1 + by))
 
 
+def pixel_box(frac_box, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A fractional box [x0, y0, x1, y1] as whole pixels of an [h, w] image, at least one pixel each way."""
+    h, w = shape
+    x0, y0 = int(round(frac_box[0] * w)), int(round(frac_box[1] * h))
+    return x0, y0, max(int(round(frac_box[2] * w)), x0 + 1), max(int(round(frac_box[3] * h)), y0 + 1)
+
+
 def region_mask(shape: tuple[int, int], frac_box) -> np.ndarray:
     """Boolean [h, w] mask of a fractional box, snapped to whole pixels."""
-    h, w = shape
-    x0, y0, x1, y1 = frac_box
-    mask = np.zeros((h, w), bool)
-    mask[int(round(y0 * h)):max(int(round(y1 * h)), int(round(y0 * h)) + 1),
-         int(round(x0 * w)):max(int(round(x1 * w)), int(round(x0 * w)) + 1)] = True
+    x0, y0, x1, y1 = pixel_box(frac_box, shape)
+    mask = np.zeros(shape, bool)
+    mask[y0:y1, x0:x1] = True
     return mask
 
 

@@ -522,9 +522,9 @@ def _rows(x: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def _prob(model, x: torch.Tensor, target: torch.Tensor, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _prob(model, x: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The target's probability and the predicted class of each row of ``x``."""
-    rows = rows or _rows(x)
+    rows = _rows(x)
     p, top = [], []
     for s in range(0, len(x), rows):
         out = model(x[s:s + rows]).float().softmax(1)
@@ -726,8 +726,7 @@ def deletion_test(model, x, target, clean: np.ndarray, removal: Removal, field: 
         final = j == len(looks) - 1
         new = np.array([i for i in look if np.isnan(random[i, 0])])
         with clock(parts, "random_order"):  # an error here reaches the caller: every method untested
-            gone = removal(np.ones((len(new), h, w), bool), new)
-            ends = (clean[new], _prob(model, gone, target[torch.as_tensor(new, device=target.device)])[0])
+            ends = (clean[new], _removed_prob(model, removal, np.ones((len(new), h, w), bool), new, target)[0])
             random[new] = deletion_curves(model, x, target, {"random": np.argsort(-field[new], axis=1)}, removal,
                                           spec.steps, ends, new)["random"]
         for name in [n for n in heats if n not in out]:

@@ -19,7 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from auditor.explain.engine import split_on_oom
-from auditor.explain.heatmap import boxes_overlap
+from auditor.explain.heatmap import boxes_overlap, pixel_box
 from auditor.judge.evidence import ClassFinding, Evidence, Finding
 from auditor.judge.intervene import Intervener, fill
 from auditor.record import ClassView, ProbeCurve, TreeView, Views
@@ -67,6 +67,14 @@ def chosen_classes(ev: Evidence, most: int) -> list[int]:
     return sorted(np.argsort(-counts, kind="stable")[:most].tolist())
 
 
+def _normaliser(spec, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input's mean and std per channel as [1, C, 1, 1] float32 (one value given: every channel's)."""
+    def per_channel(v):
+        v = list(v) * spec.channels if len(v) == 1 else list(v)
+        return torch.as_tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return per_channel(spec.mean), per_channel(spec.std)
+
+
 def _visualise_in_halves(ev: Evidence, classes: list[int], size, mean, std, steps: int, seed: int):
     """``visualise`` on all classes at once; split in halves when out of memory, as the explain
     engine does (each class's picture is optimised on its own)."""
@@ -85,13 +93,11 @@ def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed:
     if key in memo:
         return memo[key]
     h, w = spec.size
-    mean = spec.mean * spec.channels if len(spec.mean) == 1 else spec.mean
-    std = spec.std * spec.channels if len(spec.std) == 1 else spec.std
-    imgs, sal, logits = _visualise_in_halves(ev, classes, (h, w), mean, std, steps, seed)
+    m, s = _normaliser(spec, ev.device)
+    imgs, sal, logits = _visualise_in_halves(ev, classes, (h, w), m.flatten().tolist(), s.flatten().tolist(),
+                                             steps, seed)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).to(ev.device)
     backgrounds = torch.cat([x, smooth_noise(BACKGROUNDS, h, w, spec.channels, seed).to(ev.device)])
-    m = torch.as_tensor(mean, device=ev.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, device=ev.device).view(1, -1, 1, 1)
     with torch.no_grad():
         before = ev.model((backgrounds - m) / s).argmax(1).cpu().numpy()
     out = {}
@@ -99,7 +105,7 @@ def class_views(ev: Evidence, steps: int, window: float, max_classes: int, seed:
         keep = (np.arange(len(backgrounds)) != k) & (before != c)
         found = []
         for share, box in windows(sal[k], window, WINDOWS):
-            x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(box, (w, h, w, h)))
+            x0, y0, x1, y1 = pixel_box(box, (h, w))
             pasted = backgrounds.clone()
             pasted[:, :, y0:y1, x0:x1] = x[k, :, y0:y1, x0:x1]
             with torch.no_grad():  # onto the other classes' pictures and the noise: not onto its own picture
@@ -155,10 +161,7 @@ def locate(ev: Evidence, c: int, pic: Picture, side: float) -> Place | None:
     spec = ev.input_spec
     h, w = spec.size
     device = ev.device or next(ev.model.parameters()).device
-    mean = spec.mean * spec.channels if len(spec.mean) == 1 else spec.mean
-    std = spec.std * spec.channels if len(spec.std) == 1 else spec.std
-    m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    m, s = _normaliser(spec, device)
     drawing = (torch.from_numpy(pic.image).permute(2, 0, 1)[None].to(device) - m) / s
     maps = layer_maps(ev.model, ev.layer, torch.cat([drawing, ev.model_inputs(ids).to(device).float()]))
     if maps is None:
@@ -167,8 +170,8 @@ def locate(ev: Evidence, c: int, pic: Picture, side: float) -> Place | None:
     kh, kw = max(1, round(side * h)), max(1, round(side * w))
     best = None
     for share, box, carry in pic.windows:
-        x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(box, (w, h, w, h)))
-        f = drawn[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].mean((1, 2)).view(1, -1, 1, 1)
+        x0, y0, x1, y1 = pixel_box(box, (h, w))
+        f = drawn[:, y0:y1, x0:x1].mean((1, 2)).view(1, -1, 1, 1)
         like = torch.nn.functional.cosine_similarity(maps[1:], f, dim=1).clamp(min=0).mean(0)
         like = torch.nn.functional.interpolate(like[None, None], size=(h, w), mode="bilinear",
                                                align_corners=False)[0, 0].cpu().numpy().astype(np.float64)
@@ -258,8 +261,8 @@ def cue_sets(ev: Evidence, f: ClassFinding, tester: Intervener) -> tuple[torch.T
 def likeness(images: np.ndarray, template: np.ndarray, box) -> np.ndarray:
     """Per image [N, C, H, W], the correlation of its ``box`` with the cue's template crop."""
     h, w = images.shape[2:]
-    x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(box, (w, h, w, h)))
-    crop = images[:, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].reshape(len(images), -1)
+    x0, y0, x1, y1 = pixel_box(box, (h, w))
+    crop = images[:, :, y0:y1, x0:x1].reshape(len(images), -1)
     t = template.reshape(-1)
     a, b = crop - crop.mean(1, keepdims=True), t - t.mean()
     return (a @ b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b) + 1e-8)
@@ -276,8 +279,8 @@ def trees(ev: Evidence, classes: list[int], cues: list[ClassFinding], seed: int)
         own = [k for k, i in enumerate(ids) if s.at[i, "label"] == ev.classes.index(f.cls) and s.at[i, "correct"]]
         if own:
             h, w = images.shape[2:]
-            x0, y0, x1, y1 = (int(round(v * n)) for v, n in zip(f.region, (w, h, w, h)))
-            template = images[own][:, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].mean(0)
+            x0, y0, x1, y1 = pixel_box(f.region, (h, w))
+            template = images[own][:, :, y0:y1, x0:x1].mean(0)
             x = np.concatenate([x, likeness(images, template, f.region)[:, None]], 1)
             names.append(f"likeness to the '{f.cls}' cue at {f.details.get('region') or f.region}")
     pred = s.loc[ids, "prediction"].to_numpy()

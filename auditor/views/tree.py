@@ -20,6 +20,8 @@ from scipy import ndimage
 from sklearn.model_selection import StratifiedKFold
 from sklearn.tree import DecisionTreeClassifier, export_text
 
+from auditor.explain.heatmap import pixel_box
+
 FIDELITY = 0.9
 GRID = 4
 CORNER = 0.15      # side of a corner square, of the image's: where marks sit (see rules/corner_restore.py)
@@ -49,9 +51,9 @@ def features(images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
     edges = np.hypot(ndimage.sobel(grey, axis=1), ndimage.sobel(grey, axis=2)) / 8 > EDGE
     cols, names, where = [], [], []
     channels = ["red", "green", "blue"] if c == 3 else []
-    for name, (x0, y0, x1, y1) in regions().items():
-        ys = slice(int(round(y0 * h)), max(int(round(y1 * h)), int(round(y0 * h)) + 1))
-        xs = slice(int(round(x0 * w)), max(int(round(x1 * w)), int(round(x0 * w)) + 1))
+    for name, box in regions().items():
+        x0, y0, x1, y1 = pixel_box(box, (h, w))
+        ys, xs = slice(y0, y1), slice(x0, x1)
         part, start = grey[:, ys, xs].reshape(n, -1), len(cols)
         for k, ch in enumerate(channels or ["grey"]):
             values = images[:, k, ys, xs].reshape(n, -1)
