@@ -28,6 +28,12 @@ models every method fails the gate, and the occlusion fallback then costs more t
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py                 # both models
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py --models vit-s --per-class 2
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py --models resnet50 --repeats 3 --no-fallback
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python bench/phases.py --models resnet50 --per-class 40 --explain-all \
+        --no-fallback --gate-only     # the gate's share at 120 explained images, measured
+
+Last, the gate's cost against the audit's size (``cost_table``): its fixed seconds, the explain phase's
+seconds per explained image, the share at this size and projected to ``--at`` sizes, and the size at
+which the share reaches 25%.
 """
 from __future__ import annotations
 
@@ -84,7 +90,8 @@ def build(name: str):
     raise SystemExit(f"unknown model {name!r}: resnet50 or vit-s")
 
 
-def write_project(folder: Path, model, per_class: int, fallback: bool = True, gate_only: bool = False) -> Path:
+def write_project(folder: Path, model, per_class: int, fallback: bool = True, gate_only: bool = False,
+                  explain_all: bool = False) -> Path:
     model.save_pretrained(folder / "model")
     (folder / "model" / "preprocessor_config.json").write_text(json.dumps({
         "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
@@ -95,7 +102,7 @@ def write_project(folder: Path, model, per_class: int, fallback: bool = True, ga
         for k in range(per_class):
             Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / "data" / c / f"{k}.png")
     cfg = {"model": {"huggingface": "model"}, "data": {"root": "data"},
-           "explain": {"methods": ["gradcam", "saliency"]},
+           "explain": {"methods": ["gradcam", "saliency"], **({"samples": "all"} if explain_all else {})},
            "trust": {"enabled": True, **({} if fallback else {"fallback": None})},
            "run": {"device": "cpu", "cache": False, "batch_size": 16}, "report": {"out": "reports"},
            **({"rules": {}, "views": {"enabled": False}} if gate_only else {})}
@@ -167,12 +174,13 @@ def audit_once(path: Path, name: str) -> tuple[dict, object]:
     return times, res.record
 
 
-def bench(name: str, per_class: int, repeats: int = 1, fallback: bool = True, gate_only: bool = False) -> dict:
+def bench(name: str, per_class: int, repeats: int = 1, fallback: bool = True, gate_only: bool = False,
+          explain_all: bool = False) -> dict:
     from auditor.inputs.huggingface import Logits
     model = build(name)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_project(Path(tmp), model, per_class, fallback, gate_only)
+        path = write_project(Path(tmp), model, per_class, fallback, gate_only, explain_all)
         for k in range(repeats):
             times, record = audit_once(path, name)
             runs.append(times)
@@ -230,6 +238,34 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_model(r: dict) -> dict:
+    """The gate's cost against the audit's size, from one result: the gate's seconds (fixed: it runs
+    on at most trust.images test images whatever the audit's size; the median over the repeats) and the
+    explain phase's seconds per explained image; the share at N explained images is then
+    gate / (N x per image), and it reaches 25% at N = gate / (0.25 x per image)."""
+    t = r["times"]
+    gate, per_image = t.get("trust", 0.0), t.get("explain", 0.0) / max(r["explained"], 1)
+    return {"gate": gate, "per_image": per_image, "test_images": max((v or 0) for v in r["trust_images"].values()),
+            "share": gate / max(per_image * r["explained"], 1e-9), "n25": gate / max(0.25 * per_image, 1e-9)}
+
+
+def cost_table(results: list[dict], at: list[int]) -> str:
+    """Side by side per result: the gate's fixed seconds, the explain phase's seconds per explained image,
+    the gate's share of the explain phase at the bench's size and projected to ``at`` explained images,
+    and the audit size (explained images) at which the share is 25% (issue 14's goal)."""
+    head = ("| model | explained | gate s (test images) | explain s / explained image | share here | "
+            + " | ".join(f"share at {n}" for n in at) + " | 25% at |")
+    lines = [head, "|---" * (6 + len(at)) + "|"]
+    for r in results:
+        c = cost_model(r)
+        lines.append(f"| {r['model']} | {r['explained']} | {c['gate']:.1f} ({c['test_images']}) | {c['per_image']:.2f} | "
+                     f"{100 * c['share']:.0f}% | " + " | ".join(f"{100 * c['gate'] / (c['per_image'] * n):.0f}%"
+                                                          for n in at) + f" | {c['n25']:.0f} |")
+    lines.append("(the gate runs on at most trust.images = 16 test images: a gate measured on fewer than 16 projects "
+                 "low; explain's cost per image includes a second map for each error)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet50,vit-s")
@@ -238,6 +274,10 @@ def main() -> None:
     ap.add_argument("--no-fallback", action="store_true", help="trust.fallback null (no occlusion fallback)")
     ap.add_argument("--gate-only", action="store_true", help="no rules and no global views: the phases up to the "
                     "trust gate, and an empty report")
+    ap.add_argument("--explain-all", action="store_true", help="explain.samples all (every image explained; the "
+                    "default explains the errors and 24 correct images per predicted class)")
+    ap.add_argument("--at", default="120,1240", help="explained images to project the gate's share to (default: "
+                    "this bench at --per-class 40, and a 10-class validation set of 10,000 at 90%% accuracy)")
     ap.add_argument("--save", help="a folder: each model's result as <model>.json")
     ap.add_argument("results", nargs="*", help="results saved earlier (--save), put in the table first")
     args = ap.parse_args()
@@ -246,11 +286,13 @@ def main() -> None:
     for name in filter(None, args.models.split(",")):
         t0 = time.perf_counter()
         results.append(bench(name, max(2, args.per_class), max(1, args.repeats), not args.no_fallback,
-                             args.gate_only))
+                             args.gate_only, args.explain_all))
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         if args.save:
             Path(args.save, f"{name}.json").write_text(json.dumps(results[-1]))
     print(table(results))
+    print()
+    print(cost_table(results, [int(n) for n in args.at.split(",") if n]))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from auditor.demo import synth
 from auditor.inputs.config import InputSpec, TrustSpec
 from auditor.inputs.data import SampleRef
 from auditor.judge.evidence import Evidence
-from auditor.judge.trust import cascade_steps, decisive_step, judge_cascade, trust_gate
+from auditor.judge.trust import _heat, cascade_steps, decisive_step, judge_cascade, trust_gate
 
 # --- the decision rule ---------------------------------------------------------------------------
 
@@ -201,10 +201,39 @@ def test_result_keys_stay_backward_compatible(trained):
            "deletion_ci", "deletion_effect", "cascade_images", "seconds"}
     assert old | new <= set(t)
     n = len(t["randomisation_spearman"])
-    assert all(isinstance(v, float) for v in t["randomisation_spearman"])
+    # Explained after the decisive step only (trust.curve false): the steps above it are None.
+    assert isinstance(t["randomisation_spearman"][-1], float) and set(t["randomisation_spearman"][:-1]) == {None}
     assert len(t["randomisation_ssim"]) == n <= len(t["randomisation_steps"]) and 0 <= t["decisive_step"] < n
     assert t["max_spearman"] == TrustSpec().max_spearman and t["images"] == 12 and t["cascade_images"] == 8
     assert set(t["fill_check"]) == {"road", "blur", "mean", "zero"} and t["fill"] in t["fill_check"]
+
+
+def test_the_decisive_step_alone_gives_the_curves_value_there():
+    """trust.curve false explains the cascade images after the decisive step only: the model there
+    (BatchNorms recalibrated once, not after every step) and so every image's similarity are those
+    of the full curve's decisive step."""
+    from auditor.judge.trust import randomisation
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model.train()(x)  # running statistics that are not the defaults
+    model.eval()
+    target = model(x).argmax(1)
+    methods = {"saliency": {}, "gradcam": {}}
+    heats = {m: _heat(m, {}, model, model[6], x, target, 0) for m in methods}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runs = {c: randomisation(methods, model, model[6], x, target, 0, heats, TrustSpec(curve=c)) for c in (False, True)}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # put back either way
+    for m in methods:
+        (short, rho_s, _), (full, rho_f, _) = runs[False][m], runs[True][m]
+        d = len(full["randomisation_spearman"]) - 1
+        assert d == len(short["randomisation_spearman"]) - 1 == decisive_step(len(full["randomisation_steps"]), 0.5)
+        assert all(isinstance(v, float) for v in full["randomisation_spearman"]) and d >= 1
+        assert short["randomisation_spearman"][:d] == [None] * d and rho_s[:d] == [None] * d
+        assert short["randomisation_spearman"][d] == full["randomisation_spearman"][d], m
+        np.testing.assert_array_equal(rho_s[d], rho_f[d])
 
 
 def test_cascade_chart_writes_a_png(trained, tmp_path):
@@ -327,6 +356,24 @@ def test_a_zero_fill_that_flips_the_model_is_not_chosen_and_the_method_stays_rel
     forced = trust_gate(ev, {"gradcam": {}}, model[5], TrustSpec(images=12, fill="zero"), seed=0)["gradcam"]
     assert forced["fill"] == "zero" and set(forced["fill_check"]) == {"zero"} and forced["reliable"]
     assert forced["deletion"] == "inconclusive" and "flips" in forced["note"]
+
+
+def test_the_fill_race_drops_only_a_clear_signal_and_chooses_as_the_full_check(holes):
+    """On images of "bright" only, the zero fill (black blobs) turns every one into "hole": clearly
+    worse on the 8 early images, it is not tried on the rest; the others are, and the choice is the
+    full check's, with the same numbers. Without early images the check is the full one."""
+    from auditor.judge.trust import choose_fill, random_blobs
+    ev, model = holes
+    ids = [int(i) for i in ev.samples.index[(ev.samples["prediction"] == 0).to_numpy()]][:12]
+    x = ev.model_inputs(ids)
+    target = torch.zeros(len(ids), dtype=torch.long)
+    field = random_blobs(len(ids), 32, 32, 0)
+    full_fill, full = choose_fill(model, x, target, field, 0.3, 0, first=None)
+    fill, raced = choose_fill(model, x, target, field, 0.3, 0, first=list(range(8)))
+    assert full["zero"]["flip_rate"] == 1.0 and all("images" not in v for v in full.values())
+    assert fill == full_fill != "zero" and raced["zero"]["images"] == 8 and raced["zero"]["flip_rate"] == 1.0
+    for f in ("road", "blur", "mean"):
+        assert raced[f] == full[f] | {"images": 12}, f  # not clearly worse on 8 images: tried on all 12
 
 
 @pytest.fixture

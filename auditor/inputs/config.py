@@ -231,6 +231,9 @@ class TrustSpec(Strict):
                              "when the similarity is judged (0.5: the top half; 1: the whole model)")
     full_cascade: bool = Field(False, description="run every cascade step (for the chart), not only down to the "
                                "decisive one")
+    curve: bool = Field(False, description="explain the cascade images after every step down to the decisive one, "
+                        "for the report's curve (false: after the decisive step only, the same decision at a "
+                        "third of a ResNet-50's cascade cost)")
     max_ssim: float | None = Field(None, gt=0, le=1, description="if set, mean SSIM with the original heatmaps "
                                    "allowed at that step too (the paper's second measure)")
 

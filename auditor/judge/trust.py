@@ -241,11 +241,13 @@ def randomise_(model: nn.Module, step: Step, gen: torch.Generator) -> None:
 
 
 @contextmanager
-def cascade(model: nn.Module, x: torch.Tensor, steps: list[Step], seed: int):
+def cascade(model: nn.Module, x: torch.Tensor, steps: list[Step], seed: int, read: set[int] | None = None):
     """Randomise ``model`` in place, one of ``steps`` at a time from the top down: yields an
     iterator of (step, model) after each step. On leaving the ``with`` block the trained
     parameters and BatchNorm statistics are put back, so no copy of the whole model is made:
-    only the tensors the steps run so far touched are saved (and restored even on an error)."""
+    only the tensors the steps run so far touched are saved (and restored even on an error).
+    ``read``: the step indices whose model is used (every step by default); the BatchNorms are
+    recalibrated only there, which gives the same model (each recalibration starts afresh)."""
     gen = torch.Generator().manual_seed(seed)
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its trained value)
 
@@ -255,13 +257,13 @@ def cascade(model: nn.Module, x: torch.Tensor, steps: list[Step], seed: int):
 
     def run():
         norms: list[nn.Module] = []
-        for step in steps:
+        for k, step in enumerate(steps):
             keep(_params(model, step))
             new = _norms(model, step)
             keep(b for m in new for b in m.buffers())
             randomise_(model, step, gen)
             norms += new
-            if norms and BATCHNORM == "recalibrate":
+            if norms and BATCHNORM == "recalibrate" and (read is None or k in read):
                 # The state after step k depends only on the parameters drawn so far: each
                 # recalibration resets every randomised BatchNorm and reads this one batch.
                 _recalibrate(model, norms, x)
@@ -277,17 +279,21 @@ def cascade(model: nn.Module, x: torch.Tensor, steps: list[Step], seed: int):
 def randomisation(methods: dict[str, dict], model, layer, x, target, seed: int, heats: dict[str, np.ndarray],
                   spec: TrustSpec | None = None, parts: dict | None = None) -> dict[str, tuple | Exception]:
     """Per method of ``heats`` (its original heatmaps of ``x``), the similarity of its heatmaps
-    after each cascade step, up to the decisive one (every step with ``trust.full_cascade``):
-    (curves, per-image |Spearman| of each step run, per-image SSIM of each step run), curves
-    holding the step labels (all of them), the mean |Spearman| and mean SSIM per step run; or
-    the exception that stopped that method. The model is randomised once per step for every
-    method (in place, restored after); ``parts`` collects the seconds of the shared model steps
-    ("cascade_models") and of each method's maps ("cascade:<method>")."""
+    after the decisive cascade step (after every step down to it with ``trust.curve``, every step
+    with ``trust.full_cascade``): (curves, per-image |Spearman| of each step run, per-image SSIM
+    of each step run), curves holding the step labels (all of them), the mean |Spearman| and mean
+    SSIM per step run (None where a step was randomised but not explained); or the exception that
+    stopped that method. The model is randomised once per step for every method (in place,
+    restored after); ``parts`` collects the seconds of the shared model steps ("cascade_models")
+    and of each method's maps ("cascade:<method>")."""
     spec, parts = spec or TrustSpec(), parts if parts is not None else {}
     steps = cascade_steps(model, x, spec.cascade, spec.cascade_steps)
     last = len(steps) - 1 if spec.full_cascade else decisive_step(len(steps), spec.decide_at)
+    # The steps above the decisive one decide nothing (each step's model depends only on the draws
+    # so far, not on what was explained before): explained only for the curve.
+    read = set(range(last + 1)) if spec.curve or spec.full_cascade else {last}
     runs: dict[str, tuple | Exception] = {name: ([], [], [], []) for name in heats}  # rho, ssim, per image x2
-    with cascade(model, x, steps, seed) as randomised:
+    with cascade(model, x, steps, seed, read) as randomised:
         for k in range(last + 1):
             with clock(parts, "cascade_models"):
                 next(randomised)
@@ -295,6 +301,10 @@ def randomisation(methods: dict[str, dict], model, layer, x, target, seed: int, 
                 if isinstance(runs[name], Exception):
                     continue
                 rho, sim, rho_images, sim_images = runs[name]
+                if k not in read:
+                    for values in runs[name]:
+                        values.append(None)
+                    continue
                 with clock(parts, f"cascade:{name}"):
                     try:
                         reset = _resize(_heat(name, methods[name], model, layer, x, target, seed), heat.shape[-2:])
@@ -369,13 +379,13 @@ def judge_cascade(rho: list[float], ssim_curve: list | None, spec: TrustSpec, n_
 
     def similar(i: int) -> list[tuple[str, float, float, list | None]]:
         out = []
-        if rho[i] > spec.max_spearman:
+        if rho[i] is not None and rho[i] > spec.max_spearman:
             out.append(("rank correlation", rho[i], spec.max_spearman, rho_images))
         if spec.max_ssim is not None and sims[i] is not None and sims[i] > spec.max_ssim:
             out.append(("structural similarity", sims[i], spec.max_ssim, ssim_images))
         return out
 
-    first = next((i for i in range(len(rho)) if not similar(i)), None)
+    first = next((i for i in range(len(rho)) if rho[i] is not None and not similar(i)), None)
     evident, doubtful, ci = [], [], None
     for what, value, limit, images in similar(d):
         lo, hi = mean_ci(images[d], seed) if images is not None else (value, value)
@@ -553,23 +563,53 @@ def _first(order: np.ndarray, k: int, h: int, w: int) -> np.ndarray:
 
 
 def choose_fill(model, x, target, field: np.ndarray, share: float, seed: int,
-                fills=FILLS, clean: np.ndarray | None = None) -> tuple[str, dict]:
+                fills=FILLS, clean: np.ndarray | None = None, first: list[int] | None = None) -> tuple[str, dict]:
     """The fill under which removing random blobs alone (the top ``share`` of each image's random
     field) changes the predictions least: fewest flipped predictions, then the smallest mean
     change of the target's probability (either way). Returns it and every candidate's numbers:
     flip rate, mean probability drop (signed) and mean absolute change. ``clean``: the target's
-    probability on ``x`` itself, when known."""
+    probability on ``x`` itself, when known.
+
+    With ``first`` (indices into ``x``: the early look's images) the candidates race (Maron and
+    Moore's racing): each is tried on those images first, and one that is clearly worse there
+    than the leader is dropped; only the others are tried on the rest, and the choice is made
+    among them on every image. "Clearly worse": the ordering above is that of the mean of a
+    per-image score (``b`` for a flip, plus the absolute change; b images, so a flip outweighs any
+    change), and the interval of its mean difference from the leader's lies above 0 (Student's t
+    at ``EARLY_LEVEL``, as the deletion test's early look). A dropped fill's numbers are on the
+    early images; each entry then says on how many images (``images``)."""
     b, _, h, w = x.shape
     removed = _first(np.argsort(-field, axis=1), round(share * h * w), h, w)
     p0 = _prob(model, x, target)[0] if clean is None else clean
-    check = {}
+    truth = target.cpu().numpy()
+    race = first is not None and 0 < len(first) < b and len(fills) > 1
+    early = np.array(sorted(first)) if race else np.arange(b)
+    p, top = {}, {}
     for fill in fills:
-        p, top = _removed_prob(model, Removal(fill, x, seed), removed, np.arange(b), target)
-        check[fill] = {"flip_rate": round(float((top != target.cpu().numpy()).mean()), 4),
-                       "probability_drop": round(float((p0 - p).mean()), 4),
-                       "probability_change": round(float(np.abs(p0 - p).mean()), 4)}
-    best = min(fills, key=lambda f: (check[f]["flip_rate"], check[f]["probability_change"]))
-    return best, check
+        p[fill], top[fill] = np.full(b, np.nan), np.full(b, -1)
+        p[fill][early], top[fill][early] = _removed_prob(model, Removal(fill, x, seed), removed[early], early, target)
+
+    def numbers(fill: str, rows: np.ndarray) -> dict:
+        change = p0[rows] - p[fill][rows]
+        return {"flip_rate": round(float((top[fill][rows] != truth[rows]).mean()), 4),
+                "probability_drop": round(float(change.mean()), 4),
+                "probability_change": round(float(np.abs(change).mean()), 4)}
+
+    def best(candidates, rows: np.ndarray) -> str:
+        return min(candidates, key=lambda f: (numbers(f, rows)["flip_rate"], numbers(f, rows)["probability_change"]))
+    alive = list(fills)
+    if race:
+        score = {f: b * (top[f][early] != truth[early]) + np.abs(p0[early] - p[f][early]) for f in fills}
+        leader = best(fills, early)
+        alive = [f for f in fills if f == leader or
+                 not mean_ci(score[f] - score[leader], seed, EARLY_LEVEL, student=True)[0] > 0]
+        rest = np.setdiff1d(np.arange(b), early)
+        for fill in alive:
+            p[fill][rest], top[fill][rest] = _removed_prob(model, Removal(fill, x, seed), removed[rest], rest, target)
+    every = np.arange(b)
+    check = {f: numbers(f, every if f in alive else early) | ({"images": b if f in alive else len(early)}
+                                                              if race else {}) for f in fills}
+    return best(alive, every), check
 
 
 def deletion_curves(model, x, target, orders: dict[str, np.ndarray], removal: Removal, steps: int,
@@ -801,7 +841,8 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
             clean = _prob(ev.model, x, target)[0]  # once: the fill check's reference and every curve's start
         with clock(parts, "fill_check"):
             fill, check = choose_fill(ev.model, x, target, field, spec.fill_share, seed,
-                                      FILLS if spec.fill == "auto" else (spec.fill,), clean)
+                                      FILLS if spec.fill == "auto" else (spec.fill,), clean,
+                                      sub if spec.early_stop else None)
         removal = Removal(fill, x, seed)
         deleted = deletion_test(ev.model, x, target, clean, removal, field, heats, spec, seed,
                                 check[fill]["flip_rate"], sub, parts)
