@@ -16,8 +16,12 @@ holds ``model`` and ``data`` only, plus ``report: {formats: [json]}``: every oth
 user who writes the shortest config gets. It is audited through the command line (``auditor
 run case.yaml --quiet``, a subprocess) and its ``findings.json`` is scored against the truth:
 
+- a finding counts when the report flags it: confirmed, or medium and above (an unconfirmed
+  low one is a minor suspicion the report lists apart, neither a hit nor a false alarm;
+  ``precision_all`` counts them too);
 - a hit: a finding on an image whose box covers at least half the cue's box and at most a
-  quarter of the image;
+  quarter of the image, where the cue decided the prediction (its neutral twin is predicted
+  otherwise);
 - recall: of the misclassified images that carry a planted cue and whose error the cue caused
   (the model gets the image's neutral twin right, see cases.py), the share with a hit;
 - precision: of the findings on misclassified images, the share that are hits, counting, on
@@ -30,7 +34,9 @@ run case.yaml --quiet``, a subprocess) and its ``findings.json`` is scored again
   and over all rules; n/a for Decoy, where every class carries the cue; counted in the goal
   only for cases with at least one cue-driven error (the model does use the cue);
 - clean twin (the same validation files, a model trained without the cue): class findings at
-  severity medium or above, and whether the gate passes (``gate.verdict`` PASS);
+  severity medium or above, and whether the gate passes (``gate.verdict`` PASS); apart, the
+  twins the cue sways (it turns at least ``SWAY`` of the planted images into its class on a
+  model never trained on it: the model reads it as the class, so a finding there is real);
 - coverage: the state of every method and rule (``coverage`` in findings.json: e.g. methods
   the trust gate marked unreliable).
 
@@ -204,6 +210,13 @@ def _coverage(doc: dict) -> dict:
                                              if k.startswith("rules:") and v in ("no_evidence", "unreliable", "error"))}
 
 
+def shown(f: dict) -> bool:
+    """A finding the report flags: confirmed, or medium and above. An unconfirmed low one is a
+    minor suspicion, listed apart in the appendix and not in the gallery of flagged images
+    (``auditor.outputs.report_words.is_minor``): neither a hit nor a false alarm."""
+    return bool(f["details"].get("confirmed")) or severity_rank(f["severity"]) > severity_rank("low")
+
+
 def score(case, doc: dict, truth: dict) -> dict:
     samples = doc["samples"]
     image_area = float(case.image_size) ** 2
@@ -226,15 +239,19 @@ def score(case, doc: dict, truth: dict) -> dict:
                                                  any(overlaps(f["region"], p) for p in places))
 
     def is_hit(s, f) -> bool:
+        # The box covers the cue, and the cue decided this prediction: without it the model
+        # predicts something else (on an image it would get wrong anyway, the cue still decided
+        # *this* wrong class); a missing tag, when its absence made the error.
         t = truth.get(s["path"])
         return t is not None and covers(f.get("bbox"), t["bbox"], image_area) and \
-            (t["kind"] != "missing tag" or s["path"] in absent)
+            (s["path"] in absent if t["kind"] == "missing tag" else t["twin_prediction"] != s["prediction"])
 
     rules = sorted({f["rule"] for s in samples for f in s["findings"]} | {f["rule"] for f in classes})
     per_rule = {}
     for r in [*rules, "any"]:
         mine = lambda f: r in ("any", f["rule"])  # noqa: E731
-        found = [(s, f) for s in wrong for f in s["findings"] if mine(f)]
+        every = [(s, f) for s in wrong for f in s["findings"] if mine(f)]
+        found = [(s, f) for s, f in every if shown(f)]
         # A hit boxes the planted cue; on a cue-class image that the missing cue made wrong,
         # the empty place where it would be (counted apart: "strict" leaves them out).
         hits = [(s, f) for s, f in found if is_hit(s, f)]
@@ -253,6 +270,9 @@ def score(case, doc: dict, truth: dict) -> dict:
             "recall_touching": round(sum(s["path"] in touching for s in cue_errors) / len(cue_errors), 4)
             if cue_errors else None,
             "precision": round(len(hits) / len(found), 4) if found else None,
+            # Every finding, the minor suspicions counted as flags too.
+            "findings_all": len(every),
+            "precision_all": round(sum(is_hit(s, f) for s, f in every) / len(every), 4) if every else None,
             "precision_strict": round(len(strict) / len(found), 4) if found else None,
             "missing_tag_recall": round(sum(p in flagged for p in absent) / len(absent), 4) if absent else None,
             "confirmed": round(float(np.mean(confirmed)), 4) if confirmed else None,
@@ -326,7 +346,7 @@ def _rules_hit(s: dict) -> str:
 
 def table(results: list[dict]) -> str:
     head = (f"{'case':22} {'setup':58} {'acc':>4} {'cue err':>7} {'recall':>6} {'prec':>5} {'strict':>6} "
-            f"{'rank':>4} {'twin m+':>7} {'gate':>5}  rules hitting; unreliable methods; top class finding")
+            f"{'rank':>4} {'twin m+':>7} {'gate':>5} {'sway':>4}  rules hitting; unreliable methods; top class finding")
     lines = [head, "-" * (len(head) + 10)]
     for r, t in pairs(results):
         s = r["score"]
@@ -339,7 +359,7 @@ def table(results: list[dict]) -> str:
             f"{r['case']:22} {r['setup'][:58]:58} {fmt(s['accuracy']):>4} {s['cue_errors']:>7} {fmt(m['recall']):>6} "
             f"{fmt(m['precision']):>5} {fmt(m['precision_strict']):>6} {fmt(s['cue_rank']):>4} "
             f"{(fmt(ts['medium_plus_class']) if ts else ('fail' if t else '-')):>7} "
-            f"{(ts['gate'] if ts else ('fail' if t else '-')):>5}  {_rules_hit(s)}; "
+            f"{(ts['gate'] if ts else ('fail' if t else '-')):>5} {fmt(ts['transfer'] if ts else None):>4}  {_rules_hit(s)}; "
             f"{','.join(s['coverage']['unreliable_methods']) or '-'}; {_top(s)}")
     return "\n".join(lines)
 
@@ -445,6 +465,13 @@ def goals(results: list[dict]) -> dict:
     out["cue_class_first"]["met"] = not failed and bool(firsts) and all(v in (1, "n/a") for v in firsts)
     twins = [t for _, t in ps if t is not None]
     out["clean_twins"]["met"] = not failed and bool(twins) and all(_twin_ok(t) for t in twins)
+    # Apart, not instead: the twins on which the planted cue, never trained on, still turns at
+    # least SWAY of the other classes' images that carry it into the cue class. The model does
+    # behave as if it had the shortcut there (the cue reads as the class), so a finding on such a
+    # twin reports a real behaviour; the goal above still counts them.
+    calm = [t for t in twins if t["score"] is None or (t["score"]["transfer"] or 0) < SWAY]
+    out["clean_twins"]["swayed"] = sorted(t["case"] for t in twins if t not in calm)
+    out["clean_twins"]["ok_among_unswayed"] = f"{sum(bool(_twin_ok(t)) for t in calm)}/{len(calm)}"
     return out
 
 
@@ -470,8 +497,15 @@ prec: findings on misclassified images that are hits (or box the empty place of 
 rank: position of the first class finding on the cue (cue class, region touching the cue) among all class
   findings (severity, then score). twin m+ / gate: the clean twin's class findings at medium or above, and
   its gate verdict. first (axis table): share of cases with a cue-driven error whose cue class ranks first;
-  twin ok: share of clean twins with no medium+ class finding and a passing gate.
+  twin ok: share of clean twins with no medium+ class finding and a passing gate. sway: the share of
+  the clean twin's planted images (other classes' images carrying the cue) it calls the cue class; at
+  0.5 or more the cue reads as the class to a model never trained on it ("swayed", counted apart).
+Only what the report flags counts (findings confirmed or at medium and above); the minor suspicions
+  it lists apart (unconfirmed, low) are neither hits nor false alarms (precision_all counts them).
 """
+
+# A clean twin is "swayed" when the cue alone turns this share of the planted images into its class.
+SWAY = 0.5
 
 # Per split, cases drawn when --cases is not given: one split in about 15 min on two free cores.
 DEFAULT_CASES = 8
@@ -571,6 +605,10 @@ def main(argv=None) -> int:
             print(f"audits failed: {v or 'none'}")
             continue
         detail = {kk: vv for kk, vv in v.items() if kk != "met"}
+        if k == "clean_twins":  # the count first: the cases' list is long
+            ok = sum(bool(c) and c["medium_plus"] == 0 and c["gate"] == "PASS" for c in v["cases"].values())
+            detail = {"ok": f"{ok}/{len(v['cases'])}", "swayed": v["swayed"],
+                      "ok_among_unswayed": v["ok_among_unswayed"], "cases": v["cases"]}
         print(f"goal {k:16} {'MET' if v['met'] else 'NOT MET'}  {json.dumps(detail, default=str)[:300]}")
     total = time.perf_counter() - t0
     print(f"\n{len(results)} audits in {total / 60:.1f} min")

@@ -135,3 +135,33 @@ def test_the_new_architectures_run_and_reuse_one_inplace_relu():
     relus = [m for m in nets.build("resrelu", 3).modules() if isinstance(m, torch.nn.ReLU)]
     assert len(relus) == 1 and relus[0].inplace
     assert any(isinstance(m, torch.nn.SiLU) for m in nets.build("dwsilu", 3).modules())
+
+
+def test_the_score_counts_what_the_report_flags_and_only_where_the_cue_decided():
+    """A minor suspicion (unconfirmed, low) is neither a hit nor a false alarm; a box on the cue is a
+    hit only where the cue decided the prediction (its neutral twin is predicted otherwise)."""
+    import types
+
+    import detection
+
+    cue = [0, 0, 16, 16]
+    truth = {"a.png": {"kind": "sticker", "bbox": cue, "label": "x", "expected": "cue", "twin_prediction": "x"},
+             "b.png": {"kind": "sticker", "bbox": cue, "label": "x", "expected": "cue", "twin_prediction": "y"},
+             "c.png": {"kind": "sticker", "bbox": cue, "label": "x", "expected": "cue", "twin_prediction": "cue"}}
+
+    def finding(severity, confirmed, bbox=cue):
+        return {"rule": "corner_border", "severity": severity, "bbox": bbox, "details": {"confirmed": confirmed}}
+
+    def sample(path, *findings):
+        return {"path": path, "label": "x", "prediction": "cue", "correct": False, "findings": list(findings)}
+
+    doc = {"metrics": {"accuracy": 0.5, "images": 4}, "class_findings": [], "gate": {"verdict": "FAIL"},
+           "coverage": {}, "warnings": [], "errors": [],
+           "samples": [sample("a.png", finding("high", True), finding("low", False, [40, 40, 60, 60])),
+                       sample("b.png", finding("medium", True)),      # already wrong: the cue made it 'cue'
+                       sample("c.png", finding("high", True)),        # 'cue' without the cue too: not the cue's doing
+                       sample("d.png", finding("low", False))]}       # minor suspicion on an image with no cue
+    case = types.SimpleNamespace(image_size=64, cue_class="cue")
+    m = detection.score(case, doc, truth)["rules"]["any"]
+    assert m["recall"] == 1.0 and m["findings"] == 3 and m["hits"] == 2 and m["precision"] == round(2 / 3, 4)
+    assert m["findings_all"] == 5 and m["precision_all"] == 0.4
