@@ -82,17 +82,17 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
 
     findings = []
     for t, todo in wrong.groupby("label").groups.items():
-        got = donors_of(int(t))
-        if got is None:
+        donated = donors_of(int(t))
+        if donated is None:
             continue
-        d, donor_ids = got
+        d, donor_ids = donated
         # The placebo: the same corners pasted from correctly classified images of the other
         # classes (neither the prediction nor the true class). A borderline error of a model
         # with no shortcut gives T back as readily from them; a corner cue of T does not.
         controls: dict[int, torch.Tensor | None] = {}   # per prediction: they depend on it and T alone
         for pred in sorted({int(s.at[i, "prediction"]) for i in todo}):
-            third = [g for c in sorted(members) if c not in (pred, t) and (g := donors_of(int(c))) is not None]
-            controls[pred] = _interleave([g[0] for g in third], THIRD * d.shape[1]) if third else None
+            others = [g for c in sorted(members) if c not in (pred, t) and (g := donors_of(int(c))) is not None]
+            controls[pred] = _interleave([g[0] for g in others], THIRD * d.shape[1]) if others else None
         # Several images per forward pass: about ROWS variants each (a pass per image is slow on a GPU).
         todo = list(todo)
         per_call = max(1, ROWS // (masks.shape[0] * d.shape[1] * (1 + THIRD)))
@@ -100,14 +100,14 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
             chunk = todo[first:first + per_call]
             x = ev.model_inputs(chunk)                                               # [n, C, h, w]
             ctrl = [controls[int(s.at[i, "prediction"])] for i in chunk]
-            got = _predict(ev, [torch.where(masks, d, xi[None, None]).flatten(0, 1) for xi in x]
-                           + [torch.where(masks, c, xi[None, None]).flatten(0, 1) for xi, c in zip(x, ctrl)
-                              if c is not None])
-            backs = [(p == int(t)).view(d.shape[0], -1).float().cpu().numpy() for p in got]  # each [4, k]
+            preds = _predict(ev, [torch.where(masks, d, xi[None, None]).flatten(0, 1) for xi in x]
+                             + [torch.where(masks, third, xi[None, None]).flatten(0, 1)
+                                for xi, third in zip(x, ctrl) if third is not None])
+            backs = [(p == int(t)).view(d.shape[0], -1).float().cpu().numpy() for p in preds]  # each [4, k]
             thirds = iter(backs[len(chunk):])
             pending = []
-            for i, xi, b, has_ctrl in zip(chunk, x, backs, [c is not None for c in ctrl]):
-                c = next(thirds) if has_ctrl else None
+            for i, xi, b, has_ctrl in zip(chunk, x, backs, [third is not None for third in ctrl]):
+                third_back = next(thirds) if has_ctrl else None   # [4, k]: T back from the third classes' corners
                 rate = b.mean(1)
                 order = np.argsort(-rate, kind="stable")
                 best, second = float(rate[order[0]]), float(rate[order[1]])
@@ -122,14 +122,14 @@ def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidate
                 # other classes' images tells what kind of cue it is: as good as T's, the error came
                 # from what this image shows there (a wrong mark); much worse, from what T's show.
                 rng = np.random.default_rng(int(i))
-                control = {} if c is None else against_control(b[at], c[at], "third_class", rng)
+                control = {} if third_back is None else against_control(b[at], third_back[at], "third_class", rng)
                 boxes = control_boxes(list(corners.values())[at], ELSEWHERE, rng)
                 pending.append((i, b, rate, where, alone, at, rng, control, boxes,
                                 _elsewhere(xi, d[at], boxes, (h, w))))
-            got = iter(_predict(ev, [v for *_, v in pending if v is not None]))
+            moved = iter(_predict(ev, [v for *_, v in pending if v is not None]))
             for i, b, rate, where, alone, at, rng, control, boxes, v in pending:
                 if v is not None:   # [k] per donor, the share of the random boxes that gave T back
-                    elsewhere = (next(got) == int(t)).view(len(boxes), -1).float().mean(0).cpu().numpy()
+                    elsewhere = (next(moved) == int(t)).view(len(boxes), -1).float().mean(0).cpu().numpy()
                     control |= against_control(b[at], elsewhere, "restore", rng)
                     if control["restore_vs_control"][0] < control_margin:
                         continue
