@@ -12,7 +12,7 @@ from torch import nn
 
 import auditor.rules  # noqa: F401  (registers the rules)
 from auditor.demo import synth
-from auditor.explain.heatmap import bands, box_area, evidence_box, object_box, tight_boxes
+from auditor.explain.heatmap import bands, box_area, evidence_box, flat_box, object_box, tight_boxes
 from auditor.inputs.config import InputSpec, InterventionSpec
 from auditor.inputs.data import SampleRef
 from auditor.judge.evidence import Evidence, Finding
@@ -92,6 +92,36 @@ def test_texture_alone_gives_no_object_box():
     boxes = tight_boxes(np.ones((16, 16)), img, corner)  # too large: kept to the band, and no object found
     assert boxes[-1] == corner and all(b[2] <= corner[2] and b[3] <= corner[3] for b in boxes)
     assert object_box(img, (0.4, 0.4, 0.6, 0.6)) is None      # gravel: no object stands out
+
+
+def test_a_frame_as_contrasted_as_the_texture_is_boxed_whole_by_its_flat_colour():
+    """A 3 px frame along the bottom edge of a gravel photo, in a grey inside the texture's own
+    range (it does not stand out by contrast): the evidence covers a fifth of it, near one end;
+    the first box is the whole frame (told by being one flat colour), the evidence piece next."""
+    img = _photo(64, 5, "gravel").astype(np.float32) / 255
+    grey = float(np.median(img))
+    img[61:64] = grey                                        # the frame: [0, 61, 64, 64]
+    heat = np.zeros((64, 64), np.float32)
+    heat[60:64, 48:60] = 1.0
+    heat = ndimage.gaussian_filter(heat, 1.0)
+    band = bands(0.15)["bottom border"]
+    assert object_box(img, evidence_box(heat, band, 0.3)) is None or \
+        _covered([v * 64 for v in object_box(img, evidence_box(heat, band, 0.3))], [0, 61, 64, 64]) < 0.5
+    boxes = tight_boxes(heat, img, band)
+    assert [round(v * 64) for v in boxes[0]] == [0, 61, 64, 64]
+    assert _covered([v * 64 for v in boxes[1]], [0, 61, 64, 64]) < 0.5    # the evidence region alone
+    assert boxes[-1] == band
+
+
+def test_a_flat_background_is_no_flat_patch():
+    """A digit on black: the black around it is one flat colour but most of the image, so no mark;
+    and a box on the texture (no colour filling half of it) gives none either."""
+    img = np.zeros((32, 32, 3), np.float32)
+    img[8:24, 14:18] = 1.0                                   # the digit's stroke
+    assert flat_box(img, (0.0, 0.0, 0.3, 0.3)) is None      # the black is 7/8 of the image
+    assert flat_box(img, (0.4375, 0.25, 0.5625, 0.75)) == (0.4375, 0.25, 0.5625, 0.75)  # the stroke itself
+    tex = _photo(64, 6, "gravel").astype(np.float32) / 255
+    assert flat_box(tex, (0.4, 0.4, 0.6, 0.6)) is None
 
 
 # --- corner_restore on a model with no shortcut ------------------------------------------------

@@ -151,11 +151,51 @@ def object_box(img: np.ndarray, box, max_area: float = 0.25, k: float = 3.0, min
     return found if box_area(found) <= max_area else None
 
 
+def flat_box(img: np.ndarray, box, max_area: float = 0.25, tol: float = 0.01,
+             min_share: float = 0.5) -> tuple[float, float, float, float] | None:
+    """Fractional bounding box of the flat patch of one colour that fills most of ``box``.
+
+    ``img``: float [H, W, C] in [0, 1]. A frame, a padding bar or a printed tag is drawn in one
+    colour; on a texture as contrasted as itself it does not stand out by contrast
+    (``object_box``), but it is told by being flat. The colour is the median of ``box``'s
+    pixels; the patch is the 4-connected pixels within ``tol`` of it on every channel (2 px
+    thick or more) that reach into the box. None when that colour is under ``min_share`` of the
+    box (the box is not on a flat patch), or the patch is larger than ``max_area`` of the image
+    (a flat background, the black around a digit, a sky: not a mark)."""
+    from scipy import ndimage
+    from skimage.measure import label
+
+    img = np.asarray(img, np.float32)
+    if img.ndim == 2:
+        img = img[..., None]
+    H, W = img.shape[:2]
+    x0, y0, x1, y1 = pixel_box(box, (H, W))
+    core = img[y0:y1, x0:x1].reshape(-1, img.shape[2])
+    colour = np.median(core, axis=0)
+    # Opened with a 2 x 2 square: texture pixels of that colour that touch the patch one by one
+    # are not part of it.
+    same = ndimage.binary_opening((np.abs(img - colour) <= tol).all(axis=2), np.ones((2, 2), bool))
+    if same[y0:y1, x0:x1].sum() < min_share * (y1 - y0) * (x1 - x0):
+        return None
+    parts = label(same, connectivity=1)
+    mine = np.unique(parts[y0:y1, x0:x1][same[y0:y1, x0:x1]])
+    ys, xs = np.nonzero(np.isin(parts, mine))
+    found = (xs.min() / W, ys.min() / H, (xs.max() + 1) / W, (ys.max() + 1) / H)
+    return found if box_area(found) <= max_area else None
+
+
+def _share_of(a, b) -> float:
+    """Share of box ``b``'s area that box ``a`` covers."""
+    inter = (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    return box_area(inter) / max(box_area(b), EPS)
+
+
 def tight_boxes(heat: np.ndarray | None, img: np.ndarray | None, region, max_area: float = 0.25,
                 level: float = 0.3) -> list[tuple[float, float, float, float]]:
     """Candidate boxes for a finding, best first: the object the image shows at the heatmap's
     connected evidence region (``object_box`` of ``evidence_box``: the whole mark, where a coarse
-    map's blob is larger than it or a map's peak covers only part of it), that evidence region
+    map's blob is larger than it or a map's peak covers only part of it; or ``flat_box``, the flat
+    patch it lies on, where that holds more of the evidence region), that evidence region
     (at ``level`` of the peak: low enough to hold most of a mark when no object is told from
     its background), and the rule's own ``region`` (a fractional box: a corner square, a border
     strip). Boxes over ``max_area`` of the image are dropped, except the rule's region, which is
@@ -168,9 +208,13 @@ def tight_boxes(heat: np.ndarray | None, img: np.ndarray | None, region, max_are
     if ebox is not None and box_area(ebox) > max_area and region is not None:
         ebox = evidence_box(np.where(region_mask(np.shape(heat), region), heat, 0), region, level)  # kept in the region
     if ebox is not None and img is not None:
-        obj = object_box(img, ebox, max_area)
-        if obj is not None:
-            out.append(obj)
+        # The object that stands out there; the flat patch the evidence lies on (a frame on a
+        # texture as contrasted as itself) first where it holds more of the evidence region and
+        # the object not half of it (a speck of the texture next to the frame).
+        obj, flat = object_box(img, ebox, max_area), flat_box(img, ebox, max_area)
+        if flat is not None and (obj is None or _share_of(obj, ebox) < 0.5 <= _share_of(flat, ebox)):
+            obj, flat = flat, obj
+        out += [b for b in (obj, flat) if b is not None]
     if ebox is not None and box_area(ebox) <= max_area:
         out.append(ebox)
     if region is not None:
