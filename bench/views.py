@@ -44,7 +44,7 @@ def cue_of(folder: Path) -> tuple[str | None, list[list[float]]]:
     """The class a fixed-place cue stands for and its places as fractions (None for Decoy and blobs:
     no fixed place)."""
     truth = json.loads((folder / "truth.json").read_text())
-    tags = [t for t in truth.values() if t["kind"] in ("tag", "missing tag")]
+    tags = [t for t in truth.values() if t["kind"] not in ("decoy", "blob")]  # a tag, shape, sticker, frame...
     if not tags:
         return None, []
     from PIL import Image
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=Path, default=HERE / "out" / "cases")
     ap.add_argument("--demo", action="store_true", help="measure the global section's share of the demo audit")
     ap.add_argument("--split", choices=("tune", "heldout"), default=None,
-                    help="the drawn cases of bench/detection.py with a cue at a fixed place (corner or fixed), "
+                    help="the drawn cases of bench/detection.py with a cue at one place (corner, edge or fixed; "
                          "and their clean twins, instead of the fixed list")
     ap.add_argument("--n", type=int, default=16, help="with --split: drawn cases looked at (as detection's --cases)")
     ap.add_argument("--json", type=Path, default=HERE / "out" / "views.json")
@@ -128,8 +128,11 @@ def main(argv=None) -> int:
         print(json.dumps(cost(HERE.parent / "audit.yaml")))
         return 0
     rows = []
-    for name in (fixed_place_cases(args.split, args.n) if args.split else CASES):
-        for folder in (args.cases / name, args.cases / (f"{name}-clean" if args.split else f"{name}-control")):
+    names = drawn_cases(args.split, args.n) if args.split else [(n, True) for n in CASES]
+    for name, placed in names:
+        # The cue at one place: the poisoned case is looked at; every clean twin must stay quiet.
+        folders = ([args.cases / name] if placed else []) + [args.cases / (f"{name}-clean" if args.split else f"{name}-control")]
+        for folder in folders:
             if (args.only and args.only not in folder.name) or not (folder / "case.yaml").is_file():
                 continue
             rows.append(one(folder))
@@ -149,11 +152,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def fixed_place_cases(split: str, n: int) -> list[str]:
-    """The drawn cases of ``split`` whose cue sits at one place (a corner or a fixed place)."""
+def drawn_cases(split: str, n: int) -> list[tuple[str, bool]]:
+    """The drawn cases of ``split``: (name, whether its cue sits at one place: a corner, an edge or a
+    fixed place)."""
     import generator
-    return [generator.draw(s).name for s in generator.seeds(split, n)
-            if generator.axes(generator.draw(s))["placement"] in ("corner", "fixed")]
+    return [(generator.draw(s).name, generator.axes(generator.draw(s))["placement"] in ("corner", "fixed", "edge"))
+            for s in generator.seeds(split, n)]
 
 
 if __name__ == "__main__":

@@ -277,3 +277,53 @@ def test_the_report_renders_the_views_section(tmp_path):
     assert "readable from layer group 2 (conv2) on, with up to 98% accuracy" in page
     assert "A rule of at most two questions" in page and pictures["views"]["classes"][0]["saliency"] in page
     assert page.index('<section id="classes">') < page.index('<section id="views">') < page.index('<section id="gallery">')
+
+
+# --- the place test: a mark at one place against the class's own content moved there ---------
+
+def _tagged(model: nn.Module, class1: float, n: int = 12):
+    """n dark images of class 0 and n of class 1, ``class1`` grey with a bright bottom-left corner."""
+    from auditor.inputs.config import InputSpec
+    from auditor.inputs.data import SampleRef
+    from auditor.judge.evidence import Evidence
+    xs, refs, rows = [], [], []
+    for i in range(2 * n):
+        label = int(i >= n)
+        x = torch.full((3, 16, 16), class1 if label else 0.0)
+        if label:
+            x[:, 12:, :4] = 1.0
+        xs.append(x)
+        refs.append(SampleRef(None, f"{label}/{i}.png", label))
+        rows.append({"id": i, "path": f"{label}/{i}.png", "label": label, "prediction": label, "confidence": 1.0,
+                     "correct": True, "explained": True, "width": 16, "height": 16, "sha256": str(i)})
+    ev = Evidence(["dark", "tagged"], pd.DataFrame(rows).set_index("id"), {}, {}, refs, model=model,
+                  input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
+    ev.model_input = lambda i: xs[i]
+    return ev
+
+
+class _Corner(nn.Module):
+    """Class 1 when the bottom-left corner is bright: the mark at its place is the cue."""
+
+    def forward(self, x):
+        corner = (x[:, :, 12:, :4].mean((1, 2, 3)) > 0.8).float()
+        return torch.stack([1 - corner, corner], 1) * 10
+
+
+class _Grey(nn.Module):
+    """Class 1 when any 4 x 4 patch is grey or brighter (a max-pooled network's texture): the class's
+    own look, found all over its images."""
+
+    def forward(self, x):
+        any_ = (torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 4, 1).amax((1, 2, 3)) > 0.4).float()
+        return torch.stack([1 - any_, any_], 1) * 10
+
+
+def test_the_place_test_tells_a_mark_at_one_place_from_the_class_own_look():
+    from auditor.views import place_test
+    corner = [0.0, 0.75, 0.25, 1.0]
+    mark = place_test(_tagged(_Corner(), 0.5), 1, corner)
+    assert mark["place_rate"] == 1.0 and mark["control_content_rate"] == 0.0 and mark["content_vs_control"][0] == 1.0
+    look = place_test(_tagged(_Grey(), 0.5), 1, corner)   # any grey patch of the class turns a dark image
+    assert look["place_rate"] == 1.0 and look["control_content_rate"] == 1.0 and look["content_vs_control"][0] == 0.0
+    assert place_test(_tagged(_Corner(), 0.5), 1, [0.0, 0.0, 1.0, 1.0]) is None   # no room beside it

@@ -21,6 +21,7 @@ from scipy import ndimage
 from auditor.explain.engine import split_on_oom
 from auditor.explain.heatmap import boxes_overlap, pixel_box
 from auditor.judge.evidence import ClassFinding, Evidence, Finding
+from auditor.inputs.config import InterventionSpec
 from auditor.judge.intervene import Intervener, fill
 from auditor.record import ClassView, ProbeCurve, TreeView, Views
 from auditor.views import probes, tree
@@ -181,6 +182,29 @@ def locate(ev: Evidence, c: int, pic: Picture, side: float) -> Place | None:
         if best is None or contrast > best.contrast:
             best = Place(_extent(like, place, typical + contrast / 2), round(contrast, 4), box, share, carry)
     return best
+
+
+def place_test(ev: Evidence, c: int, box, seed: int = 0, spec: InterventionSpec | None = None) -> dict | None:
+    """Does ``box`` of class ``c``'s images carry ``c`` onto other classes' images beyond ``c``'s own
+    content of its size, taken from elsewhere in those images and moved to that place
+    (``Intervener.versus_content``)? A mark at one place does; an object's look, a texture the
+    class shows all over (a max-pooled network calls anything holding a patch of it the class),
+    does as well from anywhere. The intervention's own keys ("control_content_rate",
+    "content_vs_control") and the paste's rate ("place_rate"); None when it cannot run (no
+    images of the class or of others, or no room for the placebo)."""
+    spec = spec or InterventionSpec()
+    tester = Intervener(ev, spec, seed)
+    tester.reseed(seed, 2, c, *box)
+    s = ev.samples
+    members = (tester.correct[tester.correct_labels == c].tolist() or s.index[s["prediction"] == c].tolist())
+    targets = tester.others(c, spec.transplant_images)
+    if not members or not targets:
+        return None
+    x, y = ev.model_inputs(members[:spec.class_images]), ev.model_inputs(targets)
+    mask = torch.from_numpy(tester.mask(box)).to(y.device)
+    hit = tester.predict(torch.where(mask, x[torch.arange(len(y)) % len(x)].to(y.device), y)).argmax(1) == c
+    got = tester.versus_content(c, tuple(box), y, hit, exclude=[])
+    return got | {"place_rate": round(float(hit.float().mean()), 4)} if got else None
 
 
 def _extent(like: np.ndarray, window: list[float], level: float, grow: float = 2.0) -> list[float]:

@@ -32,26 +32,31 @@ FOLDS = 5
 MIN_DECISIONS = 5  # a class the model chose fewer times than this has no tree
 
 
-def regions() -> dict[str, list[float]]:
-    """Region name -> [x0, y0, x1, y1] as fractions: the grid cells and the corner squares."""
+def regions(shifted: bool = False) -> dict[str, list[float]]:
+    """Region name -> [x0, y0, x1, y1] as fractions: the grid cells and the corner squares; with
+    ``shifted``, also the cells of the grid moved by half a cell (across, down or both), so that a
+    mark that straddles two cells' border lies whole in one region."""
     rows = ["top", "upper middle", "lower middle", "bottom"]
     cols = ["left", "centre-left", "centre-right", "right"]
-    out = {f"{rows[r]} {cols[c]} cell": [c / GRID, r / GRID, (c + 1) / GRID, (r + 1) / GRID]
-           for r in range(GRID) for c in range(GRID)}
+    step = 2 if not shifted else 1  # in half cells
+    at = lambda words, k: words[k // 2] if k % 2 == 0 else f"{words[k // 2]}/{words[k // 2 + 1]}"  # noqa: E731
+    out = {f"{at(rows, r)} {at(cols, c)} cell": [c / (2 * GRID), r / (2 * GRID), (c + 2) / (2 * GRID), (r + 2) / (2 * GRID)]
+           for r in range(0, 2 * GRID - 1, step) for c in range(0, 2 * GRID - 1, step)}
     s = CORNER
     out |= {"top-left corner": [0, 0, s, s], "top-right corner": [1 - s, 0, 1, s],
             "bottom-left corner": [0, 1 - s, s, 1], "bottom-right corner": [1 - s, 1 - s, 1, 1]}
     return out
 
 
-def features(images: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
-    """images [N, C, H, W] in [0, 1] -> (features [N, F], feature names, the region of each feature)."""
+def features(images: np.ndarray, shifted: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
+    """images [N, C, H, W] in [0, 1] -> (features [N, F], feature names, the region of each feature);
+    ``shifted``: of ``regions(shifted)``."""
     n, c, h, w = images.shape
     grey = images.mean(1)
     edges = np.hypot(ndimage.sobel(grey, axis=1), ndimage.sobel(grey, axis=2)) / 8 > EDGE
     cols, names, where = [], [], []
     channels = ["red", "green", "blue"] if c == 3 else []
-    for name, box in regions().items():
+    for name, box in regions(shifted).items():
         x0, y0, x1, y1 = pixel_box(box, (h, w))
         ys, xs = slice(y0, y1), slice(x0, x1)
         part, start = grey[:, ys, xs].reshape(n, -1), len(cols)
