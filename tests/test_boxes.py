@@ -12,7 +12,8 @@ from torch import nn
 
 import auditor.rules  # noqa: F401  (registers the rules)
 from auditor.demo import synth
-from auditor.explain.heatmap import bands, box_area, evidence_box, flat_box, object_box, tight_boxes
+from auditor.explain.heatmap import (bands, box_area, evidence_box, flat_box, inner_object_box, object_box,
+                                     tight_boxes)
 from auditor.inputs.config import InputSpec, InterventionSpec
 from auditor.inputs.data import SampleRef
 from auditor.judge.evidence import Evidence, Finding
@@ -122,6 +123,25 @@ def test_a_flat_background_is_no_flat_patch():
     assert flat_box(img, (0.4375, 0.25, 0.5625, 0.75)) == (0.4375, 0.25, 0.5625, 0.75)  # the stroke itself
     tex = _photo(64, 6, "gravel").astype(np.float32) / 255
     assert flat_box(tex, (0.4, 0.4, 0.6, 0.6)) is None
+
+
+def test_a_coarse_blob_larger_than_a_quarter_is_boxed_at_the_object_it_covers_most():
+    """A digit and a sticker on black at 32 px, and a Grad-CAM of a 4 x 4 grid (upsampled) whose
+    blob at 0.3 of its peak covers 9 of the 16 cells: the blob is too large to be a box, the
+    first box is the sticker's exact box (the map covers it more densely than the digit)."""
+    img = np.zeros((32, 32, 3), np.float32)
+    img[4:28, 18:21] = 1.0                                   # the digit's stroke, inside the blob too
+    sticker = [6, 14, 15, 23]                                # x0, y0, x1, y1 in pixels
+    img[14:23, 6:15] = 1.0
+    img[15:22, 7:14] = 0.8                                   # white border, grey fill
+    grid = np.array([[0.1, 0.1, 0.1, 0.0], [0.5, 0.6, 0.4, 0.1], [1.0, 0.9, 0.4, 0.1], [0.5, 0.5, 0.4, 0.0]])
+    heat = np.kron(grid, np.ones((16, 16))).astype(np.float32)  # [64, 64], the analysis resolution
+    blob = evidence_box(heat, None, 0.3)
+    assert box_area(blob) > 0.25
+    boxes = tight_boxes(heat, img, None)
+    assert [round(v * 32) for v in boxes[0]] == sticker
+    assert [round(v * 32) for v in inner_object_box(img, blob, heat)] == sticker
+    assert inner_object_box(np.zeros((32, 32, 3), np.float32), blob, heat) is None   # nothing stands out
 
 
 # --- corner_restore on a model with no shortcut ------------------------------------------------
