@@ -202,7 +202,8 @@ class TrustSpec(Strict):
     steps: int = Field(6, ge=2, description="deletion curve steps (each a forward pass of the test images per "
                        "method; the ends are shared)")
     early_stop: bool = Field(True, description="decide a method's deletion test on the cascade images alone when "
-                             "their 99.5% interval already does (else on all the test images, at 95%)")
+                             "their 99.5% interval already does (else on all the test images, at 95%); and try on "
+                             "the other test images only the fills not clearly worse on the cascade images")
     max_spearman: float = Field(0.6, gt=0, le=1, description="mean |rank correlation| with the original heatmaps "
                                 "allowed once the top decide_at of the cascade is randomised; a method fails when "
                                 "its 95% interval over the images lies above (docs/trust.md)")
