@@ -228,10 +228,12 @@ def _share_of(a, b) -> float:
 
 def tight_boxes(heat: np.ndarray | None, img: np.ndarray | None, region, max_area: float = 0.25,
                 level: float = 0.3) -> list[tuple[float, float, float, float]]:
-    """Candidate boxes for a finding, best first: the object the image shows at the heatmap's
-    connected evidence region (``object_box`` of ``evidence_box``: the whole mark, where a coarse
-    map's blob is larger than it or a map's peak covers only part of it; or ``flat_box``, the flat
-    patch it lies on, where that holds more of the evidence region), that evidence region
+    """Candidate boxes for a finding, best first: where the heatmap's connected evidence region
+    is larger than ``max_area`` (a coarse map's blob), the object inside it that the map covers
+    most densely (``inner_object_box``); the object the image shows at the evidence region
+    (``object_box`` of ``evidence_box``: the whole mark, where a coarse map's blob is larger than
+    it or a map's peak covers only part of it; or ``flat_box``, the flat patch it lies on, where
+    that holds more of the evidence region), that evidence region
     (at ``level`` of the peak: low enough to hold most of a mark when no object is told from
     its background), and the rule's own ``region`` (a fractional box: a corner square, a border
     strip). Boxes over ``max_area`` of the image are dropped, except the rule's region, which is
