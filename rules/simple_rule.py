@@ -2,13 +2,16 @@
 
 Per class (one against the rest), a decision tree of depth 2 (at most two decisions per image)
 is fitted to the model's decisions on the explained images from one region's features alone
-(mean colour and its extremes, brightness, contrast and edge density of a cell of a 4 x 4 grid
-or a corner square; ``auditor.views.tree``), and scored held out by its balanced agreement with the model.
+(mean colour and its extremes, brightness, contrast and edge density of a cell of a 4 x 4 grid,
+the grid moved by half a cell, or a corner square; ``auditor.views.tree``: a mark that straddles
+two cells lies whole in a moved one), and scored held out by its balanced agreement with the model.
 When one region does this for at least ``min_fidelity`` of the class's decisions and clearly
 better than the typical region (``min_margin``), the class is decided by what lies in that
 region: a shortcut stated in one line (a texture that fills the image, which every region
-shows alike, does not fire). The intervention then pastes the region from the class's images
-onto other classes' images, as for any class finding.
+shows alike, does not fire). The region must then pass the place test (``auditor.views.place_test``):
+pasted from the class's images onto other classes' images, it carries the class at least
+``min_excess`` beyond the class's own content of its size moved there. The intervention then
+tests it against random regions of its size, as any class finding.
 """
 from __future__ import annotations
 
@@ -16,61 +19,91 @@ import numpy as np
 
 from auditor.judge.evidence import ClassFinding, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
-from auditor.views import explained_images
+from auditor.views import explained_images, place_test
 from auditor.views.tree import MIN_DECISIONS, DecisionTreeClassifier, export_text, features, fidelity, one_region, regions
 
 SEVERITY = {"low": 0.9, "medium": 0.95}   # on the one-region tree's held-out fidelity
-TIE, TIED = 0.02, 4   # regions within TIE of the best fitted fidelity (at most TIED) are scored held out
+TIE, TIED = 0.02, 16  # regions within TIE of the best fitted fidelity (at most TIED) are scored held out
+# (a mark lies in up to four of the moved cells and the tiling's: a large one in many more)
 
 
 def _effects(d: dict) -> list[str]:
     out = [f"a two-step rule on the {d['region']} reproduces {d['fidelity']:.0%} of the decisions"] if "fidelity" in d else []
-    return out + ([f"the typical region: {d['typical_fidelity']:.0%}"] if "typical_fidelity" in d else [])
+    out += [f"the typical region: {d['typical_fidelity']:.0%}"] if "typical_fidelity" in d else []
+    return out + ([f"that region of the class's images turned {d['place_rate']:.0%} of other images, the class's own "
+                   f"content moved there {d['content_rate']:.0%}"] if "place_rate" in d else [])
+
+
+def _holding(ev: Evidence, c: int, scored: dict[str, float], boxes: dict, min_fidelity: float,
+             min_excess: float) -> tuple[str, dict | None] | None:
+    """Of the regions whose held-out fidelity is the best's within ``TIE`` (and at least
+    ``min_fidelity``), the one (and its place test) that holds what decides the class. One region
+    can tell a class apart without a mark there (the class's colour shows in every region; the other
+    classes' mark, by its absence), and a mark lies in several regions: the region pasted from the
+    class's images must carry the class at least ``min_excess`` beyond the class's own content moved
+    there (``place_test``, as class_visualisation's places), and the one that carries it most is the
+    mark's. A test that cannot run leaves the region to the intervention."""
+    top = max(scored.values())
+    best = None
+    for r in [r for r in scored if scored[r] >= max(min_fidelity, top - TIE)]:  # (by fitted fidelity)
+        t = place_test(ev, c, [round(v, 4) for v in boxes[r]]) if ev.model is not None else None
+        if t is None:
+            return r, None
+        excess, lo = t["content_vs_control"][:2]
+        if excess >= min_excess and lo > 0 and (best is None or excess > best[1]["content_vs_control"][0]):
+            best = (r, t)
+    return best
 
 
 @RULES.register("simple_rule", title="One region's simple features predict the class",
                 glossary="A decision tree of at most two questions about one region of the image (its colour, brightness, contrast or edges) reproduces almost all of the model's decisions for a class: the class hinges on that region.",
                 effects=_effects, level="class", needs=("model",), direction="higher is more suspicious")
-def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.15, severity: Thresholds = None) -> list:
+def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.15, severity: Thresholds = None,
+                min_excess: Share = 0.25) -> list:
     """A class whose decisions a tree of depth 2 on one region's features reproduces, far better than on a typical region."""
     if ev.input_spec is None or len(ev.classes) < 2 or not len(ev.samples) or not ev.samples["explained"].any():
         return []
     severity = severity or SEVERITY
     ids, images = explained_images(ev)
-    x, names, where = features(images)
+    x, names, where = features(images, shifted=True)
     pred = ev.samples.loc[ids, "prediction"].to_numpy()
-    boxes = regions()
+    boxes, tiling = regions(shifted=True), regions()  # (the moved cells overlap: a large mark is in many)
     out = []
     for c, name in enumerate(ev.classes):
         y = (pred == c).astype(int)
         if min(y.sum(), len(y) - y.sum()) < MIN_DECISIONS:
             continue
         fitted = one_region(x, y, where)  # fitted and scored on the same images: the regions to test
-        typical = float(np.median(list(fitted.values())))
+        typical = float(np.median([fitted[r] for r in tiling]))  # the image's parts, each once
         top = sorted(fitted, key=lambda r: -fitted[r])
         if fitted[top[0]] < min_fidelity or fitted[top[0]] - typical < min_margin:
             continue
         # Neighbouring cells that share a mark fit alike on the images they were fitted to: held out
-        # (the score), the one that holds it decides.
+        # (the score), and the place test (below) says which of them holds it.
         scored = {r: round(fidelity(2, x[:, [k for k, q in enumerate(where) if q == r]], y, 0), 4)
                   for r in top[:TIED] if fitted[r] >= fitted[top[0]] - TIE}
-        best = max(scored, key=scored.get)  # (the first, by fitted fidelity, of equals)
-        held = scored[best]
-        cols = [k for k, r in enumerate(where) if r == best]
-        sev = grade(held, severity)
-        if sev is None or held < min_fidelity:
+        got = _holding(ev, c, scored, boxes, min_fidelity, min_excess)
+        if got is None or (sev := grade(scored[got[0]], severity)) is None:
             continue
+        best, t = got
+        held, box = scored[best], [round(v, 4) for v in boxes[best]]
+        cols = [k for k, r in enumerate(where) if r == best]
         tree = DecisionTreeClassifier(max_depth=2, random_state=0, class_weight="balanced").fit(x[:, cols], y)
         text = export_text(tree, feature_names=[names[k] for k in cols], class_names=["other", name], decimals=2)
         out.append(ClassFinding(
             cls=name, rule="simple_rule", severity=sev, score=round(held, 4), share=round(float(y.mean()), 4),
-            region=[round(v, 4) for v in boxes[best]],
+            region=box,
             message=(f"Two questions about the {best} alone (its colour, brightness, contrast or edges) "
                      f"reproduce {held:.0%} of the model's decisions for '{name}' (held out"
                      f"{f', the best of {len(scored)} near-tied regions' if len(scored) > 1 else ''}), where a "
                      f"typical region reproduces {typical:.0%} even on the images it was fitted to. The model's "
-                     f"'{name}' may hinge on what lies in that region."),
+                     f"'{name}' may hinge on what lies in that region."
+                     + ("" if t is None else f" Pasted from the '{name}' images onto other classes' images, the "
+                        f"region turned {t['place_rate']:.0%} of them, and '{name}' images' own content of its size "
+                        f"moved there {t['control_content_rate']:.0%}.")),
             details={"region": best, "fidelity": held, "typical_fidelity": round(typical, 4),
                      "near_tied_regions": len(scored),  # the best held-out score of these: a little optimistic
-                     "decisions": int(y.sum()), "images": len(y), "rules": text}))
+                     "decisions": int(y.sum()), "images": len(y), "rules": text}
+            | ({} if t is None else {"place_rate": t["place_rate"], "content_rate": t["control_content_rate"],
+                                     "beyond_content": t["content_vs_control"]})))
     return out

@@ -135,6 +135,22 @@ def test_region_extremes_see_a_mark_the_mean_hides():
     assert abs(x[:4, mean].mean() - x[4:, mean].mean()) < 0.06
 
 
+def test_the_moved_cells_hold_whole_a_mark_that_straddles_the_grid():
+    """A mark across the meeting point of four cells lies in none of them whole, but in the cell
+    moved by half a cell both ways; the moved grid keeps the tiling's cells and corners."""
+    base, moved = tree.regions(), tree.regions(shifted=True)
+    assert len(base) == 20 and len(moved) == 7 * 7 + 4 and all(moved[k] == v for k, v in base.items())
+    mark = [0.2, 0.2, 0.3, 0.3]
+    inside = lambda b: b[0] <= mark[0] and b[1] <= mark[1] and b[2] >= mark[2] and b[3] >= mark[3]  # noqa: E731
+    assert not any(inside(b) for b in base.values())
+    assert [k for k, b in moved.items() if inside(b)] == ["top/upper middle left/centre-left cell"]
+    images = np.full((4, 3, 40, 40), 0.5, np.float32)
+    images[:2, :, 8:12, 8:12] = 1.0
+    x, names, where = tree.features(images, shifted=True)
+    col = names.index("brightest red of the top/upper middle left/centre-left cell")
+    assert x[:2, col].min() > x[2:, col].max() and len(set(where)) == len(moved)
+
+
 # --- probes ----------------------------------------------------------------------------------
 
 def test_probe_separates_a_planted_feature_and_not_noise():
