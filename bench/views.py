@@ -1,5 +1,6 @@
 """Global views benchmark: do class_visualisation and simple_rule find the poisoned class of the
-fixed-location cases, and stay quiet on their clean twins? And what do the views cost?
+cases with a cue at one place (a corner, an edge or a fixed place), and stay quiet on every clean
+twin? And what do the views cost?
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/views.py [--only NAME]
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/views.py --split tune [--n 16] [--json F]
@@ -8,7 +9,7 @@ fixed-location cases, and stay quiet on their clean twins? And what do the views
 Audits the trained cases of ``bench/detection.py`` (built there, in ``bench/out/cases/``; run it
 first) in this process, with the two rules only and the trust gate off (neither rule reads a
 heatmap). Per case and rule: the finding on the cue class (its region on the cue's place or not)
-as the rule raised it (``raw``: for class_visualisation that is with no data at all) and after
+as the rule raised it (``raw``: before the intervention's own test) and after
 intervention, its rank among the rule's findings (severity, then score) and its severity, and the
 findings on other classes; per clean twin, the findings at medium or above. The last lines give the
 issue's measure: per rule, the poisoned cases whose cue class ranks first and is confirmed, and the
