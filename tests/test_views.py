@@ -245,8 +245,8 @@ def test_class_views_are_computed_once_per_model():
 
 
 def test_class_visualisation_without_a_spatial_layer_reads_the_drawing_itself():
-    """A linear model has no feature map to search the images with: its drawings' windows are
-    graded on what they carry; its classes are half images, so no small window holds them."""
+    """A linear model has no feature map to search the images with: its drawings' windows that carry
+    the class are the candidates; its classes are half images, so no small window holds them."""
     from auditor.registry import RULES
     model, _ = _linear()
     spec = types.SimpleNamespace(size=[16, 16], mean=[0.5] * 3, std=[0.25] * 3, channels=3)
