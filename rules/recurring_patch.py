@@ -453,12 +453,17 @@ def _findings(ev: Evidence, cls: int, method: str, boxes: dict[int, tuple], test
     findings = []
     for i, (box, by) in errors.items():
         head = f"The model called this '{ev.classes[int(s.at[i, 'label'])]}' image '{name}'. "
+        # Boxed as every rule boxes (the object or flat mark at the evidence there, grown along a
+        # band that runs on), the patch's own box last: the intervention falls back along them.
+        maps = ev.heatmaps.get(by, {})
+        cands = ev.boxes(i, maps[i], box) if i in maps else [tuple(box)]
         findings.append(Finding(
             sample=i, rule="recurring_patch", method=by, severity=sev, score=round(float(gap), 4),
-            bbox=ev.to_file_bbox(i, box),
+            bbox=ev.to_file_bbox(i, cands[0]),
             message=(f"{head}The model's evidence here is a {what}; the same patch recurs, at different places, in "
                      f"{n} images called '{name}', and {outcome}."),
-            details=details | {"region": "anywhere"}))
+            details=details | {"region": "anywhere", "region_box": [float(v) for v in box],
+                               "candidate_boxes": [list(b) for b in cands]}))
     elsewhere = (f"; it appears in {test['elsewhere']} of the {test['others_explained']} explained images of "
                  f"other classes" if test["elsewhere"] else "; it appears in no explained image of another class")
     caused = (f"; the model called {len(errors)} images of other classes '{name}' with it" if errors else
