@@ -41,7 +41,7 @@ from auditor.record import Check, Coverage, RunRecord, Views
 from auditor.registry import METHODS, RULES, BadParams, UnknownName
 from auditor.views import global_views
 
-CACHE_VERSION = 4  # bump when a change makes cached predictions, heatmaps, trust verdicts or intervention outcomes stale
+CACHE_VERSION = 5  # (5: a class finding is confirmed only beyond its class's own content moved to its place) bump when a change makes cached predictions, heatmaps, trust verdicts or intervention outcomes stale
 
 # Used when the config names none: each costs one forward and backward pass, and between them
 # they see coarse regions (a layer's view) and fine ones (the input's own pixels). On the demo

@@ -291,6 +291,13 @@ def beats(effect: dict, name: str, rate_ok: bool, margin: float) -> bool:
     return bool(rate_ok) and (vs is None or (vs[0] >= margin and vs[1] > 0))
 
 
+def pastes(effect: dict, rate_ok: bool, margin: float) -> bool:
+    """A paste test confirms: it beats its random regions and, where that placebo ran, the class's
+    own content of its size moved to the region's place (``beats`` for each)."""
+    return beats(effect, "transfer", rate_ok, margin) and (
+        "content_vs_control" not in effect or beats(effect, "content", rate_ok, margin))
+
+
 def severity_rank(s: str | None) -> int:
     return -1 if s is None else SEVERITIES.index(s)
 

@@ -166,3 +166,40 @@ def test_a_region_with_no_room_for_a_placebo_is_not_high():
     assert e["transfer_rate"] == 1.0 and "transfer_vs_control" not in e and "content_vs_control" not in e
     assert f.details["confirmed"] and f.severity == "medium"
     assert f.details["carries_class"] is None and "Neither placebo could run" in f.message  # not refuted: untested
+
+
+def _class_finding(model, class1: float):
+    """'bright' images, ``class1`` grey with a bright bottom-left corner, and a class finding on that corner."""
+    from auditor.judge.evidence import ClassFinding
+    xs, refs, rows = [], [], []
+    for i in range(24):
+        label = int(i >= 12)
+        x = torch.full((3, 16, 16), class1 if label else 0.0)
+        if label:
+            x[:, 12:, :4] = 1.0
+        xs.append(x)
+        refs.append(SampleRef(None, f"{label}/{i}.png", label))
+        rows.append({"id": i, "path": f"{label}/{i}.png", "label": label, "prediction": label, "confidence": 1.0,
+                     "correct": True, "explained": True, "width": 16, "height": 16, "sha256": str(i)})
+    ev = Evidence(["dark", "bright"], pd.DataFrame(rows).set_index("id"), {}, {}, refs, model=model,
+                  input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
+    ev.model_input = lambda i: xs[i]
+    f = ClassFinding(cls="bright", rule="corner_border", severity="medium", score=1.0, share=1.0, message="m.",
+                     region=[0.0, 0.75, 0.25, 1.0])
+    confirm(ev, [], [f], InterventionSpec(fill="mean", transplant_images=12), seed=0)
+    return f
+
+
+def test_a_class_region_is_a_cue_only_beyond_the_class_own_content_moved_there():
+    """A model that reads the corner: the class's tag there is a cue (its grey content moved to the
+    corner turns nothing); where the class is bright all over, its own content moved to the corner
+    turns every image as the 'tag' does, while random regions pasted at their own places turn none
+    (the clean max-pooled texture twin: its texture in a corner). That is the class's look: refuted."""
+    tag = _class_finding(CornerOnly(), class1=0.5)
+    e = tag.details["intervention"]
+    assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0 and e["control_content_rate"] == 0.0
+    assert tag.details["confirmed"] and tag.severity == "critical"
+    look = _class_finding(CornerOnly(), class1=1.0)
+    e = look.details["intervention"]
+    assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0 and e["control_content_rate"] == 1.0
+    assert look.details["confirmed"] is False and look.severity == "low"

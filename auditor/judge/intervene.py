@@ -13,8 +13,10 @@ Every finding that names a region is put to a test on the model:
   wrong shade), which removing it cannot show.
 - a class finding: transplant the region from the class's correctly classified images onto
   other classes' images. Confirmed when it carries the class to them (the tag-on-another-photo
-  test). Removal from the class's own images is reported, but does not confirm: the model
-  needs the object's own parts too, and that is no spurious cue.
+  test) beyond random regions of its size and beyond the class's own content of its size moved
+  to that place (else it is the class's look: a texture, the object). Removal from the class's
+  own images is reported, but does not confirm: the model needs the object's own parts too, and
+  that is no spurious cue.
 - a class finding without a region that lists its sample findings (details.samples):
   confirmed when most of their regions carried the class to other images.
 
@@ -25,8 +27,9 @@ the refined box is also kept in ``details.intervention.bbox``.
 
 A confirmed finding's severity rises to at least 'high' ('critical' for a class finding whose
 region turns at least ``critical_rate`` of other images) when its region carries the class to
-other images beyond random regions of its size and, for an image finding, beyond the predicted
-class's own content of its size; confirmed otherwise (removal or restoration alone), 'medium'.
+other images beyond random regions of its size and beyond the predicted class's own content of
+its size at that place (a class finding whose placebo of content could not run: medium at most);
+confirmed otherwise (removal or restoration alone), 'medium'.
 A suspicion that fails its test, or that could not be tested, is capped at 'low'. See
 docs/severity.md.
 """
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 from auditor.inputs.config import InterventionSpec
 from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
 from auditor.explain.heatmap import box_area, grow_box, region_mask
-from auditor.record import beats
+from auditor.record import beats, pastes
 
 
 def fill(x: torch.Tensor, mask: np.ndarray, how: str) -> torch.Tensor:
@@ -94,9 +97,10 @@ class Intervener:
 
     def test(self, sources: list[int], cls: int, box, versus_class: bool = False) -> dict:
         """Remove ``box`` from the source images and paste it onto other classes' images; and the
-        same with ``spec.controls`` placebo regions (random boxes of the same size elsewhere).
-        ``versus_class``: the sources are not images of ``cls`` (a sample finding's misclassified
-        image), so the paste is also set against ``cls``'s own content (``versus_content``)."""
+        same with ``spec.controls`` placebo regions (random boxes of the same size elsewhere), and
+        the paste set against ``cls``'s own content of its size moved to the box's place
+        (``versus_content``). ``versus_class``: the sources are not images of ``cls`` (a sample
+        finding's misclassified image), so they are no donors of that content."""
         controls = [self.mask(c) for c in control_boxes(box, self.spec.controls, self.rng)]
         mask = self.mask(box)
         x = self.ev.model_inputs(sources)
@@ -130,8 +134,9 @@ class Intervener:
             if controls:
                 placebo = torch.stack([turned(m) for m in controls]).float().mean(0)
                 result |= against_control(hit.float().numpy(), placebo.numpy(), "transfer", self.rng)
-            if versus_class:
-                result |= self.versus_content(cls, box, y, hit, exclude=sources)
+            # A class finding's random regions are the class's content, but at other places: a model
+            # that reads the place (a max-pooled net, a corner) needs the content moved to it too.
+            result |= self.versus_content(cls, box, y, hit, exclude=sources if versus_class else [])
         else:
             result |= {"pasted_onto": 0, "turned": 0}
         result["transfer_rate"] = round(result["turned"] / max(result["pasted_onto"], 1), 4)
@@ -372,8 +377,14 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         except Exception as e:
             _untested(f, f"the test failed: {type(e).__name__}: {e}".splitlines()[0])
             continue
-        _apply(f, effect, f.cls, spec, beats_control(effect, "transfer", effect["transfer_rate"] >= spec.transplant_rate,
-                                                     spec))
+        # The claim is "this region is a cue for the class": refuted when the class's own content
+        # of its size, moved to that place, carries the class as well (it is the class's look).
+        moved = effect["transfer_rate"] >= spec.transplant_rate
+        look = beats_control(effect, "transfer", moved, spec) and not pastes(effect, moved, spec.control_margin)
+        _apply(f, effect, f.cls, spec, pastes(effect, moved, spec.control_margin))
+        if look:
+            f.message += (f" The '{f.cls}' images' own content of its size, moved to that place, carries the class "
+                          f"as well: it is the class's look, not a cue.")
 
 
 def _same(a, b=None, tol: float = 0.01) -> bool:
@@ -506,14 +517,13 @@ def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bo
     # object from any model, a clean one too: measured on the benchmark's clean twins), and one
     # that carries the class no better than the class's own look does is that look; neither is
     # evidence of a shortcut, so they stay medium: shown, and not failing a high gate. (A class
-    # finding's region comes from the class's own images: its random regions are that content.)
-    # Both placebos must have run: a region with no room for one beside it (over half the image
-    # each way) is no local cue that could show it.
+    # finding that does not beat both is refuted, see confirm.) Both placebos must have run: a
+    # region with no room for one beside it (over half the image each way) is no local cue that
+    # could show it.
     moved = effect["transfer_rate"] >= spec.transplant_rate
-    placebos = ("transfer",) if isinstance(f, ClassFinding) else ("transfer", "content")
+    placebos = ("transfer", "content")
     missing = [n for n in placebos if f"{n}_vs_control" not in effect]
-    carries = not missing and (isinstance(f, ClassFinding) or all(beats_control(effect, n, moved, spec)
-                                                                  for n in placebos))
+    carries = not missing and all(beats_control(effect, n, moved, spec) for n in placebos)
     strong = strong and carries
     _verdict(f, confirmed, "critical" if strong else "high" if carries else "medium")
     if confirmed and not carries:
@@ -524,7 +534,8 @@ def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bo
     if confirmed and not carries and missing:
         which = ("Neither placebo" if len(missing) == 2 else
                  "The random-region placebo" if missing == ["transfer"] else "The class's-own-content placebo")
-        f.message += f" {which} could run beside it, so nothing shows a cue the model learned (graded medium)."
+        f.message += (f" {which} could {'' if len(missing) == 2 else 'not '}run beside it, so nothing shows a cue "
+                      f"the model learned (graded medium).")
     elif confirmed and not carries:
         f.message += (f" Pasted elsewhere it did not carry '{cls_name}' beyond random regions and '{cls_name}' "
                       f"images' own content of its size: it decided this error, but shows no sign of being a cue "

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from auditor.record import ClassFindingRecord, RunRecord, beats, severity_rank
+from auditor.record import ClassFindingRecord, RunRecord, beats, pastes, severity_rank
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -54,7 +54,7 @@ def is_class(f) -> bool:
 
 def _placebo(e: dict, name: str, n: int, cls: str | None = None) -> str:
     """' (random region of the same size: 2)'; for a paste, also the predicted class's own content
-    of that size pasted there, the second placebo of an image finding."""
+    of that size pasted there, the second placebo of every paste."""
     rate, said = e.get(f"control_{name}_rate"), []
     if rate is not None:
         said.append(f"random region of the same size: {round(rate * n)}")
@@ -98,9 +98,8 @@ def tests(rec: RunRecord, f) -> list[dict]:
                                 f"{e['decision_changed']} of the decisions" + _placebo(e, "removal", n)})
         if e.get("pasted_onto"):
             moved = e["transfer_rate"] >= spec["transplant_rate"]
-            # an image finding's paste must also beat its class's own content (docs/severity.md)
-            ok = beats(e, "transfer", moved, spec["control_margin"]) and (
-                "content_vs_control" not in e or beats(e, "content", moved, spec["control_margin"]))
+            # every paste must also beat the class's own content moved to its place (docs/severity.md)
+            ok = pastes(e, moved, spec["control_margin"])
             out.append({"ok": ok, "name": "pasting",
                         "text": f"pasting the region onto {e['pasted_onto']} other images turned {e['turned']} into "
                                 f"'{cls}'" + _placebo(e, "transfer", e["pasted_onto"], cls)})
