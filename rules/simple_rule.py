@@ -44,15 +44,16 @@ def _holding(ev: Evidence, c: int, scored: dict[str, float], boxes: dict, min_fi
     there (``place_test``, as class_visualisation's places), and the one that carries it most is the
     mark's. A test that cannot run leaves the region to the intervention."""
     top = max(scored.values())
-    best = None
+    best, untested = None, None
     for r in [r for r in scored if scored[r] >= max(min_fidelity, top - TIE)]:  # (by fitted fidelity)
         t = place_test(ev, c, [round(v, 4) for v in boxes[r]]) if ev.model is not None else None
         if t is None:
-            return r, None
+            untested = untested or r
+            continue
         excess, lo = t["content_vs_control"][:2]
         if excess >= min_excess and lo > 0 and (best is None or excess > best[1]["content_vs_control"][0]):
             best = (r, t)
-    return best
+    return best or ((untested, None) if untested else None)
 
 
 @RULES.register("simple_rule", title="One region's simple features predict the class",
@@ -90,19 +91,20 @@ def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.1
         cols = [k for k, r in enumerate(where) if r == best]
         tree = DecisionTreeClassifier(max_depth=2, random_state=0, class_weight="balanced").fit(x[:, cols], y)
         text = export_text(tree, feature_names=[names[k] for k in cols], class_names=["other", name], decimals=2)
+        tied = f", one of {len(scored)} near-tied regions: the one that carries the class most beyond its own content"
         out.append(ClassFinding(
             cls=name, rule="simple_rule", severity=sev, score=round(held, 4), share=round(float(y.mean()), 4),
             region=box,
             message=(f"Two questions about the {best} alone (its colour, brightness, contrast or edges) "
                      f"reproduce {held:.0%} of the model's decisions for '{name}' (held out"
-                     f"{f', the best of {len(scored)} near-tied regions' if len(scored) > 1 else ''}), where a "
+                     f"{tied if len(scored) > 1 else ''}), where a "
                      f"typical region reproduces {typical:.0%} even on the images it was fitted to. The model's "
                      f"'{name}' may hinge on what lies in that region."
                      + ("" if t is None else f" Pasted from the '{name}' images onto other classes' images, the "
                         f"region turned {t['place_rate']:.0%} of them, and '{name}' images' own content of its size "
                         f"moved there {t['control_content_rate']:.0%}.")),
             details={"region": best, "fidelity": held, "typical_fidelity": round(typical, 4),
-                     "near_tied_regions": len(scored),  # the best held-out score of these: a little optimistic
+                     "near_tied_regions": len(scored),  # near-tied by fitted fidelity; the place test chose among them
                      "decisions": int(y.sum()), "images": len(y), "rules": text}
             | ({} if t is None else {"place_rate": t["place_rate"], "content_rate": t["control_content_rate"],
                                      "beyond_content": t["content_vs_control"]})))

@@ -178,12 +178,18 @@ def inner_object_box(img: np.ndarray, blob, heat: np.ndarray, max_area: float = 
     win = img[y0:y1, x0:x1]
     parts = label(_stand_out(win, win.reshape(-1, win.shape[2]), k, min_diff), connectivity=2)
     dense = resize(np.asarray(heat, np.float32), (H, W), order=1)[y0:y1, x0:x1]
+    from scipy import ndimage
+
+    if parts.max() == 0:
+        return None
+    index = np.arange(1, parts.max() + 1)
+    sizes = np.bincount(parts.ravel())[1:]
+    means = ndimage.mean(dense, parts, index)   # one pass over the window, whatever the parts' number
     best, found = -np.inf, None
-    for p in range(1, parts.max() + 1):
-        ys, xs = np.nonzero(parts == p)
-        b = ((xs.min() + x0) / W, (ys.min() + y0) / H, (xs.max() + 1 + x0) / W, (ys.max() + 1 + y0) / H)
-        if len(ys) >= 3 and box_area(b) <= max_area and dense[ys, xs].mean() > best:
-            best, found = dense[ys, xs].mean(), b
+    for p, (ys, xs) in enumerate(ndimage.find_objects(parts)):
+        b = ((xs.start + x0) / W, (ys.start + y0) / H, (xs.stop + x0) / W, (ys.stop + y0) / H)
+        if sizes[p] >= 3 and box_area(b) <= max_area and means[p] > best:
+            best, found = means[p], b
     return found
 
 

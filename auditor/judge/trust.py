@@ -802,7 +802,8 @@ def trust_gate(ev, methods: dict[str, dict], layer, spec: TrustSpec, seed: int) 
     Keys per method: reliable, reason, note, images, cascade_images, seconds; the cascade's
     randomisation_steps (every step's label, top first), randomisation_spearman and
     randomisation_ssim (one value per step run: up to the decisive one unless
-    ``trust.full_cascade``), decisive_step (0-based), first_below (or None), max_spearman,
+    ``trust.full_cascade``; None for a step randomised but not explained, every step above the
+    decisive one unless ``trust.curve``), decisive_step (0-based), first_below (or None), max_spearman,
     max_ssim, randomisation (passed/failed/inconclusive), randomisation_ci (the decisive step's
     95% interval); the deletion test's fill and fill_check (the chosen fill, and each
     candidate's flip rate and probability change under random removal), deletion_auc,

@@ -44,7 +44,7 @@ def _cascade_rule(trust: dict) -> str:
     if not any(t.get("max_spearman") is not None for t in trust.values()):
         return "the lower a method's line falls, the more its heatmaps depend on the model."
     if any(t.get("decisive_step") is not None for t in trust.values()):
-        return "a method passes when its line is below the dashed threshold at the step marked 'decided here'."
+        return "a method passes when its mark is below the dashed threshold at the step marked 'decided here'."
     return "a method passes when its line falls below the dashed threshold."
 
 
