@@ -169,24 +169,14 @@ def test_a_region_with_no_room_for_a_placebo_is_not_high():
 
 
 def _class_finding(model, class1: float):
-    """'bright' images, ``class1`` grey with a bright bottom-left corner, and a class finding on that corner."""
+    """test_views' tagged images (dark, and ``class1`` grey with a bright bottom-left corner) and a
+    class finding on that corner, put to the test."""
+    from test_views import _tagged
+
     from auditor.judge.evidence import ClassFinding
-    xs, refs, rows = [], [], []
-    for i in range(24):
-        label = int(i >= 12)
-        x = torch.full((3, 16, 16), class1 if label else 0.0)
-        if label:
-            x[:, 12:, :4] = 1.0
-        xs.append(x)
-        refs.append(SampleRef(None, f"{label}/{i}.png", label))
-        rows.append({"id": i, "path": f"{label}/{i}.png", "label": label, "prediction": label, "confidence": 1.0,
-                     "correct": True, "explained": True, "width": 16, "height": 16, "sha256": str(i)})
-    ev = Evidence(["dark", "bright"], pd.DataFrame(rows).set_index("id"), {}, {}, refs, model=model,
-                  input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
-    ev.model_input = lambda i: xs[i]
-    f = ClassFinding(cls="bright", rule="corner_border", severity="medium", score=1.0, share=1.0, message="m.",
+    f = ClassFinding(cls="tagged", rule="corner_border", severity="medium", score=1.0, share=1.0, message="m.",
                      region=[0.0, 0.75, 0.25, 1.0])
-    confirm(ev, [], [f], InterventionSpec(fill="mean", transplant_images=12), seed=0)
+    confirm(_tagged(model, class1), [], [f], InterventionSpec(fill="mean", transplant_images=12), seed=0)
     return f
 
 
