@@ -235,3 +235,22 @@ def test_a_class_claim_its_rule_refuted_is_not_confirmed_by_its_members():
                          details={"samples": list(range(5)), "generalises": generalises})
         _aggregate(f, members, spec)
         assert f.details["confirmed"] is expected and (f.severity == "high") is expected
+
+
+def test_a_class_claim_made_of_regions_that_carry_no_more_than_the_class_own_content_is_not_confirmed():
+    """recurring_patch's or look_alike's class finding stands on its members' pastes: each must beat
+    the class's own content moved to its place too, as a class finding with a region must."""
+    from auditor.judge.evidence import ClassFinding
+    from auditor.judge.intervene import _aggregate
+
+    carries = {"removed_from": 1, "decision_changed": 1, "confidence_drop": 0.5, "pasted_onto": 10, "turned": 9,
+               "removal_rate": 1.0, "transfer_rate": 0.9, "transfer_vs_control": [0.8, 0.6, 1.0],
+               "content_vs_control": [0.7, 0.5, 0.9]}
+    looks = carries | {"content_vs_control": [0.0, -0.2, 0.2]}   # the class's own texture there turns them too
+    for effect, expected in ((carries, True), (looks, False)):
+        members = [Finding(sample=i, rule="recurring_patch", severity="medium", score=1.0, message="m.",
+                           details={"intervention": dict(effect)}) for i in range(5)]
+        f = ClassFinding(cls="grass", rule="recurring_patch", severity="medium", score=0.5, share=0.6, message="m.",
+                         details={"samples": list(range(5))})
+        _aggregate(f, members, InterventionSpec())
+        assert f.details["confirmed"] is expected and f.details["intervention"]["samples_transferring"] == 5 * expected

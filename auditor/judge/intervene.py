@@ -415,11 +415,14 @@ def _test_sample(tester: Intervener, f: Finding, box, cls: int, own: dict | None
 
 def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) -> None:
     """A class finding made of sample findings ("anything of this shape is P") is confirmed when
-    most of their regions carried P to other classes' images (removal alone shows that the
-    model needs the region, which holds for any evidence, not that the region is a cue)."""
+    most of their regions carried P to other classes' images beyond both placebos (removal alone
+    shows that the model needs the region, which holds for any evidence, not that the region is
+    a cue)."""
     tested = [g for g in members if "transfer_rate" in g.details.get("intervention", {})]
-    n_ok = sum(beats_control(g.details["intervention"], "transfer",
-                             g.details["intervention"]["transfer_rate"] >= spec.transplant_rate, spec) for g in tested)
+    # Carried beyond both placebos, as a class finding with a region must: a region that turns other
+    # images no more than the class's own content moved there is the class's look, not a cue.
+    n_ok = sum(pastes(g.details["intervention"], g.details["intervention"]["transfer_rate"] >= spec.transplant_rate,
+                      spec.control_margin) for g in tested)
     # A rule that measured its class claim on its own and found it does not hold (look_alike:
     # the model calls few of the look-alikes it is shown that class) is not confirmed by its
     # members: each of them may be a near miss that carries its shape.
@@ -437,7 +440,7 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
     _verdict(f, confirmed if tested else None)
     f.message += (f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention: pasted onto other "
                   f"classes' images, {n_ok} of the {len(tested)} regions turned at least half of them into "
-                  f"'{f.cls}'" + (", but the model does not do so for most such shapes (above)." if refuted else "."))
+                  f"'{f.cls}', beyond random regions and '{f.cls}' images' own content of their size" + (", but the model does not do so for most such shapes (above)." if refuted else "."))
 
 
 def _verdict(f, confirmed: bool | None, floor: str = "high") -> None:

@@ -77,7 +77,8 @@ def tests(rec: RunRecord, f) -> list[dict]:
     if "samples_tested" in e:  # a class finding made of image findings: their pasting tests decide
         out.append({"ok": bool(f.confirmed), "name": "pasting",
                     "text": f"pasting each of the {plural(e['samples_tested'], 'flagged region')} onto images of "
-                            f"other classes: {e['samples_transferring']} turned at least half of them into '{cls}' "
+                            f"other classes: {e['samples_transferring']} turned at least half of them into '{cls}', "
+                            f"beyond both placebos "
                             f"({e['turned']} of {e['pasted_onto']} images in all)"})
     else:
         n = e.get("removed_from") or 0
