@@ -123,16 +123,10 @@ class Intervener:
         targets = self.others(cls, self.spec.transplant_images)
         if targets:
             y = self.ev.model_inputs(targets)
-            src = x[torch.arange(len(targets)) % len(x)]  # cycle through the sources' own regions
-
-            def turned(m: np.ndarray) -> torch.Tensor:
-                m = torch.from_numpy(m).to(y.device)
-                return self.predict(torch.where(m, src, y)).argmax(1) == cls
-
-            hit = turned(mask)
+            hit = self.pasted(x, y, mask, cls)  # each target gets the sources' regions in turn
             result |= {"pasted_onto": len(targets), "turned": int(hit.sum())}
             if controls:
-                placebo = torch.stack([turned(m) for m in controls]).float().mean(0)
+                placebo = torch.stack([self.pasted(x, y, m, cls) for m in controls]).float().mean(0)
                 result |= against_control(hit.float().numpy(), placebo.numpy(), "transfer", self.rng)
             # A class finding's random regions are the class's content, but at other places: a model
             # that reads the place (a max-pooled net, a corner) needs the content moved to it too.
@@ -141,6 +135,13 @@ class Intervener:
             result |= {"pasted_onto": 0, "turned": 0}
         result["transfer_rate"] = round(result["turned"] / max(result["pasted_onto"], 1), 4)
         return result
+
+    def pasted(self, x: torch.Tensor, y: torch.Tensor, mask: np.ndarray, cls: int) -> torch.Tensor:
+        """Per image of ``y``, whether pasting ``mask``'s pixels of the sources ``x`` (cycled through,
+        one per target) makes the model call it ``cls``."""
+        m = torch.from_numpy(mask).to(y.device)
+        src = x[torch.arange(len(y)) % len(x)].to(y.device)
+        return self.predict(torch.where(m, src, y)).argmax(1) == cls
 
     def versus_content(self, cls: int, box, y: torch.Tensor, hit: torch.Tensor, exclude: list[int]) -> dict:
         """The paste's second placebo: regions of the box's size from ``cls``'s own images (its most

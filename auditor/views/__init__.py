@@ -201,8 +201,7 @@ def place_test(ev: Evidence, c: int, box, seed: int = 0, spec: InterventionSpec 
     if not members or not targets:
         return None
     x, y = ev.model_inputs(members[:spec.class_images]), ev.model_inputs(targets)
-    mask = torch.from_numpy(tester.mask(box)).to(y.device)
-    hit = tester.predict(torch.where(mask, x[torch.arange(len(y)) % len(x)].to(y.device), y)).argmax(1) == c
+    hit = tester.pasted(x, y, tester.mask(box), c)
     got = tester.versus_content(c, tuple(box), y, hit, exclude=[])
     return got | {"place_rate": round(float(hit.float().mean()), 4)} if got else None
 
