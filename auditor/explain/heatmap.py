@@ -167,6 +167,7 @@ def inner_object_box(img: np.ndarray, blob, heat: np.ndarray, max_area: float = 
     stand out from the blob's own median colour (as in ``object_box``), at most ``max_area`` of
     the image; the one with the highest mean of ``heat`` (resized to the image) over its pixels.
     None when none stands out."""
+    from scipy import ndimage
     from skimage.measure import label
     from skimage.transform import resize
 
@@ -178,8 +179,6 @@ def inner_object_box(img: np.ndarray, blob, heat: np.ndarray, max_area: float = 
     win = img[y0:y1, x0:x1]
     parts = label(_stand_out(win, win.reshape(-1, win.shape[2]), k, min_diff), connectivity=2)
     dense = resize(np.asarray(heat, np.float32), (H, W), order=1)[y0:y1, x0:x1]
-    from scipy import ndimage
-
     if parts.max() == 0:
         return None
     index = np.arange(1, parts.max() + 1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from operator import itemgetter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -596,7 +597,7 @@ def choose_fill(model, x, target, field: np.ndarray, share: float, seed: int,
                 "probability_change": round(float(np.abs(change).mean()), 4)}
 
     def best(candidates, rows: np.ndarray) -> str:
-        return min(candidates, key=lambda f: (numbers(f, rows)["flip_rate"], numbers(f, rows)["probability_change"]))
+        return min(candidates, key=lambda f: itemgetter("flip_rate", "probability_change")(numbers(f, rows)))
     alive = list(fills)
     if race:
         score = {f: b * (top[f][early] != truth[early]) + np.abs(p0[early] - p[f][early]) for f in fills}
