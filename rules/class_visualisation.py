@@ -16,6 +16,10 @@ one place does; an object's part, or a texture the class shows all over (a max-p
 calls anything holding a patch of it the class: a clean twin's 'grass'), does as well from
 anywhere. One finding per class, at its place that carries most beyond that, graded on the
 excess; the intervention then tests it against random regions of its size, as any class finding.
+The place where the images show the drawing's look most sharply is tested however sharply that
+is (``min_contrast`` 0: the place test, not the contrast, decides; on the tune split a text tag
+the model drew at the wrong corner was found at 0.15 in likeness and carried its class 0.58
+beyond the class's own content, and no clean twin gained a finding).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def _effects(d: dict) -> list[str]:
 @RULES.register("class_visualisation", title="The class's picture shows a mark its images carry at one place",
                 glossary="The model is asked to draw each class from nothing; when a small patch of that drawing is found at one fixed place in the class's images (an object's look is found all over them), the model has probably learned a mark rather than the object.",
                 effects=_effects, level="class", needs=("model",), direction="higher is more suspicious")
-def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, min_contrast: Share = 0.25,
+def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, min_contrast: Share = 0.0,
                         max_classes: Count = 20, severity: Thresholds = None, min_share: Share = 0.25,
                         min_carry: Share = 0.5) -> list:
     """A class whose drawing holds a small patch that the images the model calls the class show at one
