@@ -154,20 +154,23 @@ def cached_confirm(ev: Evidence, findings: list, class_findings: list, cfg: Audi
     s = ev.samples
     every = [f.to_json() | {"image": s.at[f.sample, "sha256"]} for f in findings] + [f.to_json() for f in class_findings]
     # Restore donors are ranked by the explained images' heatmaps: what was explained, and how, counts too.
-    key = digest("intervention", model_key, cfg.intervention.model_dump(mode="json"), cfg.run.seed,
+    # (2: the outcome holds the confirmed class cues' instances too)
+    key = digest("intervention", 2, model_key, cfg.intervention.model_dump(mode="json"), cfg.run.seed,
                  sorted(zip(s["sha256"], s["label"].astype(int))), every,
                  sorted(s.loc[s["explained"], "sha256"]), cfg.explain.model_dump(mode="json"),
                  cfg.model.target_layer)
     hit = store.get_json(key)
     if hit is not None:
-        for f, (severity, message, details) in zip([*findings, *class_findings], hit):
+        for f, (severity, message, details) in zip([*findings, *class_findings], hit["outcome"]):
             f.severity, f.message, f.details = severity, message, details
             if isinstance(f, Finding) and (details.get("intervention") or {}).get("bbox"):
                 f.bbox = details["intervention"]["bbox"]  # the box the intervention refined
+        findings.extend(Finding(sample=i, **d) for i, d in hit["instances"])
         return
-    confirm(ev, findings, class_findings, cfg.intervention, cfg.run.seed)
-    outcome = [(f.severity, f.message, f.details) for f in [*findings, *class_findings]]
-    store.put_json(key, outcome, default=_plain)
+    tested = [*findings, *class_findings]
+    added = confirm(ev, findings, class_findings, cfg.intervention, cfg.run.seed)
+    store.put_json(key, {"outcome": [(f.severity, f.message, f.details) for f in tested],
+                         "instances": [(int(f.sample), f.to_json()) for f in added]}, default=_plain)
 
 
 def _plain(v):

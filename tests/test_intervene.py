@@ -193,3 +193,43 @@ def test_a_class_region_is_a_cue_only_beyond_the_class_own_content_moved_there()
     e = look.details["intervention"]
     assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0 and e["control_content_rate"] == 1.0
     assert look.details["confirmed"] is False and look.severity == "low"
+
+
+def _with_tagged_errors(class1: float, errors: int = 3):
+    """test_views' tagged images, and ``errors`` dark images labelled 'dark' that carry the bright
+    corner, so the corner-reading model calls them 'tagged'; and a class finding on the corner."""
+    from test_views import _tagged
+
+    from auditor.judge.evidence import ClassFinding
+    ev = _tagged(CornerOnly(), class1)
+    xs = [ev.model_input(i) for i in range(len(ev.samples))]
+    rows = ev.samples.reset_index().to_dict("records")
+    for k in range(errors):
+        i = len(xs)
+        x = torch.zeros(3, 16, 16)
+        x[:, 12:, :4] = 1.0
+        xs.append(x)
+        ev.refs.append(SampleRef(None, f"0/e{k}.png", 0))
+        rows.append(rows[0] | {"id": i, "path": f"0/e{k}.png", "prediction": 1, "correct": False, "sha256": f"e{k}"})
+    ev.samples = pd.DataFrame(rows).set_index("id")
+    ev.model_input = lambda i: xs[i]
+    f = ClassFinding(cls="tagged", rule="corner_border", severity="medium", score=1.0, share=1.0, message="m.",
+                     region=[0.0, 0.75, 0.25, 1.0])
+    found: list = []
+    added = confirm(ev, found, [f], InterventionSpec(fill="mean", transplant_images=12), seed=0)
+    return f, found, added
+
+
+def test_a_confirmed_class_cue_boxes_the_errors_it_decided():
+    """The corner carries 'tagged' onto other images beyond both placebos: each image the model
+    wrongly calls 'tagged' is tested at the corner and, confirmed, becomes an image finding of the
+    rule, boxed at the corner (in file pixels), high once three errors show it; a class finding that
+    is the class's look (its content anywhere turns images as well) stands for no error."""
+    f, found, added = _with_tagged_errors(class1=0.5)
+    assert f.details["confirmed"] and f.severity == "critical"
+    assert added == found and sorted(g.sample for g in added) == [24, 25, 26]
+    for g in added:
+        assert g.rule == "corner_border" and g.details["instance_of"] == "corner_border" and g.details["confirmed"]
+        assert g.bbox == [0.0, 12.0, 4.0, 16.0] and g.severity == "high" and "'dark' image 'tagged'" in g.message
+    f, found, added = _with_tagged_errors(class1=1.0)
+    assert f.details["confirmed"] is False and added == [] and found == []

@@ -19,6 +19,9 @@ Every finding that names a region is put to a test on the model:
   that is no spurious cue.
 - a class finding without a region that lists its sample findings (details.samples):
   confirmed when most of their regions carried the class to other images.
+- a confirmed class cue's instances: the images the model wrongly calls the cue's class are
+  tested as sample findings at the cue's region, and those confirmed become image findings of
+  the rule that found the cue (``instances``).
 
 A sample finding with candidate boxes (``details.candidate_boxes``: the evidence region and
 the object the image shows there; ``details.region_box``: the rule's own region) whose own box
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 
 from auditor.inputs.config import InterventionSpec
 from auditor.judge.evidence import ClassFinding, Evidence, Finding, severity_rank
-from auditor.explain.heatmap import box_area, grow_box, region_mask
+from auditor.explain.heatmap import box_area, boxes_overlap, grow_box, place_words, region_mask
 from auditor.record import beats, pastes
 
 
@@ -308,50 +311,16 @@ def _sentence(effect: dict, cls_name: str, confirmed: bool) -> str:
 
 
 def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFinding],
-            spec: InterventionSpec, seed: int) -> None:
-    """Test every finding that names a region; update severity, details and message in place."""
+            spec: InterventionSpec, seed: int) -> list[Finding]:
+    """Test every finding that names a region; update severity, details and message in place. The
+    confirmed class cues' instances (``instances``) are added to ``findings``, and returned."""
     if not spec.enabled or ev.model is None:
-        return
+        return []
     tester = Intervener(ev, spec, seed)
     s = ev.samples
     for f in findings:
         tester.reseed(seed, 0, int(f.sample), f.rule)
-        own = f.details.get("own_test")  # a restore test the rule ran itself, in Intervener.restore's keys
-        if not f.bbox:
-            if own:
-                _own_restore(f, own, spec)
-            continue
-        box = ev.to_input_frac(f.sample, f.bbox)
-        cls = int(s.at[f.sample, "prediction"])
-        # The finding's box first, then the rule's other tight candidates (the evidence region,
-        # the object the image shows there) smallest first, then the rule's own region: the first
-        # whose test confirms becomes the box; when none does, the finding's box and its test stay.
-        # (Smallest first from the start would shrink a box to any sliver of a mark whose
-        # removal alone flips a sensitive model.)
-        region = [tuple(f.details["region_box"])] if f.details.get("region_box") else []
-        tight = [tuple(b) for b in f.details.get("candidate_boxes") or [] if not _same(b, *region)]
-        order = []
-        for b in [box, *sorted(tight, key=box_area), *region]:
-            if not any(_same(b, o) for o in order):
-                order.append(b)
-        try:  # a test that fails (an unreadable image, out of memory) leaves an untested suspicion
-            tried = {}
-            for b in order:
-                tried[b] = _test_sample(tester, f, b, cls, own, spec)
-                if tried[b][1]:
-                    break
-            chosen = next((b for b, (_, ok) in tried.items() if ok), box)  # (the finding's own box is tried first)
-            effect, confirmed = tried[chosen]
-        except Exception as e:
-            _untested(f, f"the test failed: {type(e).__name__}: {e}".splitlines()[0])
-            continue
-        if len(order) > 1:
-            effect["boxes_tried"] = len(tried)
-        if not _same(chosen, box):
-            f.bbox = ev.to_file_bbox(f.sample, chosen)
-            effect["bbox"] = f.bbox  # the refined box, kept with the outcome (a cached re-run restores it)
-        _apply(f, effect, ev.classes[cls], spec, confirmed)
-    _lone_cues(findings, ev)
+        _confirm_sample(ev, tester, f, spec)
     by_sample = {}
     for f in findings:
         by_sample.setdefault(f.sample, []).append(f)
@@ -386,6 +355,95 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
         if look:
             f.message += (f" The '{f.cls}' images' own content of its size, moved to that place, carries the class "
                           f"as well: it is the class's look, not a cue.")
+    added = instances(ev, tester, findings, class_findings, spec, seed)
+    findings.extend(added)
+    _lone_cues(findings, ev)
+    return added
+
+
+def _confirm_sample(ev: Evidence, tester: Intervener, f: Finding, spec: InterventionSpec) -> None:
+    """Test one sample finding along its candidate boxes; update it in place."""
+    s = ev.samples
+    own = f.details.get("own_test")  # a restore test the rule ran itself, in Intervener.restore's keys
+    if not f.bbox:
+        if own:
+            _own_restore(f, own, spec)
+        return
+    box = ev.to_input_frac(f.sample, f.bbox)
+    cls = int(s.at[f.sample, "prediction"])
+    # The finding's box first, then the rule's other tight candidates (the evidence region,
+    # the object the image shows there) smallest first, then the rule's own region: the first
+    # whose test confirms becomes the box; when none does, the finding's box and its test stay.
+    # (Smallest first from the start would shrink a box to any sliver of a mark whose
+    # removal alone flips a sensitive model.)
+    region = [tuple(f.details["region_box"])] if f.details.get("region_box") else []
+    tight = [tuple(b) for b in f.details.get("candidate_boxes") or [] if not _same(b, *region)]
+    order = []
+    for b in [box, *sorted(tight, key=box_area), *region]:
+        if not any(_same(b, o) for o in order):
+            order.append(b)
+    try:  # a test that fails (an unreadable image, out of memory) leaves an untested suspicion
+        tried = {}
+        for b in order:
+            tried[b] = _test_sample(tester, f, b, cls, own, spec)
+            if tried[b][1]:
+                break
+        chosen = next((b for b, (_, ok) in tried.items() if ok), box)  # (the finding's own box is tried first)
+        effect, confirmed = tried[chosen]
+    except Exception as e:
+        _untested(f, f"the test failed: {type(e).__name__}: {e}".splitlines()[0])
+        return
+    if len(order) > 1:
+        effect["boxes_tried"] = len(tried)
+    if not _same(chosen, box):
+        f.bbox = ev.to_file_bbox(f.sample, chosen)
+        effect["bbox"] = f.bbox  # the refined box, kept with the outcome (a cached re-run restores it)
+    _apply(f, effect, ev.classes[cls], spec, confirmed)
+
+
+# Errors per confirmed class cue tested as its instances, the most confident first: each costs a
+# sample finding's test (a few hundred forward passes).
+INSTANCES = 32
+
+
+def instances(ev: Evidence, tester: Intervener, findings: list[Finding], class_findings: list[ClassFinding],
+              spec: InterventionSpec, seed: int) -> list[Finding]:
+    """The image findings a confirmed class cue stands for. A class finding whose region carries its
+    class onto other images beyond both placebos (high or critical) names where the model looks
+    for a cue; each image the model wrongly calls that class, and that no confirmed finding boxes
+    there yet, is tested as a sample finding at that region (the object or evidence region the
+    image shows inside it first): remove, transplant and restore, beside their placebos. The
+    confirmed ones are returned, as findings of the rule that found the cue: the errors the cue
+    decided, boxed (a rule that sees only a class's images as a whole, such as class_visualisation,
+    has no other way to name them)."""
+    s = ev.samples
+    out: list[Finding] = []
+    cues = [f for f in class_findings if f.region and f.details.get("confirmed")
+            and severity_rank(f.severity) >= severity_rank("high") and f.cls in ev.classes]
+    for cf in cues:
+        cls = ev.classes.index(cf.cls)
+        wrong = s[(s["prediction"] == cls) & (s["label"] != cls)].sort_values("confidence", ascending=False)
+        for i in wrong.index[:INSTANCES]:
+            i = int(i)
+            if any(g.sample == i and g.bbox and g.details.get("confirmed")
+                   and boxes_overlap(ev.to_input_frac(i, g.bbox), cf.region) for g in [*findings, *out]):
+                continue  # already boxed there, confirmed
+            method = next((m for m in ev.methods if i in ev.heatmaps.get(m, {})), None)
+            cands = ev.boxes(i, ev.heatmaps[method][i], tuple(cf.region)) if method else [tuple(cf.region)]
+            label = ev.classes[int(s.at[i, "label"])]
+            g = Finding(sample=i, rule=cf.rule, method=method, severity="low", score=cf.score,
+                        bbox=ev.to_file_bbox(i, cands[0]),
+                        message=(f"The model called this '{label}' image '{cf.cls}'. A class-level check found, "
+                                 f"and confirmed, that the model reads '{cf.cls}' from what its images show at one "
+                                 f"place ({place_words(cf.region)}); this image was tested there."),
+                        details={"region": place_words(cf.region), "instance_of": cf.rule,
+                                 "region_box": [float(v) for v in cf.region],
+                                 "candidate_boxes": [list(b) for b in cands]})
+            tester.reseed(seed, 2, i, cf.rule)
+            _confirm_sample(ev, tester, g, spec)
+            if g.details.get("confirmed"):
+                out.append(g)
+    return out
 
 
 def _same(a, b=None, tol: float = 0.01) -> bool:
