@@ -7,7 +7,7 @@ through the square root of ImageNet's colour correlation (decorrelated colour) a
 into [0, 1]. Each step sees a randomly jittered and rescaled copy (robust to a shift of a few
 pixels and a few per cent of scale), with a small total-variation penalty. The start is
 neutral grey (a near-zero spectrum), the seed fixed and the steps bounded; all classes are
-optimised at once, one batch.
+optimised at once, one batch, each from its own random stream.
 
 A visualisation's own saliency (|d logit / d pixel|, averaged over jittered copies) says where
 in it the class's evidence lies.
@@ -40,12 +40,12 @@ def fft_rgb(spectrum: torch.Tensor, h: int, w: int, channels: int, decay: float 
     return torch.sigmoid(img)
 
 
-def _transform(x: torch.Tensor, gen: torch.Generator, jitter: float, scale: float) -> torch.Tensor:
+def _transform(x: torch.Tensor, gens: list[torch.Generator], jitter: float, scale: float) -> torch.Tensor:
     """Each image shifted by up to ``jitter`` of its side and rescaled by up to ``scale`` (one
-    affine resampling, edges reflected)."""
+    affine resampling, edges reflected), drawn from its own generator."""
     b = len(x)
-    s = 1 + (torch.rand(b, generator=gen) * 2 - 1) * scale
-    t = (torch.rand(b, 2, generator=gen) * 2 - 1) * 2 * jitter
+    s = 1 + (torch.cat([torch.rand(1, generator=g) for g in gens]) * 2 - 1) * scale
+    t = (torch.cat([torch.rand(1, 2, generator=g) for g in gens]) * 2 - 1) * 2 * jitter
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1 / s
     theta[:, :, 2] = t
@@ -64,8 +64,10 @@ def visualise(model: torch.nn.Module, classes: list[int], size: tuple[int, int],
     [K, h, w] and the logits it reaches [K] (the class's own logit on the untransformed image)."""
     h, w = size
     device = device or next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    spectrum = (0.01 * torch.randn(len(classes), 2, channels, h, w // 2 + 1, generator=gen)).to(device)
+    # Each class its own random stream: its picture does not depend on which classes share its batch
+    # (a batch that runs out of memory is drawn again in halves).
+    gens = [torch.Generator().manual_seed(seed * 100_003 + int(c)) for c in classes]
+    spectrum = (0.01 * torch.cat([torch.randn(1, 2, channels, h, w // 2 + 1, generator=g) for g in gens])).to(device)
     spectrum.requires_grad_(True)
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     sd = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -77,7 +79,7 @@ def visualise(model: torch.nn.Module, classes: list[int], size: tuple[int, int],
     try:
         for _ in range(steps):
             img = fft_rgb(spectrum, h, w, channels)
-            logits = model((_transform(img, gen, jitter, scale) - m) / sd)
+            logits = model((_transform(img, gens, jitter, scale) - m) / sd)
             loss = -logits.gather(1, target[:, None]).sum() + tv * len(classes) * _tv(img)
             opt.zero_grad()
             loss.backward()
@@ -88,7 +90,7 @@ def visualise(model: torch.nn.Module, classes: list[int], size: tuple[int, int],
         sal = torch.zeros(len(classes), h, w, device=device)
         for _ in range(saliency_copies):  # SmoothGrad-like: over small shifts of the picture
             x = img.detach().clone().requires_grad_(True)
-            model((_transform(x, gen, jitter / 2, 0.0) - m) / sd).gather(1, target[:, None]).sum().backward()
+            model((_transform(x, gens, jitter / 2, 0.0) - m) / sd).gather(1, target[:, None]).sum().backward()
             sal += x.grad.abs().amax(1)
     finally:
         for p, f in zip(model.parameters(), frozen):
