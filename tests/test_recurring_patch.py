@@ -207,3 +207,39 @@ def test_a_shape_in_new_colours_is_found_by_its_shape_and_its_clean_twin_is_quie
            and _covered(f.bbox, truth[s.at[f.sample, "path"]]) >= 0.5 and area(f.bbox) <= 0.25}
     assert np.mean([i in hit for i in errors]) >= 0.9
     assert [f.cls for f in loud] == ["gravel"] and "many colours" in loud[0].details["description"]
+
+
+def test_the_patch_must_beat_the_class_other_evidence_not_only_a_random_patch():
+    """A model that calls anything bright class 1 (a texture model: any patch of the class's look
+    carries it). The group's bright patch turns every dark image pasted with it, a random patch of
+    the same image none, so against that placebo alone it reads as a cue; another bright region of
+    the class's images, the class's other evidence, turns them as well: the patch is no cue."""
+    import pandas as pd
+    import torch
+
+    from auditor.inputs.config import InputSpec
+    from auditor.inputs.data import SampleRef
+    from auditor.judge.evidence import Evidence
+    from auditor.rules.recurring_patch import beyond_placebos, paste_test
+    from test_intervene import AnyPatch
+
+    xs, refs, rows = [], [], []
+    for i in range(16):
+        label = int(i >= 8)
+        x = torch.full((3, 16, 16), 0.5 if label else 0.0)
+        if label:
+            x[:, 1:5, 1:5] = x[:, 10:14, 10:14] = 1.0  # the group's patch, and another of its evidence
+        xs.append(x)
+        refs.append(SampleRef(None, f"{label}/{i}.png", label))
+        rows.append({"id": i, "path": f"{label}/{i}.png", "label": label, "prediction": label, "confidence": 1.0,
+                     "correct": True, "explained": True, "width": 16, "height": 16, "sha256": str(i)})
+    ev = Evidence(["dark", "bright"], pd.DataFrame(rows).set_index("id"), {}, {}, refs, model=AnyPatch(),
+                  input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
+    ev.model_input = lambda i: xs[i]
+    sources = [(i, (1 / 16, 1 / 16, 5 / 16, 5 / 16)) for i in range(8, 16)]
+    rivals = [(i, (10 / 16, 10 / 16, 14 / 16, 14 / 16)) for i in range(8, 16)]
+    alone = paste_test(ev, sources, 1, list(range(8)), np.random.default_rng(0))
+    assert alone["transfer_rate"] == 1.0 and alone["control_rate"] < 0.5 and "evidence_rate" not in alone
+    assert beyond_placebos(alone)[1] > 0.25                  # a cue, against a random patch alone
+    both = paste_test(ev, sources, 1, list(range(8)), np.random.default_rng(0), rivals)
+    assert both["evidence_rate"] == 1.0 and beyond_placebos(both)[0] == 0.0  # the class's look
