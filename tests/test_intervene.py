@@ -233,3 +233,21 @@ def test_a_confirmed_class_cue_boxes_the_errors_it_decided():
         assert g.bbox == [0.0, 12.0, 4.0, 16.0] and g.severity == "high" and "'dark' image 'tagged'" in g.message
     f, found, added = _with_tagged_errors(class1=1.0)
     assert f.details["confirmed"] is False and added == [] and found == []
+
+
+def test_a_class_behaviour_needs_three_pictures():
+    """A class finding made of image findings is confirmed when most of its members carried the class
+    beyond both placebos, and at least RECUR (3) of them: two pictures show no behaviour (a clean
+    model's borderline errors can carry their class, as image findings' highs need three too)."""
+    from auditor.judge.evidence import ClassFinding
+    from auditor.judge.intervene import RECUR, _aggregate
+
+    carried = {"removed_from": 1, "decision_changed": 1, "confidence_drop": 0.5, "pasted_onto": 10, "turned": 9,
+               "transfer_rate": 0.9, "transfer_vs_control": [0.8, 0.6, 1.0], "content_vs_control": [0.7, 0.5, 0.9]}
+    for n, want in ((RECUR - 1, False), (RECUR, True)):
+        members = [Finding(sample=i, rule="recurring_patch", severity="high", score=1.0, message="m.",
+                           details={"intervention": dict(carried)}) for i in range(n)]
+        f = ClassFinding(cls="c", rule="recurring_patch", severity="medium", score=0.5, share=0.5, message="m.")
+        _aggregate(f, members, InterventionSpec())
+        assert f.details["confirmed"] is want and (f.severity == "high") is want
+        assert want or "fewer than 3" in f.message

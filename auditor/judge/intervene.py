@@ -474,9 +474,10 @@ def _test_sample(tester: Intervener, f: Finding, box, cls: int, own: dict | None
 
 def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) -> None:
     """A class finding made of sample findings ("anything of this shape is P") is confirmed when
-    most of their regions carried P to other classes' images beyond both placebos (removal alone
-    shows that the model needs the region, which holds for any evidence, not that the region is
-    a cue)."""
+    most of their regions, and at least ``RECUR`` of them, carried P to other classes' images
+    beyond both placebos (removal alone shows that the model needs the region, which holds for any
+    evidence, not that the region is a cue; and a behaviour is not shown by one or two pictures,
+    as for an image finding's high, ``_lone_cues``)."""
     tested = [g for g in members if "transfer_rate" in g.details.get("intervention", {})]
     # Carried beyond both placebos, as a class finding with a region must: a region that turns other
     # images no more than the class's own content moved there is the class's look, not a cue.
@@ -486,7 +487,8 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
     # the model calls few of the look-alikes it is shown that class) is not confirmed by its
     # members: each of them may be a near miss that carries its shape.
     refuted = f.details.get("generalises") is False
-    confirmed = bool(tested) and n_ok >= 0.5 * len(tested) and not refuted
+    few = n_ok < RECUR
+    confirmed = bool(tested) and n_ok >= 0.5 * len(tested) and not refuted and not few
     effects = [g.details["intervention"] for g in tested]
     total = lambda k: int(sum(e[k] for e in effects))  # noqa: E731
     f.details["intervention"] = {  # the members' effects, summed: the same keys as a region's test
@@ -499,7 +501,10 @@ def _aggregate(f: ClassFinding, members: list[Finding], spec: InterventionSpec) 
     _verdict(f, confirmed if tested else None)
     f.message += (f" {'Confirmed' if confirmed else 'Not confirmed'} by intervention: pasted onto other "
                   f"classes' images, {n_ok} of the {len(tested)} regions turned at least half of them into "
-                  f"'{f.cls}', beyond random regions and '{f.cls}' images' own content of their size" + (", but the model does not do so for most such shapes (above)." if refuted else "."))
+                  f"'{f.cls}', beyond random regions and '{f.cls}' images' own content of their size"
+                  + (", but the model does not do so for most such shapes (above)." if refuted else
+                     f"; fewer than {RECUR}: nothing shows the model does this as a rule." if few and n_ok and tested
+                     else "."))
 
 
 def _verdict(f, confirmed: bool | None, floor: str = "high") -> None:
