@@ -336,7 +336,7 @@ def recurring_patch(ev: Evidence, level: Share = 0.5, min_area: Share = 0.001, m
         raise ValueError(f"min_area ({min_area}) must be below max_area ({max_area})")
     severity = severity or SEVERITY
     rng = np.random.default_rng(0)
-    tested: dict[int, list] = {}  # class -> [(gap, images, method, members, test)]: its tested groups
+    tested: dict[int, list] = {}  # class -> [(gap, its low end, images, method, members, test)]: its tested groups
     for method in ev.methods:
         ids, maps = ev.explained(method)
         if not ids:
