@@ -259,7 +259,8 @@ def paste_test(ev: Evidence, sources: list[tuple[int, tuple]], cls: int, targets
         x = ev.model_inputs([i for i, _ in picked])
         other = [rivals[(start + k) % len(rivals)] for k in range(len(chunk))] if rivals else []
         r = ev.model_inputs([i for i, _ in other]) if other else None
-        real, fake, rival = y.clone(), y.clone(), y.clone()
+        real, fake = y.clone(), y.clone()
+        rival = y.clone() if other else None
         for k, (_, box) in enumerate(picked):
             x0, y0, x1, y1 = pixel_box(box, size)
             ph, pw = y1 - y0, x1 - x0
@@ -410,6 +411,7 @@ def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]]
     colour, form = np.stack([o[1] for o in objs]), np.stack([o[2] for o in objs])
     pred = s.loc[ids, "prediction"]
     explained = pred.value_counts()
+    called = s.loc[[i for i, _ in found], "prediction"].to_numpy()  # per region, its image's predicted class
     out, seen = [], set()
     by_all, by_shape = (clusters(standardised(blocks), tightness) for blocks in ([view, colour, form], [form]))
     for labels in (by_all, by_shape):
@@ -423,7 +425,7 @@ def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]]
             others = sum(v for c, v in by_class.items() if c != cls)
             rest = max(int(explained.sum() - explained[cls]), 1)
             elsewhere = others / rest
-            mine = [r for r in rows if s.at[found[r][0], "prediction"] == cls]
+            mine = [r for r in rows if called[r] == cls]
             where = spread([objs[r][0] for r in mine])
             key = frozenset(found[r] for r in mine)
             if n < min_images or share < min_share or elsewhere > max_elsewhere * share or where < min_spread \
@@ -438,9 +440,8 @@ def _suspect_groups(ev: Evidence, ids: list[int], found: list[tuple[int, tuple]]
                       "description": f"small {hue} {what} patch" if hue else f"small {what} patch in many colours"}
             # The class's other evidence: its images' high-evidence regions outside the group (the
             # second placebo: a patch chosen for its evidence carries the class more than a random one).
-            group = set(rows.tolist())
-            rivals = [(found[r][0], objs[r][0]) for r in range(len(found))
-                      if r not in group and s.at[found[r][0], "prediction"] == cls]
+            others_of_cls = np.setdiff1d(np.nonzero(called == cls)[0], rows)
+            rivals = [(found[r][0], objs[r][0]) for r in others_of_cls]
             out.append((int(cls), [(found[r][0], objs[r][0]) for r in mine], rivals, counts))
     return out
 
