@@ -24,7 +24,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 
 from auditor.judge.evidence import ClassFinding, Count, Evidence, Finding, NonNegative, Positive, Share, Thresholds, grade
-from auditor.explain.heatmap import normalise
+from auditor.explain.heatmap import normalise, outlined
 from auditor.registry import RULES
 
 FEATURES = ("extent", "solidity", "eccentricity", "size", "contrast", "saturation")
@@ -70,11 +70,15 @@ def evidence_object(img: np.ndarray, heat: np.ndarray, level: float = 0.5) -> di
     if len(outside) == 0:
         return None
     by0, bx0, by1, bx1 = props.bbox
+    box = [(bx0 + x0) / w, (by0 + y0) / h, (bx1 + x0) / w, (by1 + y0) / h]
+    # The box is the whole mark: the side of the split the peak lies on may be a drawn outline's
+    # inside (a ring's bright inside without its dark line), so it is grown by that outline.
+    box = [float(v) for v in outlined(img, box)]
     return {"extent": float(props.extent), "solidity": float(props.solidity), "whole": whole,
             "eccentricity": float(props.eccentricity), "size": float(obj.sum() / (h * w)),
             "contrast": float(inside.mean() - outside.mean()),
             "saturation": float((inside.max(1) - inside.min(1)).mean()),
-            "bbox": [(bx0 + x0) / w, (by0 + y0) / h, (bx1 + x0) / w, (by1 + y0) / h]}
+            "bbox": box}
 
 
 def _segment(img: np.ndarray, box, t: float, bright: bool, peak) -> tuple | None:

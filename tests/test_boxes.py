@@ -13,7 +13,7 @@ from torch import nn
 import auditor.rules  # noqa: F401  (registers the rules)
 from auditor.demo import synth
 from auditor.explain.heatmap import (bands, box_area, evidence_box, flat_box, inner_object_box, object_box,
-                                     tight_boxes)
+                                     outlined, tight_boxes)
 from auditor.inputs.config import InputSpec, InterventionSpec
 from auditor.inputs.data import SampleRef
 from auditor.judge.evidence import Evidence, Finding
@@ -83,6 +83,29 @@ def test_a_corner_mark_smaller_than_the_corner_square_is_boxed_tightly():
     px = [v * 64 for v in boxes[0]]
     assert _covered(px, [56, 2, 60, 6]) == 1.0
     assert box_area(boxes[0]) <= 2 * (4 * 4) / 64 ** 2 < box_area(corner)
+
+
+def test_a_box_of_a_mark_inside_is_grown_by_its_drawn_outline():
+    """A sticker's white rim on a bright photo does not stand out, its grey inside does: the box of
+    the inside (4 of 6 px) is grown by the rim; a ring's dark line with rounded corners likewise. A
+    mark on a flat background is not grown into the background, nor a box on a texture."""
+    img = _photo(32, 5).astype(np.float32) / 255 * 0.4 + 0.55     # bright: 0.55 to 0.95
+    img[18:24, 20:26] = 1.0                                           # the rim ...
+    img[19:23, 21:25] = [0.6, 0.3, 0.3]                               # ... and the inside
+    inside = tuple(v / 32 for v in (21, 19, 25, 23))
+    assert [v * 32 for v in outlined(img, inside)] == [20, 18, 26, 24]
+    ring = np.full((32, 32, 3), 0.9, np.float32) * img               # a ring: dark line, light inside
+    ring[4:10, 4:10] = 0.3
+    ring[5:9, 5:9] = 0.95
+    for c in ((4, 4), (4, 9), (9, 4), (9, 9)):                        # rounded: its corners are the photo's
+        ring[c] = img[c] * 0.9
+    assert [v * 32 for v in outlined(ring, tuple(v / 32 for v in (5, 5, 9, 9)))] == [4, 4, 10, 10]
+    flat = np.zeros((32, 32, 3), np.float32)
+    flat[10:14, 10:14] = 1.0
+    box = tuple(v / 32 for v in (10, 10, 14, 14))
+    assert outlined(flat, box) == box                                 # the black around it runs on
+    gravel = _photo(32, 6, "gravel").astype(np.float32) / 255
+    assert outlined(gravel, box) == box
 
 
 def test_texture_alone_gives_no_object_box():

@@ -251,3 +251,76 @@ def test_a_class_behaviour_needs_three_pictures():
         _aggregate(f, members, InterventionSpec())
         assert f.details["confirmed"] is want and (f.severity == "high") is want
         assert want or "fewer than 3" in f.message
+
+
+class PatchOrGreyHalf(nn.Module):
+    """Class 1 ('tagged') when any 3 x 3 patch is bright, wherever it lies; or, a second reason
+    with no patch, when the left half is mid-grey and the right half dark."""
+
+    def forward(self, x):
+        g = x.mean(1, keepdim=True)
+        patch = torch.nn.functional.avg_pool2d(g, 3, 1).amax((1, 2, 3)) > 0.8
+        half = ((g[..., :8].mean((1, 2, 3)) - 0.5).abs() < 0.02) & (g[..., 8:].mean((1, 2, 3)) < 0.1)
+        one = (patch | half).float()
+        return torch.stack([1 - one, one], 1) * 10
+
+
+def test_a_confirmed_cue_at_no_fixed_place_boxes_each_error_that_carries_it(tmp_path):
+    """A confirmed class cue with no region ("this patch, anywhere, is 'tagged'"): each error the
+    model calls 'tagged' is tested at its own strongest evidence, and kept only where that region
+    carries 'tagged' onto other images beyond random regions of its size. Three dark images with a
+    bright patch at three places are boxed at the patch; an image called 'tagged' for its grey left
+    half (hiding a piece of it changes the decision, beyond random regions: that decided the error)
+    carries nothing, and is not."""
+    from PIL import Image
+
+    from auditor.judge.evidence import ClassFinding
+    rng = np.random.default_rng(0)
+    images, labels, preds, heats = [], [], [], []
+
+    def add(img, label, pred, heat=None):
+        images.append(img)
+        labels.append(label)
+        preds.append(pred)
+        heats.append(heat)
+
+    for k in range(12):  # dark 'plain' images, and grey 'tagged' ones with a patch somewhere
+        add(np.zeros((16, 16), np.uint8), 0, 0)
+        img = np.full((16, 16), 128, np.uint8)
+        y, x = rng.integers(0, 13, 2)
+        img[y:y + 3, x:x + 3] = 255
+        add(img, 1, 1)
+    patches = [(1, 2), (7, 11), (12, 5)]
+    for y, x in patches:  # errors: the patch on a dark 'plain' image
+        img = np.zeros((16, 16), np.uint8)
+        img[y:y + 3, x:x + 3] = 255
+        heat = np.zeros((16, 16), np.float32)
+        heat[y:y + 3, x:x + 3] = 1.0
+        add(img, 0, 1, heat)
+    heat = np.zeros((16, 16), np.float32)
+    heat[4:8, 2:6] = 1.0
+    half = np.zeros((16, 16), np.uint8)
+    half[:, :8] = 128
+    add(half, 0, 1, heat)  # an error for another reason
+    refs, rows = [], []
+    for i, (img, label, pred) in enumerate(zip(images, labels, preds)):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(img).save(path)
+        refs.append(SampleRef(path, f"{i}.png", label))
+        rows.append({"label": label, "prediction": pred, "confidence": 1.0, "correct": label == pred,
+                     "explained": True, "width": 16, "height": 16, "path": f"{i}.png", "sha256": str(i)})
+    maps = {i: h for i, h in enumerate(heats) if h is not None}
+    ev = Evidence(["plain", "tagged"], pd.DataFrame(rows), {"m": maps}, {}, refs, model=PatchOrGreyHalf(),
+                  input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
+    errors = list(range(24, 27))
+    for confirmed, want in ((True, errors), (False, [])):
+        f = ClassFinding(cls="tagged", rule="recurring_patch", method="m", severity="high" if confirmed else "low",
+                         score=0.7, share=0.5, message="m.", details={"confirmed": confirmed})
+        found: list = []
+        added = confirm(ev, found, [f], InterventionSpec(fill="mean", transplant_images=12), seed=0)
+        assert sorted(g.sample for g in added) == want
+        for g in added:
+            y, x = patches[g.sample - 24]
+            assert g.rule == "recurring_patch" and g.details["instance_of"] == "recurring_patch"
+            assert g.bbox == [float(x), float(y), float(x + 3), float(y + 3)] and g.severity == "high"
+            assert "at no fixed place" in g.message

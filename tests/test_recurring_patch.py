@@ -153,7 +153,9 @@ def test_a_sticker_anywhere_is_found_boxed_and_confirmed(sticker_audit):
     assert [f.cls for f in top] == ["gravel"]
     top = top[0]
     assert top.region is None and top.details["confirmed"] and severity_rank(top.severity) >= severity_rank("high")
-    assert set(top.details["samples"]) == {f.sample for f in mine}
+    assert set(top.details["samples"]) == {f.sample for f in mine if "instance_of" not in f.details}
+    # An error outside the group, boxed as an instance of the confirmed cue, boxes the sticker too.
+    assert all(f in hits for f in mine if "instance_of" in f.details)
     assert top.details["transfer_rate"] - top.details["control_rate"] >= 0.5
     assert "orange" in top.details["description"] and "in different places" in top.message
     assert f"{top.details['transfer_rate']:.0%}" in top.message and f"{top.details['control_rate']:.0%}" in top.message

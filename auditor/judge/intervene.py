@@ -20,8 +20,9 @@ Every finding that names a region is put to a test on the model:
 - a class finding without a region that lists its sample findings (details.samples):
   confirmed when most of their regions carried the class to other images.
 - a confirmed class cue's instances: the images the model wrongly calls the cue's class are
-  tested as sample findings at the cue's region, and those confirmed become image findings of
-  the rule that found the cue (``instances``).
+  tested as sample findings at the cue's region (a cue at no fixed place: at their own strongest
+  evidence), and those confirmed become image findings of the rule that found the cue
+  (``instances``).
 
 A sample finding with candidate boxes (``details.candidate_boxes``: the evidence region and
 the object the image shows there; ``details.region_box``: the rule's own region) whose own box
@@ -408,17 +409,26 @@ INSTANCES = 32
 
 def instances(ev: Evidence, tester: Intervener, findings: list[Finding], class_findings: list[ClassFinding],
               spec: InterventionSpec, seed: int) -> list[Finding]:
-    """The image findings a confirmed class cue stands for. A class finding whose region carries its
-    class onto other images beyond both placebos (high or critical) names where the model looks
-    for a cue; each image the model wrongly calls that class, and that no confirmed finding boxes
-    there yet, is tested as a sample finding at that region (the object or evidence region the
-    image shows inside it first): remove, transplant and restore, beside their placebos. The
-    confirmed ones are returned, as findings of the rule that found the cue: the errors the cue
-    decided, boxed (a rule that sees only a class's images as a whole, such as class_visualisation,
-    has no other way to name them)."""
+    """The image findings a confirmed class cue stands for. A class finding confirmed at high or
+    critical (it carries its class onto other images beyond both placebos) says the model reads a
+    cue for its class; each image the model wrongly calls that class, and that no confirmed finding
+    boxes yet, is tested as a sample finding: remove, transplant and restore, beside their placebos.
+
+    - A cue at one place (the class finding has a region): tested at that region (the object or
+      evidence region the image shows inside it first); the confirmed ones are kept. A rule that
+      sees only a class's images as a whole, such as class_visualisation, has no other way to name
+      the errors its cue decided.
+    - A cue at no fixed place (no region: "this patch, anywhere, is P"): tested at the image's own
+      strongest evidence (its object, then its evidence region); kept only when that region carries
+      the class onto other images beyond random regions of its size, as the cue does
+      (``_carries_beyond_random``). Any error's evidence decided it, so removal alone shows nothing
+      of the cue. (Held-out case g021: the cue's group held the tags on one class's photos, and 8
+      cue-driven errors on the other class's photos went unboxed.)
+
+    The kept ones are returned as findings of the rule that found the cue."""
     s = ev.samples
     out: list[Finding] = []
-    cues = [f for f in class_findings if f.region and f.details.get("confirmed")
+    cues = [f for f in class_findings if f.details.get("confirmed")
             and severity_rank(f.severity) >= severity_rank("high") and f.cls in ev.classes]
     boxed: dict[int, list] = {}  # sample -> its confirmed findings' boxes, as fractions of the input
     for g in findings:
@@ -426,28 +436,44 @@ def instances(ev: Evidence, tester: Intervener, findings: list[Finding], class_f
             boxed.setdefault(int(g.sample), []).append(ev.to_input_frac(g.sample, g.bbox))
     for cf in cues:
         cls = ev.classes.index(cf.cls)
+        region = tuple(cf.region) if cf.region else None
         wrong = s[(s["prediction"] == cls) & (s["label"] != cls)].sort_values("confidence", ascending=False)
         for i in wrong.index[:INSTANCES]:
             i = int(i)
-            if any(boxes_overlap(b, cf.region) for b in boxed.get(i, [])):
+            if region is not None and any(boxes_overlap(b, region) for b in boxed.get(i, [])):
                 continue  # already boxed there, confirmed
-            method = next((m for m in ev.methods if i in ev.heatmaps.get(m, {})), None)
-            cands = ev.boxes(i, ev.heatmaps[method][i], tuple(cf.region)) if method else [tuple(cf.region)]
+            order = [cf.method] if cf.method in ev.methods else []
+            method = next((m for m in [*order, *ev.methods] if i in ev.heatmaps.get(m, {})), None)
+            if method is None and region is None:
+                continue  # no evidence says where to look
+            cands = ev.boxes(i, ev.heatmaps[method][i], region) if method else [region]
+            if region is None and (not cands or any(boxes_overlap(b, cands[0]) for b in boxed.get(i, []))):
+                continue  # nothing to test, or already boxed there, confirmed
             label = ev.classes[int(s.at[i, "label"])]
+            where = (f"at one place ({place_words(region)}); this image was tested there" if region else
+                     f"at no fixed place; this image's strongest evidence was tested")
             g = Finding(sample=i, rule=cf.rule, method=method, severity="low", score=cf.score,
                         bbox=ev.to_file_bbox(i, cands[0]),
                         message=(f"The model called this '{label}' image '{cf.cls}'. A class-level check found, "
-                                 f"and confirmed, that the model reads '{cf.cls}' from what its images show at one "
-                                 f"place ({place_words(cf.region)}); this image was tested there."),
-                        details={"region": place_words(cf.region), "instance_of": cf.rule,
-                                 "region_box": [float(v) for v in cf.region],
+                                 f"and confirmed, that the model reads '{cf.cls}' from a cue {where}."),
+                        details={"region": place_words(region) if region else "anywhere", "instance_of": cf.rule,
+                                 **({"region_box": [float(v) for v in region]} if region else {}),
                                  "candidate_boxes": [list(b) for b in cands]})
             tester.reseed(seed, 2, i, cf.rule)
             _confirm_sample(ev, tester, g, spec)
-            if g.details.get("confirmed"):
+            if g.details.get("confirmed") and (region is not None or _carries_beyond_random(g, spec)):
                 out.append(g)
                 boxed.setdefault(i, []).append(ev.to_input_frac(i, g.bbox))
     return out
+
+
+def _carries_beyond_random(f: Finding, spec: InterventionSpec) -> bool:
+    """A tested finding's region, pasted onto other classes' images, turned them into its class
+    beyond random regions of its size. (The class's own content of its size, the second placebo,
+    is what a cue at one place must beat; a region-less cue's class finding has already beaten
+    the class's other strongest evidence, pasted at the same random places: ``recurring_patch``.)"""
+    e = f.details.get("intervention") or {}
+    return beats_control(e, "transfer", e.get("transfer_rate", 0) >= spec.transplant_rate, spec)
 
 
 def _same(a, b=None, tol: float = 0.01) -> bool:
