@@ -154,7 +154,7 @@ def cached_confirm(ev: Evidence, findings: list, class_findings: list, cfg: Audi
     s = ev.samples
     every = [f.to_json() | {"image": s.at[f.sample, "sha256"]} for f in findings] + [f.to_json() for f in class_findings]
     # Restore donors are ranked by the explained images' heatmaps: what was explained, and how, counts too.
-    # (3: the outcome holds the confirmed class cues' instances too, region-less cues' since 3)
+    # (3: the outcome holds the confirmed class cues' instances and absences too, and what they fold in)
     key = digest("intervention", 3, model_key, cfg.intervention.model_dump(mode="json"), cfg.run.seed,
                  sorted(zip(s["sha256"], s["label"].astype(int))), every,
                  sorted(s.loc[s["explained"], "sha256"]), cfg.explain.model_dump(mode="json"),
@@ -165,6 +165,7 @@ def cached_confirm(ev: Evidence, findings: list, class_findings: list, cfg: Audi
             f.severity, f.message, f.details = severity, message, details
             if isinstance(f, Finding) and (details.get("intervention") or {}).get("bbox"):
                 f.bbox = details["intervention"]["bbox"]  # the box the intervention refined
+        findings[:] = [f for f in findings if not f.details.get("superseded_by")]  # folded into an absence
         findings.extend(Finding(sample=i, **d) for i, d in hit["instances"])
         return
     tested = [*findings, *class_findings]

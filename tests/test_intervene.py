@@ -324,3 +324,42 @@ def test_a_confirmed_cue_at_no_fixed_place_boxes_each_error_that_carries_it(tmp_
             assert g.rule == "recurring_patch" and g.details["instance_of"] == "recurring_patch"
             assert g.bbox == [float(x), float(y), float(x + 3), float(y + 3)] and g.severity == "high"
             assert "at no fixed place" in g.message
+
+
+def test_an_image_of_the_cue_class_without_its_mark_is_flagged_where_the_mark_belongs():
+    """The corner-reading model calls two 'tagged' images that lack the corner mark 'dark'. The
+    confirmed class cue (the corner carries 'tagged') names the place; putting back what 'tagged'
+    images show there gives 'tagged' back, beyond random regions of those images: each is flagged at
+    the corner, medium, and a finding on one of them that names no place is folded into it. A class
+    finding that is not confirmed explains no absence."""
+    from test_views import _tagged
+
+    from auditor.judge.evidence import ClassFinding
+    for confirmed in (True, False):
+        ev = _tagged(CornerOnly(), class1=0.5)
+        xs = [ev.model_input(i) for i in range(len(ev.samples))]
+        rows = ev.samples.reset_index().to_dict("records")
+        for k in range(2):  # 'tagged' images without their mark
+            xs.append(torch.full((3, 16, 16), 0.5))
+            ev.refs.append(SampleRef(None, f"1/m{k}.png", 1))
+            rows.append(rows[-1] | {"id": len(xs) - 1, "path": f"1/m{k}.png", "label": 1, "prediction": 0,
+                                    "correct": False, "sha256": f"m{k}"})
+        ev.samples = pd.DataFrame(rows).set_index("id")
+        ev.model_input = lambda i, xs=xs: xs[i]
+        region = [0.0, 0.75, 0.25, 1.0]
+        f = ClassFinding(cls="tagged", rule="corner_border", severity="medium", score=1.0, share=1.0, message="m.",
+                         region=region if confirmed else [0.75, 0.0, 1.0, 0.25])  # a corner that reads nothing
+        vague = Finding(sample=24, rule="corner_restore", severity="medium", score=0.9, message="Some corner.")
+        found = [vague]
+        added = confirm(ev, found, [f], InterventionSpec(fill="mean", transplant_images=12), seed=0)
+        if not confirmed:
+            assert f.details["confirmed"] is False and added == [] and found == [vague]
+            continue
+        assert f.details["confirmed"] and sorted(g.sample for g in added) == [24, 25]
+        assert found == added and vague.details["superseded_by"] == "corner_border"
+        for g in added:
+            e = g.details["intervention"]
+            assert g.details["absence"] and g.details["instance_of"] == "corner_border" and g.severity == "medium"
+            assert g.bbox == [0.0, 12.0, 4.0, 16.0] and e["restore_rate"] == 1.0 and e["control_restore_rate"] == 0.0
+            assert "does not show there what the model looks for" in g.message
+        assert [d["rule"] for d in added[0].details["same_place"]] == ["corner_restore"]

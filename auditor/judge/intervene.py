@@ -181,6 +181,11 @@ class Intervener:
 
         Donors are the true class's images whose own heatmap (``method``) puts the most evidence
         in the box: what the model expects to see there for that class."""
+        return self.restore_from(i, true, box, self.donors_for(true, box, method))
+
+    def donors_for(self, true: int, box, method: str | None) -> list[int]:
+        """``true``'s correctly classified images whose own heatmap (``method``) puts the most
+        evidence in ``box`` (``spec.restore_images`` of them): what the model expects to see there."""
         key = (true, method, tuple(np.round(box, 3)))
         if key not in self._donors:
             pool = self.correct[self.correct_labels == true].tolist()
@@ -191,8 +196,7 @@ class Intervener:
                                         for s in range(0, len(have), 1024)])  # bounded memory
                 pool = [have[k] for k in np.lexsort((-np.array(have), -share))]  # ties: higher id first
             self._donors[key] = pool[: self.spec.restore_images]
-        donors = self._donors[key]
-        return self.restore_from(i, true, box, donors)
+        return self._donors[key]
 
     def restore_from(self, i: int, true: int, box, donors: list[int]) -> dict:
         """Paste ``box`` from ``donors`` into image i, and random boxes of its size (the placebo)."""
@@ -358,8 +362,10 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
                           f"as well: it is the class's look, not a cue.")
     added = instances(ev, tester, findings, class_findings, spec, seed)
     findings.extend(added)
+    lacking = absences(ev, tester, findings, class_findings, spec, seed)
+    findings[:] = [f for f in findings if not f.details.get("superseded_by")] + lacking
     _lone_cues(findings, ev)
-    return added
+    return [f for f in added if not f.details.get("superseded_by")] + lacking
 
 
 def _confirm_sample(ev: Evidence, tester: Intervener, f: Finding, spec: InterventionSpec) -> None:
@@ -465,6 +471,87 @@ def instances(ev: Evidence, tester: Intervener, findings: list[Finding], class_f
                 out.append(g)
                 boxed.setdefault(i, []).append(ev.to_input_frac(i, g.bbox))
     return out
+
+
+def absences(ev: Evidence, tester: Intervener, findings: list[Finding], class_findings: list[ClassFinding],
+              spec: InterventionSpec, seed: int) -> list[Finding]:
+    """The errors a confirmed class cue made by its absence. A class finding with a region, confirmed
+    at high or critical, says the model reads its class T from a mark at one place; an image of T
+    that the model calls something else may lack that mark (a photo of the tagged class without its
+    tag, or with one unlike the class's). Each such image (the ``INSTANCES`` most confident errors) gets back, at the place, what
+    T's images show there (``Intervener.restore``: the donors whose own evidence lies most there),
+    beside the same donors' random regions of its size; where T comes back beyond them, the image
+    is flagged at that place, medium (the error is explained; the class finding shows the
+    behaviour). The box is where T's images show their mark: the median of the donors' own tight
+    boxes inside the region (a mark is not in the image that lacks it, so its own evidence cannot
+    box it), the region where they have none.
+
+    The image's other findings below high at that place, or with no place, say the same thing less
+    well (the evidence for the wrong class next to an empty spot, "some corner lacks its mark"):
+    they are folded into it (``details.superseded_by`` on them; their rule and severity in the absence's
+    ``details.same_place``), one finding per image and place."""
+    s = ev.samples
+    out: list[Finding] = []
+    cues = sorted((f for f in class_findings if f.region and f.details.get("confirmed")
+                   and severity_rank(f.severity) >= severity_rank("high") and f.cls in ev.classes),
+                  key=lambda f: (-severity_rank(f.severity), -f.score))  # the strongest cue of a class speaks
+    done: set[int] = set()
+    for cf in cues:
+        true = ev.classes.index(cf.cls)
+        region = tuple(cf.region)
+        wrong = s[(s["label"] == true) & (s["prediction"] != true)].sort_values("confidence", ascending=False)
+        method = cf.method if cf.method in ev.methods else next(iter(ev.methods), None)
+        box = None
+        for i in (int(i) for i in wrong.index[:INSTANCES]):
+            if i in done:
+                continue
+            if box is None:
+                box = _mark_box(ev, tester, true, region, method)
+            tester.reseed(seed, 3, i, cf.rule)
+            try:
+                effect = tester.restore(i, true, box, method)
+            except Exception:  # an unreadable image: no absence claimed
+                continue
+            if not beats_control(effect, "restore", effect["restore_rate"] >= spec.transplant_rate, spec):
+                continue
+            done.add(i)
+            pred = ev.classes[int(s.at[i, "prediction"])]
+            # (A finding there that carries its own class beyond both placebos, high, claims a cue
+            # for that class, not this absence: it stays.)
+            same = [f for f in findings if int(f.sample) == i and severity_rank(f.severity) < severity_rank("high")
+                    and (not f.bbox or boxes_overlap(ev.to_input_frac(i, f.bbox), box))]
+            g = Finding(sample=i, rule=cf.rule, method=method, severity="low", score=cf.score,
+                        bbox=ev.to_file_bbox(i, box),
+                        message=(f"The model called this '{cf.cls}' image '{pred}'. A class-level check found, and "
+                                 f"confirmed, that the model reads '{cf.cls}' from what its images show at one place "
+                                 f"({place_words(region)}); putting back what {effect['donors']} correctly classified "
+                                 f"'{cf.cls}' images show there gave '{cf.cls}' back in {effect['restored']} of them "
+                                 f"(random regions of the same size from those images: "
+                                 f"{effect.get('control_restore_rate', 0):.0%}). This image does not show there what "
+                                 f"the model looks for: the mark is missing, or unlike the class's."
+                                 + (f" ({', '.join(sorted({f.rule for f in same}))} also flagged this image at that "
+                                    f"place or at none; folded in here.)" if same else "")),
+                        details={"region": place_words(region), "instance_of": cf.rule, "absence": True,
+                                 "region_box": [float(v) for v in region],
+                                 "intervention": effect | {"fill": spec.fill},
+                                 "same_place": [{"rule": f.rule, "severity": f.severity} for f in same]})
+            _verdict(g, True, "medium")
+            g.details["carries_class"] = None  # nothing of this image was pasted anywhere
+            for f in same:
+                f.details["superseded_by"] = cf.rule
+            out.append(g)
+    return out
+
+
+def _mark_box(ev: Evidence, tester: Intervener, true: int, region, method: str | None) -> tuple:
+    """Where ``true``'s images show their mark inside ``region``: the median of the restore donors'
+    first tight boxes there (``Evidence.boxes``), ``region`` when they have no heatmap."""
+    donors = [j for j in tester.donors_for(true, region, method) if method and j in ev.heatmaps.get(method, {})]
+    boxes = [ev.boxes(j, ev.heatmaps[method][j], region)[0] for j in donors[:8]]
+    if not boxes:
+        return region
+    x0, y0, x1, y1 = (float(v) for v in np.median(np.array(boxes), axis=0))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else region
 
 
 def _carries_beyond_random(f: Finding, spec: InterventionSpec) -> bool:
