@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 
@@ -326,30 +327,37 @@ def test_a_confirmed_cue_at_no_fixed_place_boxes_each_error_that_carries_it(tmp_
             assert "at no fixed place" in g.message
 
 
+def _lacking_marks(confirmed: bool = True):
+    """The corner-reading model's evidence with two 'tagged' images that lack the corner mark (it
+    calls them 'dark'), a class finding on the corner (on another corner when not ``confirmed``:
+    one that reads nothing), and a finding on the first that names no place."""
+    from test_views import _tagged
+
+    from auditor.judge.evidence import ClassFinding
+    ev = _tagged(CornerOnly(), class1=0.5)
+    xs = [ev.model_input(i) for i in range(len(ev.samples))]
+    rows = ev.samples.reset_index().to_dict("records")
+    for k in range(2):  # 'tagged' images without their mark
+        xs.append(torch.full((3, 16, 16), 0.5))
+        ev.refs.append(SampleRef(None, f"1/m{k}.png", 1))
+        rows.append(rows[-1] | {"id": len(xs) - 1, "path": f"1/m{k}.png", "label": 1, "prediction": 0,
+                                "correct": False, "sha256": f"m{k}"})
+    ev.samples = pd.DataFrame(rows).set_index("id")
+    ev.model_input = lambda i: xs[i]
+    f = ClassFinding(cls="tagged", rule="corner_border", severity="medium", score=1.0, share=1.0, message="m.",
+                     region=[0.0, 0.75, 0.25, 1.0] if confirmed else [0.75, 0.0, 1.0, 0.25])
+    vague = Finding(sample=24, rule="corner_restore", severity="medium", score=0.9, message="Some corner.")
+    return ev, f, vague
+
+
 def test_an_image_of_the_cue_class_without_its_mark_is_flagged_where_the_mark_belongs():
     """The corner-reading model calls two 'tagged' images that lack the corner mark 'dark'. The
     confirmed class cue (the corner carries 'tagged') names the place; putting back what 'tagged'
     images show there gives 'tagged' back, beyond random regions of those images: each is flagged at
     the corner, medium, and a finding on one of them that names no place is folded into it. A class
     finding that is not confirmed explains no absence."""
-    from test_views import _tagged
-
-    from auditor.judge.evidence import ClassFinding
     for confirmed in (True, False):
-        ev = _tagged(CornerOnly(), class1=0.5)
-        xs = [ev.model_input(i) for i in range(len(ev.samples))]
-        rows = ev.samples.reset_index().to_dict("records")
-        for k in range(2):  # 'tagged' images without their mark
-            xs.append(torch.full((3, 16, 16), 0.5))
-            ev.refs.append(SampleRef(None, f"1/m{k}.png", 1))
-            rows.append(rows[-1] | {"id": len(xs) - 1, "path": f"1/m{k}.png", "label": 1, "prediction": 0,
-                                    "correct": False, "sha256": f"m{k}"})
-        ev.samples = pd.DataFrame(rows).set_index("id")
-        ev.model_input = lambda i, xs=xs: xs[i]
-        region = [0.0, 0.75, 0.25, 1.0]
-        f = ClassFinding(cls="tagged", rule="corner_border", severity="medium", score=1.0, share=1.0, message="m.",
-                         region=region if confirmed else [0.75, 0.0, 1.0, 0.25])  # a corner that reads nothing
-        vague = Finding(sample=24, rule="corner_restore", severity="medium", score=0.9, message="Some corner.")
+        ev, f, vague = _lacking_marks(confirmed)
         found = [vague]
         added = confirm(ev, found, [f], InterventionSpec(fill="mean", transplant_images=12), seed=0)
         if not confirmed:
@@ -363,3 +371,26 @@ def test_an_image_of_the_cue_class_without_its_mark_is_flagged_where_the_mark_be
             assert g.bbox == [0.0, 12.0, 4.0, 16.0] and e["restore_rate"] == 1.0 and e["control_restore_rate"] == 0.0
             assert "does not show there what the model looks for" in g.message
         assert [d["rule"] for d in added[0].details["same_place"]] == ["corner_restore"]
+
+
+def test_a_cached_rerun_gives_the_same_absences_and_folds_the_same_findings(tmp_path, monkeypatch):
+    """The interventions of an unchanged audit come from the cache: the absences come back, and the
+    finding they folded in stays out, as in the run that tested them."""
+    from types import SimpleNamespace
+
+    import auditor.audit
+    from auditor.audit import cached_confirm
+    from auditor.explain.store import Store
+    cfg = SimpleNamespace(intervention=InterventionSpec(fill="mean", transplant_images=12), run=SimpleNamespace(seed=0),
+                          explain=SimpleNamespace(model_dump=lambda mode: {}), model=SimpleNamespace(target_layer=None))
+    store = Store(tmp_path / "cache.sqlite")
+    runs = []
+    for k in range(2):
+        if k:  # the second run tests nothing
+            monkeypatch.setattr(auditor.audit, "confirm", lambda *a, **kw: pytest.fail("tested again"))
+        ev, f, vague = _lacking_marks()
+        found = [vague]
+        cached_confirm(ev, found, [f], cfg, store, "model")
+        runs.append([(g.sample, g.rule, g.severity, g.bbox, g.message) for g in found])
+    assert runs[0] == runs[1] and [r[0] for r in runs[0]] == [24, 25]
+    assert all(r[1] == "corner_border" for r in runs[1])
