@@ -278,3 +278,41 @@ def test_flagged_images_beyond_the_gallery_are_numbered_small_pictures(tmp_path)
     text = subprocess.run(["pdftotext", str(folder / "report.pdf"), "-"], capture_output=True, text=True,
                           check=True).stdout
     assert "Small pictures of the further flagged images" in text and paths[6] in _text(text).replace(" ", "")
+
+
+def test_a_class_cue_absent_from_its_own_images_is_told_apart_from_the_errors_it_caused():
+    """A confirmed cue of 'gravel' at one place: one 'brick' image it made the model call 'gravel',
+    and two 'gravel' images the model calls 'grass' that lack it (absences). Page 1 counts them
+    apart, and section 4 groups each kind in its own words."""
+    import auditor.rules  # noqa: F401  (registers the rules' titles)
+    from auditor.outputs.report_findings import shared
+    from auditor.outputs.report_summary import problems
+    from auditor.record import ClassFindingRecord, FindingRecord, Metrics, RunRecord, SampleRecord
+
+    test = {"confirmed": True, "intervention": {"donors": 5, "restored": 5, "restore_rate": 1.0, "true_class": "gravel",
+                                                "control_restore_rate": 0.0, "restore_vs_control": [1.0, 1.0, 1.0]}}
+
+    def sample(i, label, pred, absence):
+        f = FindingRecord(rule="fixed_location", severity="medium" if absence else "high", score=0.5,
+                          message=f"Image {i}.", bbox=[0, 0, 4, 4], details=test | ({"absence": True} if absence else {}))
+        return SampleRecord(id=i, path=f"{label}/{i}.png", label=label, prediction=pred, confidence=0.9,
+                            correct=False, explained=True, size=[16, 16], findings=(f,))
+
+    cue = ClassFindingRecord(rule="fixed_location", severity="high", score=0.9, share=0.5, region=[0, 0, 0.25, 0.25],
+                             message="A mark at one place.", details={"confirmed": True}, **{"class": "gravel"})
+    rec = RunRecord(run={"classes": ["brick", "grass", "gravel"]},
+                    metrics=Metrics(accuracy=0.5, images=3, misclassified=3, explained=3, per_class=[],
+                                    confusion={"classes": ["brick", "grass", "gravel"]}),
+                    samples=(sample(0, "brick", "gravel", False), sample(1, "gravel", "grass", True),
+                             sample(2, "gravel", "grass", True)),
+                    class_findings=(cue,))
+    pictures = {"samples": {i: {"inset": f"{i}.png"} for i in range(3)}, "classes": {}}
+    first = next(p for p in problems(rec, pictures) if p["subject"] == "class 'gravel'")
+    assert "1 misclassified image shows it too" in first["sentence"]
+    assert "2 images of 'gravel' that the model gets wrong lack it" in first["sentence"]
+    groups, done = shared(rec, pictures)
+    assert done == {0, 1, 2} and len(groups) == 2
+    caused, lacking = groups
+    assert caused["text"].startswith("1 misclassified image the model calls 'gravel' (truly brick) shows")
+    assert lacking["text"].startswith("2 images of 'gravel' that the model calls 'grass' do not show what")
+    assert [s["path"] for s in lacking["shots"]] == ["gravel/1.png", "gravel/2.png"]

@@ -116,10 +116,11 @@ def shared(rec: RunRecord, pictures: dict) -> tuple[list[dict], set[int]]:
         pic = pictures["samples"].get(s.id) or {}
         if not main or not pic.get("inset") or any(id(f) not in links for f in main):
             continue
-        groups.setdefault(links[id(main[0])], []).append((s, main))
+        # The errors the class's cue made, apart from the class's own images that lack it.
+        groups.setdefault((links[id(main[0])], bool(main[0].details.get("absence"))), []).append((s, main))
         done.add(s.id)
     out = []
-    for n, items in sorted(groups.items()):
+    for (n, absent), items in sorted(groups.items()):
         c = rec.class_findings[n]
         found = [f for _, fs in items for f in fs]
         passed: dict[str, int] = {}
@@ -130,8 +131,14 @@ def shared(rec: RunRecord, pictures: dict) -> tuple[list[dict], set[int]]:
         labels = sorted({s.label for s, _ in items})
         rules = and_list(list(dict.fromkeys(f"“{titled(RULES, f.rule)}”" for f in found)))
         confirmed = sum(any(f.confirmed for f in fs) for _, fs in items)
-        text = (f"{plural(len(items), 'misclassified image')} the model calls '{c.cls}' (truly {and_list(labels)}) "
-                f"{'shows' if len(items) == 1 else 'show'} what the class-level finding “{titled(RULES, c.rule)}” describes"
+        called = sorted({f"'{s.prediction}'" for s, _ in items})
+        text = ((f"{plural(len(items), 'image')} of '{c.cls}' that the model calls {and_list(called)} "
+                 f"{'does' if len(items) == 1 else 'do'} not show what the class-level finding "
+                 f"“{titled(RULES, c.rule)}” says the model looks for in '{c.cls}' images, at that place"
+                 if absent else
+                 f"{plural(len(items), 'misclassified image')} the model calls '{c.cls}' (truly {and_list(labels)}) "
+                 f"{'shows' if len(items) == 1 else 'show'} what the class-level finding “{titled(RULES, c.rule)}” "
+                 f"describes")
                 + (f", flagged by {rules}" if {f.rule for f in found} != {c.rule} else "") + "; "
                 f"intervention confirmed {confirmed} of them"
                 + (f" ({'; '.join(f'{k} passed in {v}' for k, v in passed.items())})" if passed else "") + ".")

@@ -35,12 +35,17 @@ def problems(rec: RunRecord, pictures: dict) -> list[dict]:
     out, links, called = [], class_links(rec), predicted_counts(rec)
     for n, f in enumerate(rec.class_findings):
         pic = pictures["classes"].get(n, {})
-        members = {s.id for s in rec.samples for g in s.findings if links.get(id(g)) == n}  # images, not findings
+        members = {s.id for s in rec.samples for g in s.findings  # images, not findings
+                   if links.get(id(g)) == n and not g.details.get("absence")}
+        lacking = {s.id for s in rec.samples for g in s.findings if links.get(id(g)) == n and g.details.get("absence")}
         t = [x for x in tests(rec, f) if x["ok"]]
         said = (f" {confirmed_by(rec, f).capitalize()}: {t[0]['text']}." if f.confirmed and t else
                 f" {confirmed_by(rec, f).capitalize()}." if f.confirmed else
                 " Not confirmed by the intervention tests." if f.confirmed is False else " Not tested by intervention.")
-        also = f" {plural(len(members), 'misclassified image')} show it too (section 4)." if members else ""
+        also = (f" {plural(len(members), 'misclassified image')} {'shows' if len(members) == 1 else 'show'} it too "
+                f"(section 4)." if members else "") + (
+            f" {plural(len(lacking), 'image')} of '{f.cls}' that the model gets wrong "
+            f"{'lacks' if len(lacking) == 1 else 'lack'} it (section 4)." if lacking else "")
         picture = (pic.get("inset") or {}).get("file") or pic.get("mean")
         out.append({"severity": f.severity, "badge": badge(rec, f), "check": titled(RULES, f.rule),
                     "subject": f"class '{f.cls}'", "waived": bool(f.waived),

@@ -152,12 +152,14 @@ def predicted_counts(rec: RunRecord) -> dict[str, int]:
 
 def class_links(rec: RunRecord) -> dict[int, int]:
     """id(image finding) -> position of the class finding it belongs to: the class finding names
-    its image (``details.samples``), or is the same check on the class the image was called."""
+    its image (``details.samples``), or is the same check on the class the image was called, or
+    (an absence, ``details.absence``) on the class the image truly is."""
     out = {}
     for s in rec.samples:
         for f in s.findings:
             for n, c in enumerate(rec.class_findings):
-                if s.id in (c.details.get("samples") or []) or (c.rule == f.rule and c.cls == s.prediction):
+                if s.id in (c.details.get("samples") or []) or (c.rule == f.rule and c.cls == (
+                        s.label if f.details.get("absence") else s.prediction)):
                     out[id(f)] = n
                     break
     return out
