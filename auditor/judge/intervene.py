@@ -434,8 +434,7 @@ def instances(ev: Evidence, tester: Intervener, findings: list[Finding], class_f
     The kept ones are returned as findings of the rule that found the cue."""
     s = ev.samples
     out: list[Finding] = []
-    cues = [f for f in class_findings if f.details.get("confirmed")
-            and severity_rank(f.severity) >= severity_rank("high") and f.cls in ev.classes]
+    cues = _confirmed_cues(ev, class_findings)
     boxed: dict[int, list] = {}  # sample -> its confirmed findings' boxes, as fractions of the input
     for g in findings:
         if g.bbox and g.details.get("confirmed"):
@@ -494,9 +493,11 @@ def absences(ev: Evidence, tester: Intervener, findings: list[Finding], class_fi
     wrong class beside the empty place, or not at all."""
     s = ev.samples
     out: list[Finding] = []
-    cues = sorted((f for f in class_findings if f.region and f.details.get("confirmed")
-                   and severity_rank(f.severity) >= severity_rank("high") and f.cls in ev.classes),
+    cues = sorted((f for f in _confirmed_cues(ev, class_findings) if f.region),
                   key=lambda f: (-severity_rank(f.severity), -f.score))  # the strongest cue of a class speaks
+    by_sample: dict[int, list[Finding]] = {}
+    for f in findings:
+        by_sample.setdefault(int(f.sample), []).append(f)
     done: set[int] = set()
     for cf in cues:
         true = ev.classes.index(cf.cls)
@@ -520,7 +521,7 @@ def absences(ev: Evidence, tester: Intervener, findings: list[Finding], class_fi
             pred = ev.classes[int(s.at[i, "prediction"])]
             # (A finding there that carries its own class beyond both placebos, high, claims a cue
             # for that class, not this absence: it stays.)
-            same = [f for f in findings if int(f.sample) == i and severity_rank(f.severity) < severity_rank("high")
+            same = [f for f in by_sample.get(i, []) if severity_rank(f.severity) < severity_rank("high")
                     and (not f.bbox or boxes_overlap(ev.to_input_frac(i, f.bbox), box))]
             g = Finding(sample=i, rule=cf.rule, method=method, severity="low", score=cf.score,
                         bbox=ev.to_file_bbox(i, box),
@@ -545,11 +546,20 @@ def absences(ev: Evidence, tester: Intervener, findings: list[Finding], class_fi
     return out
 
 
+def _confirmed_cues(ev: Evidence, class_findings: list[ClassFinding]) -> list[ClassFinding]:
+    """The class findings confirmed at high or critical, on a class the audit knows: the cues
+    whose instances and absences are sought."""
+    return [f for f in class_findings if f.details.get("confirmed")
+            and severity_rank(f.severity) >= severity_rank("high") and f.cls in ev.classes]
+
+
 def _mark_box(ev: Evidence, tester: Intervener, true: int, region, method: str | None) -> tuple:
     """Where ``true``'s images show their mark inside ``region``: the median of the restore donors'
     first tight boxes there (``Evidence.boxes``), ``region`` when they have no heatmap."""
-    donors = [j for j in tester.donors_for(true, region, method) if method and j in ev.heatmaps.get(method, {})]
-    boxes = [ev.boxes(j, ev.heatmaps[method][j], region)[0] for j in donors[:8]]
+    if method is None:
+        return region
+    maps = ev.heatmaps.get(method, {})
+    boxes = [ev.boxes(j, maps[j], region)[0] for j in tester.donors_for(true, region, method) if j in maps][:8]
     if not boxes:
         return region
     x0, y0, x1, y1 = (float(v) for v in np.median(np.array(boxes), axis=0))

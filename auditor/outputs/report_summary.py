@@ -35,9 +35,10 @@ def problems(rec: RunRecord, pictures: dict) -> list[dict]:
     out, links, called = [], class_links(rec), predicted_counts(rec)
     for n, f in enumerate(rec.class_findings):
         pic = pictures["classes"].get(n, {})
-        members = {s.id for s in rec.samples for g in s.findings  # images, not findings
-                   if links.get(id(g)) == n and not g.details.get("absence")}
-        lacking = {s.id for s in rec.samples for g in s.findings if links.get(id(g)) == n and g.details.get("absence")}
+        linked = [(s.id, bool(g.details.get("absence"))) for s in rec.samples for g in s.findings
+                  if links.get(id(g)) == n]
+        members = {i for i, absent in linked if not absent}  # images, not findings
+        lacking = {i for i, absent in linked if absent}
         t = [x for x in tests(rec, f) if x["ok"]]
         said = (f" {confirmed_by(rec, f).capitalize()}: {t[0]['text']}." if f.confirmed and t else
                 f" {confirmed_by(rec, f).capitalize()}." if f.confirmed else
