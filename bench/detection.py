@@ -211,10 +211,12 @@ def _coverage(doc: dict) -> dict:
 
 
 def shown(f: dict) -> bool:
-    """A finding the report flags: confirmed, or medium and above. An unconfirmed low one is a
-    minor suspicion, listed apart in the appendix and not in the gallery of flagged images
-    (``auditor.outputs.report_words.is_minor``): neither a hit nor a false alarm."""
-    return bool(f["details"].get("confirmed")) or severity_rank(f["severity"]) > severity_rank("low")
+    """A finding the report flags: confirmed, or medium and above. A low one that is unconfirmed, or
+    one error nothing else points to (``isolated``), is a minor suspicion, listed apart in the appendix
+    and not in the gallery of flagged images (``auditor.outputs.report_words.is_minor``): neither a
+    hit nor a false alarm."""
+    d = f["details"]
+    return (bool(d.get("confirmed")) and not d.get("isolated")) or severity_rank(f["severity"]) > severity_rank("low")
 
 
 def score(case, doc: dict, truth: dict) -> dict:

@@ -54,7 +54,7 @@ def _effects(d: dict) -> list[str]:
 
 @RULES.register("corner_border", title='Mark in a corner or along an edge',
                 glossary='Watermarks, scanner frames and printed tags live there; a model that looks there has probably learned the mark rather than the object.',
-                effects=_effects, level="sample+class", needs=("heatmaps",), direction="higher is more suspicious")
+                effects=_effects, each_image=True, level="sample+class", needs=("heatmaps",), direction="higher is more suspicious")
 def corner_border(ev: Evidence, band: Band = 0.15, min_lift: NonNegative = 2.0, min_standout: Positive | None = None,
                   min_mass: Share | None = None, standout_floor: NonNegative = 0.3, class_min_lift: Positive = 4.0,
                   z_min: float = 3.0, min_images: Count = 5, sample_severity: Thresholds = None,

@@ -54,7 +54,7 @@ def _effects(d: dict) -> list[str]:
 
 @RULES.register("corner_restore", title='Answer changes when a corner is replaced',
                 glossary='It asks the model directly rather than a heatmap, so it also catches a mark that works by its absence or its shade (a missing watermark, a swatch of the wrong grey), which heatmaps cannot show.',
-                effects=_effects, level="sample", needs=("model",), direction="higher is more suspicious")
+                effects=_effects, each_image=True, level="sample", needs=("model",), direction="higher is more suspicious")
 def corner_restore(ev: Evidence, band: Band = 0.15, donors: Count = 4, candidates: Count = 64, min_rate: Share = 0.75,
                    min_gap: NonNegative = 0.5, min_mark: Positive = 3.0, control_margin: NonNegative = 0.25,
                    max_images: Count = 5000, severity: Thresholds = None) -> list:

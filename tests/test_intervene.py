@@ -10,7 +10,7 @@ from torch import nn
 
 from auditor.inputs.config import InputSpec, InterventionSpec
 from auditor.inputs.data import SampleRef
-from auditor.judge.evidence import Evidence, Finding
+from auditor.judge.evidence import ClassFinding, Evidence, Finding
 from auditor.judge.intervene import beats_control, confirm, control_boxes
 
 
@@ -90,7 +90,8 @@ def test_a_region_no_stronger_than_a_random_one_is_not_confirmed():
     assert "turned 12 of them into 'bright'; pasting a random region of the same size turned 12" in f.message
 
 
-def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16), errors=3) -> list[Finding]:
+def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16), errors=3, rule="corner_border",
+                class_findings=()) -> list[Finding]:
     """n dark images of class 0; n of class 1, ``class1`` grey with a bright bottom-left corner (the
     tag every class-1 image has); and ``errors`` dark class-0 images with that corner, which the
     model calls class 1: a finding on each boxes its corner, and they are put to the test."""
@@ -109,9 +110,9 @@ def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16), errors=3) -> li
                   input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
     ev.model_input = lambda i: xs[i]
     assert not any(r["correct"] for r in rows[2 * n:])
-    found = [Finding(sample=i, rule="corner_border", severity="medium", score=1.0, message="m.", bbox=list(bbox))
-             for i in range(2 * n, 2 * n + errors)]
-    confirm(ev, found, [], InterventionSpec(fill="mean", transplant_images=n), seed=0)
+    found = [Finding(sample=i, rule=rule, severity="medium", score=1.0, message="m.", bbox=list(bbox),
+                     details={"region": "bottom-left corner"}) for i in range(2 * n, 2 * n + errors)]
+    confirm(ev, found, list(class_findings), InterventionSpec(fill="mean", transplant_images=n), seed=0)
     return found
 
 
@@ -135,18 +136,40 @@ def test_a_region_that_carries_its_class_no_better_than_the_class_own_content_is
 
 
 def test_a_lone_error_whose_region_carries_its_class_is_medium():
-    """The same tag, confirmed beyond both placebos, on one or two errors the model called 'bright':
-    those errors are explained, but show no behaviour; three make each of them high."""
-    f = _with_error(CornerOnly(), class1=0.5, errors=1)[0]
+    """The same tag, confirmed beyond both placebos, on one or two errors the model called 'bright'
+    (found by a rule that looks across images): those errors are explained, but show no behaviour;
+    three make each of them high."""
+    f = _with_error(CornerOnly(), class1=0.5, errors=1, rule="fixed_location")[0]
     assert f.details["confirmed"] and f.severity == "medium" and f.details["recurs"] is False
     assert "It is the only image called 'bright'" in f.message
-    assert all(g.severity == "medium" and "Only 2 images" in g.message for g in _with_error(CornerOnly(), 0.5, errors=2))
+    assert all(g.severity == "medium" and "Only 2 images" in g.message
+               for g in _with_error(CornerOnly(), 0.5, errors=2, rule="fixed_location"))
     assert all(g.severity == "high" and "recurs" not in g.details for g in _with_error(CornerOnly(), class1=0.5))
+
+
+def test_an_error_that_nothing_else_points_to_is_a_minor_suspicion():
+    """A rule that judges each image alone (corner_border) on one or two errors called 'bright', with
+    no confirmed class cue of 'bright': explained, but no evidence of a shortcut, so low and minor
+    (a clean model's borderline errors are decided by something too). Three errors sharing the place,
+    or a confirmed class cue, keep them."""
+    from auditor.outputs.report_words import is_minor
+    from auditor.record import FindingRecord
+    for errors in (1, 2):
+        for f in _with_error(CornerOnly(), class1=0.5, errors=errors):
+            assert f.details["confirmed"] and f.details["isolated"] and f.severity == "low"
+            assert is_minor(FindingRecord.model_validate({k: v for k, v in f.to_json().items() if k in FindingRecord.model_fields}))
+            assert "nothing shows a shortcut" in f.message
+    assert all(not g.details.get("isolated") and g.severity == "high" for g in _with_error(CornerOnly(), class1=0.5))
+    cue = ClassFinding(cls="bright", rule="fixed_location", severity="high", score=1.0, share=0.5,
+                       region=[0.0, 0.75, 0.25, 1.0], message="m.")
+    kept = _with_error(CornerOnly(), class1=0.5, errors=1, class_findings=[cue])
+    assert cue.details["confirmed"] and not kept[0].details.get("isolated") and kept[0].severity == "medium"
 
 
 def test_a_restore_test_without_a_region_confirms_at_most_medium():
     """corner_restore's finding that names no corner: its restore test beat its placebo, so it
-    decided the error; with no region to paste elsewhere, nothing shows a learned cue."""
+    decided the error; with no region to paste elsewhere, nothing shows a learned cue (and as the
+    only such error, with no class cue confirmed, it is then isolated: low)."""
     ev = _evidence(CornerOnly())
     own = {"true_class": "dark", "donors": 4, "restored": 4, "restore_rate": 1.0,
            "control_restore_rate": 0.0, "restore_vs_control": [1.0, 1.0, 1.0]}
@@ -155,7 +178,8 @@ def test_a_restore_test_without_a_region_confirms_at_most_medium():
     weak = Finding(sample=21, rule="corner_restore", severity="medium", score=1.0, message="m.",
                    details={"own_test": own | {"control_restore_rate": 0.9, "restore_vs_control": [0.1, 0.0, 0.25]}})
     confirm(ev, [f, weak], [], InterventionSpec(), seed=0)
-    assert f.details["confirmed"] and f.severity == "medium" and "graded medium" in f.message
+    assert f.details["confirmed"] and "graded medium" in f.message
+    assert f.details["isolated"] and f.severity == "low" and "No other error called 'bright'" in f.message
     assert weak.details["confirmed"] is False and weak.severity == "low"
 
 

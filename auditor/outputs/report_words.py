@@ -124,9 +124,10 @@ def confirmed_by(rec: RunRecord, f) -> str:
 
 
 def badge(rec: RunRecord, f) -> str:
-    """'high · confirmed by restoring' / 'low · not confirmed' / 'medium · not tested'."""
+    """'high · confirmed by restoring' / 'low · not confirmed' / 'medium · not tested' /
+    'low · confirmed by restoring, for this error alone' (``isolated``)."""
     tag = confirmed_by(rec, f) or ("not confirmed" if f.confirmed is False else "not tested")
-    return f"{f.severity} · {tag}"
+    return f"{f.severity} · {tag}" + (", for this error alone" if f.details.get("isolated") else "")
 
 
 # --- where a finding sits in the run -------------------------------------------------------
@@ -187,8 +188,9 @@ def first_sentence(text: str) -> str:
 
 
 def is_minor(f) -> bool:
-    """An unconfirmed low (or info) finding: listed in the appendix, not in the gallery."""
-    return not f.confirmed and severity_rank(f.severity) <= severity_rank("low")
+    """A low (or info) finding, unconfirmed or one error that nothing else points to (``isolated``):
+    listed in the appendix, not in the gallery."""
+    return (not f.confirmed or bool(f.details.get("isolated"))) and severity_rank(f.severity) <= severity_rank("low")
 
 
 def described(registry, name: str) -> str:
