@@ -154,11 +154,14 @@ def test_the_moved_cells_hold_whole_a_mark_that_straddles_the_grid():
     """A mark across the meeting point of four cells lies in none of them whole, but in the cell
     moved by half a cell both ways; the moved grid keeps the tiling's cells and corners."""
     base, moved = tree.regions(), tree.regions(shifted=True)
-    assert len(base) == 20 and len(moved) == 7 * 7 + 4 and all(moved[k] == v for k, v in base.items())
+    assert len(base) == 20 and len(moved) == 7 * 7 + 3 * 3 + 4 and all(moved[k] == v for k, v in base.items())
     mark = [0.2, 0.2, 0.3, 0.3]
     inside = lambda b: b[0] <= mark[0] and b[1] <= mark[1] and b[2] >= mark[2] and b[3] >= mark[3]  # noqa: E731
     assert not any(inside(b) for b in base.values())
-    assert [k for k, b in moved.items() if inside(b)] == ["top/upper middle left/centre-left cell"]
+    assert [k for k, b in moved.items() if inside(b)] == ["top/upper middle left/centre-left cell", "top left quarter"]
+    large = [0.3, 0.55, 0.62, 0.9]   # a third of the side: in no cell, whole in a quarter
+    assert [k for k, b in moved.items() if b[0] <= large[0] and b[1] <= large[1] and b[2] >= large[2]
+            and b[3] >= large[3]] == ["bottom centre quarter"]
     images = np.full((4, 3, 40, 40), 0.5, np.float32)
     images[:2, :, 8:12, 8:12] = 1.0
     x, names, where = tree.features(images, shifted=True)

@@ -35,13 +35,19 @@ MIN_DECISIONS = 5  # a class the model chose fewer times than this has no tree
 def regions(shifted: bool = False) -> dict[str, list[float]]:
     """Region name -> [x0, y0, x1, y1] as fractions: the grid cells and the corner squares; with
     ``shifted``, also the cells of the grid moved by half a cell (across, down or both), so that a
-    mark that straddles two cells' border lies whole in one region."""
+    mark that straddles two cells' border lies whole in one region, and the quarters of the image
+    (half its side, moved by a quarter side), which hold whole a mark too large or too unsteady
+    for any cell (a tag of a third of the side; a swatch of a fifth that moves by a few pixels)."""
     rows = ["top", "upper middle", "lower middle", "bottom"]
     cols = ["left", "centre-left", "centre-right", "right"]
     step = 2 if not shifted else 1  # in half cells
     at = lambda words, k: words[k // 2] if k % 2 == 0 else f"{words[k // 2]}/{words[k // 2 + 1]}"  # noqa: E731
     out = {f"{at(rows, r)} {at(cols, c)} cell": [c / (2 * GRID), r / (2 * GRID), (c + 2) / (2 * GRID), (r + 2) / (2 * GRID)]
            for r in range(0, 2 * GRID - 1, step) for c in range(0, 2 * GRID - 1, step)}
+    if shifted:
+        rows3, cols3 = ["top", "middle", "bottom"], ["left", "centre", "right"]
+        out |= {("central" if (r, c) == (1, 1) else f"{rows3[r]} {cols3[c]}") + " quarter":
+                [c / 4, r / 4, c / 4 + 0.5, r / 4 + 0.5] for r in range(3) for c in range(3)}
     s = CORNER
     out |= {"top-left corner": [0, 0, s, s], "top-right corner": [1 - s, 0, 1, s],
             "bottom-left corner": [0, 1 - s, s, 1], "bottom-right corner": [1 - s, 1 - s, 1, 1]}
