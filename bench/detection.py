@@ -281,6 +281,8 @@ def score(case, doc: dict, truth: dict) -> dict:
             "class_findings": len(own),
             "rank": next((k + 1 for k, f in enumerate(own) if on_target(f)), None) if case.cue_class else "n/a",
             "medium_plus_class": sum(1 for f in own if severity_rank(f["severity"]) >= severity_rank("medium")),
+            # The rule's first class finding names the cue class, at its place, and is confirmed (issue 16).
+            "first_confirmed": bool(own) and on_target(own[0]) and bool(own[0]["details"].get("confirmed")),
         }
     top = classes[0] if classes else None
     gate = doc.get("gate") or {}
@@ -456,6 +458,7 @@ def goals(results: list[dict]) -> dict:
         "clean_twins": {"cases": {t["case"]: None if t["score"] is None else
                                   {"medium_plus": t["score"]["medium_plus_class"], "gate": t["score"]["gate"]}
                                   for _, t in ps if t is not None}},
+        "class_views": class_views(ps),
         "audits_failed": failed,
     }
     # Fail closed: a failed audit, or a split without a cue-driven error, meets nothing.
@@ -474,6 +477,30 @@ def goals(results: list[dict]) -> dict:
     calm = [t for t in twins if t["score"] is None or (t["score"]["transfer"] or 0) < SWAY]
     out["clean_twins"]["swayed"] = sorted(t["case"] for t in twins if t not in calm)
     out["clean_twins"]["ok_among_unswayed"] = f"{sum(bool(_twin_ok(t)) for t in calm)}/{len(calm)}"
+    out["class_views"]["met"] = not failed and all(v["met"] for v in out["class_views"].values())
+    return out
+
+
+VIEW_RULES = ("class_visualisation", "simple_rule")
+
+
+def class_views(ps: list[tuple[dict, dict | None]]) -> dict:
+    """Issue 16's goal for the two class-level views: in most cases with a cue at a fixed place
+    (a corner, an edge or a fixed spot; a cue anywhere has no place to draw or to ask about) the
+    rule's first class finding is the cue class's, confirmed; and no class finding of it at
+    medium or above on a clean twin. Counted apart, not instead: the cases whose model took the
+    cue (at least one cue-driven error, as for cue_class_first)."""
+    fixed = [(r, t) for r, t in ps if r.get("axes") and r["axes"]["placement"] != "anywhere" and r["score"]]
+    out = {}
+    for rule in VIEW_RULES:
+        got = [r["case"] for r, _ in fixed if r["score"]["rules"].get(rule, {}).get("first_confirmed")]
+        took = [r for r, _ in fixed if r["score"]["cue_errors"]]
+        twins = [t for _, t in fixed if t and t["score"]]
+        m_plus = lambda ts: sum(t["score"]["rules"].get(rule, {}).get("medium_plus_class", 0) for t in ts)  # noqa: E731
+        out[rule] = {"found": f"{len(got)}/{len(fixed)}", "found_where_cue_taken":
+                     f"{sum(r['case'] in got for r in took)}/{len(took)}", "twin_medium_plus": m_plus(twins),
+                     "twin_medium_plus_unswayed": m_plus([t for t in twins if (t["score"]["transfer"] or 0) < SWAY]),
+                     "met": bool(fixed) and 2 * len(got) > len(fixed) and m_plus(twins) == 0, "cases": got}
     return out
 
 
