@@ -42,7 +42,11 @@ run case.yaml --quiet``, a subprocess) and its ``findings.json`` is scored again
 
 Goals: recall >= 0.95 and precision >= 0.90 (pooled over the split's cue-driven errors and
 findings; the worst case is shown too), the cue class ranked first, and on every clean twin
-no medium+ class finding and a passing gate. The tables go to stdout and, with every number,
+no medium+ class finding and a passing gate; apart (not instead), the same two by behaviour: the
+cue class first where the model took the cue (the cue turns at least ``SWAY`` of the other
+classes' images that carry it), the twins the cue does not sway. Issue 16's class views
+(``class_views``): class_visualisation and simple_rule first and confirmed in most cases with a
+cue at a fixed place, none at medium+ on a clean twin. The tables go to stdout and, with every number,
 to ``bench/out/detection-<split>.json``. Trained cases are cached in ``bench/out/cases/`` by a
 stamp of their parameters and code (``--fresh`` rebuilds them); the audit always runs anew.
 """
@@ -468,6 +472,11 @@ def goals(results: list[dict]) -> dict:
         out["confirmed"]["worst_case"] >= GOALS["confirmed"]
     firsts = out["cue_class_first"]["cases"].values()
     out["cue_class_first"]["met"] = not failed and bool(firsts) and all(v in (1, "n/a") for v in firsts)
+    # Apart, as for the twins: the cases whose model took the cue, by the same SWAY (a model the
+    # cue turns few images with has no shortcut to rank: g031's one cue-driven error, 6%).
+    took = {c: v for c, v in out["cue_class_first"]["cases"].items()
+            if (next(r for r, _ in ps if r["case"] == c)["score"]["transfer"] or 0) >= SWAY}
+    out["cue_class_first"]["first_among_swayed"] = f"{sum(v in (1, 'n/a') for v in took.values())}/{len(took)}"
     twins = [t for _, t in ps if t is not None]
     out["clean_twins"]["met"] = not failed and bool(twins) and all(_twin_ok(t) for t in twins)
     # Apart, not instead: the twins on which the planted cue, never trained on, still turns at
@@ -634,6 +643,9 @@ def main(argv=None) -> int:
             print(f"audits failed: {v or 'none'}")
             continue
         detail = {kk: vv for kk, vv in v.items() if kk != "met"}
+        if k == "cue_class_first":  # the counts first: the cases' list is long
+            detail = {"first": f"{sum(c in (1, 'n/a') for c in v['cases'].values())}/{len(v['cases'])}",
+                      "first_among_swayed": v["first_among_swayed"], "cases": v["cases"]}
         if k == "clean_twins":  # the count first: the cases' list is long
             ok = sum(bool(c) and c["medium_plus"] == 0 and c["gate"] == "PASS" for c in v["cases"].values())
             detail = {"ok": f"{ok}/{len(v['cases'])}", "swayed": v["swayed"],
