@@ -4,7 +4,8 @@ Per class (one against the rest), a decision tree of depth 2 (at most two decisi
 is fitted to the model's decisions on the explained images from one region's features alone
 (mean colour and its extremes, brightness, contrast and edge density of a cell of a 4 x 4 grid,
 the grid moved by half a cell, a quarter of the image, or a corner square; ``auditor.views.tree``:
-a mark that straddles two cells lies whole in a moved one, one too large for a cell in a quarter), and scored held out by its balanced agreement with the model.
+a mark that straddles two cells lies whole in a moved one, one too large for a cell in a
+quarter), and scored held out by its balanced agreement with the model.
 When one region does this for at least ``min_fidelity`` of the class's decisions and clearly
 better than the typical region (``min_margin``), the class is decided by what lies in that
 region: a shortcut stated in one line (a texture that fills the image, which every region
