@@ -474,8 +474,8 @@ def goals(results: list[dict]) -> dict:
     out["cue_class_first"]["met"] = not failed and bool(firsts) and all(v in (1, "n/a") for v in firsts)
     # Apart, as for the twins: the cases whose model took the cue, by the same SWAY (a model the
     # cue turns few images with has no shortcut to rank: g031's one cue-driven error, 6%).
-    took = {c: v for c, v in out["cue_class_first"]["cases"].items()
-            if (next(r for r, _ in ps if r["case"] == c)["score"]["transfer"] or 0) >= SWAY}
+    transfer = {r["case"]: r["score"]["transfer"] or 0 for r, _ in ps if r["score"] is not None}
+    took = {c: v for c, v in out["cue_class_first"]["cases"].items() if transfer[c] >= SWAY}
     out["cue_class_first"]["first_among_swayed"] = f"{sum(v in (1, 'n/a') for v in took.values())}/{len(took)}"
     twins = [t for _, t in ps if t is not None]
     out["clean_twins"]["met"] = not failed and bool(twins) and all(_twin_ok(t) for t in twins)
