@@ -498,12 +498,12 @@ def class_views(ps: list[tuple[dict, dict | None]]) -> dict:
     (a corner, an edge or a fixed spot; a cue anywhere has no place to draw or to ask about) the
     rule's first class finding is the cue class's, confirmed; and no class finding of it at
     medium or above on a clean twin. Counted apart, not instead: the cases whose model took the
-    cue (at least one cue-driven error, as for cue_class_first)."""
+    cue (it turns at least ``SWAY`` of the images that carry it, as for cue_class_first)."""
     fixed = [(r, t) for r, t in ps if r.get("axes") and r["axes"]["placement"] != "anywhere" and r["score"]]
     out = {}
     for rule in VIEW_RULES:
         got = [r["case"] for r, _ in fixed if r["score"]["rules"].get(rule, {}).get("first_confirmed")]
-        took = [r for r, _ in fixed if r["score"]["cue_errors"]]
+        took = [r for r, _ in fixed if (r["score"]["transfer"] or 0) >= SWAY]
         twins = [t for _, t in fixed if t and t["score"]]
         m_plus = lambda ts: sum(t["score"]["rules"].get(rule, {}).get("medium_plus_class", 0) for t in ts)  # noqa: E731
         out[rule] = {"found": f"{len(got)}/{len(fixed)}", "found_where_cue_taken":
