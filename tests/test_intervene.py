@@ -91,7 +91,7 @@ def test_a_region_no_stronger_than_a_random_one_is_not_confirmed():
 
 
 def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16), errors=3, rule="corner_border",
-                class_findings=()) -> list[Finding]:
+                class_findings=(), rules=None, region="bottom-left corner") -> list[Finding]:
     """n dark images of class 0; n of class 1, ``class1`` grey with a bright bottom-left corner (the
     tag every class-1 image has); and ``errors`` dark class-0 images with that corner, which the
     model calls class 1: a finding on each boxes its corner, and they are put to the test."""
@@ -110,8 +110,8 @@ def _with_error(model, class1: float, n=12, bbox=(0, 12, 4, 16), errors=3, rule=
                   input_spec=InputSpec(size=(16, 16)), device=torch.device("cpu"))
     ev.model_input = lambda i: xs[i]
     assert not any(r["correct"] for r in rows[2 * n:])
-    found = [Finding(sample=i, rule=rule, severity="medium", score=1.0, message="m.", bbox=list(bbox),
-                     details={"region": "bottom-left corner"}) for i in range(2 * n, 2 * n + errors)]
+    found = [Finding(sample=i, rule=(rules or [rule] * errors)[k], severity="medium", score=1.0, message="m.",
+                     bbox=list(bbox), details={"region": region}) for k, i in enumerate(range(2 * n, 2 * n + errors))]
     confirm(ev, found, list(class_findings), InterventionSpec(fill="mean", transplant_images=n), seed=0)
     return found
 
@@ -160,6 +160,13 @@ def test_an_error_that_nothing_else_points_to_is_a_minor_suspicion():
             assert is_minor(FindingRecord.model_validate({k: v for k, v in f.to_json().items() if k in FindingRecord.model_fields}))
             assert "nothing shows a shortcut" in f.message
     assert all(not g.details.get("isolated") and g.severity == "high" for g in _with_error(CornerOnly(), class1=0.5))
+    # Isolated errors count for no other finding's high: with two of the three isolated, the third
+    # (a rule that looks across images) is a lone error, medium.
+    mixed = _with_error(CornerOnly(), class1=0.5, rules=["fixed_location", "corner_border", "corner_border"])
+    assert [g.severity for g in mixed] == ["medium", "low", "low"] and mixed[0].details["recurs"] is False
+    assert mixed[1].details["shared_by"] == 2 and "Only 2 errors called 'bright' show this" in mixed[1].message
+    # A finding that names no place shares it with no other image.
+    assert all(g.details.get("isolated") for g in _with_error(CornerOnly(), class1=0.5, rule="corner_restore", region=None))
     cue = ClassFinding(cls="bright", rule="fixed_location", severity="high", score=1.0, share=0.5,
                        region=[0.0, 0.75, 0.25, 1.0], message="m.")
     kept = _with_error(CornerOnly(), class1=0.5, errors=1, class_findings=[cue])

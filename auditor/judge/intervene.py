@@ -364,8 +364,8 @@ def confirm(ev: Evidence, findings: list[Finding], class_findings: list[ClassFin
     findings.extend(added)
     lacking = absences(ev, tester, findings, class_findings, spec, seed)
     findings[:] = [f for f in findings if not f.details.get("superseded_by")] + lacking
+    _isolated(findings, class_findings, ev)  # first: an isolated error counts for no other finding's high
     _lone_cues(findings, ev)
-    _isolated(findings, class_findings, ev)
     return [f for f in added if not f.details.get("superseded_by")] + lacking
 
 
@@ -714,7 +714,9 @@ def _isolated(findings: list[Finding], class_findings: list[ClassFinding], ev: E
     cued = {f.cls for f in class_findings if f.details.get("confirmed") and severity_rank(f.severity) >= severity_rank("medium")}
     mine = [f for f in findings if f.details.get("confirmed") and not f.details.get("absence")
             and _judges_each_image(f.rule)]
-    key = lambda f: (int(ev.samples.at[f.sample, "prediction"]), f.rule, str(f.details.get("region")))  # noqa: E731
+    # The same place: the region the rule named (one naming none shares it with no other image).
+    key = lambda f: (int(ev.samples.at[f.sample, "prediction"]), f.rule,  # noqa: E731
+                     str(f.details["region"]) if f.details.get("region") is not None else f"image {f.sample}")
     shared: dict[tuple, int] = {}
     for f in mine:
         shared[key(f)] = shared.get(key(f), 0) + 1
@@ -723,6 +725,7 @@ def _isolated(findings: list[Finding], class_findings: list[ClassFinding], ev: E
         if cls in cued or n >= RECUR:
             continue
         f.details["isolated"] = True
+        f.details["shared_by"] = n  # errors called that class with this finding (it included)
         f.severity = "low"
         f.message += (f" {'No other error' if n == 1 else f'Only {n} errors'} called '{cls}' "
                       f"{'shows' if n == 1 else 'show'} this, and no cue of '{cls}' is confirmed for the class: the error "

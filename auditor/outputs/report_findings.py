@@ -160,7 +160,7 @@ def gallery(rec: RunRecord, pictures: dict) -> tuple[list[dict], list[dict]]:
     _, grouped = shared(rec, pictures)
     for s in rec.flagged():
         if all(is_minor(f) for f in s.findings) or s.id in grouped:
-            continue  # unconfirmed and low: the appendix lists it (minor_findings); or in a group
+            continue  # minor (``is_minor``): the appendix lists it (minor_findings); or in a group
         mine = sorted(s.findings, key=lambda f: (-severity_rank(f.severity), -f.score))
         worst = s.worst
         item = {"path": s.path, "label": s.label, "prediction": s.prediction,
@@ -191,7 +191,7 @@ def gallery(rec: RunRecord, pictures: dict) -> tuple[list[dict], list[dict]]:
 
 
 def minor_findings(rec: RunRecord) -> list[dict]:
-    """Images whose every finding is unconfirmed and low: one table row each, in the appendix."""
+    """Images whose every finding is minor (low, and unconfirmed or ``isolated``): one table row each, in the appendix."""
     return [{"path": s.path, "label": s.label, "prediction": s.prediction,
              "checks": ", ".join(dict.fromkeys(titled(RULES, f.rule) for f in s.findings)),
              "outcome": "; ".join(dict.fromkeys(badge(rec, f) for f in s.findings))}

@@ -36,7 +36,7 @@ def problems(rec: RunRecord, pictures: dict) -> list[dict]:
     for n, f in enumerate(rec.class_findings):
         pic = pictures["classes"].get(n, {})
         linked = [(s.id, bool(g.details.get("absence"))) for s in rec.samples for g in s.findings
-                  if links.get(id(g)) == n]
+                  if links.get(id(g)) == n and not is_minor(g)]  # (a minor one is in the appendix, not section 4)
         members = {i for i, absent in linked if not absent}  # images, not findings
         lacking = {i for i, absent in linked if absent}
         t = [x for x in tests(rec, f) if x["ok"]]

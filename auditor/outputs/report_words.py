@@ -125,9 +125,11 @@ def confirmed_by(rec: RunRecord, f) -> str:
 
 def badge(rec: RunRecord, f) -> str:
     """'high · confirmed by restoring' / 'low · not confirmed' / 'medium · not tested' /
-    'low · confirmed by restoring, for this error alone' (``isolated``)."""
+    'low · confirmed by restoring, for this error alone' (``isolated``: or 'for only 2 errors')."""
     tag = confirmed_by(rec, f) or ("not confirmed" if f.confirmed is False else "not tested")
-    return f"{f.severity} · {tag}" + (", for this error alone" if f.details.get("isolated") else "")
+    n = f.details.get("shared_by", 1)
+    alone = ", for this error alone" if n == 1 else f", for only {n} errors"
+    return f"{f.severity} · {tag}" + (alone if f.details.get("isolated") else "")
 
 
 # --- where a finding sits in the run -------------------------------------------------------
