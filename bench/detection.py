@@ -474,8 +474,8 @@ def goals(results: list[dict]) -> dict:
     out["cue_class_first"]["met"] = not failed and bool(firsts) and all(v in (1, "n/a") for v in firsts)
     # Apart, as for the twins: the cases whose model took the cue, by the same SWAY (a model the
     # cue turns few images with has no shortcut to rank: g031's one cue-driven error, 6%).
-    transfer = {r["case"]: r["score"]["transfer"] or 0 for r, _ in ps if r["score"] is not None}
-    took = {c: v for c, v in out["cue_class_first"]["cases"].items() if transfer[c] >= SWAY}
+    by_case = {r["case"]: r for r, _ in ps}
+    took = {c: v for c, v in out["cue_class_first"]["cases"].items() if swayed(by_case[c])}
     out["cue_class_first"]["first_among_swayed"] = f"{sum(v in (1, 'n/a') for v in took.values())}/{len(took)}"
     twins = [t for _, t in ps if t is not None]
     out["clean_twins"]["met"] = not failed and bool(twins) and all(_twin_ok(t) for t in twins)
@@ -483,7 +483,7 @@ def goals(results: list[dict]) -> dict:
     # least SWAY of the other classes' images that carry it into the cue class. The model does
     # behave as if it had the shortcut there (the cue reads as the class), so a finding on such a
     # twin reports a real behaviour; the goal above still counts them.
-    calm = [t for t in twins if t["score"] is None or (t["score"]["transfer"] or 0) < SWAY]
+    calm = [t for t in twins if not swayed(t)]
     out["clean_twins"]["swayed"] = sorted(t["case"] for t in twins if t not in calm)
     out["clean_twins"]["ok_among_unswayed"] = f"{sum(bool(_twin_ok(t)) for t in calm)}/{len(calm)}"
     out["class_views"]["met"] = not failed and all(v["met"] for v in out["class_views"].values())
@@ -500,15 +500,15 @@ def class_views(ps: list[tuple[dict, dict | None]]) -> dict:
     medium or above on a clean twin. Counted apart, not instead: the cases whose model took the
     cue (it turns at least ``SWAY`` of the images that carry it, as for cue_class_first)."""
     fixed = [(r, t) for r, t in ps if r.get("axes") and r["axes"]["placement"] != "anywhere" and r["score"]]
+    took = [r for r, _ in fixed if swayed(r)]
+    twins = [t for _, t in fixed if t and t["score"]]
     out = {}
     for rule in VIEW_RULES:
         got = [r["case"] for r, _ in fixed if r["score"]["rules"].get(rule, {}).get("first_confirmed")]
-        took = [r for r, _ in fixed if (r["score"]["transfer"] or 0) >= SWAY]
-        twins = [t for _, t in fixed if t and t["score"]]
         m_plus = lambda ts: sum(t["score"]["rules"].get(rule, {}).get("medium_plus_class", 0) for t in ts)  # noqa: E731
         out[rule] = {"found": f"{len(got)}/{len(fixed)}", "found_where_cue_taken":
                      f"{sum(r['case'] in got for r in took)}/{len(took)}", "twin_medium_plus": m_plus(twins),
-                     "twin_medium_plus_unswayed": m_plus([t for t in twins if (t["score"]["transfer"] or 0) < SWAY]),
+                     "twin_medium_plus_unswayed": m_plus([t for t in twins if not swayed(t)]),
                      "met": bool(fixed) and 2 * len(got) > len(fixed) and m_plus(twins) == 0, "cases": got}
     return out
 
@@ -539,11 +539,19 @@ rank: position of the first class finding on the cue (cue class, region touching
   the clean twin's planted images (other classes' images carrying the cue) it calls the cue class; at
   0.5 or more the cue reads as the class to a model never trained on it ("swayed", counted apart).
 Only what the report flags counts (findings confirmed or at medium and above); the minor suspicions
-  it lists apart (unconfirmed, low) are neither hits nor false alarms (precision_all counts them).
+  it lists apart (low: unconfirmed, or isolated) are neither hits nor false alarms (precision_all
+  counts them).
 """
 
 # A clean twin is "swayed" when the cue alone turns this share of the planted images into its class.
 SWAY = 0.5
+
+
+def swayed(r: dict) -> bool:
+    """The cue turns at least ``SWAY`` of the other classes' images that carry it into its class:
+    the model behaves as if it had the shortcut (a poisoned case's model took it; a twin reads it)."""
+    return r["score"] is not None and (r["score"]["transfer"] or 0) >= SWAY
+
 
 # Per split, cases drawn when --cases is not given: one split in about 15 min on two free cores.
 DEFAULT_CASES = 8

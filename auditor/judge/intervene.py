@@ -40,6 +40,7 @@ docs/severity.md.
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 
 import numpy as np
 import torch
@@ -547,11 +548,12 @@ def absences(ev: Evidence, tester: Intervener, findings: list[Finding], class_fi
     return out
 
 
-def _confirmed_cues(ev: Evidence, class_findings: list[ClassFinding]) -> list[ClassFinding]:
-    """The class findings confirmed at high or critical, on a class the audit knows: the cues
-    whose instances and absences are sought."""
+def _confirmed_cues(ev: Evidence, class_findings: list[ClassFinding], least: str = "high") -> list[ClassFinding]:
+    """The class findings confirmed at ``least`` or above, on a class the audit knows: at high, the
+    cues whose instances and absences are sought; at medium, those that back an image finding
+    (``_isolated``)."""
     return [f for f in class_findings if f.details.get("confirmed")
-            and severity_rank(f.severity) >= severity_rank("high") and f.cls in ev.classes]
+            and severity_rank(f.severity) >= severity_rank(least) and f.cls in ev.classes]
 
 
 def _mark_box(ev: Evidence, tester: Intervener, true: int, region, method: str | None) -> tuple:
@@ -697,10 +699,11 @@ def _lone_cues(findings: list[Finding], ev: Evidence) -> None:
                           f"as a rule (graded medium).")
 
 
-def _judges_each_image(rule: str) -> bool:
+def _each_image_rules() -> set[str]:
+    """The rules registered with ``each_image``: they judge each image on its own evidence."""
     import auditor.rules  # noqa: F401  (registers the rules; they import this module)
     from auditor.registry import RULES
-    return rule in RULES and bool(RULES.get(rule).meta.get("each_image"))
+    return {e.name for e in RULES if e.meta.get("each_image")}
 
 
 def _isolated(findings: list[Finding], class_findings: list[ClassFinding], ev: Evidence) -> None:
@@ -711,17 +714,15 @@ def _isolated(findings: list[Finding], class_findings: list[ClassFinding], ev: E
     it (the rule's findings at the same place). Otherwise the error is explained, but nothing points
     to a cue: low, listed apart as a minor suspicion (on the tune split's cases, 8 of the 9 such
     findings were on errors no planted cue decided)."""
-    cued = {f.cls for f in class_findings if f.details.get("confirmed") and severity_rank(f.severity) >= severity_rank("medium")}
-    mine = [f for f in findings if f.details.get("confirmed") and not f.details.get("absence")
-            and _judges_each_image(f.rule)]
+    cued = {f.cls for f in _confirmed_cues(ev, class_findings, "medium")}
+    each = _each_image_rules()
+    mine = [f for f in findings if f.details.get("confirmed") and not f.details.get("absence") and f.rule in each]
     # The same place: the region the rule named (one naming none shares it with no other image).
-    key = lambda f: (int(ev.samples.at[f.sample, "prediction"]), f.rule,  # noqa: E731
-                     str(f.details["region"]) if f.details.get("region") is not None else f"image {f.sample}")
-    shared: dict[tuple, int] = {}
-    for f in mine:
-        shared[key(f)] = shared.get(key(f), 0) + 1
-    for f in mine:
-        cls, n = ev.classes[key(f)[0]], shared[key(f)]
+    keys = [(int(ev.samples.at[f.sample, "prediction"]), f.rule,
+             str(f.details["region"]) if f.details.get("region") is not None else f"image {f.sample}") for f in mine]
+    shared = Counter(keys)
+    for f, k in zip(mine, keys):
+        cls, n = ev.classes[k[0]], shared[k]
         if cls in cued or n >= RECUR:
             continue
         f.details["isolated"] = True
