@@ -1,10 +1,11 @@
 """Detection benchmark: do the rules find planted "Clever Hans" cues, and stay quiet without one?
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python bench/detection.py --split tune|heldout|fixed|all
-        [--cases N] [--only NAME] [--fresh] [--quick] [--jobs N] [--json PATH]
+        [--cases N] [--skip K] [--only NAME] [--fresh] [--quick] [--jobs N] [--json PATH]
 
 Splits: ``tune`` and ``heldout`` are drawn by ``bench/generator.py`` (even seeds tune, odd seeds
-held out; ``--cases N`` cases per split, each with its clean twin); ``fixed`` is the old list
+held out; ``--cases N`` cases per split, each with its clean twin; ``--skip K`` draws them after
+the split's first K: held-out cases that no one has read, once the first ones have been); ``fixed`` is the old list
 of ``bench/cases.py`` (Decoy digits, three horse cases, two look-alike cases, their controls
 and the dose cases); ``all`` is the three. Tune thresholds on ``tune`` only; report ``heldout``.
 
@@ -557,7 +558,7 @@ def swayed(r: dict) -> bool:
 DEFAULT_CASES = 8
 
 
-def todo(split: str, n: int, quick: bool) -> list[tuple[object, dict]]:
+def todo(split: str, n: int, quick: bool, skip: int = 0) -> list[tuple[object, dict]]:
     """(case, extra fields) in run order; a poisoned case is followed by its clean twin."""
     out = []
     if split in ("fixed", "all"):
@@ -568,7 +569,7 @@ def todo(split: str, n: int, quick: bool) -> list[tuple[object, dict]]:
             out.append((c, {"split": "fixed", "twin": twin, "dose_only": "-dose" in c.name}))
     for sp in ("tune", "heldout"):
         if split in (sp, "all"):
-            for seed in generator.seeds(sp, n):
+            for seed in generator.seeds(sp, n, skip):
                 case, clean = generator.draw(seed), generator.draw(seed, poisoned=False)
                 ax = generator.axes(case)
                 out.append((case, {"split": sp, "twin": clean.name, "axes": ax, "dose_only": False}))
@@ -582,6 +583,8 @@ def main(argv=None) -> int:
                     help="drawn cases (tune: even seeds, heldout: odd seeds), the fixed list, or all")
     ap.add_argument("--cases", type=int, default=DEFAULT_CASES,
                     help=f"drawn cases per split, each with its clean twin (default {DEFAULT_CASES})")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="draw the split's cases after its first SKIP (fresh cases that no one has read)")
     ap.add_argument("--quick", action="store_true", help="fewer, smaller fixed cases")
     ap.add_argument("--only", default=None, help="run only cases whose name contains this (and their twins)")
     ap.add_argument("--fresh", action="store_true", help="rebuild and retrain every case")
@@ -596,7 +599,7 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     t0 = time.perf_counter()
-    jobs = todo(args.split, args.cases, args.quick)
+    jobs = todo(args.split, args.cases, args.quick, args.skip)
     if args.only:
         keep = {c.name for c, x in jobs if args.only in c.name}
         keep |= {x["twin"] for c, x in jobs if c.name in keep and x["twin"]}
@@ -665,7 +668,7 @@ def main(argv=None) -> int:
     path = args.json or args.out / f"detection-{args.split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(
-        {"version": VERSION, "split": args.split, "cases_per_split": args.cases, "quick": args.quick,
+        {"version": VERSION, "split": args.split, "cases_per_split": args.cases, "skip": args.skip, "quick": args.quick,
          "only": args.only, "seconds": round(total, 1), "goals": g, "axes": axes, "cases": results},
         indent=1, default=str))
     print(f"written: {path}")

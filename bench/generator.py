@@ -60,9 +60,9 @@ def split_of(seed: int) -> str:
     return "tune" if seed % 2 == 0 else "heldout"
 
 
-def seeds(split: str, n: int) -> list[int]:
-    """The first ``n`` seeds of a split: even seeds tune, odd seeds held out."""
-    first = {"tune": 0, "heldout": 1}[split]
+def seeds(split: str, n: int, skip: int = 0) -> list[int]:
+    """``n`` seeds of a split after its first ``skip``: even seeds tune, odd seeds held out."""
+    first = {"tune": 0, "heldout": 1}[split] + 2 * skip
     return list(range(first, first + 2 * n, 2))
 
 

@@ -34,6 +34,7 @@ def test_draw_is_deterministic_per_seed():
 
 def test_split_is_by_seed_parity():
     assert generator.seeds("tune", 3) == [0, 2, 4] and generator.seeds("heldout", 3) == [1, 3, 5]
+    assert generator.seeds("heldout", 2, skip=16) == [33, 35]  # fresh cases after the first 16
     for seed in range(6):
         assert generator.draw(seed).name.endswith("-tune" if seed % 2 == 0 else "-heldout")
         assert generator.split_of(seed) == ("tune" if seed % 2 == 0 else "heldout")
