@@ -23,7 +23,7 @@ beyond the class's own content, and no clean twin gained a finding).
 """
 from __future__ import annotations
 
-from auditor.explain.heatmap import box_area, boxes_overlap, place_words
+from auditor.explain.heatmap import box_area, covered, place_words
 from auditor.judge.evidence import Band, ClassFinding, Count, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
 from auditor.views import Place, class_views, locate, place_test
@@ -37,6 +37,11 @@ def _effects(d: dict) -> list[str]:
     out += [f"the patch turned {d['carry_rate']:.0%} of the other classes' pictures"] if d.get("drawn_window_carries") else []
     return out + ([f"that place of the class's images turned {d['place_rate']:.0%} of other images, the class's own "
                    f"content moved there {d['content_rate']:.0%}"] if "place_rate" in d else [])
+
+
+def _seen(box, found: list) -> bool:
+    """A place that one already found covers at least half of (the same place, found twice)."""
+    return any(covered(f[0].region, box) >= 0.5 for f in found)
 
 
 @RULES.register("class_visualisation", title="The class's picture shows a mark its images carry at one place",
@@ -53,24 +58,24 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
     out = []
     for c, p in class_views(ev, steps, window, max_classes).items():
         name = ev.classes[c]
-        got = locate(ev, c, p, window)
-        found = []  # (place, what was seen)
-        if got is not None and got.contrast >= min_contrast:
-            found.append((got, (
-                f"the images it calls '{name}' show that patch's look at one place ({place_words(got.region)}, "
-                f"{box_area(got.region):.0%} of the image) far more than elsewhere (by {got.contrast:.2f} in likeness)")))
+        found = []  # (place, what was seen): each drawn window's place in the images, most sharply found first
+        for got in locate(ev, c, p, window):
+            if got.contrast >= min_contrast and not _seen(got.region, found):
+                found.append((got, (
+                    f"the images it calls '{name}' show that patch's look at one place ({place_words(got.region)}, "
+                    f"{box_area(got.region):.0%} of the image) far more than elsewhere (by {got.contrast:.2f} in likeness)")))
         # A model that keeps place (no spatial layer, or one that reads position) draws a mark where it
         # looks for it: the drawn window that alone turns the other drawings is a candidate too, at its place.
         drawn = Place(p.region, None, p.region, p.share, p.carry)
-        if p.share >= min_share and p.carry >= min_carry and not any(boxes_overlap(f[0].region, drawn.region)
-                                                                     for f in found):
+        if p.share >= min_share and p.carry >= min_carry and not _seen(drawn.region, found):
             found.append((drawn, (
                 f"pasted alone ({place_words(p.region)}, {box_area(p.region):.0%} of the image) onto the pictures "
                 f"it draws for the other classes, that patch made {p.carry:.0%} of them '{name}'")))
         # One finding per class, at its place that best carries the class beyond the class's own look:
         # pasted onto other classes' images, a mark at one place turns them and the class's content from
         # elsewhere, moved there, does not; an object's part or a texture it shows all over does as well.
-        tested = [(place, seen, place_test(ev, c, place.region)) for place, seen in found]
+        need = min(severity.values())  # a paste that turns fewer cannot carry the class that far beyond anything
+        tested = [(place, seen, place_test(ev, c, place.region, need=need)) for place, seen in found]
         if not tested:
             continue
         place, seen, t = max(tested, key=lambda q: -1.0 if q[2] is None else q[2]["content_vs_control"][0])
@@ -78,12 +83,11 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
             sev, excess, how = "low", 0.0, " The place could not be set against the class's own content (no room or images)."
         else:
             excess, lo = t["content_vs_control"][:2]
-            sev = grade(excess, severity) if lo > 0 else None
+            if lo <= 0 or (sev := grade(excess, severity)) is None:
+                continue
             how = (f" Pasted from the '{name}' images onto other classes' images, that place turned "
                    f"{t['place_rate']:.0%} of them, and '{name}' images' own content of its size moved there "
                    f"{t['control_content_rate']:.0%}.")
-        if sev is None:
-            continue
         out.append(ClassFinding(
             cls=name, rule="class_visualisation", severity=sev, score=round(excess, 4), share=place.share,
             region=place.region,

@@ -2,7 +2,7 @@
 
 Per class (one against the rest), a decision tree of depth 2 (at most two decisions per image)
 is fitted to the model's decisions on the explained images from one region's features alone
-(mean colour and its extremes, brightness, contrast and edge density of a cell of a 4 x 4 grid,
+(mean colour and its extremes, colourfulness, brightness, contrast and edge density of a cell of a 4 x 4 grid,
 the grid moved by half a cell, a quarter of the image, or a corner square; ``auditor.views.tree``:
 a mark that straddles two cells lies whole in a moved one, one too large for a cell in a
 quarter), and scored held out by its balanced agreement with the model.
@@ -24,8 +24,9 @@ from auditor.views import explained_images, place_test
 from auditor.views.tree import MIN_DECISIONS, DecisionTreeClassifier, export_text, features, fidelity, one_region, regions
 
 SEVERITY = {"low": 0.9, "medium": 0.95}   # on the one-region tree's held-out fidelity
-TIE, TIED = 0.02, 16  # regions within TIE of the best fitted fidelity (at most TIED) are scored held out
-# (a mark lies in up to four of the moved cells and the tiling's: a large one in many more)
+TIED = 16  # the regions (at most) whose fitted fidelity reaches min_fidelity that are scored held out
+# (a mark lies in up to four of the moved cells and the tiling's, a large one in many more; and a
+# neighbour of a mark's region can fit better than it, by what the other classes show there)
 
 
 def _effects(d: dict) -> list[str]:
@@ -37,17 +38,17 @@ def _effects(d: dict) -> list[str]:
 
 def _holding(ev: Evidence, c: int, scored: dict[str, float], boxes: dict, min_fidelity: float,
              min_excess: float) -> tuple[str, dict | None] | None:
-    """Of the regions whose held-out fidelity is the best's within ``TIE`` (and at least
-    ``min_fidelity``), the one (and its place test) that holds what decides the class. One region
-    can tell a class apart without a mark there (the class's colour shows in every region; the other
-    classes' mark, by its absence), and a mark lies in several regions: the region pasted from the
-    class's images must carry the class at least ``min_excess`` beyond the class's own content moved
-    there (``place_test``, as class_visualisation's places), and the one that carries it most is the
-    mark's. A test that cannot run leaves the region to the intervention."""
-    top = max(scored.values())
+    """Of the regions whose held-out fidelity reaches ``min_fidelity``, the one (and its place
+    test) that holds what decides the class. One region can tell a class apart without a mark
+    there (the class's colour shows in every region; the other classes' mark, by its absence), and
+    a mark lies in several regions: the region pasted from the class's images must carry the class
+    at least ``min_excess`` beyond the class's own content moved there (``place_test``, as
+    class_visualisation's places), and the one that carries it most is the mark's (not the one
+    that fits best: a neighbour can, by what the other classes show there). A test that cannot
+    run leaves the region to the intervention."""
     best, untested = None, None
-    for r in [r for r in scored if scored[r] >= max(min_fidelity, top - TIE)]:  # (by fitted fidelity)
-        t = place_test(ev, c, [round(v, 4) for v in boxes[r]]) if ev.model is not None else None
+    for r in [r for r in scored if scored[r] >= min_fidelity]:  # (by fitted fidelity)
+        t = place_test(ev, c, [round(v, 4) for v in boxes[r]], need=min_excess) if ev.model is not None else None
         if t is None:
             untested = untested or r
             continue
@@ -58,7 +59,7 @@ def _holding(ev: Evidence, c: int, scored: dict[str, float], boxes: dict, min_fi
 
 
 @RULES.register("simple_rule", title="One region's simple features predict the class",
-                glossary="A decision tree of at most two questions about one region of the image (its colour, brightness, contrast or edges) reproduces almost all of the model's decisions for a class: the class hinges on that region.",
+                glossary="A decision tree of at most two questions about one region of the image (its colour, colourfulness, brightness, contrast or edges) reproduces almost all of the model's decisions for a class: the class hinges on that region.",
                 effects=_effects, level="class", needs=("model",), direction="higher is more suspicious")
 def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.15, severity: Thresholds = None,
                 min_excess: Share = 0.25) -> list:
@@ -83,7 +84,7 @@ def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.1
         # Neighbouring cells that share a mark fit alike on the images they were fitted to: held out
         # (the score), and the place test (below) says which of them holds it.
         scored = {r: round(fidelity(2, x[:, [k for k, q in enumerate(where) if q == r]], y, 0), 4)
-                  for r in top[:TIED] if fitted[r] >= fitted[top[0]] - TIE}
+                  for r in top[:TIED] if fitted[r] >= min_fidelity}
         got = _holding(ev, c, scored, boxes, min_fidelity, min_excess)
         if got is None or (sev := grade(scored[got[0]], severity)) is None:
             continue
@@ -92,20 +93,21 @@ def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.1
         cols = [k for k, r in enumerate(where) if r == best]
         tree = DecisionTreeClassifier(max_depth=2, random_state=0, class_weight="balanced").fit(x[:, cols], y)
         text = export_text(tree, feature_names=[names[k] for k in cols], class_names=["other", name], decimals=2)
-        tied = f", one of {len(scored)} near-tied regions: the one that carries the class most beyond its own content"
+        n = sum(v >= min_fidelity for v in scored.values())
+        tied = f", one of {n} regions that reproduce {min_fidelity:.0%}: the one that carries the class most beyond its own content"
         out.append(ClassFinding(
             cls=name, rule="simple_rule", severity=sev, score=round(held, 4), share=round(float(y.mean()), 4),
             region=box,
-            message=(f"Two questions about the {best} alone (its colour, brightness, contrast or edges) "
+            message=(f"Two questions about the {best} alone (its colour, colourfulness, brightness, contrast or edges) "
                      f"reproduce {held:.0%} of the model's decisions for '{name}' (held out"
-                     f"{tied if len(scored) > 1 else ''}), where a "
+                     f"{tied if n > 1 else ''}), where a "
                      f"typical region reproduces {typical:.0%} even on the images it was fitted to. The model's "
                      f"'{name}' may hinge on what lies in that region."
                      + ("" if t is None else f" Pasted from the '{name}' images onto other classes' images, the "
                         f"region turned {t['place_rate']:.0%} of them, and '{name}' images' own content of its size "
                         f"moved there {t['control_content_rate']:.0%}.")),
             details={"region": best, "fidelity": held, "typical_fidelity": round(typical, 4),
-                     "near_tied_regions": len(scored),  # near-tied by fitted fidelity; the place test chose among them
+                     "candidate_regions": n,  # the place test chose among them
                      "decisions": int(y.sum()), "images": len(y), "rules": text}
             | ({} if t is None else {"place_rate": t["place_rate"], "content_rate": t["control_content_rate"],
                                      "beyond_content": t["content_vs_control"]})))

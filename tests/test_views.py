@@ -102,15 +102,17 @@ def test_locate_finds_the_drawn_mark_where_the_images_carry_it():
                                samples=pd.DataFrame({"prediction": [1] * 12}), model_inputs=lambda ids: images[ids])
     box = [10 / 24, 10 / 24, 14 / 24, 14 / 24]
     pic = Picture(drawing[0].permute(1, 2, 0).numpy(), np.ones((24, 24)), 1.0, 1.0, box, 0.0, [(1.0, box, 0.0)])
-    got = locate(ev, 1, pic, 4 / 24)
+    got, = locate(ev, 1, pic, 4 / 24)
     x0, y0, x1, y1 = got.region
     assert x0 < 4 / 24 and y0 < 4 / 24 and x1 >= 5 / 24 and y1 >= 5 / 24 and x1 - x0 <= 8 / 24 + 1e-6
     assert got.contrast > 0.05 and got.drawn == box
     plain = Picture(drawing[0].permute(1, 2, 0).numpy(), np.ones((24, 24)), 1.0, 1.0, [0, 0, 4 / 24, 4 / 24], 0.0,
                     [(1.0, [0, 0, 4 / 24, 4 / 24], 0.0)])   # a window of background: found nowhere in particular
-    assert locate(ev, 1, plain, 4 / 24).contrast < got.contrast / 2
+    assert locate(ev, 1, plain, 4 / 24)[0].contrast < got.contrast / 2
+    both = Picture(pic.image, pic.saliency, 1.0, 1.0, [0, 0, 4 / 24, 4 / 24], 0.0, plain.windows + pic.windows)
+    assert [p.drawn for p in locate(ev, 1, both, 4 / 24)] == [box, plain.region]  # each window, the sharpest first
     ev.layer = None
-    assert locate(ev, 1, pic, 4 / 24) is None
+    assert locate(ev, 1, pic, 4 / 24) == []
 
 
 # --- the tree's average decision-path length ---------------------------------------------------
@@ -148,6 +150,27 @@ def test_region_extremes_see_a_mark_the_mean_hides():
     dark, mean = names.index("darkest red of the top left cell"), names.index("red of the top left cell")
     assert x[:4, dark].max() < 0.1 < 0.3 < x[4:, dark].min()
     assert abs(x[:4, mean].mean() - x[4:, mean].mean()) < 0.06
+
+
+def test_colourfulness_sees_a_mark_whose_colour_changes_from_image_to_image():
+    """A grey image with a 4 x 4 dot of a new random colour each time: no channel tells the dot's
+    images apart (red is as often low as high), how far from grey they are does, exactly."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.3, 0.7, (40, 1, 40, 40)).repeat(3, 1).astype(np.float32)   # grey noise
+    dot = np.arange(40) < 20
+    for k in np.flatnonzero(dot):
+        hue = rng.permutation([0.05, 0.95, rng.uniform(0.05, 0.95)])   # one channel low, one high
+        images[k, :, 4:8, 4:8] = hue[:, None, None]
+    x, names, _ = tree.features(images)
+    vivid = names.index("most colourful of the top left cell")
+    assert x[dot, vivid].min() > 0.8 > 0.01 > x[~dot, vivid].max()
+    for ch in ("red", "green", "blue"):  # no single channel's extremes do it
+        col = x[:, names.index(f"brightest {ch} of the top left cell")]
+        assert not (col[dot].min() > col[~dot].max())
+    y = dot.astype(int)
+    cols = [k for k, r in enumerate(names) if r.endswith("of the top left cell") and "colourful" not in r]
+    assert tree.fidelity(2, x[:, [names.index("most colourful of the top left cell")]], y, 0) == 1.0
+    assert tree.fidelity(2, x[:, cols], y, 0) < 0.9
 
 
 def test_the_moved_cells_hold_whole_a_mark_that_straddles_the_grid():
@@ -274,6 +297,27 @@ def test_class_visualisation_without_a_spatial_layer_reads_the_drawing_itself():
     assert all(p.windows and p.windows[0][1] == p.region for p in class_views(ev, 8, 0.25, 20).values())
 
 
+
+def test_class_visualisation_tests_every_place_and_keeps_none_that_carries_nothing(monkeypatch):
+    """Each drawn window's place (and the drawn window itself) is put to the place test; a place
+    whose paste turns too few images to carry the class anywhere (no placebo run) is no finding."""
+    from auditor.registry import RULES
+    from auditor.views import Place
+    rule = sys.modules[RULES.get("class_visualisation").fn.__module__]
+    a, b, drawn = [0.0, 0.0, 0.2, 0.2], [0.8, 0.8, 1.0, 1.0], [0.4, 0.4, 0.6, 0.6]
+    pic = Picture(np.zeros((8, 8, 3)), np.ones((8, 8)), 1.0, 0.9, drawn, 0.9, [(0.9, drawn, 0.9)])
+    monkeypatch.setattr(rule, "class_views", lambda *_: {0: pic})
+    monkeypatch.setattr(rule, "locate", lambda *_: [Place(a, 0.3, drawn, 0.9, 0.9), Place(a, 0.2, drawn, 0.9, 0.9),
+                                                    Place(b, 0.1, drawn, 0.9, 0.9)])
+    tested = []
+    def place_test(ev, c, box, need=0.0):
+        tested.append(box)
+        return {"place_rate": 0.1, "control_content_rate": None, "content_vs_control": [0.1, 0.0, 0.1]}
+    monkeypatch.setattr(rule, "place_test", place_test)
+    ev = types.SimpleNamespace(model=object(), input_spec=object(), classes=["x", "y"], samples=pd.DataFrame({"a": [1]}))
+    assert RULES.get("class_visualisation").fn(ev) == [] and tested == [a, b, drawn]  # a found twice, tested once
+
+
 # --- the report's section ----------------------------------------------------------------------
 
 def _views_record(tmp_path):
@@ -361,3 +405,6 @@ def test_the_place_test_tells_a_mark_at_one_place_from_the_class_own_look():
     look = place_test(_tagged(_Grey(), 0.5), 1, corner)   # any grey patch of the class turns a dark image
     assert look["place_rate"] == 1.0 and look["control_content_rate"] == 1.0 and look["content_vs_control"][0] == 0.0
     assert place_test(_tagged(_Corner(), 0.5), 1, [0.0, 0.0, 1.0, 1.0]) is None   # no room beside it
+    elsewhere = place_test(_tagged(_Corner(), 0.5), 1, [0.75, 0.0, 1.0, 0.25], need=0.25)  # turns none: no placebo run
+    assert elsewhere["place_rate"] == 0.0 and elsewhere["control_content_rate"] is None
+    assert elsewhere["content_vs_control"][1] == 0.0   # never an interval above zero: never a place

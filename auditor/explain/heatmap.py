@@ -264,7 +264,7 @@ def flat_box(img: np.ndarray, box, max_area: float = 0.25, tol: float = 0.01,
     return found if box_area(found) <= max_area else None
 
 
-def _share_of(a, b) -> float:
+def covered(a, b) -> float:
     """Share of box ``b``'s area that box ``a`` covers."""
     inter = (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
     return box_area(inter) / max(box_area(b), EPS)
@@ -299,7 +299,7 @@ def tight_boxes(heat: np.ndarray | None, img: np.ndarray | None, region, max_are
         # texture as contrasted as itself) first where it holds more of the evidence region and
         # the object not half of it (a speck of the texture next to the frame).
         obj, flat = object_box(img, ebox, max_area), flat_box(img, ebox, max_area)
-        if flat is not None and (obj is None or _share_of(obj, ebox) < 0.5 <= _share_of(flat, ebox)):
+        if flat is not None and (obj is None or covered(obj, ebox) < 0.5 <= covered(flat, ebox)):
             obj, flat = flat, obj
         if obj is not None:
             obj = outlined(img, obj)

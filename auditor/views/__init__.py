@@ -150,15 +150,17 @@ class Place:
     carry: float           # of the other drawings the window turns
 
 
-def locate(ev: Evidence, c: int, pic: Picture, side: float) -> Place | None:
-    """Where the images the model calls class ``c`` show what its drawing's windows show, read with
-    the model's own features (``ev.layer``): the likeness of the window's features to those at each
-    place of each image, averaged over the images. A network that pools over space draws a mark
-    anywhere, but the images carry it at one place; the window found most sharply at one place wins.
-    None without a spatial layer (a model that keeps place then draws a mark where it looks)."""
+def locate(ev: Evidence, c: int, pic: Picture, side: float) -> list[Place]:
+    """Where the images the model calls class ``c`` show what each of its drawing's windows shows,
+    read with the model's own features (``ev.layer``): the likeness of the window's features to
+    those at each place of each image, averaged over the images. A network that pools over space
+    draws a mark anywhere, but the images carry it at one place. One place per window, the one
+    found most sharply at one place first (a drawing shows a mark beside the object's look, and
+    where a layer's cell peaks is only near what it sees: the place test chooses among them);
+    none without a spatial layer (a model that keeps place then draws a mark where it looks)."""
     ids = ev.samples.index[ev.samples["prediction"] == c].tolist()[:LOCATE_IMAGES]
     if ev.layer is None or not ids or not pic.windows:
-        return None
+        return []
     spec = ev.input_spec
     h, w = spec.size
     device = ev.device or next(ev.model.parameters()).device
@@ -166,10 +168,10 @@ def locate(ev: Evidence, c: int, pic: Picture, side: float) -> Place | None:
     drawing = (torch.from_numpy(pic.image).permute(2, 0, 1)[None].to(device) - m) / s
     maps = layer_maps(ev.model, ev.layer, torch.cat([drawing, ev.model_inputs(ids).to(device).float()]))
     if maps is None:
-        return None
+        return []
     drawn = torch.nn.functional.interpolate(maps[:1], size=(h, w), mode="bilinear", align_corners=False)[0]
     kh, kw = max(1, round(side * h)), max(1, round(side * w))
-    best = None
+    out = []
     for share, box, carry in pic.windows:
         x0, y0, x1, y1 = pixel_box(box, (h, w))
         f = drawn[:, y0:y1, x0:x1].mean((1, 2)).view(1, -1, 1, 1)
@@ -179,19 +181,21 @@ def locate(ev: Evidence, c: int, pic: Picture, side: float) -> Place | None:
         got, place = best_window(like, side)
         typical = float(np.median(like))
         contrast = got * float(like.sum()) / (kh * kw) - typical
-        if best is None or contrast > best.contrast:
-            best = Place(_extent(like, place, typical + contrast / 2), round(contrast, 4), box, share, carry)
-    return best
+        out.append(Place(_extent(like, place, typical + contrast / 2), round(contrast, 4), box, share, carry))
+    return sorted(out, key=lambda p: -p.contrast)
 
 
-def place_test(ev: Evidence, c: int, box, seed: int = 0, spec: InterventionSpec | None = None) -> dict | None:
+def place_test(ev: Evidence, c: int, box, seed: int = 0, spec: InterventionSpec | None = None,
+               need: float = 0.0) -> dict | None:
     """Does ``box`` of class ``c``'s images carry ``c`` onto other classes' images beyond ``c``'s own
     content of its size, taken from elsewhere in those images and moved to that place
     (``Intervener.versus_content``)? A mark at one place does; an object's look, a texture the
     class shows all over (a max-pooled network calls anything holding a patch of it the class),
     does as well from anywhere. The intervention's own keys ("control_content_rate",
     "content_vs_control") and the paste's rate ("place_rate"); None when it cannot run (no
-    images of the class or of others, or no room for the placebo)."""
+    images of the class or of others, or no room for the placebo). With ``need``, a paste that
+    turns fewer than that share cannot carry the class ``need`` beyond anything: the content's
+    placebo is not run ("content_vs_control" is then the paste's rate with no interval above 0)."""
     spec = spec or InterventionSpec()
     tester = Intervener(ev, spec, seed)
     tester.reseed(seed, 2, c, *box)
@@ -202,8 +206,11 @@ def place_test(ev: Evidence, c: int, box, seed: int = 0, spec: InterventionSpec 
         return None
     x, y = ev.model_inputs(members[:spec.class_images]), ev.model_inputs(targets)
     hit = tester.pasted(x, y, tester.mask(box), c)
+    rate = round(float(hit.float().mean()), 4)
+    if rate < need:
+        return {"place_rate": rate, "control_content_rate": None, "content_vs_control": [rate, 0.0, rate]}
     got = tester.versus_content(c, tuple(box), y, hit, exclude=[])
-    return got | {"place_rate": round(float(hit.float().mean()), 4)} if got else None
+    return got | {"place_rate": rate} if got else None
 
 
 def _extent(like: np.ndarray, window: list[float], level: float, grow: float = 2.0) -> list[float]:
@@ -368,5 +375,5 @@ def global_views(ev: Evidence, findings: list[Finding], class_findings: list[Cla
                  probes=curves, average_path_length=round(float(np.mean(reached)), 3) if reached else None,
                  fidelity_goal=tree.FIDELITY,
                  features=("per region of the image (a 4 x 4 grid and the four corner squares): mean colour and "
-                           "its brightest and darkest values, brightness, contrast and edge density" + ("; and the likeness of each confirmed cue "
+                           "its brightest and darkest values, colourfulness, brightness, contrast and edge density" + ("; and the likeness of each confirmed cue "
                                                                       "region to the cue" if cues else "")))

@@ -3,7 +3,9 @@
 Per class (one against the rest), a depth-limited decision tree (scikit-learn) is fitted to the
 model's own decisions on the explained images, from interpretable features: per region of the
 image (a 4 x 4 grid and the four corner squares) the mean of each colour channel and its
-brightest and darkest values (5th and 95th percentiles: a small mark shows in them), the mean
+brightest and darkest values (5th and 95th percentiles: a small mark shows in them), how
+colourful it is (the mean, and the 95th percentile, of each pixel's largest minus smallest
+channel: a mark whose colour varies from image to image still shows in it), the mean
 intensity, its spread and the edge density; and, after intervention, how much each confirmed
 cue region looks like the cue. Its fidelity is the balanced agreement with the model (the mean
 of the share of the class's decisions and of the other decisions it reproduces; plain agreement
@@ -62,6 +64,7 @@ def features(images: np.ndarray, shifted: bool = False) -> tuple[np.ndarray, lis
     edges = np.hypot(ndimage.sobel(grey, axis=1), ndimage.sobel(grey, axis=2)) / 8 > EDGE
     cols, names, where = [], [], []
     channels = ["red", "green", "blue"] if c == 3 else []
+    colour = images.max(1) - images.min(1)  # per pixel: its colour's distance from grey
     for name, box in regions(shifted).items():
         x0, y0, x1, y1 = pixel_box(box, (h, w))
         ys, xs = slice(y0, y1), slice(x0, x1)
@@ -75,6 +78,10 @@ def features(images: np.ndarray, shifted: bool = False) -> tuple[np.ndarray, lis
                 names.append(f"{ch} of the {name}")
             cols += [high, low]
             names += [f"brightest {ch} of the {name}", f"darkest {ch} of the {name}"]
+        if channels:  # how far from grey: a coloured mark on a grey or dull image (a mark's colour may vary)
+            vivid = colour[:, ys, xs].reshape(n, -1)
+            cols += [vivid.mean(1), np.percentile(vivid, 100 - EXTREME, axis=1)]
+            names += [f"colourfulness of the {name}", f"most colourful of the {name}"]
         cols += [part.mean(1), part.std(1), edges[:, ys, xs].reshape(n, -1).mean(1)]
         names += [f"brightness of the {name}", f"contrast of the {name}", f"edge density of the {name}"]
         where += [name] * (len(cols) - start)
