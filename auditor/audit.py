@@ -155,8 +155,8 @@ def cached_confirm(ev: Evidence, findings: list, class_findings: list, cfg: Audi
     every = [f.to_json() | {"image": s.at[f.sample, "sha256"]} for f in findings] + [f.to_json() for f in class_findings]
     # Restore donors are ranked by the explained images' heatmaps: what was explained, and how, counts too.
     # (3: the outcome holds the confirmed class cues' instances and absences too, and what they fold in;
-    # 4: isolated findings)
-    key = digest("intervention", 4, model_key, cfg.intervention.model_dump(mode="json"), cfg.run.seed,
+    # 4: isolated findings; 5: a class finding with no placebo beside it is low)
+    key = digest("intervention", 5, model_key, cfg.intervention.model_dump(mode="json"), cfg.run.seed,
                  sorted(zip(s["sha256"], s["label"].astype(int))), every,
                  sorted(s.loc[s["explained"], "sha256"]), cfg.explain.model_dump(mode="json"),
                  cfg.model.target_layer)

@@ -200,14 +200,14 @@ def test_a_region_with_no_room_for_a_placebo_is_not_high():
     assert f.details["carries_class"] is None and "Neither placebo could run" in f.message  # not refuted: untested
 
 
-def _class_finding(model, class1: float):
+def _class_finding(model, class1: float, region=(0.0, 0.75, 0.25, 1.0)):
     """test_views' tagged images (dark, and ``class1`` grey with a bright bottom-left corner) and a
-    class finding on that corner, put to the test."""
+    class finding on that corner (or ``region``), put to the test."""
     from test_views import _tagged
 
     from auditor.judge.evidence import ClassFinding
     f = ClassFinding(cls="tagged", rule="corner_border", severity="medium", score=1.0, share=1.0, message="m.",
-                     region=[0.0, 0.75, 0.25, 1.0])
+                     region=list(region))
     confirm(_tagged(model, class1), [], [f], InterventionSpec(fill="mean", transplant_images=12), seed=0)
     return f
 
@@ -225,6 +225,16 @@ def test_a_class_region_is_a_cue_only_beyond_the_class_own_content_moved_there()
     e = look.details["intervention"]
     assert e["transfer_rate"] == 1.0 and e["control_transfer_rate"] == 0.0 and e["control_content_rate"] == 1.0
     assert look.details["confirmed"] is False and look.severity == "low"
+
+
+def test_a_class_region_with_no_room_for_a_placebo_is_a_suspicion():
+    """A class finding over half the image each way: its paste turns every image, as pasting the
+    class's object would on any model; with neither placebo beside it nothing shows a cue: low."""
+    f = _class_finding(CornerOnly(), class1=0.5, region=(0.0, 0.3, 0.7, 1.0))
+    e = f.details["intervention"]
+    assert e["transfer_rate"] == 1.0 and "transfer_vs_control" not in e and "content_vs_control" not in e
+    assert f.details["confirmed"] and f.details["carries_class"] is None and f.severity == "low"
+    assert "the region may hold the class's object itself" in f.message
 
 
 def _with_tagged_errors(class1: float, errors: int = 3):

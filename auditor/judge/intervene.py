@@ -33,7 +33,8 @@ A confirmed finding's severity rises to at least 'high' ('critical' for a class 
 region turns at least ``critical_rate`` of other images) when its region carries the class to
 other images beyond random regions of its size and beyond the predicted class's own content of
 its size at that place (a class finding whose placebo of content could not run: medium at most);
-confirmed otherwise (removal or restoration alone), 'medium'.
+confirmed otherwise (removal or restoration alone), 'medium'; a class finding with room for
+neither placebo beside its region, 'low'.
 A suspicion that fails its test, or that could not be tested, is capped at 'low'. See
 docs/severity.md.
 """
@@ -760,16 +761,23 @@ def _apply(f, effect: dict, cls_name: str, spec: InterventionSpec, confirmed: bo
     carries = not missing and all(beats_control(effect, n, moved, spec) for n in placebos)
     strong = strong and carries
     _verdict(f, confirmed, "critical" if strong else "high" if carries else "medium")
+    # A class finding claims a class-wide shortcut: with neither placebo beside its region (no box of
+    # its size fits there: the central quarter), pasting it is pasting the class's object, which turns a clean model's
+    # images too (held-out g029's clean twin: the central quarter of its digits, 9 of 10 turned).
+    # Nothing is refuted, and nothing shows a cue either: a suspicion, low.
+    bare = confirmed and not carries and len(missing) == len(placebos) and isinstance(f, ClassFinding)
     if confirmed and not carries:
         f.details["carries_class"] = None if missing else False  # None: no placebo could run, nothing refuted
-        if severity_rank(f.severity) > severity_rank("medium"):
-            f.severity = "medium"
+        cap = "low" if bare else "medium"
+        if severity_rank(f.severity) > severity_rank(cap):
+            f.severity = cap
     f.message += _sentence(effect, cls_name, confirmed)
     if confirmed and not carries and missing:
         which = ("Neither placebo" if len(missing) == 2 else
                  "The random-region placebo" if missing == ["transfer"] else "The class's-own-content placebo")
+        grade_words = "low: the region may hold the class's object itself" if bare else "medium"
         f.message += (f" {which} could {'' if len(missing) == 2 else 'not '}run beside it, so nothing shows a cue "
-                      f"the model learned (graded medium).")
+                      f"the model learned (graded {grade_words}).")
     elif confirmed and not carries:
         f.message += (f" Pasted elsewhere it did not carry '{cls_name}' beyond random regions and '{cls_name}' "
                       f"images' own content of its size: it decided this error, but shows no sign of being a cue "
