@@ -55,6 +55,7 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
     if ev.model is None or ev.input_spec is None or len(ev.classes) < 2 or not len(ev.samples):
         return []
     severity = severity or SEVERITY
+    need = min(severity.values(), default=0.0)  # a paste that turns fewer cannot carry the class that far beyond anything
     out = []
     for c, p in class_views(ev, steps, window, max_classes).items():
         name = ev.classes[c]
@@ -74,7 +75,6 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
         # One finding per class, at its place that best carries the class beyond the class's own look:
         # pasted onto other classes' images, a mark at one place turns them and the class's content from
         # elsewhere, moved there, does not; an object's part or a texture it shows all over does as well.
-        need = min(severity.values())  # a paste that turns fewer cannot carry the class that far beyond anything
         tested = [(place, seen, place_test(ev, c, place.region, need=need)) for place, seen in found]
         if not tested:
             continue

@@ -47,7 +47,7 @@ def _holding(ev: Evidence, c: int, scored: dict[str, float], boxes: dict, min_fi
     that fits best: a neighbour can, by what the other classes show there). A test that cannot
     run leaves the region to the intervention."""
     best, untested = None, None
-    for r in [r for r in scored if scored[r] >= min_fidelity]:  # (by fitted fidelity)
+    for r in [r for r in scored if scored[r] >= min_fidelity]:  # (in the order of their fitted fidelity)
         t = place_test(ev, c, [round(v, 4) for v in boxes[r]], need=min_excess) if ev.model is not None else None
         if t is None:
             untested = untested or r
@@ -100,7 +100,7 @@ def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.1
             region=box,
             message=(f"Two questions about the {best} alone (its colour, colourfulness, brightness, contrast or edges) "
                      f"reproduce {held:.0%} of the model's decisions for '{name}' (held out"
-                     f"{tied if n > 1 else ''}), where a "
+                     f"{tied if n > 1 and t is not None else ''}), where a "
                      f"typical region reproduces {typical:.0%} even on the images it was fitted to. The model's "
                      f"'{name}' may hinge on what lies in that region."
                      + ("" if t is None else f" Pasted from the '{name}' images onto other classes' images, the "

@@ -193,7 +193,7 @@ def place_test(ev: Evidence, c: int, box, seed: int = 0, spec: InterventionSpec 
     class shows all over (a max-pooled network calls anything holding a patch of it the class),
     does as well from anywhere. The intervention's own keys ("control_content_rate",
     "content_vs_control") and the paste's rate ("place_rate"); None when it cannot run (no
-    images of the class or of others, or no room for the placebo). With ``need``, a paste that
+    images of the class or of others, or no room for the placebo). With ``need`` (checked first), a paste that
     turns fewer than that share cannot carry the class ``need`` beyond anything: the content's
     placebo is not run ("content_vs_control" is then the paste's rate with no interval above 0)."""
     spec = spec or InterventionSpec()
@@ -375,5 +375,6 @@ def global_views(ev: Evidence, findings: list[Finding], class_findings: list[Cla
                  probes=curves, average_path_length=round(float(np.mean(reached)), 3) if reached else None,
                  fidelity_goal=tree.FIDELITY,
                  features=("per region of the image (a 4 x 4 grid and the four corner squares): mean colour and "
-                           "its brightest and darkest values, colourfulness, brightness, contrast and edge density" + ("; and the likeness of each confirmed cue "
+                           "its brightest and darkest values, " + ("colourfulness, " if ev.input_spec.channels == 3 else "") +
+                           "brightness, contrast and edge density" + ("; and the likeness of each confirmed cue "
                                                                       "region to the cue" if cues else "")))

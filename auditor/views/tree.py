@@ -64,7 +64,7 @@ def features(images: np.ndarray, shifted: bool = False) -> tuple[np.ndarray, lis
     edges = np.hypot(ndimage.sobel(grey, axis=1), ndimage.sobel(grey, axis=2)) / 8 > EDGE
     cols, names, where = [], [], []
     channels = ["red", "green", "blue"] if c == 3 else []
-    colour = images.max(1) - images.min(1)  # per pixel: its colour's distance from grey
+    colour = images.max(1) - images.min(1) if channels else None  # per pixel: its colour's distance from grey
     for name, box in regions(shifted).items():
         x0, y0, x1, y1 = pixel_box(box, (h, w))
         ys, xs = slice(y0, y1), slice(x0, x1)
