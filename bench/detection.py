@@ -48,7 +48,7 @@ cue class first where the model took the cue (the cue turns at least ``SWAY`` of
 classes' images that carry it), the twins the cue does not sway. Issue 16's class views
 (``class_views``): class_visualisation and simple_rule first and confirmed in most cases with a
 cue at a fixed place, none at medium+ on a clean twin. The tables go to stdout and, with every number,
-to ``bench/out/detection-<split>.json``. Trained cases are cached in ``bench/out/cases/`` by a
+to ``bench/out/detection-<split>.json`` (tagged ``-skipK`` etc. for other cases). Trained cases are cached in ``bench/out/cases/`` by a
 stamp of their parameters and code (``--fresh`` rebuilds them); the audit always runs anew.
 """
 from __future__ import annotations
@@ -592,7 +592,7 @@ def main(argv=None) -> int:
                     help="audits run at once (each one thread); 2 on two free cores halves the time")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--json", type=Path, default=None,
-                    help="where the results go (default: <out>/detection-<split>.json); several people "
+                    help="where the results go (default: <out>/detection-<split>[-skipK][-casesN][-quick][-only].json); several people "
                          "running the benchmark at once each give their own")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -665,7 +665,10 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     print(f"\n{len(results)} audits in {total / 60:.1f} min")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.json or args.out / f"detection-{args.split}.json"
+    # a run of other cases (fresh ones past --skip, another count, one case) does not overwrite the split's file
+    tag = "".join([f"-skip{args.skip}" if args.skip else "", f"-cases{args.cases}" if args.cases != DEFAULT_CASES else "",
+                   "-quick" if args.quick else "", "-only" if args.only else ""])
+    path = args.json or args.out / f"detection-{args.split}{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(
         {"version": VERSION, "split": args.split, "cases_per_split": args.cases, "skip": args.skip, "quick": args.quick,
