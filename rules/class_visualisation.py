@@ -26,7 +26,7 @@ from __future__ import annotations
 from auditor.explain.heatmap import box_area, covered, place_words
 from auditor.judge.evidence import Band, ClassFinding, Count, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
-from auditor.views import Place, class_views, locate, place_test
+from auditor.views import Place, class_views, locate, place_details, place_effects, place_said, place_test
 
 SEVERITY = {"low": 0.25, "medium": 0.5}   # on how much more the place carries the class than the class's own content there
 
@@ -35,8 +35,7 @@ def _effects(d: dict) -> list[str]:
     out = [f"the drawn patch's look is found at one place in the class's images, {d['contrast']:.2f} above "
            f"its typical likeness"] if "contrast" in d else []
     out += [f"the patch turned {d['carry_rate']:.0%} of the other classes' pictures"] if d.get("drawn_window_carries") else []
-    return out + ([f"that place of the class's images turned {d['place_rate']:.0%} of other images, the class's own "
-                   f"content moved there {d['content_rate']:.0%}"] if "place_rate" in d else [])
+    return out + place_effects(d, "place")
 
 
 def _seen(box, found: list) -> bool:
@@ -75,19 +74,21 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
         # One finding per class, at its place that best carries the class beyond the class's own look:
         # pasted onto other classes' images, a mark at one place turns them and the class's content from
         # elsewhere, moved there, does not; an object's part or a texture it shows all over does as well.
+        # (Of the places that carry it with an interval above zero: a higher excess on too few images
+        # to be sure of must not hide a sound one.)
         tested = [(place, seen, place_test(ev, c, place.region, need=need)) for place, seen in found]
-        if not tested:
-            continue
-        place, seen, t = max(tested, key=lambda q: -1.0 if q[2] is None else q[2]["content_vs_control"][0])
-        if t is None:  # untestable: a suspicion (the intervention cannot test it either: at most low)
-            sev, excess, how = "low", 0.0, " The place could not be set against the class's own content (no room or images)."
+        sound = [q for q in tested if q[2] is not None and q[2]["content_vs_control"][1] > 0
+                 and grade(q[2]["content_vs_control"][0], severity) is not None]
+        if sound:
+            place, seen, t = max(sound, key=lambda q: q[2]["content_vs_control"][0])
+            excess = t["content_vs_control"][0]
+            sev, how = grade(excess, severity), place_said(t, name, "place")
+        elif tested and all(q[2] is None for q in tested):
+            # untestable: a suspicion (the intervention cannot test it either: at most low)
+            (place, seen, t), sev, excess = tested[0], "low", 0.0
+            how = " The place could not be set against the class's own content (no room or images)."
         else:
-            excess, lo = t["content_vs_control"][:2]
-            if lo <= 0 or (sev := grade(excess, severity)) is None:
-                continue
-            how = (f" Pasted from the '{name}' images onto other classes' images, that place turned "
-                   f"{t['place_rate']:.0%} of them, and '{name}' images' own content of its size moved there "
-                   f"{t['control_content_rate']:.0%}.")
+            continue
         out.append(ClassFinding(
             cls=name, rule="class_visualisation", severity=sev, score=round(excess, 4), share=place.share,
             region=place.region,
@@ -99,6 +100,5 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
                      "evidence_share": place.share, "drawn_window": place.drawn, "logit": round(p.logit, 3),
                      "steps": steps, "window": window}
             | ({} if place.contrast is None else {"contrast": place.contrast})
-            | ({} if t is None else {"place_rate": t["place_rate"], "content_rate": t["control_content_rate"],
-                                     "beyond_content": t["content_vs_control"]})))
+            | ({} if t is None else place_details(t))))
     return out

@@ -20,7 +20,7 @@ import numpy as np
 
 from auditor.judge.evidence import ClassFinding, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
-from auditor.views import explained_images, place_test
+from auditor.views import explained_images, place_details, place_effects, place_said, place_test
 from auditor.views.tree import MIN_DECISIONS, DecisionTreeClassifier, export_text, features, fidelity, one_region, regions
 
 SEVERITY = {"low": 0.9, "medium": 0.95}   # on the one-region tree's held-out fidelity
@@ -32,8 +32,7 @@ TIED = 16  # the regions (at most) whose fitted fidelity reaches min_fidelity th
 def _effects(d: dict) -> list[str]:
     out = [f"a two-step rule on the {d['region']} reproduces {d['fidelity']:.0%} of the decisions"] if "fidelity" in d else []
     out += [f"the typical region: {d['typical_fidelity']:.0%}"] if "typical_fidelity" in d else []
-    return out + ([f"that region of the class's images turned {d['place_rate']:.0%} of other images, the class's own "
-                   f"content moved there {d['content_rate']:.0%}"] if "place_rate" in d else [])
+    return out + place_effects(d, "region")
 
 
 def _holding(ev: Evidence, c: int, scored: dict[str, float], boxes: dict, min_fidelity: float,
@@ -103,12 +102,9 @@ def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.1
                      f"{tied if n > 1 and t is not None else ''}), where a "
                      f"typical region reproduces {typical:.0%} even on the images it was fitted to. The model's "
                      f"'{name}' may hinge on what lies in that region."
-                     + ("" if t is None else f" Pasted from the '{name}' images onto other classes' images, the "
-                        f"region turned {t['place_rate']:.0%} of them, and '{name}' images' own content of its size "
-                        f"moved there {t['control_content_rate']:.0%}.")),
+                     + ("" if t is None else place_said(t, name, "region"))),
             details={"region": best, "fidelity": held, "typical_fidelity": round(typical, 4),
                      "candidate_regions": n,  # the place test chose among them
                      "decisions": int(y.sum()), "images": len(y), "rules": text}
-            | ({} if t is None else {"place_rate": t["place_rate"], "content_rate": t["control_content_rate"],
-                                     "beyond_content": t["content_vs_control"]})))
+            | ({} if t is None else place_details(t))))
     return out

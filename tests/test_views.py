@@ -318,6 +318,23 @@ def test_class_visualisation_tests_every_place_and_keeps_none_that_carries_nothi
     assert RULES.get("class_visualisation").fn(ev) == [] and tested == [a, b, drawn]  # a found twice, tested once
 
 
+
+def test_class_visualisation_keeps_a_sound_place_that_an_unsure_one_carries_more_than(monkeypatch):
+    """A place whose excess is higher but whose interval reaches zero does not hide a sound one."""
+    from auditor.registry import RULES
+    from auditor.views import Place
+    rule = sys.modules[RULES.get("class_visualisation").fn.__module__]
+    unsure, sound, drawn = [0.0, 0.0, 0.2, 0.2], [0.8, 0.8, 1.0, 1.0], [0.4, 0.4, 0.6, 0.6]
+    pic = Picture(np.zeros((8, 8, 3)), np.ones((8, 8)), 1.0, 0.1, drawn, 0.1, [(0.1, drawn, 0.1)])
+    monkeypatch.setattr(rule, "class_views", lambda *_: {0: pic})
+    monkeypatch.setattr(rule, "locate", lambda *_: [Place(unsure, 0.3, drawn, 0.1, 0.1), Place(sound, 0.2, drawn, 0.1, 0.1)])
+    excess = {tuple(unsure): [0.9, -0.05, 1.0], tuple(sound): [0.6, 0.3, 0.8]}
+    monkeypatch.setattr(rule, "place_test", lambda ev, c, box, need=0.0: {
+        "place_rate": 0.9, "control_content_rate": 0.1, "content_vs_control": excess[tuple(box)]})
+    ev = types.SimpleNamespace(model=object(), input_spec=object(), classes=["x", "y"], samples=pd.DataFrame({"a": [1]}))
+    (f,) = RULES.get("class_visualisation").fn(ev)
+    assert f.region == sound and f.score == 0.6 and f.severity == "medium"
+
 # --- the report's section ----------------------------------------------------------------------
 
 def _views_record(tmp_path):

@@ -213,6 +213,25 @@ def place_test(ev: Evidence, c: int, box, seed: int = 0, spec: InterventionSpec 
     return got | {"place_rate": rate} if got else None
 
 
+def place_said(t: dict, name: str, what: str) -> str:
+    """The place test's outcome (``place_test``) in a sentence, of a ``what`` ("place", "region")."""
+    return (f" Pasted from the '{name}' images onto other classes' images, that {what} turned {t['place_rate']:.0%} "
+            f"of them into '{name}'; the '{name}' images' own content from elsewhere, moved there, turned "
+            f"{t['control_content_rate']:.0%}.")
+
+
+def place_details(t: dict) -> dict:
+    """The place test's figures that a class finding keeps (read back by ``place_effects``)."""
+    return {"place_rate": t["place_rate"], "content_rate": t["control_content_rate"],
+            "beyond_content": t["content_vs_control"]}
+
+
+def place_effects(d: dict, what: str) -> list[str]:
+    """A finding's place-test figures (``place_details``) as the report's effect lines."""
+    return [f"that {what} of the class's images turned {d['place_rate']:.0%} of other images, the class's own "
+            f"content moved there {d['content_rate']:.0%}"] if "place_rate" in d else []
+
+
 def _extent(like: np.ndarray, window: list[float], level: float, grow: float = 2.0) -> list[float]:
     """The box of the blob of ``like`` above ``level`` that holds the window's centre (a mark larger
     than the window is pasted whole), at least the window and at most ``grow`` times its side
