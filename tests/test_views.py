@@ -318,7 +318,6 @@ def test_class_visualisation_tests_every_place_and_keeps_none_that_carries_nothi
     assert RULES.get("class_visualisation").fn(ev) == [] and tested == [a, b, drawn]  # a found twice, tested once
 
 
-
 def test_class_visualisation_keeps_a_sound_place_that_an_unsure_one_carries_more_than(monkeypatch):
     """A place whose excess is higher but whose interval reaches zero does not hide a sound one."""
     from auditor.registry import RULES
@@ -334,6 +333,7 @@ def test_class_visualisation_keeps_a_sound_place_that_an_unsure_one_carries_more
     ev = types.SimpleNamespace(model=object(), input_spec=object(), classes=["x", "y"], samples=pd.DataFrame({"a": [1]}))
     (f,) = RULES.get("class_visualisation").fn(ev)
     assert f.region == sound and f.score == 0.6 and f.severity == "medium"
+
 
 # --- the report's section ----------------------------------------------------------------------
 
