@@ -20,7 +20,7 @@ import numpy as np
 
 from auditor.judge.evidence import ClassFinding, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
-from auditor.views import explained_images, place_details, place_effects, place_said, place_test
+from auditor.views import carries, explained_images, place_details, place_effects, place_said, place_test
 from auditor.views.tree import MIN_DECISIONS, DecisionTreeClassifier, export_text, features, fidelity, one_region, regions
 
 SEVERITY = {"low": 0.9, "medium": 0.95}   # on the one-region tree's held-out fidelity
@@ -51,8 +51,7 @@ def _holding(ev: Evidence, c: int, scored: dict[str, float], boxes: dict, min_fi
         if t is None:
             untested = untested or r
             continue
-        excess, lo = t["content_vs_control"][:2]
-        if excess >= min_excess and lo > 0 and (best is None or excess > best[1]["content_vs_control"][0]):
+        if carries(t, min_excess) and (best is None or t["content_vs_control"][0] > best[1]["content_vs_control"][0]):
             best = (r, t)
     return best or ((untested, None) if untested else None)
 

@@ -213,6 +213,12 @@ def place_test(ev: Evidence, c: int, box, seed: int = 0, spec: InterventionSpec 
     return got | {"place_rate": rate} if got else None
 
 
+def carries(t: dict | None, least: float) -> bool:
+    """A place test (``place_test``) whose place carries the class at least ``least`` beyond the
+    class's own content moved there, with its 95% interval above zero."""
+    return t is not None and t["content_vs_control"][0] >= least and t["content_vs_control"][1] > 0
+
+
 def place_said(t: dict, name: str, what: str) -> str:
     """The place test's outcome (``place_test``) in a sentence, of a ``what`` ("place", "region")."""
     return (f" Pasted from the '{name}' images onto other classes' images, that {what} turned {t['place_rate']:.0%} "
