@@ -166,3 +166,22 @@ def test_the_score_counts_what_the_report_flags_and_only_where_the_cue_decided()
     m = detection.score(case, doc, truth)["rules"]["any"]
     assert m["recall"] == 1.0 and m["findings"] == 3 and m["hits"] == 2 and m["precision"] == round(2 / 3, 4)
     assert m["findings_all"] == 5 and m["precision_all"] == 0.4
+
+
+def test_cue_reach_is_the_balanced_agreement_of_the_cue_with_the_decisions_on_the_explained_images():
+    """The most a rule that reads only the cue's region can reproduce: 3 of the 4 images with the
+    cue are called the cue class, and 1 of the 4 without (a missing tag is no cue); an image that
+    was not explained does not count."""
+    import types
+
+    import detection
+
+    truth = {f"c{k}.png": {"kind": "sticker"} for k in range(4)} | {"m.png": {"kind": "missing tag"}}
+    calls = {"c0.png": "cue", "c1.png": "cue", "c2.png": "cue", "c3.png": "x",
+             "m.png": "cue", "n0.png": "x", "n1.png": "x", "n2.png": "x", "hidden.png": "cue"}
+    samples = [{"path": p, "prediction": c, "explained": p != "hidden.png"} for p, c in calls.items()]
+    case = types.SimpleNamespace(cue_class="cue")
+    # called 'cue': c0 c1 c2 m -> 3 of 4 carry it; called 'x': c3 n0 n1 n2 -> 3 of 4 do not
+    assert detection.cue_reach(case, samples, truth) == 0.75
+    assert detection.cue_reach(types.SimpleNamespace(cue_class=None), samples, truth) is None
+    assert detection.cue_reach(case, [s | {"prediction": "x"} for s in samples], truth) is None
