@@ -49,8 +49,9 @@ classes' images that carry it), the twins the cue does not sway. Issue 16's clas
 (``class_views``): class_visualisation and simple_rule first and confirmed in most cases with a
 cue at a fixed place, none at medium+ on a clean twin; apart, the cases within simple_rule's reach
 (``cue_reach``: the cue's presence alone reproduces 90% of the model's decisions). The tables go
-to stdout and, with every number, to ``bench/out/detection-<split>.json`` (tagged ``-skipK`` etc. for other cases). Trained cases are cached in ``bench/out/cases/`` by a
-stamp of their parameters and code (``--fresh`` rebuilds them); the audit always runs anew.
+to stdout and, with every number, to ``bench/out/detection-<split>.json`` (tagged ``-skipK`` etc.
+for other cases). Trained cases are cached in ``bench/out/cases/`` by a stamp of their parameters
+and code (``--fresh`` rebuilds them); the audit always runs anew.
 """
 from __future__ import annotations
 
