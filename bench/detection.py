@@ -230,10 +230,11 @@ def shown(f: dict) -> bool:
 def cue_reach(case, samples: list[dict], truth: dict) -> float | None:
     """How well the cue's presence alone reproduces the model's decisions for the cue class on the
     explained images: the balanced agreement (as simple_rule's fidelity, ``auditor.views.tree``) of
-    "the image carries the cue" with "the model calls it the cue class". It is the most a rule
-    that reads only the cue's region can reach: simple_rule asks ``tree.FIDELITY`` (issue 16's
-    "reproduces 90% of a class's decisions"), so a case below it is out of that rule's reach by
-    its definition, whatever its features. None without a cue class or with one side empty."""
+    "the image carries the cue" with "the model calls it the cue class". It is the most that
+    knowing where the cue is can reproduce: simple_rule asks ``tree.FIDELITY`` (issue 16's
+    "reproduces 90% of a class's decisions"), so a case below it is out of that rule's reach
+    (a region's own look may add a little: measured, three cases found just below it). None
+    without a cue class or with one side empty."""
     seen = [s for s in samples if s.get("explained", True)]
     if not case.cue_class or not seen:
         return None
