@@ -520,13 +520,14 @@ def class_views(ps: list[tuple[dict, dict | None]]) -> dict:
     """Issue 16's goal for the two class-level views: in most cases with a cue at a fixed place
     (a corner, an edge or a fixed spot; a cue anywhere has no place to draw or to ask about) the
     rule's first class finding is the cue class's, confirmed; and no class finding of it at
-    medium or above on a clean twin. Counted apart, not instead: the cases whose model took the
-    cue (it turns at least ``SWAY`` of the images that carry it, as for cue_class_first)."""
+    medium or above on any clean twin (a twin has no cue to find, wherever its case puts one).
+    Counted apart, not instead: the cases whose model took the cue (it turns at least ``SWAY`` of
+    the images that carry it, as for cue_class_first), and the twins it does not sway."""
     fixed = [(r, t) for r, t in ps if r.get("axes") and r["axes"]["placement"] != "anywhere" and r["score"]]
     took = [r for r, _ in fixed if swayed(r)]
     # Within simple_rule's reach: the cue's presence alone reproduces FIDELITY of the decisions.
     reach = [r for r in took if (r["score"].get("cue_reach") or 0) >= FIDELITY]
-    twins = [t for _, t in fixed if t and t["score"]]
+    twins = [t for _, t in ps if t and t["score"]]
     out = {}
     for rule in VIEW_RULES:
         got = [r["case"] for r, _ in fixed if r["score"]["rules"].get(rule, {}).get("first_confirmed")]
