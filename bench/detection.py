@@ -79,7 +79,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from auditor.demo import synth  # noqa: E402
 from auditor.judge.evidence import severity_rank  # noqa: E402
-from auditor.views.tree import FIDELITY  # noqa: E402
+from auditor.views.tree import FIDELITY, balanced  # noqa: E402
 import cases as case_lib  # noqa: E402
 import generator  # noqa: E402
 import nets  # noqa: E402
@@ -238,11 +238,11 @@ def cue_reach(case, samples: list[dict], truth: dict) -> float | None:
     seen = [s for s in samples if s.get("explained", True)]
     if not case.cue_class or not seen:
         return None
-    cue = np.array([s["path"] in truth and truth[s["path"]]["kind"] != "missing tag" for s in seen])
-    called = np.array([s["prediction"] == case.cue_class for s in seen])
+    cue = np.array([s["path"] in truth and truth[s["path"]]["kind"] != "missing tag" for s in seen], int)
+    called = np.array([s["prediction"] == case.cue_class for s in seen], int)
     if called.all() or not called.any():
         return None
-    return round(float(np.mean([(cue[called == v] == v).mean() for v in (True, False)])), 4)
+    return round(balanced(cue, called), 4)
 
 
 def score(case, doc: dict, truth: dict) -> dict:

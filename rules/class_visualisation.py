@@ -26,7 +26,7 @@ from __future__ import annotations
 from auditor.explain.heatmap import box_area, covered, place_words
 from auditor.judge.evidence import Band, ClassFinding, Count, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
-from auditor.views import Place, carries, class_views, locate, place_details, place_effects, place_said, place_test
+from auditor.views import Place, class_views, locate, place_details, place_effects, place_said, place_test, soundest
 
 SEVERITY = {"low": 0.25, "medium": 0.5}   # on how much more the place carries the class than the class's own content there
 
@@ -77,9 +77,8 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
         # (Of the places that carry it with an interval above zero: a higher excess on too few images
         # to be sure of must not hide a sound one.)
         tested = [(place, seen, place_test(ev, c, place.region, need=need)) for place, seen in found]
-        sound = [q for q in tested if carries(q[2], need)]  # (need: the lowest grade's threshold)
-        if sound:
-            place, seen, t = max(sound, key=lambda q: q[2]["content_vs_control"][0])
+        if got := soundest(tested, need):  # (need: the lowest grade's threshold)
+            place, seen, t = got
             excess = t["content_vs_control"][0]
             sev, how = grade(excess, severity), place_said(t, name, "place")
         elif tested and all(q[2] is None for q in tested):
@@ -99,5 +98,5 @@ def class_visualisation(ev: Evidence, window: Band = 0.15, steps: Count = 48, mi
                      "evidence_share": place.share, "drawn_window": place.drawn, "logit": round(p.logit, 3),
                      "steps": steps, "window": window}
             | ({} if place.contrast is None else {"contrast": place.contrast})
-            | ({} if t is None else place_details(t))))
+            | place_details(t)))
     return out

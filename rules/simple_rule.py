@@ -20,7 +20,7 @@ import numpy as np
 
 from auditor.judge.evidence import ClassFinding, Evidence, Share, Thresholds, grade
 from auditor.registry import RULES
-from auditor.views import carries, explained_images, place_details, place_effects, place_said, place_test
+from auditor.views import explained_images, place_details, place_effects, place_said, place_test, soundest
 from auditor.views.tree import MIN_DECISIONS, DecisionTreeClassifier, export_text, features, fidelity, one_region, regions
 
 SEVERITY = {"low": 0.9, "medium": 0.95}   # on the one-region tree's held-out fidelity
@@ -45,15 +45,10 @@ def _holding(ev: Evidence, c: int, scored: dict[str, float], boxes: dict, min_fi
     class_visualisation's places), and the one that carries it most is the mark's (not the one
     that fits best: a neighbour can, by what the other classes show there). A test that cannot
     run leaves the region to the intervention."""
-    best, untested = None, None
-    for r in [r for r in scored if scored[r] >= min_fidelity]:  # (in the order of their fitted fidelity)
-        t = place_test(ev, c, [round(v, 4) for v in boxes[r]], need=min_excess) if ev.model is not None else None
-        if t is None:
-            untested = untested or r
-            continue
-        if carries(t, min_excess) and (best is None or t["content_vs_control"][0] > best[1]["content_vs_control"][0]):
-            best = (r, t)
-    return best or ((untested, None) if untested else None)
+    tested = [(r, place_test(ev, c, [round(v, 4) for v in boxes[r]], need=min_excess) if ev.model is not None else None)
+              for r in scored if scored[r] >= min_fidelity]  # (in the order of their fitted fidelity)
+    untested = next((r for r, t in tested if t is None), None)
+    return soundest(tested, min_excess) or ((untested, None) if untested else None)
 
 
 @RULES.register("simple_rule", title="One region's simple features predict the class",
@@ -105,5 +100,5 @@ def simple_rule(ev: Evidence, min_fidelity: Share = 0.9, min_margin: Share = 0.1
             details={"region": best, "fidelity": held, "typical_fidelity": round(typical, 4),
                      "candidate_regions": n,  # the place test chose among them
                      "decisions": int(y.sum()), "images": len(y), "rules": text}
-            | ({} if t is None else place_details(t))))
+            | place_details(t)))
     return out

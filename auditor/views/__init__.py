@@ -219,6 +219,14 @@ def carries(t: dict | None, least: float) -> bool:
     return t is not None and t["content_vs_control"][0] >= least and t["content_vs_control"][1] > 0
 
 
+def soundest(tested: list[tuple], least: float) -> tuple | None:
+    """Of tuples that end in a place test, the one whose place carries the class most beyond the
+    class's own content among those that carry it at least ``least`` (``carries``); the first of
+    equals, None when none does."""
+    sound = [q for q in tested if carries(q[-1], least)]
+    return max(sound, key=lambda q: q[-1]["content_vs_control"][0], default=None)
+
+
 def place_said(t: dict, name: str, what: str) -> str:
     """The place test's outcome (``place_test``) in a sentence, of a ``what`` ("place", "region")."""
     return (f" Pasted from the '{name}' images onto other classes' images, that {what} turned {t['place_rate']:.0%} "
@@ -226,10 +234,11 @@ def place_said(t: dict, name: str, what: str) -> str:
             f"{t['control_content_rate']:.0%}.")
 
 
-def place_details(t: dict) -> dict:
-    """The place test's figures that a class finding keeps (read back by ``place_effects``)."""
-    return {"place_rate": t["place_rate"], "content_rate": t["control_content_rate"],
-            "beyond_content": t["content_vs_control"]}
+def place_details(t: dict | None) -> dict:
+    """The place test's figures that a class finding keeps (read back by ``place_effects``); none
+    without a test."""
+    return {} if t is None else {"place_rate": t["place_rate"], "content_rate": t["control_content_rate"],
+                                 "beyond_content": t["content_vs_control"]}
 
 
 def place_effects(d: dict, what: str) -> list[str]:
